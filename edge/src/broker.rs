@@ -1,0 +1,94 @@
+//! State shared by every connection of one edge.
+
+use crate::config::EdgeConfig;
+use crate::ids;
+use crate::link::{Link, Policy};
+use crate::registry::Registry;
+use crate::router::Router;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use wharf_shared::{Message, Qos, Reply, Request};
+
+pub struct Broker {
+    pub config: EdgeConfig,
+    pub router: Router,
+    pub registry: Registry,
+    pub link: Link,
+    next_connection_id: AtomicU64,
+}
+
+impl Broker {
+    pub fn new(config: EdgeConfig, link: Link) -> Self {
+        Broker {
+            config,
+            router: Router::default(),
+            registry: Registry::default(),
+            link,
+            next_connection_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A message as this edge stores it, with a fresh id.
+    pub fn message(
+        &self,
+        client_id: &str,
+        topic: String,
+        payload: &[u8],
+        qos: Qos,
+        retain: bool,
+    ) -> Message {
+        let now = ids::now_ms();
+        Message {
+            id: ids::next_message_id(now),
+            topic,
+            payload: payload.to_vec(),
+            qos,
+            retain,
+            client_id: client_id.to_owned(),
+            host: self.config.host.clone(),
+            created_ms: now,
+        }
+    }
+
+    /// Offers a stored (or QoS 0) message to local subscribers and counts the outcome.
+    pub fn route(&self, message: &Arc<Message>) {
+        let offer = self.router.route(message);
+        if offer.dropped > 0 {
+            metrics::counter!("wharf_edge_qos0_dropped_total").increment(offer.dropped as u64);
+        }
+        if offer.deferred > 0 {
+            metrics::counter!("wharf_edge_deferred_to_store_total")
+                .increment(offer.deferred as u64);
+        }
+    }
+
+    /// Publishes a will (or any message not tied to a live connection): persist, then route.
+    pub async fn publish_detached(self: Arc<Self>, message: Message) {
+        let message = Arc::new(message);
+        if message.qos == Qos::AtMostOnce {
+            self.link
+                .notify(wharf_shared::Notice::Store((*message).clone()))
+                .await;
+            self.route(&message);
+            return;
+        }
+        let result = match self
+            .link
+            .request(Request::Persist((*message).clone()), Policy::Hold)
+            .await
+        {
+            Ok(rx) => rx.await.unwrap_or(Err(crate::link::LinkError::Closed)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Reply::Persisted) => self.route(&message),
+            other => {
+                tracing::warn!(topic = %message.topic, result = ?other, "will message not persisted")
+            }
+        }
+    }
+}

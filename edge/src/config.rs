@@ -1,0 +1,125 @@
+//! The edge's typed configuration, validated before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the edge needs to run; `main.rs` fills it from flags and environment.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    /// Plain MQTT listener.
+    pub listen: SocketAddr,
+    /// The store-worker's Unix socket.
+    pub worker_socket: PathBuf,
+    /// This broker's host name, stored as `host` with every message.
+    pub host: String,
+    pub limits: Limits,
+    /// How long shutdown waits for sessions to finish.
+    pub shutdown_grace: Duration,
+}
+
+/// Limits with documented behaviour when reached (README, "Limits").
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// A connection that sends no CONNECT within this time is closed.
+    pub connect_timeout: Duration,
+    /// Largest accepted packet (remaining length); a larger one closes the connection.
+    pub max_packet_size: usize,
+    /// Unacknowledged QoS 1/2 messages towards one client.
+    pub max_inflight: u16,
+    /// Messages queued for one client; past it QoS 0 is dropped and counted, QoS 1/2 is
+    /// left in the store and fetched again once the client catches up.
+    pub max_queued: usize,
+    /// Concurrent client connections; past it new connections are closed at once.
+    pub max_connections: usize,
+    /// QoS 1/2 publishes of one client waiting for the store at once; past it the edge stops
+    /// reading from that client.
+    pub max_pending_persists: usize,
+    /// QoS 1/2 publishes waiting for the store across the edge (held while the worker is
+    /// away); past it publishers are not read from.
+    pub max_held_persists: usize,
+    /// Least time between two catch-up queries of one session.
+    pub catch_up_interval: Duration,
+    /// Bytes waiting to be written to one client before the edge stops queueing more.
+    pub write_high_water: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 1024 * 1024,
+            max_inflight: 32,
+            max_queued: 1000,
+            max_connections: 100_000,
+            max_pending_persists: 256,
+            max_held_persists: 10_000,
+            catch_up_interval: Duration::from_secs(1),
+            write_high_water: 64 * 1024,
+        }
+    }
+}
+
+/// A configuration value that cannot work, named by its key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key} = {value:?}: {reason}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+impl EdgeConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let check = |ok: bool, key, value: String, reason| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError { key, value, reason })
+            }
+        };
+        check(
+            !self.host.is_empty(),
+            "host",
+            self.host.clone(),
+            "must not be empty",
+        )?;
+        check(
+            (16..=(wharf_shared::MAX_FRAME_LENGTH / 2)).contains(&l.max_packet_size),
+            "max-packet-size",
+            l.max_packet_size.to_string(),
+            "must be between 16 bytes and 32 MiB",
+        )?;
+        check(
+            l.max_inflight >= 1,
+            "max-inflight",
+            l.max_inflight.to_string(),
+            "must be at least 1",
+        )?;
+        check(
+            l.max_queued >= 1,
+            "max-queued",
+            l.max_queued.to_string(),
+            "must be at least 1",
+        )?;
+        check(
+            l.max_connections >= 1,
+            "max-connections",
+            l.max_connections.to_string(),
+            "must be at least 1",
+        )?;
+        check(
+            l.max_pending_persists >= 1 && l.max_pending_persists <= l.max_held_persists,
+            "max-pending-persists",
+            l.max_pending_persists.to_string(),
+            "must be at least 1 and at most max-held-persists",
+        )?;
+        check(
+            !l.connect_timeout.is_zero(),
+            "connect-timeout",
+            format!("{:?}", l.connect_timeout),
+            "must be positive",
+        )
+    }
+}

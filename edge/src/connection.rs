@@ -1,0 +1,551 @@
+//! One client connection: CONNECT, then one task with one `select!` over the socket, the
+//! session's queue, replies from the store-worker, the keepalive deadline and shutdown.
+//!
+//! Backpressure: the socket is not read while `max_pending_persists` publishes wait for the
+//! store or while the output buffer is above its high-water mark; the queue is not drained
+//! while the inflight window is full.
+
+mod handshake;
+mod outbound;
+
+use crate::broker::Broker;
+use crate::link::{LinkError, Policy, ReplyRx};
+use crate::protocol::{v4, Inbound, PublishIn, Will};
+use crate::router::{Delivery, SessionTx};
+use crate::session::SessionState;
+use crate::topic;
+use bytes::BytesMut;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+use outbound::Outbound;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use wharf_shared::{Message, Qos, Reply, Request};
+
+/// Why a connection ended; logged with the client id.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Decode(#[from] crate::protocol::DecodeError),
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    #[error("no packet within 1.5 x keepalive")]
+    KeepAliveTimeout,
+    #[error("no CONNECT within the connect timeout")]
+    ConnectTimeout,
+    #[error("store-worker refused: {0}")]
+    Store(String),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// How the run loop ended.
+enum End {
+    /// DISCONNECT received: no will.
+    Graceful,
+    /// Another connection took the client id; the state goes to it.
+    TakenOver(oneshot::Sender<Option<SessionState>>),
+    /// The edge is shutting down.
+    Shutdown,
+    Error(SessionError),
+}
+
+type OpFuture = Pin<Box<dyn Future<Output = Op> + Send>>;
+
+/// Replies the client waits for, answered in the order its packets arrived.
+enum Op {
+    Persisted {
+        pkid: u16,
+        qos: Qos,
+        message: Arc<Message>,
+        result: Result<Reply, LinkError>,
+    },
+    Subscribed {
+        pkid: u16,
+        codes: Vec<u8>,
+        filters: Vec<(String, Qos)>,
+        result: Result<Reply, LinkError>,
+    },
+    PubComp(u16),
+}
+
+async fn reply_of(rx: Result<crate::link::ReplyRx, LinkError>) -> Result<Reply, LinkError> {
+    match rx {
+        Ok(rx) => rx.await.unwrap_or(Err(LinkError::Closed)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Serves one accepted socket until it closes.
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: String, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut read_buf = BytesMut::with_capacity(512);
+    let accepted =
+        handshake::accept(&broker, &mut reader, &mut writer, &mut read_buf, &shutdown).await;
+    let hs = match accepted {
+        Ok(Some(hs)) => hs,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "connection closed before the session started");
+            return;
+        }
+    };
+    let client_id = hs.state.client_id.clone();
+    tracing::debug!(%peer, client_id = %client_id, clean = hs.clean, "session started");
+    metrics::gauge!("wharf_edge_sessions").increment(1.0);
+
+    let mut conn = Connection {
+        broker: broker.clone(),
+        clean: hs.clean,
+        keep_alive: hs.keep_alive,
+        will: hs.will,
+        connection_id: hs.connection_id,
+        out: Outbound::new(&broker, hs.state, hs.session_tx, hs.write_buf),
+        queue: hs.queue_rx,
+        catch_up: None,
+        ops: FuturesOrdered::new(),
+        read_buf,
+    };
+    conn.out
+        .resume(hs.undelivered, hs.more, hs.connect_started_ms);
+    let end = conn
+        .run(&mut reader, &mut writer, hs.takeover_rx, &shutdown)
+        .await;
+    conn.finish(end, &peer).await;
+    metrics::gauge!("wharf_edge_sessions").decrement(1.0);
+}
+
+struct Connection {
+    broker: Arc<Broker>,
+    clean: bool,
+    keep_alive: Option<Duration>,
+    will: Option<Will>,
+    connection_id: u64,
+    out: Outbound,
+    /// Live messages from the router.
+    queue: mpsc::Receiver<Delivery>,
+    /// The outstanding catch-up query, if any.
+    catch_up: Option<ReplyRx>,
+    ops: FuturesOrdered<OpFuture>,
+    read_buf: BytesMut,
+}
+
+impl Connection {
+    async fn run<R, W>(
+        &mut self,
+        reader: &mut R,
+        writer: &mut W,
+        mut takeover_rx: mpsc::Receiver<oneshot::Sender<Option<SessionState>>>,
+        shutdown: &CancellationToken,
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let limits = self.broker.config.limits.clone();
+        let deadline = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(deadline);
+        self.reset_keepalive(deadline.as_mut());
+        let mut closing: Option<End> = None;
+        loop {
+            self.out.fill(&mut self.queue);
+            if let Some(notice) = self.out.take_delivered() {
+                self.broker.link.notify(notice).await;
+            }
+            if closing.is_none() {
+                self.start_catch_up(false).await;
+            }
+            let can_read = closing.is_none()
+                && self.ops.len() < limits.max_pending_persists
+                && self.out.write_buf.len() < limits.write_high_water;
+            if closing.is_some() && self.ops.is_empty() && self.out.write_buf.is_empty() {
+                break;
+            }
+            let can_write = !self.out.write_buf.is_empty();
+            if self.read_buf.capacity() - self.read_buf.len() < 256 {
+                // Grow with load, but keep idle connections small.
+                let want = (self.read_buf.capacity() * 2).clamp(512, 64 * 1024);
+                self.read_buf.reserve(want);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if closing.is_none() => closing = Some(End::Shutdown),
+                handover = takeover_rx.recv(), if closing.is_none() => {
+                    match handover {
+                        Some(tx) => return End::TakenOver(tx),
+                        None => closing = Some(End::Shutdown),
+                    }
+                }
+                written = writer.write(&self.out.write_buf), if can_write => match written {
+                    Ok(0) => return End::Error(SessionError::Protocol("socket closed for writing")),
+                    Ok(n) => {
+                        metrics::counter!("wharf_edge_bytes_sent_total").increment(n as u64);
+                        let _ = self.out.write_buf.split_to(n);
+                        if self.out.write_buf.is_empty() && self.out.write_buf.capacity() > 16 * 1024 {
+                            self.out.write_buf = BytesMut::new();
+                        }
+                    }
+                    Err(e) => return End::Error(e.into()),
+                },
+                Some(op) = self.ops.next(), if !self.ops.is_empty() => {
+                    if let Err(e) = self.complete(op) {
+                        return End::Error(e);
+                    }
+                }
+                reply = async { self.catch_up.as_mut().expect("guarded").await }, if self.catch_up.is_some() => {
+                    self.catch_up = None;
+                    self.out.caught_up(reply.unwrap_or(Err(LinkError::Closed)));
+                }
+                delivery = self.queue.recv(), if self.out.wants_queue() => {
+                    if let Some(d) = delivery {
+                        self.out.accept_live(d);
+                    }
+                }
+                read = reader.read_buf(&mut self.read_buf), if can_read => match read {
+                    Ok(0) => return End::Error(SessionError::Protocol("client closed the connection")),
+                    Ok(n) => {
+                        metrics::counter!("wharf_edge_bytes_received_total").increment(n as u64);
+                        self.reset_keepalive(deadline.as_mut());
+                        match self.decode_all().await {
+                            Ok(true) => {}
+                            Ok(false) => closing = Some(End::Graceful),
+                            Err(e) => return End::Error(e),
+                        }
+                    }
+                    Err(e) => return End::Error(e.into()),
+                },
+                _ = &mut deadline, if closing.is_none() && self.keep_alive.is_some() => {
+                    return End::Error(SessionError::KeepAliveTimeout);
+                }
+            }
+        }
+        closing.unwrap_or(End::Shutdown)
+    }
+
+    /// Sends the catch-up query that is due, if any (`seed`: on PINGREQ or PUBLISH).
+    async fn start_catch_up(&mut self, seed: bool) {
+        if self.catch_up.is_some() {
+            return;
+        }
+        let Some(request) = self.out.next_catch_up(seed) else {
+            return;
+        };
+        // Delivery records go first, so the query does not return what was just delivered.
+        if let Some(notice) = self.out.take_delivered() {
+            self.broker.link.notify(notice).await;
+        }
+        match self.broker.link.request(request, Policy::FailFast).await {
+            Ok(rx) => self.catch_up = Some(rx),
+            Err(_) => self.out.catch_up_failed(),
+        }
+    }
+
+    fn reset_keepalive(&self, deadline: Pin<&mut tokio::time::Sleep>) {
+        if let Some(keep_alive) = self.keep_alive {
+            deadline.reset(Instant::now() + keep_alive);
+        }
+    }
+
+    /// Handles every complete packet in the read buffer; `Ok(false)` after DISCONNECT.
+    async fn decode_all(&mut self) -> Result<bool, SessionError> {
+        let max = self.broker.config.limits.max_packet_size;
+        while let Some(packet) = v4::decode(&mut self.read_buf, max)? {
+            if !self.handle(packet).await? {
+                return Ok(false);
+            }
+        }
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 16 * 1024 {
+            self.read_buf = BytesMut::with_capacity(512);
+        }
+        Ok(true)
+    }
+
+    async fn handle(&mut self, packet: Inbound) -> Result<bool, SessionError> {
+        match packet {
+            Inbound::Publish(p) => {
+                self.publish(p).await?;
+                self.start_catch_up(true).await;
+            }
+            Inbound::PubAck(pkid) => self.out.puback(pkid),
+            Inbound::PubRec(pkid) => self.out.pubrec(pkid),
+            Inbound::PubComp(pkid) => self.out.pubcomp(pkid),
+            Inbound::PubRel(pkid) => {
+                self.out.state.release_inbound_qos2(pkid);
+                if self.ops.is_empty() {
+                    v4::encode_pubcomp(&mut self.out.write_buf, pkid);
+                } else {
+                    // Keep PUBCOMP behind the PUBRECs still waiting for the store.
+                    self.ops
+                        .push_back(Box::pin(async move { Op::PubComp(pkid) }));
+                }
+            }
+            Inbound::Subscribe { pkid, filters } => self.subscribe(pkid, filters).await?,
+            Inbound::Unsubscribe { pkid, filters } => self.unsubscribe(pkid, filters).await?,
+            Inbound::PingReq => {
+                v4::encode_pingresp(&mut self.out.write_buf);
+                self.start_catch_up(true).await;
+            }
+            Inbound::Disconnect => {
+                self.will = None;
+                return Ok(false);
+            }
+            Inbound::Connect(_) => return Err(SessionError::Protocol("second CONNECT")),
+        }
+        Ok(true)
+    }
+
+    async fn publish(&mut self, p: PublishIn) -> Result<(), SessionError> {
+        if !topic::valid_topic_name(&p.topic) {
+            return Err(SessionError::Protocol("invalid topic name in PUBLISH"));
+        }
+        metrics::counter!("wharf_edge_messages_received_total", "qos" => qos_label(p.qos))
+            .increment(1);
+        if p.qos == Qos::ExactlyOnce && self.out.state.has_inbound_qos2(p.pkid) {
+            // A re-sent QoS 2 PUBLISH that was already stored and routed.
+            v4::encode_pubrec(&mut self.out.write_buf, p.pkid);
+            return Ok(());
+        }
+        let message = Arc::new(self.broker.message(
+            &self.out.state.client_id,
+            p.topic,
+            &p.payload,
+            p.qos,
+            p.retain,
+        ));
+        if p.qos == Qos::AtMostOnce {
+            self.broker
+                .link
+                .notify(wharf_shared::Notice::Store((*message).clone()))
+                .await;
+            self.broker.route(&message);
+            return Ok(());
+        }
+        let started = Instant::now();
+        let rx = self
+            .broker
+            .link
+            .request(Request::Persist((*message).clone()), Policy::Hold)
+            .await;
+        let (pkid, qos) = (p.pkid, p.qos);
+        self.ops.push_back(Box::pin(async move {
+            let result = reply_of(rx).await;
+            metrics::histogram!("wharf_edge_persist_seconds")
+                .record(started.elapsed().as_secs_f64());
+            Op::Persisted {
+                pkid,
+                qos,
+                message,
+                result,
+            }
+        }));
+        Ok(())
+    }
+
+    async fn subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<(String, Qos)>,
+    ) -> Result<(), SessionError> {
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut accepted = Vec::new();
+        for (filter, qos) in filters {
+            if topic::valid_filter(&filter) {
+                codes.push(qos.as_u8());
+                self.out.state.subscriptions.insert(filter.clone(), qos);
+                self.broker
+                    .router
+                    .subscribe(&self.out.state.client_id, &filter, qos);
+                accepted.push((filter, qos));
+            } else {
+                codes.push(0x80);
+            }
+        }
+        let rx = if accepted.is_empty() {
+            Ok(None)
+        } else {
+            let request = Request::Subscribe {
+                client_id: self.out.state.client_id.to_string(),
+                subscriptions: accepted
+                    .iter()
+                    .map(|(filter, qos)| wharf_shared::Subscription {
+                        filter: filter.clone(),
+                        qos: *qos,
+                    })
+                    .collect(),
+            };
+            self.broker
+                .link
+                .request(request, Policy::Hold)
+                .await
+                .map(Some)
+        };
+        self.ops.push_back(Box::pin(async move {
+            let result = match rx {
+                Ok(None) => Ok(Reply::Messages {
+                    messages: Vec::new(),
+                    more: false,
+                }),
+                Ok(Some(rx)) => reply_of(Ok(rx)).await,
+                Err(e) => Err(e),
+            };
+            Op::Subscribed {
+                pkid,
+                codes,
+                filters: accepted,
+                result,
+            }
+        }));
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, pkid: u16, filters: Vec<String>) -> Result<(), SessionError> {
+        for filter in &filters {
+            self.out.state.subscriptions.remove(filter);
+            self.broker
+                .router
+                .unsubscribe(&self.out.state.client_id, filter);
+        }
+        let request = Request::Unsubscribe {
+            client_id: self.out.state.client_id.to_string(),
+            filters,
+        };
+        // Held and re-sent by the link; the UNSUBACK need not wait for it.
+        drop(self.broker.link.request(request, Policy::Hold).await?);
+        v4::encode_unsuback(&mut self.out.write_buf, pkid);
+        Ok(())
+    }
+
+    /// A reply the client was waiting for has arrived.
+    fn complete(&mut self, op: Op) -> Result<(), SessionError> {
+        match op {
+            Op::Persisted {
+                pkid,
+                qos,
+                message,
+                result,
+            } => match result {
+                Ok(Reply::Persisted) => {
+                    self.broker.route(&message);
+                    if qos == Qos::ExactlyOnce {
+                        self.out.state.accept_inbound_qos2(pkid);
+                        v4::encode_pubrec(&mut self.out.write_buf, pkid);
+                    } else {
+                        v4::encode_puback(&mut self.out.write_buf, pkid);
+                    }
+                    Ok(())
+                }
+                // Not acknowledged: the client re-sends it on its next connection.
+                Ok(other) => Err(SessionError::Store(format!("persist: {other:?}"))),
+                Err(e) => Err(e.into()),
+            },
+            Op::Subscribed {
+                pkid,
+                mut codes,
+                filters,
+                result,
+            } => {
+                match result {
+                    Ok(Reply::Messages { messages, .. }) => {
+                        v4::encode_suback(&mut self.out.write_buf, pkid, &codes);
+                        self.out.retained(messages, &filters);
+                    }
+                    Ok(other) => {
+                        tracing::warn!(client_id = %self.out.state.client_id, reply = ?other, "subscription not stored");
+                        for (filter, _) in &filters {
+                            self.out.state.subscriptions.remove(filter);
+                            self.broker
+                                .router
+                                .unsubscribe(&self.out.state.client_id, filter);
+                        }
+                        codes.iter_mut().for_each(|c| *c = 0x80);
+                        v4::encode_suback(&mut self.out.write_buf, pkid, &codes);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                Ok(())
+            }
+            Op::PubComp(pkid) => {
+                v4::encode_pubcomp(&mut self.out.write_buf, pkid);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the session: unregister, hand over or park the state, send the will if owed.
+    async fn finish(mut self, end: End, peer: &str) {
+        let client_id = self.out.state.client_id.clone();
+        let filters: Vec<String> = self.out.state.subscriptions.keys().cloned().collect();
+        self.broker
+            .router
+            .detach(&client_id, self.connection_id, &filters);
+        if let Some(notice) = self.out.take_delivered() {
+            self.broker.link.notify(notice).await;
+        }
+        let will = self.will.take();
+        match &end {
+            End::Error(e) => {
+                tracing::info!(%peer, client_id = %client_id, reason = %e, "connection closed")
+            }
+            End::Graceful => tracing::debug!(%peer, client_id = %client_id, "client disconnected"),
+            End::Shutdown => tracing::debug!(%peer, client_id = %client_id, "closed for shutdown"),
+            End::TakenOver(_) => {
+                tracing::info!(%peer, client_id = %client_id, "session taken over by a new connection")
+            }
+        }
+        // A broker shutdown is not the client's failure: no will then.
+        let ungraceful = !matches!(end, End::Graceful | End::Shutdown);
+        let state = self.out.into_state();
+        match end {
+            End::TakenOver(tx) => {
+                let _ = tx.send((!self.clean).then_some(state));
+            }
+            _ => {
+                let park = (!self.clean).then_some(state);
+                self.broker
+                    .registry
+                    .release(&client_id, self.connection_id, park);
+                let request = Request::Disconnect {
+                    client_id: client_id.to_string(),
+                    clean_session: self.clean,
+                };
+                if let Ok(rx) = self.broker.link.request(request, Policy::Hold).await {
+                    drop(rx);
+                }
+            }
+        }
+        if let (true, Some(will)) = (ungraceful, will) {
+            let message =
+                self.broker
+                    .message(&client_id, will.topic, &will.payload, will.qos, will.retain);
+            tokio::spawn(self.broker.clone().publish_detached(message));
+        }
+    }
+}
+
+pub fn qos_label(qos: Qos) -> &'static str {
+    match qos {
+        Qos::AtMostOnce => "0",
+        Qos::AtLeastOnce => "1",
+        Qos::ExactlyOnce => "2",
+    }
+}
+
+/// The queue a session's deliveries arrive on, and its sending half for the router.
+pub fn session_queue(
+    broker: &Broker,
+    connection_id: u64,
+) -> (Arc<SessionTx>, mpsc::Receiver<Delivery>) {
+    let (tx, rx) = mpsc::channel(broker.config.limits.max_queued);
+    (Arc::new(SessionTx::new(connection_id, tx)), rx)
+}

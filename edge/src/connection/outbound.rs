@@ -1,0 +1,387 @@
+//! Everything a session sends: the write buffer, the inflight window, messages fetched from
+//! the store (backlog), the dedupe window and the catch-up schedule.
+//!
+//! Live messages come from the router queue; stored ones from the worker (session resume,
+//! catch-up, retained). Around every store fetch a dedupe window is open so that a message
+//! that comes both ways is sent once.
+
+use crate::broker::Broker;
+use crate::connection::qos_label;
+use crate::ids;
+use crate::protocol::v4::{self, PublishOut};
+use crate::router::{Delivery, SessionTx};
+use crate::session::{Resend, SessionState};
+use crate::topic;
+use bytes::BytesMut;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use wharf_shared::{DeliveredRecord, Message, MessageId, Notice, Qos, Reply, Request};
+
+/// Clock skew allowed between hosts when asking the store for "messages since".
+const SKEW_MS: i64 = 2_000;
+/// How long after a store fetch ids are remembered for deduplication.
+const DEDUPE_WINDOW: Duration = Duration::from_secs(10);
+/// Most ids remembered; past it the window stops growing.
+const DEDUPE_CAP: usize = 65_536;
+
+#[derive(Default)]
+struct Dedupe {
+    ids: HashSet<MessageId>,
+    until: Option<Instant>,
+}
+
+impl Dedupe {
+    fn open(&mut self, ids: impl Iterator<Item = MessageId>) {
+        self.until = Some(Instant::now() + DEDUPE_WINDOW);
+        for id in ids {
+            self.insert(id);
+        }
+    }
+
+    fn insert(&mut self, id: MessageId) {
+        if self.ids.len() < DEDUPE_CAP {
+            self.ids.insert(id);
+        }
+    }
+
+    /// True when `id` is new (and remembers it while the window is open).
+    fn first_time(&mut self, id: MessageId) -> bool {
+        match self.until {
+            Some(until) if Instant::now() < until => {
+                let new = !self.ids.contains(&id);
+                self.insert(id);
+                new
+            }
+            Some(_) => {
+                self.ids = HashSet::new();
+                self.until = None;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUpKind {
+    /// Everything undelivered since a time (resume gap, lag, more pages).
+    Store,
+    /// The seed's catch-up on PINGREQ/PUBLISH: other hosts' messages.
+    Seed { watermark: i64 },
+}
+
+pub struct Outbound {
+    broker: Arc<Broker>,
+    pub state: SessionState,
+    session_tx: Arc<SessionTx>,
+    pub write_buf: BytesMut,
+    backlog: VecDeque<Delivery>,
+    stalled: Option<Delivery>,
+    dedupe: Dedupe,
+    delivered: Vec<DeliveredRecord>,
+    /// Undelivered messages wait in the store from this time on.
+    store_since: Option<i64>,
+    /// Other hosts' messages before this time have been asked for.
+    watermark_ms: i64,
+    catch_up: Option<CatchUpKind>,
+    last_seed_catch_up: Option<Instant>,
+    max_inflight: usize,
+}
+
+impl Outbound {
+    pub fn new(
+        broker: &Arc<Broker>,
+        state: SessionState,
+        session_tx: Arc<SessionTx>,
+        write_buf: BytesMut,
+    ) -> Self {
+        Outbound {
+            broker: broker.clone(),
+            state,
+            session_tx,
+            write_buf,
+            backlog: VecDeque::new(),
+            stalled: None,
+            dedupe: Dedupe::default(),
+            delivered: Vec::new(),
+            store_since: None,
+            watermark_ms: 0,
+            catch_up: None,
+            last_seed_catch_up: None,
+            max_inflight: broker.config.limits.max_inflight as usize,
+        }
+    }
+
+    /// After CONNACK: re-send what was inflight, then queue what the store kept.
+    pub fn resume(&mut self, undelivered: Vec<Message>, more: bool, started_ms: i64) {
+        let inflight: Vec<MessageId> = self.state.inflight_ids().collect();
+        self.dedupe.open(inflight.into_iter());
+        for resend in self.state.resend() {
+            match resend {
+                Resend::Publish { pkid, delivery } => self.encode(&delivery, pkid, true),
+                Resend::PubRel(pkid) => v4::encode_pubrel(&mut self.write_buf, pkid),
+            }
+        }
+        let last = undelivered.last().map(|m| m.created_ms);
+        self.stored(undelivered);
+        self.watermark_ms = started_ms - SKEW_MS;
+        // With `more`, page on; without, ask once more for what arrived while the router
+        // registration was under way.
+        self.store_since = Some(match (more, last) {
+            (true, Some(last)) => last,
+            _ => started_ms - SKEW_MS,
+        });
+    }
+
+    /// Queues messages from the store that this session has not seen in this window.
+    fn stored(&mut self, messages: Vec<Message>) {
+        for message in messages {
+            if !self.dedupe.first_time(message.id) {
+                continue;
+            }
+            if let Some(granted) = self.granted(&message.topic) {
+                tracing::trace!(client_id = %self.state.client_id, id = %message.id, topic = %message.topic, "queued from the store");
+                self.backlog.push_back(Delivery {
+                    qos: granted.min(message.qos),
+                    message: Arc::new(message),
+                    retain: false,
+                });
+            }
+        }
+    }
+
+    fn granted(&self, topic_name: &str) -> Option<Qos> {
+        self.state
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| topic::matches(topic_name, filter))
+            .map(|(_, qos)| *qos)
+            .max()
+    }
+
+    /// Retained messages for new subscriptions, flagged as retained. They are sent even if
+    /// seen before (a new subscription re-sends them), and remembered so that a catch-up
+    /// that also finds them does not send them twice.
+    pub fn retained(&mut self, messages: Vec<Message>, filters: &[(String, Qos)]) {
+        if !messages.is_empty() {
+            self.dedupe.open(messages.iter().map(|m| m.id));
+        }
+        for message in messages {
+            let granted = filters
+                .iter()
+                .filter(|(f, _)| topic::matches(&message.topic, f))
+                .map(|(_, q)| *q)
+                .max();
+            if let Some(granted) = granted {
+                self.backlog.push_back(Delivery {
+                    qos: granted.min(message.qos),
+                    message: Arc::new(message),
+                    retain: true,
+                });
+            }
+        }
+    }
+
+    /// Whether the run loop should take the next message off the router queue.
+    pub fn wants_queue(&self) -> bool {
+        self.stalled.is_none()
+            && self.backlog.is_empty()
+            && self.write_buf.len() < self.broker.config.limits.write_high_water
+    }
+
+    pub fn accept_live(&mut self, delivery: Delivery) {
+        if !self.dedupe.first_time(delivery.message.id) {
+            return;
+        }
+        self.push(delivery);
+    }
+
+    /// Sends `delivery` now, or parks it until the inflight window has room.
+    fn push(&mut self, delivery: Delivery) {
+        if delivery.qos == Qos::AtMostOnce {
+            self.encode(&delivery, 0, false);
+            self.record(&delivery.message);
+        } else if self.state.inflight_len() < self.max_inflight {
+            let pkid = self.state.start(delivery.clone());
+            self.encode(&delivery, pkid, false);
+        } else {
+            self.stalled = Some(delivery);
+        }
+    }
+
+    /// Moves messages into the write buffer while the window and the buffer allow.
+    pub fn fill(&mut self, queue: &mut mpsc::Receiver<Delivery>) {
+        let high_water = self.broker.config.limits.write_high_water;
+        while self.write_buf.len() < high_water {
+            let next = match self.stalled.take() {
+                Some(d) => Some(d),
+                None => self.backlog.pop_front(),
+            };
+            let next = match next {
+                Some(d) => d,
+                None => match queue.try_recv() {
+                    Ok(d) if !self.dedupe.first_time(d.message.id) => continue,
+                    Ok(d) => d,
+                    Err(_) => {
+                        if let Some(since) = self.session_tx.take_lag() {
+                            self.lagged(since);
+                        }
+                        break;
+                    }
+                },
+            };
+            self.push(next);
+            if self.stalled.is_some() {
+                break;
+            }
+        }
+    }
+
+    fn lagged(&mut self, since: i64) {
+        self.store_since = Some(self.store_since.map_or(since, |s| s.min(since)));
+    }
+
+    fn encode(&mut self, d: &Delivery, pkid: u16, dup: bool) {
+        v4::encode_publish(
+            &mut self.write_buf,
+            &PublishOut {
+                topic: &d.message.topic,
+                payload: &d.message.payload,
+                qos: d.qos,
+                pkid,
+                retain: d.retain,
+                dup,
+            },
+        );
+        metrics::counter!("wharf_edge_messages_sent_total", "qos" => qos_label(d.qos)).increment(1);
+    }
+
+    fn record(&mut self, message: &Message) {
+        self.delivered.push(DeliveredRecord {
+            message_id: message.id,
+            topic: message.topic.clone(),
+        });
+    }
+
+    pub fn puback(&mut self, pkid: u16) {
+        if let Some(d) = self.state.puback(pkid) {
+            self.record(&d.message);
+        }
+    }
+
+    pub fn pubrec(&mut self, pkid: u16) {
+        if let Some(d) = self.state.pubrec(pkid) {
+            self.record(&d.message);
+        }
+        v4::encode_pubrel(&mut self.write_buf, pkid);
+    }
+
+    pub fn pubcomp(&mut self, pkid: u16) {
+        self.state.pubcomp(pkid);
+    }
+
+    /// The `publishedMessage` records gathered since the last call.
+    pub fn take_delivered(&mut self) -> Option<Notice> {
+        if self.delivered.is_empty() {
+            return None;
+        }
+        Some(Notice::Delivered {
+            client_id: self.state.client_id.to_string(),
+            messages: std::mem::take(&mut self.delivered),
+        })
+    }
+
+    /// The next catch-up to ask the store for, if one is due. `seed` marks a PINGREQ or
+    /// PUBLISH, the seed's trigger for other hosts' messages.
+    pub fn next_catch_up(&mut self, seed: bool) -> Option<Request> {
+        if self.catch_up.is_some() || self.state.subscriptions.is_empty() {
+            return None;
+        }
+        let client_id = self.state.client_id.to_string();
+        if let Some(since) = self.store_since {
+            if self.backlog.is_empty() && self.stalled.is_none() {
+                self.open_window();
+                self.catch_up = Some(CatchUpKind::Store);
+                return Some(Request::CatchUp {
+                    client_id,
+                    since_ms: Some(since),
+                    other_hosts_only: false,
+                });
+            }
+            return None;
+        }
+        let interval = self.broker.config.limits.catch_up_interval;
+        let due = self
+            .last_seed_catch_up
+            .is_none_or(|t| t.elapsed() >= interval);
+        if seed && due {
+            self.last_seed_catch_up = Some(Instant::now());
+            self.open_window();
+            self.catch_up = Some(CatchUpKind::Seed {
+                watermark: ids::now_ms() - SKEW_MS,
+            });
+            return Some(Request::CatchUp {
+                client_id,
+                since_ms: Some(self.watermark_ms),
+                other_hosts_only: true,
+            });
+        }
+        None
+    }
+
+    fn open_window(&mut self) {
+        let mut ids: Vec<MessageId> = self.state.inflight_ids().collect();
+        ids.extend(self.stalled.iter().map(|d| d.message.id));
+        ids.extend(self.backlog.iter().map(|d| d.message.id));
+        self.dedupe.open(ids.into_iter());
+    }
+
+    /// The catch-up could not be sent; it is tried again on a later trigger.
+    pub fn catch_up_failed(&mut self) {
+        self.catch_up = None;
+    }
+
+    pub fn caught_up(&mut self, reply: Result<Reply, crate::link::LinkError>) {
+        let Some(kind) = self.catch_up.take() else {
+            return;
+        };
+        let (messages, more) = match reply {
+            Ok(Reply::Messages { messages, more }) => (messages, more),
+            other => {
+                tracing::debug!(client_id = %self.state.client_id, reply = ?other, "catch-up failed");
+                return;
+            }
+        };
+        let last = messages.last().map(|m| m.created_ms);
+        let before = self.backlog.len();
+        self.stored(messages);
+        metrics::counter!("wharf_edge_caught_up_messages_total")
+            .increment((self.backlog.len() - before) as u64);
+        match (kind, more, last) {
+            (CatchUpKind::Store, true, Some(last)) => {
+                // Page on; step past a page that brought nothing new.
+                let progressed = self.backlog.len() > before;
+                let since = self.store_since.unwrap_or(last);
+                self.store_since = Some(if progressed || last > since {
+                    last
+                } else {
+                    since + 1
+                });
+            }
+            (CatchUpKind::Store, _, _) => self.store_since = None,
+            (CatchUpKind::Seed { watermark }, more, last) => {
+                self.watermark_ms = watermark;
+                if let (true, Some(last)) = (more, last) {
+                    self.lagged(last);
+                }
+            }
+        }
+    }
+
+    pub fn into_state(self) -> SessionState {
+        self.state
+    }
+}

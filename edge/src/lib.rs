@@ -1,0 +1,33 @@
+//! Wharf's edge: the MQTT side of the broker.
+//!
+//! Devices connect here; every message is handed to the store-worker over a Unix socket and
+//! acknowledged (QoS 1/2) only once the worker says it is durable. Messages between clients of
+//! this edge are routed in memory; stored ones come back from the worker.
+//!
+//! # Layout
+//! - [`server`]: the accept loop, connection limit and graceful shutdown (`run`).
+//! - [`connection`]: one task per client: CONNECT phase, the `select!` loop, teardown.
+//! - [`session`]: protocol state of a session (inflight window, packet ids, QoS 2), version
+//!   independent.
+//! - [`protocol`]: packets as the session sees them; `protocol::v4` is MQTT 3.1.1 framing.
+//! - [`router`]: subscription trie and per-session bounded queues (the local fast path).
+//! - [`registry`]: client id -> connection or parked persistent session; takeover.
+//! - [`link`]: the store-worker socket: requests, replies, reconnects, held persists.
+//! - [`topic`]: topic and filter validation and matching.
+//! - [`config`], [`ids`], [`broker`]: configuration, message ids, shared state.
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod ids;
+pub mod link;
+pub mod protocol;
+pub mod registry;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod topic;
+
+pub use config::{EdgeConfig, Limits};
+pub use server::{run, Edge};

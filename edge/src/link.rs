@@ -1,0 +1,422 @@
+//! The edge's side of the store-worker socket.
+//!
+//! One task owns the Unix socket. Sessions hand it requests through a bounded channel and get
+//! the reply on a oneshot. Requests are of two kinds ([`Policy`]):
+//! - `Hold`: kept until the worker answers, re-sent in order after a reconnect (persist,
+//!   subscribe, unsubscribe, disconnect). They take a permit from a bounded pool first, so a
+//!   worker that is away or slow makes publishers wait instead of memory grow.
+//! - `FailFast`: answered with [`LinkError::Unavailable`] while the worker is away (connect,
+//!   catch-up), so that a client is told "server unavailable" instead of waiting.
+//!
+//! Notices have no reply and are dropped (and counted) while the worker is away.
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use wharf_shared::codec::{decode_body, encode_body, encode_request};
+use wharf_shared::{
+    EdgeFrame, Hello, Notice, Reply, Request, WorkerFrame, MAX_FRAME_LENGTH, PROTOCOL_VERSION,
+};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("store-worker unavailable")]
+    Unavailable,
+    #[error("edge is shutting down")]
+    Closed,
+    #[error("frame could not be encoded: {0}")]
+    Encode(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Hold,
+    FailFast,
+}
+
+pub type ReplyRx = oneshot::Receiver<Result<Reply, LinkError>>;
+
+enum Command {
+    Request {
+        request: Request,
+        policy: Policy,
+        reply: oneshot::Sender<Result<Reply, LinkError>>,
+        _permit: Option<OwnedSemaphorePermit>,
+    },
+    Notice(Bytes),
+}
+
+struct Pending {
+    request: Request,
+    policy: Policy,
+    reply: oneshot::Sender<Result<Reply, LinkError>>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Handle to the link task; cheap to clone.
+#[derive(Clone)]
+pub struct Link {
+    tx: mpsc::Sender<Command>,
+    up: watch::Receiver<bool>,
+    hold: Arc<Semaphore>,
+}
+
+/// Where and who: the worker socket and this edge's identity in the handshake.
+pub struct LinkConfig {
+    pub socket: PathBuf,
+    pub host: String,
+    pub instance: String,
+    pub max_held: usize,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_millis(1_000);
+/// How long a fail-fast request waits for a link that is down.
+const FAIL_FAST_WAIT: Duration = Duration::from_secs(2);
+
+impl Link {
+    /// Starts the link task; it runs until `shutdown` fires and every handle is dropped.
+    pub fn spawn(
+        config: LinkConfig,
+        shutdown: CancellationToken,
+    ) -> (Link, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let (up, up_rx) = watch::channel(false);
+        let link = Link {
+            tx,
+            up: up_rx,
+            hold: Arc::new(Semaphore::new(config.max_held)),
+        };
+        let task = tokio::spawn(run(config, rx, up, shutdown));
+        (link, task)
+    }
+
+    /// Whether the worker handshake has completed and the socket is open.
+    pub fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    /// Sends a request; the reply arrives on the returned receiver. A `Hold` request waits
+    /// here for a permit when the pool is exhausted.
+    pub async fn request(&self, request: Request, policy: Policy) -> Result<ReplyRx, LinkError> {
+        let (reply, rx) = oneshot::channel();
+        if policy == Policy::FailFast && !self.is_up() {
+            // Give a worker that is (re)connecting a moment before saying "unavailable".
+            let mut up = self.up.clone();
+            let back = tokio::time::timeout(FAIL_FAST_WAIT, up.wait_for(|up| *up)).await;
+            if !matches!(back, Ok(Ok(_))) {
+                return Err(LinkError::Unavailable);
+            }
+        }
+        let permit = match policy {
+            Policy::Hold => Some(
+                self.hold
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| LinkError::Closed)?,
+            ),
+            Policy::FailFast => None,
+        };
+        let command = Command::Request {
+            request,
+            policy,
+            reply,
+            _permit: permit,
+        };
+        self.tx.send(command).await.map_err(|_| LinkError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Queues a notice; waits only while the link's queue is full (the link task keeps
+    /// draining it, dropping notices while the worker is away).
+    pub async fn notify(&self, notice: Notice) {
+        let Ok(body) = encode_body(&EdgeFrame::Notice(notice)) else {
+            return;
+        };
+        if self
+            .tx
+            .send(Command::Notice(Bytes::from(body)))
+            .await
+            .is_err()
+        {
+            metrics::counter!("wharf_edge_notices_dropped_total").increment(1);
+        }
+    }
+
+    /// Free `Hold` permits, for tests and metrics.
+    pub fn held_available(&self) -> usize {
+        self.hold.available_permits()
+    }
+}
+
+type Writer = FramedWrite<tokio::net::unix::OwnedWriteHalf, LengthDelimitedCodec>;
+type Reader = FramedRead<tokio::net::unix::OwnedReadHalf, LengthDelimitedCodec>;
+
+fn framing() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME_LENGTH)
+        .new_codec()
+}
+
+async fn connect(config: &LinkConfig) -> Result<(Reader, Writer), String> {
+    let stream = UnixStream::connect(&config.socket)
+        .await
+        .map_err(|e| format!("connect {}: {e}", config.socket.display()))?;
+    let (read, write) = stream.into_split();
+    let mut reader = FramedRead::new(read, framing());
+    let mut writer = FramedWrite::new(write, framing());
+    let hello = EdgeFrame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        host: config.host.clone(),
+        instance: config.instance.clone(),
+    });
+    let body = encode_body(&hello).map_err(|e| e.to_string())?;
+    writer
+        .send(Bytes::from(body))
+        .await
+        .map_err(|e| format!("send hello: {e}"))?;
+    let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
+        .await
+        .map_err(|_| "no hello from the worker".to_string())?
+        .ok_or("worker closed the socket during the handshake")?
+        .map_err(|e| format!("read hello: {e}"))?;
+    match decode_body::<WorkerFrame>(&frame) {
+        Ok(WorkerFrame::Hello(h)) if h.protocol_version == PROTOCOL_VERSION => {
+            tracing::info!(worker = %h.instance, worker_host = %h.host, "store-worker link up");
+            Ok((reader, writer))
+        }
+        Ok(WorkerFrame::Hello(h)) => Err(format!(
+            "worker speaks protocol {}, this edge {PROTOCOL_VERSION}",
+            h.protocol_version
+        )),
+        Ok(other) => Err(format!("expected hello, got {other:?}")),
+        Err(e) => Err(format!("bad hello: {e}")),
+    }
+}
+
+struct State {
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+}
+
+impl State {
+    /// Takes a command while the worker is away.
+    fn offline(&mut self, command: Command) {
+        match command {
+            Command::Request {
+                policy: Policy::FailFast,
+                reply,
+                ..
+            } => {
+                let _ = reply.send(Err(LinkError::Unavailable));
+            }
+            Command::Request {
+                request,
+                policy,
+                reply,
+                _permit,
+            } => {
+                self.next_id += 1;
+                self.pending.insert(
+                    self.next_id,
+                    Pending {
+                        request,
+                        policy,
+                        reply,
+                        _permit,
+                    },
+                );
+            }
+            Command::Notice(_) => {
+                metrics::counter!("wharf_edge_notices_dropped_total").increment(1);
+            }
+        }
+    }
+
+    /// The socket closed: fail-fast requests fail, held ones wait for the next connection.
+    fn lost(&mut self) {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.policy == Policy::FailFast)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.reply.send(Err(LinkError::Unavailable));
+            }
+        }
+    }
+
+    fn reply(&mut self, frame: &[u8]) -> Result<(), String> {
+        match decode_body::<WorkerFrame>(frame) {
+            Ok(WorkerFrame::Reply { id, reply }) => {
+                if let Some(p) = self.pending.remove(&id) {
+                    let _ = p.reply.send(Ok(reply));
+                    Ok(())
+                } else {
+                    Err(format!("reply to unknown request {id}"))
+                }
+            }
+            Ok(other) => Err(format!("unexpected frame {other:?}")),
+            Err(e) => Err(format!("undecodable frame: {e}")),
+        }
+    }
+}
+
+async fn run(
+    config: LinkConfig,
+    mut rx: mpsc::Receiver<Command>,
+    up: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut state = State {
+        next_id: 0,
+        pending: BTreeMap::new(),
+    };
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let connected = tokio::select! {
+            c = connect(&config) => c,
+            _ = shutdown.cancelled(), if state.pending.is_empty() => return,
+        };
+        let (mut reader, mut writer) = match connected {
+            Ok(halves) => halves,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "store-worker link down");
+                let sleep = tokio::time::sleep(backoff);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        command = rx.recv() => match command {
+                            Some(c) => state.offline(c),
+                            None if state.pending.is_empty() => return,
+                            None => {}
+                        },
+                    }
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let mut result = Ok(());
+        for (id, p) in &state.pending {
+            let frame = match encode_request(*id, &p.request) {
+                Ok(body) => Bytes::from(body),
+                Err(e) => {
+                    result = Err(e.to_string());
+                    break;
+                }
+            };
+            if let Err(e) = writer.feed(frame).await {
+                result = Err(e.to_string());
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = SinkExt::<Bytes>::flush(&mut writer)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        if result.is_ok() {
+            up.send_replace(true);
+            metrics::gauge!("wharf_edge_worker_link_up").set(1.0);
+            result = serve(&mut state, &mut rx, &mut reader, &mut writer).await;
+        }
+        up.send_replace(false);
+        metrics::gauge!("wharf_edge_worker_link_up").set(0.0);
+        state.lost();
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, held = state.pending.len(), "store-worker link lost")
+            }
+        }
+    }
+}
+
+/// Runs one connection until it breaks (`Err`) or every handle is gone (`Ok`).
+async fn serve(
+    state: &mut State,
+    rx: &mut mpsc::Receiver<Command>,
+    reader: &mut Reader,
+    writer: &mut Writer,
+) -> Result<(), String> {
+    loop {
+        tokio::select! {
+            command = rx.recv() => {
+                let Some(command) = command else {
+                    if state.pending.is_empty() {
+                        return Ok(());
+                    }
+                    // Keep serving replies for what is still pending.
+                    while !state.pending.is_empty() {
+                        let frame = reader.next().await.ok_or("worker closed the socket")?;
+                        state.reply(&frame.map_err(|e| e.to_string())?)?;
+                    }
+                    return Ok(());
+                };
+                send(state, command, writer).await?;
+                // Batch whatever else is queued into the same write.
+                while let Ok(command) = rx.try_recv() {
+                    send(state, command, writer).await?;
+                }
+                SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                metrics::gauge!("wharf_edge_worker_pending_requests").set(state.pending.len() as f64);
+            }
+            frame = reader.next() => {
+                let frame = frame.ok_or("worker closed the socket")?.map_err(|e| format!("read: {e}"))?;
+                state.reply(&frame)?;
+            }
+        }
+    }
+}
+
+async fn send(state: &mut State, command: Command, writer: &mut Writer) -> Result<(), String> {
+    match command {
+        Command::Request {
+            request,
+            policy,
+            reply,
+            _permit,
+        } => {
+            let body = match encode_request(state.next_id + 1, &request) {
+                Ok(body) => body,
+                Err(e) => {
+                    let _ = reply.send(Err(LinkError::Encode(e.to_string())));
+                    return Ok(());
+                }
+            };
+            state.next_id += 1;
+            let id = state.next_id;
+            writer
+                .feed(Bytes::from(body))
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            state.pending.insert(
+                id,
+                Pending {
+                    request,
+                    policy,
+                    reply,
+                    _permit,
+                },
+            );
+        }
+        Command::Notice(frame) => writer
+            .feed(frame)
+            .await
+            .map_err(|e| format!("write: {e}"))?,
+    }
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! MQTT 3.1.1 framing: pure functions over buffers, no I/O, no session state.
+//!
+//! Decoding leans on `mqttbytes::v4` for the packet bodies and adds what it leaves out:
+//! fixed-header flag checks, the CONNECT reserved flag, empty SUBSCRIBE/UNSUBSCRIBE, and
+//! version-independent packets. Encoding is written here: every packet the server sends is a
+//! few bytes, and a PUBLISH is encoded straight from the stored message without copies.
+
+use super::{Connect, ConnectCode, DecodeError, Inbound, PublishIn, Will};
+use bytes::{BufMut, Bytes, BytesMut};
+use mqttbytes::v4 as mb;
+use wharf_shared::Qos;
+
+/// Decodes one packet from the front of `buf`. `Ok(None)` means more bytes are needed;
+/// the size limit is checked as soon as the length field is read.
+pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Option<Inbound>, DecodeError> {
+    let header = match mqttbytes::check(buf.iter(), max_packet_size) {
+        Ok(header) => header,
+        Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
+            return Err(DecodeError::TooLarge {
+                size,
+                max: max_packet_size,
+            })
+        }
+        Err(e) => return Err(DecodeError::Malformed(format!("{e:?}"))),
+    };
+    let frame_len = header.frame_length();
+    check_fixed_header(buf[0])?;
+    if buf[0] >> 4 == 1 {
+        check_connect_flags(&buf[..frame_len])?;
+    }
+    let packet = mb::read(buf, max_packet_size).map_err(map_error)?;
+    convert(packet).map(Some)
+}
+
+fn map_error(e: mqttbytes::Error) -> DecodeError {
+    match e {
+        mqttbytes::Error::InvalidProtocol => DecodeError::BadProtocolName,
+        mqttbytes::Error::InvalidProtocolLevel(level) => {
+            DecodeError::UnsupportedProtocolLevel(level)
+        }
+        other => DecodeError::Malformed(format!("{other:?}")),
+    }
+}
+
+/// Flags in the first byte that MQTT 3.1.1 fixes (section 2.2.2).
+fn check_fixed_header(byte1: u8) -> Result<(), DecodeError> {
+    let (kind, flags) = (byte1 >> 4, byte1 & 0x0f);
+    let ok = match kind {
+        3 => {
+            let qos = (flags >> 1) & 0b11;
+            qos != 3 && !(qos == 0 && flags & 0b1000 != 0)
+        }
+        6 | 8 | 10 => flags == 0b0010,
+        1 | 4 | 5 | 7 | 12 | 14 => flags == 0,
+        0 | 15 => return Err(DecodeError::Malformed(format!("packet type {kind}"))),
+        other => return Err(DecodeError::UnexpectedPacket(other)),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError::Malformed(format!(
+            "flags {flags:#06b} on packet type {kind}"
+        )))
+    }
+}
+
+/// The CONNECT flags byte: reserved bit 0 must be 0, and a password needs a user name.
+fn check_connect_flags(frame: &[u8]) -> Result<(), DecodeError> {
+    let mut at = 1;
+    while frame.get(at).is_some_and(|b| b & 0x80 != 0) {
+        at += 1;
+    }
+    at += 1;
+    let name_len = match frame.get(at..at + 2) {
+        Some(len) => u16::from_be_bytes([len[0], len[1]]) as usize,
+        None => return Err(DecodeError::Malformed("short CONNECT".into())),
+    };
+    let Some(&flags) = frame.get(at + 2 + name_len + 1) else {
+        return Err(DecodeError::Malformed("short CONNECT".into()));
+    };
+    if flags & 0x01 != 0 {
+        return Err(DecodeError::Malformed("CONNECT reserved flag set".into()));
+    }
+    if flags & 0x40 != 0 && flags & 0x80 == 0 {
+        return Err(DecodeError::Malformed("password without user name".into()));
+    }
+    Ok(())
+}
+
+fn qos(q: mqttbytes::QoS) -> Qos {
+    match q {
+        mqttbytes::QoS::AtMostOnce => Qos::AtMostOnce,
+        mqttbytes::QoS::AtLeastOnce => Qos::AtLeastOnce,
+        mqttbytes::QoS::ExactlyOnce => Qos::ExactlyOnce,
+    }
+}
+
+fn convert(packet: mb::Packet) -> Result<Inbound, DecodeError> {
+    Ok(match packet {
+        mb::Packet::Connect(c) => Inbound::Connect(Connect {
+            client_id: c.client_id,
+            clean_session: c.clean_session,
+            keep_alive: c.keep_alive,
+            will: c.last_will.map(|w| Will {
+                topic: w.topic,
+                payload: Bytes::copy_from_slice(&w.message),
+                qos: qos(w.qos),
+                retain: w.retain,
+            }),
+            username: c.login.map(|l| l.username).filter(|u| !u.is_empty()),
+        }),
+        mb::Packet::Publish(p) => Inbound::Publish(PublishIn {
+            topic: p.topic,
+            // Copied so that a queued message does not pin the connection's read buffer.
+            payload: Bytes::copy_from_slice(&p.payload),
+            qos: qos(p.qos),
+            retain: p.retain,
+            dup: p.dup,
+            pkid: p.pkid,
+        }),
+        mb::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
+        mb::Packet::PubRec(a) => Inbound::PubRec(a.pkid),
+        mb::Packet::PubRel(a) => Inbound::PubRel(a.pkid),
+        mb::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
+        mb::Packet::Subscribe(s) => {
+            if s.filters.is_empty() {
+                return Err(DecodeError::Malformed("SUBSCRIBE without filters".into()));
+            }
+            Inbound::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| (f.path, qos(f.qos)))
+                    .collect(),
+            }
+        }
+        mb::Packet::Unsubscribe(u) => {
+            if u.topics.is_empty() {
+                return Err(DecodeError::Malformed("UNSUBSCRIBE without filters".into()));
+            }
+            Inbound::Unsubscribe {
+                pkid: u.pkid,
+                filters: u.topics,
+            }
+        }
+        mb::Packet::PingReq => Inbound::PingReq,
+        mb::Packet::Disconnect => Inbound::Disconnect,
+        mb::Packet::ConnAck(_)
+        | mb::Packet::SubAck(_)
+        | mb::Packet::UnsubAck(_)
+        | mb::Packet::PingResp => {
+            return Err(DecodeError::Malformed("server packet from a client".into()))
+        }
+    })
+}
+
+fn put_remaining_length(buf: &mut BytesMut, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        buf.put_u8(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+pub fn encode_connack(buf: &mut BytesMut, code: ConnectCode, session_present: bool) {
+    buf.put_slice(&[0x20, 2, session_present as u8, code as u8]);
+}
+
+/// PUBACK, PUBREC, PUBREL, PUBCOMP and UNSUBACK: a type byte, length 2, the packet id.
+fn encode_id_packet(buf: &mut BytesMut, byte1: u8, pkid: u16) {
+    buf.put_u8(byte1);
+    buf.put_u8(2);
+    buf.put_u16(pkid);
+}
+
+pub fn encode_puback(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0x40, pkid)
+}
+
+pub fn encode_pubrec(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0x50, pkid)
+}
+
+pub fn encode_pubrel(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0x62, pkid)
+}
+
+pub fn encode_pubcomp(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0x70, pkid)
+}
+
+pub fn encode_unsuback(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0xb0, pkid)
+}
+
+pub fn encode_pingresp(buf: &mut BytesMut) {
+    buf.put_slice(&[0xd0, 0]);
+}
+
+/// SUBACK with one return code per filter: the granted QoS, or 0x80 for a refused filter.
+pub fn encode_suback(buf: &mut BytesMut, pkid: u16, codes: &[u8]) {
+    buf.put_u8(0x90);
+    put_remaining_length(buf, 2 + codes.len());
+    buf.put_u16(pkid);
+    buf.put_slice(codes);
+}
+
+/// The fields of an outgoing PUBLISH.
+pub struct PublishOut<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub qos: Qos,
+    pub pkid: u16,
+    pub retain: bool,
+    pub dup: bool,
+}
+
+pub fn encode_publish(buf: &mut BytesMut, p: &PublishOut<'_>) {
+    let id_len = if p.qos == Qos::AtMostOnce { 0 } else { 2 };
+    let remaining = 2 + p.topic.len() + id_len + p.payload.len();
+    buf.reserve(5 + remaining);
+    buf.put_u8(0x30 | (p.dup as u8) << 3 | p.qos.as_u8() << 1 | p.retain as u8);
+    put_remaining_length(buf, remaining);
+    buf.put_u16(p.topic.len() as u16);
+    buf.put_slice(p.topic.as_bytes());
+    if id_len > 0 {
+        buf.put_u16(p.pkid);
+    }
+    buf.put_slice(p.payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONNECT: &[u8] = &[
+        0x10,
+        16,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        0b0000_0010,
+        0,
+        60,
+        0,
+        4,
+        b'd',
+        b'e',
+        b'v',
+        b'1',
+    ];
+
+    fn decode_all(bytes: &[u8]) -> Result<Option<Inbound>, DecodeError> {
+        decode(&mut BytesMut::from(bytes), 1024)
+    }
+
+    #[test]
+    fn connect_decodes_when_fed_one_byte_at_a_time() {
+        let mut buf = BytesMut::new();
+        for (i, b) in CONNECT.iter().enumerate() {
+            buf.put_u8(*b);
+            let got = decode(&mut buf, 1024).expect("valid prefix");
+            if i + 1 < CONNECT.len() {
+                assert_eq!(got, None, "decoded early at byte {i}");
+            } else {
+                let Some(Inbound::Connect(c)) = got else {
+                    panic!("not a connect: {got:?}")
+                };
+                assert_eq!(c.client_id, "dev1");
+                assert!(c.clean_session);
+                assert_eq!(c.keep_alive, 60);
+            }
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn publish_round_trips_through_encoder_and_decoder() {
+        let mut buf = BytesMut::new();
+        let out = PublishOut {
+            topic: "a/b",
+            payload: b"1,2",
+            qos: Qos::ExactlyOnce,
+            pkid: 77,
+            retain: true,
+            dup: true,
+        };
+        encode_publish(&mut buf, &out);
+        let Some(Inbound::Publish(p)) = decode(&mut buf, 1024).expect("decode") else {
+            panic!("not a publish")
+        };
+        assert_eq!(
+            (
+                p.topic.as_str(),
+                &p.payload[..],
+                p.qos,
+                p.pkid,
+                p.retain,
+                p.dup
+            ),
+            ("a/b", &b"1,2"[..], Qos::ExactlyOnce, 77, true, true)
+        );
+    }
+
+    #[test]
+    fn bad_packets_are_refused() {
+        let cases: &[(&str, &[u8])] = &[
+            (
+                "reserved connect flag",
+                &[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0b11, 0, 60, 0, 0],
+            ),
+            ("qos 3 publish", &[0x36, 5, 0, 1, b'a', 0, 1]),
+            ("dup on qos 0", &[0x38, 3, 0, 1, b'a']),
+            ("subscribe flags", &[0x80, 6, 0, 1, 0, 1, b'a', 0]),
+            ("empty subscribe", &[0x82, 2, 0, 1]),
+            ("packet id 0", &[0x32, 5, 0, 1, b'a', 0, 0]),
+            ("type 0", &[0x00, 0]),
+            ("connack from client", &[0x20, 2, 0, 0]),
+            (
+                "remaining length of 5 bytes",
+                &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01],
+            ),
+            ("invalid utf-8 topic", &[0x30, 4, 0, 2, 0xc3, 0x28]),
+        ];
+        for (name, bytes) in cases {
+            assert!(decode_all(bytes).is_err(), "{name} was accepted");
+        }
+    }
+
+    #[test]
+    fn oversized_packet_is_refused_from_its_header() {
+        // Declares 256 MB; only the header has arrived.
+        let got = decode_all(&[0x30, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(matches!(got, Err(DecodeError::TooLarge { .. })), "{got:?}");
+    }
+
+    #[test]
+    fn protocol_level_3_is_reported_for_a_connack() {
+        let mut connect = CONNECT.to_vec();
+        connect[8] = 3;
+        assert_eq!(
+            decode_all(&connect),
+            Err(DecodeError::UnsupportedProtocolLevel(3))
+        );
+    }
+}

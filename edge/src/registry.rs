@@ -1,0 +1,79 @@
+//! Which client ids are connected to this edge, and the parked state of persistent sessions
+//! whose client is away. A new connection with a taken client id takes the session over.
+
+use crate::session::SessionState;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Asks a connection to close and hand its session state over.
+pub type TakeoverTx = mpsc::Sender<oneshot::Sender<Option<SessionState>>>;
+
+enum Entry {
+    Connected {
+        connection_id: u64,
+        takeover: TakeoverTx,
+    },
+    Parked(Box<SessionState>),
+}
+
+/// What a claim found under the client id.
+pub enum Previous {
+    None,
+    Connected(TakeoverTx),
+    Parked(Box<SessionState>),
+}
+
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<HashMap<Arc<str>, Entry>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `connection_id` as the owner of `client_id` and returns what was there.
+    pub fn claim(&self, client_id: Arc<str>, connection_id: u64, takeover: TakeoverTx) -> Previous {
+        let entry = Entry::Connected {
+            connection_id,
+            takeover,
+        };
+        match self.lock().insert(client_id, entry) {
+            None => Previous::None,
+            Some(Entry::Connected { takeover, .. }) => Previous::Connected(takeover),
+            Some(Entry::Parked(state)) => Previous::Parked(state),
+        }
+    }
+
+    /// Whether `connection_id` still owns `client_id`.
+    pub fn owns(&self, client_id: &str, connection_id: u64) -> bool {
+        matches!(self.lock().get(client_id),
+            Some(Entry::Connected { connection_id: id, .. }) if *id == connection_id)
+    }
+
+    /// The connection ended: park its persistent state, or forget the client.
+    pub fn release(&self, client_id: &Arc<str>, connection_id: u64, park: Option<SessionState>) {
+        let mut inner = self.lock();
+        if !matches!(inner.get(client_id),
+            Some(Entry::Connected { connection_id: id, .. }) if *id == connection_id)
+        {
+            return;
+        }
+        match park {
+            Some(state) => inner.insert(client_id.clone(), Entry::Parked(Box::new(state))),
+            None => inner.remove(client_id),
+        };
+    }
+
+    /// Connected clients and parked sessions, for metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let parked = inner
+            .values()
+            .filter(|e| matches!(e, Entry::Parked(_)))
+            .count();
+        (inner.len() - parked, parked)
+    }
+}

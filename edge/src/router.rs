@@ -1,0 +1,308 @@
+//! The local fast path: which connected sessions want a message, and their queues.
+//!
+//! A trie of filter levels maps each filter to the sessions subscribed with it. Routing takes a
+//! read lock, collects the matching sessions (one entry per session, at the highest QoS of
+//! its overlapping subscriptions) and offers the message to each session's bounded queue
+//! without waiting: a full queue never slows the publisher (see [`Offer`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+use wharf_shared::{Message, Qos};
+
+/// A message on its way to one session, at the QoS that session gets.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    pub qos: Qos,
+    /// Set only for retained messages sent because of a new subscription.
+    pub retain: bool,
+}
+
+/// The sending side of one connected session's queue.
+pub struct SessionTx {
+    pub connection_id: u64,
+    tx: mpsc::Sender<Delivery>,
+    /// `created_ms` of the oldest QoS 1/2 message that did not fit in the queue, or 0. The
+    /// session fetches such messages from the store once it has caught up.
+    lagging_since: AtomicI64,
+}
+
+impl SessionTx {
+    pub fn new(connection_id: u64, tx: mpsc::Sender<Delivery>) -> Self {
+        SessionTx {
+            connection_id,
+            tx,
+            lagging_since: AtomicI64::new(0),
+        }
+    }
+
+    /// Takes the lag marker, if any.
+    pub fn take_lag(&self) -> Option<i64> {
+        match self.lagging_since.swap(0, Ordering::AcqRel) {
+            0 => None,
+            since => Some(since),
+        }
+    }
+}
+
+/// What happened to a routed message, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Offer {
+    pub queued: usize,
+    /// QoS 0 copies dropped because a queue was full.
+    pub dropped: usize,
+    /// QoS 1/2 copies left to the store because a queue was full.
+    pub deferred: usize,
+}
+
+#[derive(Default)]
+struct Node {
+    children: HashMap<String, Node>,
+    /// Sessions whose filter ends here, with their QoS.
+    here: HashMap<Arc<str>, Qos>,
+    /// Sessions with a `#` at this level.
+    multi: HashMap<Arc<str>, Qos>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.here.is_empty() && self.multi.is_empty()
+    }
+
+    fn insert(&mut self, levels: &[&str], client: Arc<str>, qos: Qos) {
+        match levels {
+            [] => {
+                self.here.insert(client, qos);
+            }
+            ["#"] => {
+                self.multi.insert(client, qos);
+            }
+            [first, rest @ ..] => self
+                .children
+                .entry((*first).to_owned())
+                .or_default()
+                .insert(rest, client, qos),
+        }
+    }
+
+    fn remove(&mut self, levels: &[&str], client: &str) -> bool {
+        let removed = match levels {
+            [] => self.here.remove(client).is_some(),
+            ["#"] => self.multi.remove(client).is_some(),
+            [first, rest @ ..] => match self.children.get_mut(*first) {
+                Some(child) => {
+                    let removed = child.remove(rest, client);
+                    if child.is_empty() {
+                        self.children.remove(*first);
+                    }
+                    removed
+                }
+                None => false,
+            },
+        };
+        removed
+    }
+
+    fn collect(&self, levels: &[&str], first_level: bool, out: &mut HashMap<Arc<str>, Qos>) {
+        // A topic starting with '$' is not matched by a leading wildcard (MQTT 4.7.2).
+        let dollar = first_level && levels.first().is_some_and(|l| l.starts_with('$'));
+        if !dollar {
+            merge(out, &self.multi);
+        }
+        match levels {
+            [] => merge(out, &self.here),
+            [first, rest @ ..] => {
+                if let Some(child) = self.children.get(*first) {
+                    child.collect(rest, false, out);
+                }
+                if !dollar {
+                    if let Some(child) = self.children.get("+") {
+                        child.collect(rest, false, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn merge(out: &mut HashMap<Arc<str>, Qos>, from: &HashMap<Arc<str>, Qos>) {
+    for (client, qos) in from {
+        let entry = out.entry(client.clone()).or_insert(*qos);
+        if *qos > *entry {
+            *entry = *qos;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    root: Node,
+    sessions: HashMap<Arc<str>, Arc<SessionTx>>,
+}
+
+/// Subscriptions and queues of the sessions connected to this edge.
+#[derive(Default)]
+pub struct Router {
+    inner: RwLock<Inner>,
+}
+
+impl Router {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        // A panic while holding the lock leaves the trie consistent (every mutation is a single
+        // map operation), so a poisoned lock is still usable.
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connects a session's queue; replaces an older connection of the same client.
+    pub fn attach(&self, client: Arc<str>, tx: Arc<SessionTx>) {
+        self.write().sessions.insert(client, tx);
+    }
+
+    /// Disconnects the session's queue and its subscriptions, unless another connection took
+    /// the client id over meanwhile.
+    pub fn detach(&self, client: &str, connection_id: u64, filters: &[String]) {
+        let mut inner = self.write();
+        let current = inner.sessions.get(client).map(|s| s.connection_id);
+        if current != Some(connection_id) {
+            return;
+        }
+        inner.sessions.remove(client);
+        for filter in filters {
+            let levels: Vec<&str> = filter.split('/').collect();
+            inner.root.remove(&levels, client);
+        }
+    }
+
+    pub fn subscribe(&self, client: &Arc<str>, filter: &str, qos: Qos) {
+        let levels: Vec<&str> = filter.split('/').collect();
+        self.write().root.insert(&levels, client.clone(), qos);
+    }
+
+    pub fn unsubscribe(&self, client: &str, filter: &str) -> bool {
+        let levels: Vec<&str> = filter.split('/').collect();
+        self.write().root.remove(&levels, client)
+    }
+
+    /// Offers `message` to every connected session subscribed to its topic.
+    pub fn route(&self, message: &Arc<Message>) -> Offer {
+        let levels: Vec<&str> = message.topic.split('/').collect();
+        let mut matched = HashMap::new();
+        let inner = self.read();
+        inner.root.collect(&levels, true, &mut matched);
+        let mut offer = Offer::default();
+        for (client, sub_qos) in matched {
+            let Some(session) = inner.sessions.get(&client) else {
+                continue;
+            };
+            let delivery = Delivery {
+                message: message.clone(),
+                qos: sub_qos.min(message.qos),
+                retain: false,
+            };
+            match session.tx.try_send(delivery) {
+                Ok(()) => offer.queued += 1,
+                Err(mpsc::error::TrySendError::Full(d)) if d.qos == Qos::AtMostOnce => {
+                    offer.dropped += 1
+                }
+                Err(mpsc::error::TrySendError::Full(d)) => {
+                    let _ = session.lagging_since.compare_exchange(
+                        0,
+                        d.message.created_ms.max(1),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    offer.deferred += 1;
+                }
+                // The session is closing; what it missed is in the store.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        offer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wharf_shared::MessageId;
+
+    fn message(topic: &str, qos: Qos) -> Arc<Message> {
+        Arc::new(Message {
+            id: MessageId([0; 12]),
+            topic: topic.into(),
+            payload: vec![],
+            qos,
+            retain: false,
+            client_id: "p".into(),
+            host: "h".into(),
+            created_ms: 1,
+        })
+    }
+
+    fn session(router: &Router, name: &str, cap: usize) -> (Arc<str>, mpsc::Receiver<Delivery>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let client: Arc<str> = name.into();
+        router.attach(client.clone(), Arc::new(SessionTx::new(1, tx)));
+        (client, rx)
+    }
+
+    #[test]
+    fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
+        let router = Router::default();
+        let (a, mut rx) = session(&router, "a", 8);
+        router.subscribe(&a, "s/+", Qos::AtMostOnce);
+        router.subscribe(&a, "s/#", Qos::ExactlyOnce);
+        router.subscribe(&a, "s/t", Qos::AtLeastOnce);
+        assert_eq!(router.route(&message("s/t", Qos::ExactlyOnce)).queued, 1);
+        assert_eq!(rx.try_recv().map(|d| d.qos).ok(), Some(Qos::ExactlyOnce));
+        assert!(rx.try_recv().is_err());
+        // Delivered QoS is the lower of publish and subscription.
+        assert_eq!(router.route(&message("s/t", Qos::AtLeastOnce)).queued, 1);
+        assert_eq!(rx.try_recv().map(|d| d.qos).ok(), Some(Qos::AtLeastOnce));
+    }
+
+    #[test]
+    fn dollar_topics_skip_leading_wildcards() {
+        let router = Router::default();
+        let (a, _rx) = session(&router, "a", 8);
+        router.subscribe(&a, "#", Qos::AtMostOnce);
+        router.subscribe(&a, "+/x", Qos::AtMostOnce);
+        assert_eq!(router.route(&message("$SYS/x", Qos::AtMostOnce)).queued, 0);
+        router.subscribe(&a, "$SYS/#", Qos::AtMostOnce);
+        assert_eq!(router.route(&message("$SYS/x", Qos::AtMostOnce)).queued, 1);
+    }
+
+    #[test]
+    fn full_queue_drops_qos0_and_defers_qos1() {
+        let router = Router::default();
+        let (a, _rx) = session(&router, "a", 1);
+        router.subscribe(&a, "t", Qos::ExactlyOnce);
+        assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);
+        assert_eq!(router.route(&message("t", Qos::AtMostOnce)).dropped, 1);
+        assert_eq!(router.route(&message("t", Qos::AtLeastOnce)).deferred, 1);
+        let sessions = &router.read().sessions;
+        assert_eq!(sessions.get("a").and_then(|s| s.take_lag()), Some(1));
+    }
+
+    #[test]
+    fn unsubscribe_and_detach_stop_delivery() {
+        let router = Router::default();
+        let (a, _rx) = session(&router, "a", 8);
+        router.subscribe(&a, "x/#", Qos::AtMostOnce);
+        assert!(router.unsubscribe("a", "x/#"));
+        assert!(!router.unsubscribe("a", "x/#"));
+        assert_eq!(router.route(&message("x/y", Qos::AtMostOnce)).queued, 0);
+        router.subscribe(&a, "x/#", Qos::AtMostOnce);
+        router.detach("a", 2, &["x/#".into()]);
+        assert_eq!(router.route(&message("x/y", Qos::AtMostOnce)).queued, 1);
+        router.detach("a", 1, &["x/#".into()]);
+        assert_eq!(router.route(&message("x/y", Qos::AtMostOnce)).queued, 0);
+        assert!(router.read().root.is_empty());
+    }
+}

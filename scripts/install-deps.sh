@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building and testing Wharf needs on a fresh Debian machine with Rust:
+# Debian packages (protoc for etcd-client, cmake, mosquitto clients and broker, etcd) and a
+# Python venv with SecantusDB (a MongoDB-wire server) and paho-mqtt. Idempotent: skips what
+# is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v mosquitto_sub >/dev/null || need_apt+=(mosquitto-clients)
+command -v mosquitto >/dev/null || need_apt+=(mosquitto)
+command -v etcd >/dev/null || need_apt+=(etcd-server)
+command -v stdbuf >/dev/null || need_apt+=(coreutils)
+command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+if ((${#need_apt[@]})); then
+  echo "install-deps: apt-get install ${need_apt[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+venv="${WHARF_VENV:-$PWD/.venv}"
+if [ ! -x "$venv/bin/secantusd-py" ] || [ ! -d "$venv/lib" ] || ! "$venv/bin/python" -c 'import paho.mqtt' 2>/dev/null; then
+  echo "install-deps: python venv at $venv (SecantusDB, paho-mqtt)"
+  python3 -m venv "$venv" || {
+    # Debian's python3 needs python3-venv for ensurepip.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$venv"
+  }
+  "$venv/bin/pip" install -q --disable-pip-version-check 'SecantusDB==0.7.0b3' 'paho-mqtt>=2,<3'
+fi

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs every test of the workspace.
+# The tests start their own services (edges, workers, SecantusDB, etcd) on loopback ports and
+# temp directories, and stop them when they finish.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+export WHARF_VENV="${WHARF_VENV:-$PWD/.venv}"
+cargo test --workspace --locked -- --test-threads="${WHARF_TEST_THREADS:-4}"

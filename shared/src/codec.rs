@@ -1,0 +1,242 @@
+//! Framing for the edge<->worker socket: a 4-byte big-endian length, then one bincode 2
+//! message. This module is the only place that knows the encoding.
+
+use bytes::{Bytes, BytesMut};
+use std::marker::PhantomData;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+/// Hard upper bound of one frame; a larger length field closes the connection before
+/// anything is allocated for it.
+pub const MAX_FRAME_LENGTH: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame could not be decoded: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    #[error("frame could not be encoded: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("frame has {0} bytes after its message")]
+    TrailingBytes(usize),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_LENGTH>()
+}
+
+/// Encodes one message to its frame body (without the length prefix).
+pub fn encode_body<T: bincode::Encode>(item: &T) -> Result<Vec<u8>, CodecError> {
+    Ok(bincode::encode_to_vec(item, config())?)
+}
+
+/// `EdgeFrame::Request` by reference, so that a request kept for re-sending is encoded
+/// without a copy. Encodes to the same bytes as the owned frame (tested below).
+#[derive(bincode::Encode)]
+enum EdgeFrameRef<'a> {
+    _Hello(&'a crate::wire::Hello),
+    Request {
+        id: u64,
+        request: &'a crate::wire::Request,
+    },
+}
+
+/// The body of `EdgeFrame::Request { id, request }`.
+pub fn encode_request(id: u64, request: &crate::wire::Request) -> Result<Vec<u8>, CodecError> {
+    encode_body(&EdgeFrameRef::Request { id, request })
+}
+
+/// Decodes one frame body; the whole body must be one message.
+pub fn decode_body<T: bincode::Decode<()>>(body: &[u8]) -> Result<T, CodecError> {
+    let (item, used) = bincode::decode_from_slice(body, config())?;
+    if used != body.len() {
+        return Err(CodecError::TrailingBytes(body.len() - used));
+    }
+    Ok(item)
+}
+
+/// Decodes `In` frames and encodes `Out` frames; holds no session state.
+pub struct FrameCodec<In, Out> {
+    framing: LengthDelimitedCodec,
+    _types: PhantomData<fn(Out) -> In>,
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    pub fn new() -> Self {
+        FrameCodec {
+            framing: LengthDelimitedCodec::builder()
+                .max_frame_length(MAX_FRAME_LENGTH)
+                .new_codec(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<In, Out> Default for FrameCodec<In, Out> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<In: bincode::Decode<()>, Out> Decoder for FrameCodec<In, Out> {
+    type Item = In;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, CodecError> {
+        match self.framing.decode(src)? {
+            Some(body) => decode_body(&body).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<In, Out: bincode::Encode> Encoder<Out> for FrameCodec<In, Out> {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let body = encode_body(&item)?;
+        Ok(self.framing.encode(Bytes::from(body), dst)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::*;
+
+    fn roundtrip<T: bincode::Encode + bincode::Decode<()> + PartialEq + std::fmt::Debug>(item: T) {
+        let mut codec = FrameCodec::<T, T>::new();
+        let mut buf = BytesMut::new();
+        codec.encode(item_clone(&item), &mut buf).expect("encode");
+        let bytes = buf.clone();
+        // Fed one byte at a time, the frame appears only once it is complete.
+        let mut partial = BytesMut::new();
+        for (i, b) in bytes.iter().enumerate() {
+            partial.extend_from_slice(&[*b]);
+            let decoded = codec.decode(&mut partial).expect("decode");
+            if i + 1 < bytes.len() {
+                assert!(decoded.is_none(), "frame decoded early at byte {i}");
+            } else {
+                assert_eq!(decoded.as_ref(), Some(&item));
+            }
+        }
+    }
+
+    fn item_clone<T: bincode::Encode + bincode::Decode<()>>(item: &T) -> T {
+        decode_body(&encode_body(item).expect("encode")).expect("decode")
+    }
+
+    fn sample_message() -> Message {
+        Message {
+            id: MessageId([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+            topic: "a/b".into(),
+            payload: b"1.5,2".to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: true,
+            client_id: "dev1".into(),
+            host: "h".into(),
+            created_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_split_at_every_byte() {
+        roundtrip(EdgeFrame::Request {
+            id: 7,
+            request: Request::Persist(sample_message()),
+        });
+        roundtrip(WorkerFrame::Reply {
+            id: 9,
+            reply: Reply::Session {
+                present: true,
+                subscriptions: vec![Subscription {
+                    filter: "a/#".into(),
+                    qos: Qos::ExactlyOnce,
+                }],
+                undelivered: vec![sample_message()],
+                more: false,
+            },
+        });
+    }
+
+    /// Pins the bytes on the wire: a failing assertion here means the protocol changed, which
+    /// must come with a new PROTOCOL_VERSION.
+    #[test]
+    fn encoded_bytes_are_pinned() {
+        let mut codec = FrameCodec::<WorkerFrame, EdgeFrame>::new();
+        let mut buf = BytesMut::new();
+        let hello = EdgeFrame::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            host: "h1".into(),
+            instance: "i".into(),
+        });
+        codec.encode(hello, &mut buf).expect("encode");
+        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 1, 2, b'h', b'1', 1, b'i']);
+
+        buf.clear();
+        let persist = EdgeFrame::Request {
+            id: 300,
+            request: Request::Persist(sample_message()),
+        };
+        codec.encode(persist, &mut buf).expect("encode");
+        let expected: Vec<u8> = [
+            &[0u8, 0, 0, 45][..],
+            &[1, 251, 44, 1, 1],
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+            &[3, b'a', b'/', b'b'],
+            &[5, b'1', b'.', b'5', b',', b'2'],
+            &[1, 1],
+            &[4, b'd', b'e', b'v', b'1'],
+            &[1, b'h'],
+            // created_ms zigzag-encoded as a varint: marker 253, then 8 bytes little-endian.
+            &[253, 0, 0xd0, 0xca, 0x9f, 0x17, 0x03, 0, 0],
+        ]
+        .concat();
+        assert_eq!(&buf[..], &expected[..]);
+
+        buf.clear();
+        let delivered = EdgeFrame::Notice(Notice::Delivered {
+            client_id: "c".into(),
+            messages: vec![DeliveredRecord {
+                message_id: MessageId([0; 12]),
+                topic: "t".into(),
+            }],
+        });
+        codec.encode(delivered, &mut buf).expect("encode");
+        let mut expected = vec![0u8, 0, 0, 19, 2, 1, 1, b'c', 1];
+        expected.extend_from_slice(&[0; 12]);
+        expected.extend_from_slice(&[1, b't']);
+        assert_eq!(&buf[..], &expected[..]);
+    }
+
+    #[test]
+    fn request_by_reference_encodes_like_the_owned_frame() {
+        let request = Request::Persist(sample_message());
+        for id in [0u64, 250, 251, 70_000, u64::MAX] {
+            let owned = encode_body(&EdgeFrame::Request {
+                id,
+                request: request.clone(),
+            })
+            .expect("encode");
+            assert_eq!(encode_request(id, &request).expect("encode"), owned);
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut codec = FrameCodec::<EdgeFrame, WorkerFrame>::new();
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0][..]);
+        assert!(codec.decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn garbage_body_is_an_error_not_a_panic() {
+        let mut codec = FrameCodec::<EdgeFrame, WorkerFrame>::new();
+        for body in [&[9u8][..], &[1, 0xff], &[0, 1, 2, 3, 4, 5, 6, 7]] {
+            let mut buf = BytesMut::new();
+            buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            buf.extend_from_slice(body);
+            assert!(codec.decode(&mut buf).is_err(), "body {body:?}");
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Wire types between Wharf's `edge` and `store-worker`, and their framing.
+//!
+//! Nothing here knows about MongoDB or MQTT sessions: this crate is the contract between two
+//! processes that are deployed and scaled independently.
+//!
+//! # Layout
+//! - [`wire`]: the frames that cross the Unix socket (`EdgeFrame`, `WorkerFrame`) and the
+//!   records inside them (`Message`, `Subscription`, `MessageId`).
+//! - [`codec`]: length-delimited framing with a hard maximum, bincode 2 inside; the only module
+//!   that knows the encoding.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod wire;
+
+pub use codec::{CodecError, FrameCodec, MAX_FRAME_LENGTH};
+pub use wire::*;
+
+/// This machine's host name, for the `host` field of stored documents.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

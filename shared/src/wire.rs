@@ -1,0 +1,201 @@
+//! The frames that cross the edge<->worker Unix socket.
+//!
+//! Every connection starts with a [`Hello`] each way. After that the edge sends
+//! [`EdgeFrame::Request`]s (each with an id; the worker answers each with exactly one
+//! [`WorkerFrame::Reply`] carrying the same id, in any order) and [`EdgeFrame::Notice`]s,
+//! which have no reply. Changing any type here changes the wire: bump [`PROTOCOL_VERSION`].
+
+use bincode::{Decode, Encode};
+use std::fmt;
+
+/// Version of the edge<->worker protocol; both sides refuse a peer with another one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Most messages the worker puts in one reply; the edge asks again while `more` is set.
+pub const MAX_MESSAGES_PER_REPLY: usize = 500;
+
+/// A message's identity: the 12 bytes of the MongoDB ObjectId that is its `_id`.
+///
+/// The edge assigns it when the PUBLISH arrives, so a persist request that is re-sent after a
+/// reconnect is recognised by the worker instead of stored twice.
+#[derive(Encode, Decode, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub [u8; 12]);
+
+impl MessageId {
+    /// Seconds since the Unix epoch encoded in the id (ObjectId layout).
+    pub fn timestamp_secs(&self) -> u32 {
+        u32::from_be_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
+    }
+
+    /// The 24-character lowercase hex form MongoDB shows.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// MQTT quality of service, independent of the packet version.
+#[derive(Encode, Decode, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Qos {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl Qos {
+    pub fn from_u8(value: u8) -> Option<Qos> {
+        match value {
+            0 => Some(Qos::AtMostOnce),
+            1 => Some(Qos::AtLeastOnce),
+            2 => Some(Qos::ExactlyOnce),
+            _ => None,
+        }
+    }
+
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+/// A message as received from a publisher (the seed's `mqtt.message` document).
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct Message {
+    pub id: MessageId,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: Qos,
+    pub retain: bool,
+    /// The publisher's client id.
+    pub client_id: String,
+    /// The broker host that received it.
+    pub host: String,
+    /// Milliseconds since the Unix epoch when the edge received it.
+    pub created_ms: i64,
+}
+
+/// One subscription of one client (the seed's `mqtt.subscription` document).
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct Subscription {
+    pub filter: String,
+    pub qos: Qos,
+}
+
+/// First frame in each direction.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct Hello {
+    pub protocol_version: u32,
+    /// The broker host name (`host` in the stored documents).
+    pub host: String,
+    /// Identifies this process instance in logs.
+    pub instance: String,
+}
+
+/// Frames from the edge to the worker.
+#[derive(Encode, Decode, Clone, PartialEq, Debug)]
+pub enum EdgeFrame {
+    Hello(Hello),
+    Request { id: u64, request: Request },
+    Notice(Notice),
+}
+
+/// Frames from the worker to the edge.
+#[derive(Encode, Decode, Clone, PartialEq, Debug)]
+pub enum WorkerFrame {
+    Hello(Hello),
+    Reply { id: u64, reply: Reply },
+}
+
+/// What the edge asks of the worker; each gets exactly one [`Reply`].
+#[derive(Encode, Decode, Clone, PartialEq, Debug)]
+pub enum Request {
+    /// A client connected. A clean session drops whatever was stored for it
+    /// (reply `Done`); a persistent one gets [`Reply::Session`].
+    Connect {
+        client_id: String,
+        clean_session: bool,
+    },
+    /// Store a message durably. Reply `Persisted` once it is durable, or `Failed`.
+    Persist(Message),
+    /// Store subscriptions (upsert per client and filter). Reply [`Reply::Messages`] with the
+    /// retained messages that match the new filters.
+    Subscribe {
+        client_id: String,
+        subscriptions: Vec<Subscription>,
+    },
+    /// Reply `Done`.
+    Unsubscribe {
+        client_id: String,
+        filters: Vec<String>,
+    },
+    /// Messages on the client's subscriptions, stored since `since_ms` (or since each
+    /// subscription was made), not yet delivered to it, oldest first. `other_hosts_only` is
+    /// the seed's catch-up on PINGREQ/PUBLISH. Reply [`Reply::Messages`].
+    CatchUp {
+        client_id: String,
+        since_ms: Option<i64>,
+        other_hosts_only: bool,
+    },
+    /// A client's connection ended; with a clean session its subscriptions are dropped.
+    /// Reply `Done`.
+    Disconnect {
+        client_id: String,
+        clean_session: bool,
+    },
+}
+
+/// Fire-and-forget frames: losing one costs a duplicate or a missing QoS 0 record, never an
+/// acknowledged message.
+#[derive(Encode, Decode, Clone, PartialEq, Debug)]
+pub enum Notice {
+    /// Store a QoS 0 message; nobody waits for it.
+    Store(Message),
+    /// These messages reached the client (QoS 0 written, QoS 1/2 acknowledged): the seed's
+    /// `mqtt.publishedMessage` records.
+    Delivered {
+        client_id: String,
+        messages: Vec<DeliveredRecord>,
+    },
+}
+
+/// One `publishedMessage` record.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct DeliveredRecord {
+    pub message_id: MessageId,
+    pub topic: String,
+}
+
+/// The worker's answer to one [`Request`].
+#[derive(Encode, Decode, Clone, PartialEq, Debug)]
+pub enum Reply {
+    Done,
+    Persisted,
+    /// Stored state of a persistent session.
+    Session {
+        /// Whether the store held anything for this client.
+        present: bool,
+        subscriptions: Vec<Subscription>,
+        undelivered: Vec<Message>,
+        /// More undelivered messages wait: ask with `CatchUp`.
+        more: bool,
+    },
+    Messages {
+        messages: Vec<Message>,
+        more: bool,
+    },
+    /// The request could not be carried out; `retryable` when the store may recover.
+    Failed {
+        reason: String,
+        retryable: bool,
+    },
+}

@@ -1,0 +1,49 @@
+//! Integration harness: real edges (in process, on 127.0.0.1:0), the mock or real
+//! store-worker on a temp Unix socket, and real MQTT clients over real sockets.
+//!
+//! # Layout
+//! - [`mock_worker`]: the protocol-speaking stand-in for edge tests.
+//! - [`client`]: a rumqttc client that reports every packet it receives.
+//! - [`raw`]: hand-written bytes, for malformed input and exact packet checks.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod mock_worker;
+pub mod raw;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Once;
+use std::time::Duration;
+use wharf_edge::{Edge, EdgeConfig, Limits};
+
+/// How long a test waits for something that should happen promptly. A bound on waiting,
+/// not a speed assertion: it only turns a hang into a failure.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+pub fn edge_config(worker_socket: &Path, host: &str) -> EdgeConfig {
+    EdgeConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        worker_socket: worker_socket.to_owned(),
+        host: host.to_owned(),
+        limits: Limits::default(),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+pub async fn start_edge(config: EdgeConfig) -> Edge {
+    Edge::start(config).await.expect("edge starts")
+}

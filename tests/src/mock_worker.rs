@@ -1,0 +1,325 @@
+//! A store-worker stand-in for edge tests: speaks the real edge<->worker protocol over a real
+//! Unix socket, keeps its "store" in memory, and can be slowed, failed, stopped and restarted.
+
+use futures::{SinkExt, StreamExt};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use wharf_shared::{
+    EdgeFrame, FrameCodec, Hello, Message, MessageId, Notice, Qos, Reply, Request, Subscription,
+    WorkerFrame, MAX_MESSAGES_PER_REPLY, PROTOCOL_VERSION,
+};
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What the mock has stored; tests read it directly.
+#[derive(Default)]
+pub struct MockStore {
+    pub messages: Vec<Message>,
+    /// client -> filter -> (qos, created_ms)
+    pub subscriptions: HashMap<String, BTreeMap<String, (Qos, i64)>>,
+    pub delivered: HashSet<(String, MessageId)>,
+    pub retained: BTreeMap<String, Message>,
+    /// Every request seen, for assertions on what the edge asked.
+    pub requests: Vec<Request>,
+}
+
+/// Knobs a test turns.
+#[derive(Default, Clone)]
+pub struct Behaviour {
+    pub persist_delay: Duration,
+    pub fail_persists: bool,
+}
+
+pub struct MockWorker {
+    pub socket: PathBuf,
+    pub store: Arc<Mutex<MockStore>>,
+    pub behaviour: Arc<Mutex<Behaviour>>,
+    running: Option<CancellationToken>,
+}
+
+impl MockWorker {
+    pub fn start(socket: &Path) -> MockWorker {
+        let mut worker = MockWorker {
+            socket: socket.to_owned(),
+            store: Arc::default(),
+            behaviour: Arc::default(),
+            running: None,
+        };
+        worker.restart();
+        worker
+    }
+
+    /// Closes the socket and every connection, as a crashed worker would.
+    pub fn stop(&mut self) {
+        if let Some(token) = self.running.take() {
+            token.cancel();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Listens again on the same path with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        let listener = UnixListener::bind(&self.socket).expect("bind mock worker socket");
+        let token = CancellationToken::new();
+        self.running = Some(token.clone());
+        let store = self.store.clone();
+        let behaviour = self.behaviour.clone();
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    s = listener.accept() => match s { Ok((s, _)) => s, Err(_) => return },
+                    _ = token.cancelled() => return,
+                };
+                tokio::spawn(serve(
+                    stream,
+                    store.clone(),
+                    behaviour.clone(),
+                    token.clone(),
+                ));
+            }
+        });
+    }
+
+    pub fn set_persist_delay(&self, delay: Duration) {
+        self.behaviour.lock().expect("lock").persist_delay = delay;
+    }
+
+    pub fn set_fail_persists(&self, fail: bool) {
+        self.behaviour.lock().expect("lock").fail_persists = fail;
+    }
+
+    pub fn stored_payloads(&self, topic: &str) -> Vec<Vec<u8>> {
+        let store = self.store.lock().expect("lock");
+        store
+            .messages
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| m.payload.clone())
+            .collect()
+    }
+}
+
+impl Drop for MockWorker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn serve(
+    stream: UnixStream,
+    store: Arc<Mutex<MockStore>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    token: CancellationToken,
+) {
+    let mut framed = Framed::new(stream, FrameCodec::<EdgeFrame, WorkerFrame>::new());
+    let edge_host = match framed.next().await {
+        Some(Ok(EdgeFrame::Hello(h))) => h.host,
+        _ => return,
+    };
+    let hello = WorkerFrame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        host: "mock".into(),
+        instance: "mock-worker".into(),
+    });
+    if framed.send(hello).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<WorkerFrame>();
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            Some(frame) = rx.recv() => {
+                if framed.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            frame = framed.next() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    _ => return,
+                };
+                match frame {
+                    EdgeFrame::Hello(_) => return,
+                    EdgeFrame::Notice(n) => notice(&store, n),
+                    EdgeFrame::Request { id, request } => {
+                        let b = behaviour.lock().expect("lock").clone();
+                        let (store, tx, host) = (store.clone(), tx.clone(), edge_host.clone());
+                        let persist = matches!(request, Request::Persist(_));
+                        let delay = if persist { b.persist_delay } else { Duration::ZERO };
+                        let handle = async move {
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            let reply = if persist && b.fail_persists {
+                                Reply::Failed { reason: "mock failure".into(), retryable: true }
+                            } else {
+                                answer(&store, request, &host)
+                            };
+                            let _ = tx.send(WorkerFrame::Reply { id, reply });
+                        };
+                        if delay.is_zero() {
+                            handle.await;
+                        } else {
+                            tokio::spawn(handle);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn notice(store: &Mutex<MockStore>, notice: Notice) {
+    let mut store = store.lock().expect("lock");
+    match notice {
+        Notice::Store(m) => store_message(&mut store, m),
+        Notice::Delivered {
+            client_id,
+            messages,
+        } => {
+            for m in messages {
+                store.delivered.insert((client_id.clone(), m.message_id));
+            }
+        }
+    }
+}
+
+fn store_message(store: &mut MockStore, m: Message) {
+    if store.messages.iter().any(|x| x.id == m.id) {
+        return;
+    }
+    if m.retain {
+        if m.payload.is_empty() {
+            store.retained.remove(&m.topic);
+        } else {
+            store.retained.insert(m.topic.clone(), m.clone());
+        }
+    }
+    store.messages.push(m);
+}
+
+fn matches(topic: &str, filter: &str) -> bool {
+    wharf_edge::topic::matches(topic, filter)
+}
+
+fn undelivered(
+    store: &MockStore,
+    client: &str,
+    since: Option<i64>,
+    other_host: Option<&str>,
+) -> (Vec<Message>, bool) {
+    let Some(subs) = store.subscriptions.get(client) else {
+        return (Vec::new(), false);
+    };
+    let mut out: Vec<Message> = store
+        .messages
+        .iter()
+        .filter(|m| other_host.is_none_or(|h| m.host != h))
+        .filter(|m| since.is_none_or(|s| m.created_ms >= s))
+        .filter(|m| !store.delivered.contains(&(client.to_owned(), m.id)))
+        .filter(|m| {
+            subs.iter()
+                .any(|(f, (_, created))| m.created_ms >= *created && matches(&m.topic, f))
+        })
+        .cloned()
+        .collect();
+    out.sort_by_key(|m| (m.created_ms, m.id));
+    let more = out.len() > MAX_MESSAGES_PER_REPLY;
+    out.truncate(MAX_MESSAGES_PER_REPLY);
+    (out, more)
+}
+
+fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply {
+    let mut store = store.lock().expect("lock");
+    store.requests.push(request.clone());
+    match request {
+        Request::Connect {
+            client_id,
+            clean_session: true,
+        }
+        | Request::Disconnect {
+            client_id,
+            clean_session: true,
+        } => {
+            store.subscriptions.remove(&client_id);
+            Reply::Done
+        }
+        Request::Disconnect { .. } => Reply::Done,
+        Request::Connect { client_id, .. } => {
+            let present = store.subscriptions.contains_key(&client_id);
+            let subscriptions = store
+                .subscriptions
+                .get(&client_id)
+                .map(|s| {
+                    s.iter()
+                        .map(|(f, (q, _))| Subscription {
+                            filter: f.clone(),
+                            qos: *q,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let (undelivered, more) = undelivered(&store, &client_id, None, None);
+            Reply::Session {
+                present,
+                subscriptions,
+                undelivered,
+                more,
+            }
+        }
+        Request::Persist(m) => {
+            store_message(&mut store, m);
+            Reply::Persisted
+        }
+        Request::Subscribe {
+            client_id,
+            subscriptions,
+        } => {
+            let now = now_ms();
+            let subs = store.subscriptions.entry(client_id).or_default();
+            for s in &subscriptions {
+                let created = subs.get(&s.filter).map(|(_, c)| *c).unwrap_or(now);
+                subs.insert(s.filter.clone(), (s.qos, created));
+            }
+            let messages = store
+                .retained
+                .values()
+                .filter(|m| subscriptions.iter().any(|s| matches(&m.topic, &s.filter)))
+                .cloned()
+                .collect();
+            Reply::Messages {
+                messages,
+                more: false,
+            }
+        }
+        Request::Unsubscribe { client_id, filters } => {
+            if let Some(subs) = store.subscriptions.get_mut(&client_id) {
+                for f in filters {
+                    subs.remove(&f);
+                }
+            }
+            Reply::Done
+        }
+        Request::CatchUp {
+            client_id,
+            since_ms,
+            other_hosts_only,
+        } => {
+            let other = other_hosts_only.then_some(edge_host);
+            let (messages, more) = undelivered(&store, &client_id, since_ms, other);
+            Reply::Messages { messages, more }
+        }
+    }
+}
