@@ -118,7 +118,7 @@ where
         read_buf,
     };
     conn.out
-        .resume(hs.undelivered, hs.more, hs.connect_started_ms);
+        .resume(hs.undelivered, hs.next_since_ms, hs.connect_started_ms);
     let end = conn
         .run(&mut reader, &mut writer, hs.takeover_rx, &shutdown)
         .await;
@@ -394,7 +394,7 @@ impl Connection {
             let result = match rx {
                 Ok(None) => Ok(Reply::Messages {
                     messages: Vec::new(),
-                    more: false,
+                    next_since_ms: None,
                 }),
                 Ok(Some(rx)) => reply_of(Ok(rx)).await,
                 Err(e) => Err(e),

@@ -13,7 +13,6 @@
 //! - [`router`]: subscription trie and per-session bounded queues (the local fast path).
 //! - [`registry`]: client id -> connection or parked persistent session; takeover.
 //! - [`link`]: the store-worker socket: requests, replies, reconnects, held persists.
-//! - [`topic`]: topic and filter validation and matching.
 //! - [`config`], [`ids`], [`broker`]: configuration, message ids, shared state.
 #![forbid(unsafe_code)]
 
@@ -27,7 +26,7 @@ pub mod registry;
 pub mod router;
 pub mod server;
 pub mod session;
-pub mod topic;
+pub use wharf_shared::topic;
 
 pub use config::{EdgeConfig, Limits};
 pub use server::{run, Edge};

@@ -291,7 +291,12 @@ async fn run(
         let (mut reader, mut writer) = match connected {
             Ok(halves) => halves,
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "store-worker link down");
+                if backoff < MAX_BACKOFF {
+                    // Usual while both processes start, or during a quick worker restart.
+                    tracing::info!(error = %e, retry_in = ?backoff, "waiting for the store-worker");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "store-worker link down");
+                }
                 let sleep = tokio::time::sleep(backoff);
                 tokio::pin!(sleep);
                 loop {

@@ -154,7 +154,7 @@ mod tests {
                     qos: Qos::ExactlyOnce,
                 }],
                 undelivered: vec![sample_message()],
-                more: false,
+                next_since_ms: Some(5),
             },
         });
     }

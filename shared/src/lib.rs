@@ -8,9 +8,11 @@
 //!   records inside them (`Message`, `Subscription`, `MessageId`).
 //! - [`codec`]: length-delimited framing with a hard maximum, bincode 2 inside; the only module
 //!   that knows the encoding.
+//! - [`topic`]: MQTT topic and filter rules, which both sides apply.
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod topic;
 pub mod wire;
 
 pub use codec::{CodecError, FrameCodec, MAX_FRAME_LENGTH};

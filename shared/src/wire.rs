@@ -11,7 +11,7 @@ use std::fmt;
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Most messages the worker puts in one reply; the edge asks again while `more` is set.
+/// Most messages the worker puts in one reply; the edge asks again from `next_since_ms`.
 pub const MAX_MESSAGES_PER_REPLY: usize = 500;
 
 /// A message's identity: the 12 bytes of the MongoDB ObjectId that is its `_id`.
@@ -186,12 +186,14 @@ pub enum Reply {
         present: bool,
         subscriptions: Vec<Subscription>,
         undelivered: Vec<Message>,
-        /// More undelivered messages wait: ask with `CatchUp`.
-        more: bool,
+        /// More undelivered messages may wait from this time on: ask with `CatchUp`.
+        next_since_ms: Option<i64>,
     },
     Messages {
         messages: Vec<Message>,
-        more: bool,
+        /// More may wait from this time on (a page ended); `None` when this was all. The
+        /// worker makes sure it moves forward, so paging ends.
+        next_since_ms: Option<i64>,
     },
     /// The request could not be carried out; `retryable` when the store may recover.
     Failed {

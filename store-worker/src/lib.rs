@@ -1,1 +1,176 @@
+//! Wharf's store-worker: durable persistence for one or more edges.
+//!
+//! Edges connect over a Unix socket and stream requests (see `wharf_shared::wire`). Every
+//! message is written to the store; a persist request is answered `Persisted` only once the
+//! write is durable. Without a MongoDB URI the embedded SQLite store is used.
+//!
+//! # Layout
+//! - [`server`]: the socket, per-edge connections, the lanes that run session requests.
+//! - [`pipeline`]: the batching tasks: group-committed persists, delivery records, retries.
+//! - [`store`]: the `Store` trait, the shared undelivered-message query, and the backends
+//!   ([`store::mongo`], [`store::sqlite`]).
+#![forbid(unsafe_code)]
 
+pub mod pipeline;
+pub mod server;
+pub mod store;
+
+use server::Shared;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use store::mongo::{Durability, MongoStore};
+use store::sqlite::SqliteStore;
+use store::{Store, StoreError};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// SQLite in this directory.
+    Embedded { data_dir: PathBuf },
+    Mongo {
+        uri: String,
+        database: String,
+        durability: Durability,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub socket: PathBuf,
+    /// Permissions of the socket file (0o600: only this user's edges may connect).
+    pub socket_mode: u32,
+    /// Group of the socket file, so that edges running as another user of it may connect
+    /// (with a mode such as 0o660).
+    pub socket_group: Option<u32>,
+    pub host: String,
+    pub backend: Backend,
+    /// Most messages in one group-committed write.
+    pub max_batch: usize,
+    /// How long an unavailable store is retried before a request fails.
+    pub retry_limit: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(socket: PathBuf, host: String, backend: Backend) -> Self {
+        WorkerConfig {
+            socket,
+            socket_mode: 0o600,
+            socket_group: None,
+            host,
+            backend,
+            max_batch: 1000,
+            retry_limit: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bind(#[from] server::BindError),
+}
+
+/// A running worker.
+pub struct Worker {
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// Opens the store (making indexes), binds the socket, and starts serving.
+    pub async fn start(config: WorkerConfig) -> Result<Worker, StartError> {
+        let shutdown = CancellationToken::new();
+        let task = match &config.backend {
+            Backend::Embedded { data_dir } => {
+                let store = Arc::new(SqliteStore::open(data_dir)?);
+                tokio::spawn(purge_expired(store.clone(), shutdown.clone()));
+                let listener =
+                    server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
+                tracing::info!(dir = %data_dir.display(), socket = %config.socket.display(), "worker ready (embedded store)");
+                tokio::spawn(run(store, config, listener, shutdown.clone()))
+            }
+            Backend::Mongo {
+                uri,
+                database,
+                durability,
+            } => {
+                let store = Arc::new(MongoStore::connect(uri, database, durability).await?);
+                let listener =
+                    server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
+                tracing::info!(database = %database, socket = %config.socket.display(), "worker ready (MongoDB)");
+                tokio::spawn(run(store, config, listener, shutdown.clone()))
+            }
+        };
+        Ok(Worker { shutdown, task })
+    }
+
+    /// Graceful stop: stop reading from edges, finish queued writes, close.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn run<S: Store>(
+    store: Arc<S>,
+    config: WorkerConfig,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let (persist, persist_rx) = tokio::sync::mpsc::channel(16_384);
+    let (record, record_rx) = tokio::sync::mpsc::channel(16_384);
+    tracker.spawn(pipeline::persister(
+        store.clone(),
+        persist_rx,
+        config.max_batch,
+        config.retry_limit,
+    ));
+    tracker.spawn(pipeline::recorder(
+        store.clone(),
+        record_rx,
+        config.max_batch,
+        config.retry_limit,
+    ));
+    let shared = Arc::new(Shared {
+        store,
+        host: config.host.clone(),
+        instance: format!("worker-{}@{}", std::process::id(), config.host),
+        persist,
+        record,
+        retry_limit: config.retry_limit,
+    });
+    server::serve(shared, listener, shutdown, tracker.clone()).await;
+    let _ = std::fs::remove_file(&config.socket);
+    tracker.close();
+    tracing::info!("worker stopping: finishing queued writes");
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?config.shutdown_grace, "worker shutdown grace ran out with writes pending");
+    }
+    tracing::info!("worker stopped");
+}
+
+async fn purge_expired(store: Arc<SqliteStore>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match store.purge_expired(server::now_ms()).await {
+            Ok((0, 0)) => {}
+            Ok((messages, records)) => tracing::info!(messages, records, "expired rows purged"),
+            Err(e) => tracing::warn!(error = %e, "purge failed"),
+        }
+    }
+}

@@ -131,6 +131,33 @@ impl Client {
         assert!(done.is_some(), "publish to {topic} not acknowledged");
     }
 
+    /// Publishes every payload without waiting, then waits for all acknowledgements.
+    pub async fn publish_many_acked(
+        &mut self,
+        topic: &str,
+        qos: QoS,
+        payloads: impl IntoIterator<Item = String>,
+    ) {
+        let mut n = 0;
+        for payload in payloads {
+            self.publish(topic, qos, false, payload).await;
+            n += 1;
+        }
+        for i in 0..n {
+            let done = self
+                .next_matching(|p| match (qos, p) {
+                    (QoS::AtLeastOnce, Packet::PubAck(_))
+                    | (QoS::ExactlyOnce, Packet::PubComp(_)) => Some(()),
+                    _ => None,
+                })
+                .await;
+            assert!(
+                done.is_some(),
+                "only {i} of {n} publishes to {topic} acknowledged"
+            );
+        }
+    }
+
     /// The next packet for which `f` returns something, skipping others; `None` on timeout
     /// or a closed connection.
     pub async fn next_matching<T>(&mut self, mut f: impl FnMut(&Packet) -> Option<T>) -> Option<T> {

@@ -5,10 +5,12 @@
 //! - [`mock_worker`]: the protocol-speaking stand-in for edge tests.
 //! - [`client`]: a rumqttc client that reports every packet it receives.
 //! - [`raw`]: hand-written bytes, for malformed input and exact packet checks.
+//! - [`mongo`]: a SecantusDB (MongoDB wire) server per test.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod mock_worker;
+pub mod mongo;
 pub mod raw;
 
 use std::net::SocketAddr;

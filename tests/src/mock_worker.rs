@@ -211,7 +211,7 @@ fn store_message(store: &mut MockStore, m: Message) {
 }
 
 fn matches(topic: &str, filter: &str) -> bool {
-    wharf_edge::topic::matches(topic, filter)
+    wharf_shared::topic::matches(topic, filter)
 }
 
 fn undelivered(
@@ -219,9 +219,9 @@ fn undelivered(
     client: &str,
     since: Option<i64>,
     other_host: Option<&str>,
-) -> (Vec<Message>, bool) {
+) -> (Vec<Message>, Option<i64>) {
     let Some(subs) = store.subscriptions.get(client) else {
-        return (Vec::new(), false);
+        return (Vec::new(), None);
     };
     let mut out: Vec<Message> = store
         .messages
@@ -236,9 +236,9 @@ fn undelivered(
         .cloned()
         .collect();
     out.sort_by_key(|m| (m.created_ms, m.id));
-    let more = out.len() > MAX_MESSAGES_PER_REPLY;
+    let next = (out.len() > MAX_MESSAGES_PER_REPLY).then(|| out[MAX_MESSAGES_PER_REPLY].created_ms);
     out.truncate(MAX_MESSAGES_PER_REPLY);
-    (out, more)
+    (out, next)
 }
 
 fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply {
@@ -271,12 +271,12 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                         .collect()
                 })
                 .unwrap_or_default();
-            let (undelivered, more) = undelivered(&store, &client_id, None, None);
+            let (undelivered, next_since_ms) = undelivered(&store, &client_id, None, None);
             Reply::Session {
                 present,
                 subscriptions,
                 undelivered,
-                more,
+                next_since_ms,
             }
         }
         Request::Persist(m) => {
@@ -301,7 +301,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                 .collect();
             Reply::Messages {
                 messages,
-                more: false,
+                next_since_ms: None,
             }
         }
         Request::Unsubscribe { client_id, filters } => {
@@ -318,8 +318,11 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
             other_hosts_only,
         } => {
             let other = other_hosts_only.then_some(edge_host);
-            let (messages, more) = undelivered(&store, &client_id, since_ms, other);
-            Reply::Messages { messages, more }
+            let (messages, next_since_ms) = undelivered(&store, &client_id, since_ms, other);
+            Reply::Messages {
+                messages,
+                next_since_ms,
+            }
         }
     }
 }

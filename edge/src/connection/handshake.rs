@@ -35,7 +35,7 @@ pub struct Handshake {
     pub queue_rx: mpsc::Receiver<Delivery>,
     pub takeover_rx: mpsc::Receiver<oneshot::Sender<Option<SessionState>>>,
     pub undelivered: Vec<Message>,
-    pub more: bool,
+    pub next_since_ms: Option<i64>,
     pub connect_started_ms: i64,
     /// CONNACK and anything else to send first.
     pub write_buf: BytesMut,
@@ -141,7 +141,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
     };
     let connect_started_ms = ids::now_ms();
     let mut undelivered = Vec::new();
-    let mut more = false;
+    let mut next_since_ms = None;
     let (state, present) = if connect.clean_session {
         let request = Request::Connect {
             client_id: client_id.to_string(),
@@ -152,9 +152,9 @@ async fn start_session<W: AsyncWrite + Unpin>(
         (SessionState::new(client_id.clone()), false)
     } else {
         match fetch_session(broker, &client_id).await {
-            Ok((present, subscriptions, messages, has_more)) => {
+            Ok((present, subscriptions, messages, next_since)) => {
                 undelivered = messages;
-                more = has_more;
+                next_since_ms = next_since;
                 let mut state = prior.unwrap_or_else(|| SessionState::new(client_id.clone()));
                 let had_state = !state.subscriptions.is_empty() || state.inflight_len() > 0;
                 for s in subscriptions {
@@ -189,7 +189,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
         queue_rx,
         takeover_rx,
         undelivered,
-        more,
+        next_since_ms,
         connect_started_ms,
         write_buf,
     }))
@@ -209,7 +209,12 @@ async fn take_over(old: crate::registry::TakeoverTx) -> Option<SessionState> {
     }
 }
 
-type StoredSession = (bool, Vec<wharf_shared::Subscription>, Vec<Message>, bool);
+type StoredSession = (
+    bool,
+    Vec<wharf_shared::Subscription>,
+    Vec<Message>,
+    Option<i64>,
+);
 
 async fn fetch_session(broker: &Broker, client_id: &str) -> Result<StoredSession, SessionError> {
     let request = Request::Connect {
@@ -226,8 +231,8 @@ async fn fetch_session(broker: &Broker, client_id: &str) -> Result<StoredSession
             present,
             subscriptions,
             undelivered,
-            more,
-        } => Ok((present, subscriptions, undelivered, more)),
+            next_since_ms,
+        } => Ok((present, subscriptions, undelivered, next_since_ms)),
         other => Err(SessionError::Store(format!("connect: {other:?}"))),
     }
 }

@@ -116,7 +116,7 @@ impl Outbound {
     }
 
     /// After CONNACK: re-send what was inflight, then queue what the store kept.
-    pub fn resume(&mut self, undelivered: Vec<Message>, more: bool, started_ms: i64) {
+    pub fn resume(&mut self, undelivered: Vec<Message>, next_since: Option<i64>, started_ms: i64) {
         let inflight: Vec<MessageId> = self.state.inflight_ids().collect();
         self.dedupe.open(inflight.into_iter());
         for resend in self.state.resend() {
@@ -125,15 +125,11 @@ impl Outbound {
                 Resend::PubRel(pkid) => v4::encode_pubrel(&mut self.write_buf, pkid),
             }
         }
-        let last = undelivered.last().map(|m| m.created_ms);
         self.stored(undelivered);
         self.watermark_ms = started_ms - SKEW_MS;
-        // With `more`, page on; without, ask once more for what arrived while the router
-        // registration was under way.
-        self.store_since = Some(match (more, last) {
-            (true, Some(last)) => last,
-            _ => started_ms - SKEW_MS,
-        });
+        // Page on if the store has more; otherwise ask once more for what arrived while the
+        // router registration was under way.
+        self.store_since = Some(next_since.unwrap_or(started_ms - SKEW_MS));
     }
 
     /// Queues messages from the store that this session has not seen in this window.
@@ -348,34 +344,27 @@ impl Outbound {
         let Some(kind) = self.catch_up.take() else {
             return;
         };
-        let (messages, more) = match reply {
-            Ok(Reply::Messages { messages, more }) => (messages, more),
+        let (messages, next_since) = match reply {
+            Ok(Reply::Messages {
+                messages,
+                next_since_ms,
+            }) => (messages, next_since_ms),
             other => {
                 tracing::debug!(client_id = %self.state.client_id, reply = ?other, "catch-up failed");
                 return;
             }
         };
-        let last = messages.last().map(|m| m.created_ms);
         let before = self.backlog.len();
         self.stored(messages);
         metrics::counter!("wharf_edge_caught_up_messages_total")
             .increment((self.backlog.len() - before) as u64);
-        match (kind, more, last) {
-            (CatchUpKind::Store, true, Some(last)) => {
-                // Page on; step past a page that brought nothing new.
-                let progressed = self.backlog.len() > before;
-                let since = self.store_since.unwrap_or(last);
-                self.store_since = Some(if progressed || last > since {
-                    last
-                } else {
-                    since + 1
-                });
-            }
-            (CatchUpKind::Store, _, _) => self.store_since = None,
-            (CatchUpKind::Seed { watermark }, more, last) => {
+        match kind {
+            // The worker's cursor always moves forward, so paging ends.
+            CatchUpKind::Store => self.store_since = next_since,
+            CatchUpKind::Seed { watermark } => {
                 self.watermark_ms = watermark;
-                if let (true, Some(last)) = (more, last) {
-                    self.lagged(last);
+                if let Some(since) = next_since {
+                    self.lagged(since);
                 }
             }
         }

@@ -1,0 +1,371 @@
+//! The worker's Unix socket: edges connect, say hello, and stream requests.
+//!
+//! Per edge connection: a reader (this task), a writer task fed by a bounded channel, and
+//! `LANES` lanes that run session requests. A client's requests always go to the same lane, so
+//! they run in the order sent (a clean connect's delete is never overtaken by the next
+//! subscribe), while different clients' requests run concurrently. Persist requests and
+//! delivery records go to the shared batching tasks in [`crate::pipeline`].
+
+use crate::pipeline::{PersistJob, RecordCommand};
+use crate::store::{self, DeliveryRow, Store, StoreError};
+use futures::{SinkExt, StreamExt};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wharf_shared::{
+    EdgeFrame, FrameCodec, Hello, Notice, Reply, Request, WorkerFrame, PROTOCOL_VERSION,
+};
+
+const LANES: usize = 8;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another worker is listening on {0}")]
+    InUse(PathBuf),
+    #[error("cannot listen on {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// Binds the worker socket with `mode` permissions and, if given, group `gid`. A stale socket
+/// file left by a crash is replaced; a live one is an error. The socket is made under a
+/// temporary name, given its mode and group, then renamed, so it is never reachable with
+/// looser permissions.
+pub async fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, BindError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e| BindError::Io(path.to_owned(), e);
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(BindError::InUse(path.to_owned()));
+        }
+        tracing::info!(path = %path.display(), "removing stale worker socket");
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let staging = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(io)?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    if gid.is_some() {
+        std::os::unix::fs::chown(&staging, None, gid).map_err(io)?;
+    }
+    std::fs::rename(&staging, path).map_err(io)?;
+    Ok(listener)
+}
+
+/// What every connection shares.
+pub struct Shared<S> {
+    pub store: Arc<S>,
+    pub host: String,
+    pub instance: String,
+    pub persist: mpsc::Sender<PersistJob>,
+    pub record: mpsc::Sender<RecordCommand>,
+    pub retry_limit: Duration,
+}
+
+/// Accepts edges until `shutdown`; then stops reading and lets queued work finish.
+pub async fn serve<S: Store>(
+    shared: Arc<Shared<S>>,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            s = listener.accept() => match s {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        tracker.spawn(connection(
+            shared.clone(),
+            stream,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+}
+
+async fn connection<S: Store>(
+    shared: Arc<Shared<S>>,
+    stream: UnixStream,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let (read, write) = stream.into_split();
+    let mut reader = FramedRead::new(read, FrameCodec::<EdgeFrame, WorkerFrame>::new());
+    let mut writer = FramedWrite::new(write, FrameCodec::<EdgeFrame, WorkerFrame>::new());
+    let edge = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
+        Ok(Some(Ok(EdgeFrame::Hello(h)))) if h.protocol_version == PROTOCOL_VERSION => h,
+        Ok(Some(Ok(EdgeFrame::Hello(h)))) => {
+            tracing::error!(edge = %h.instance, theirs = h.protocol_version, ours = PROTOCOL_VERSION, "edge speaks another protocol version");
+            return;
+        }
+        other => {
+            tracing::warn!(?other, "edge connection without a hello");
+            return;
+        }
+    };
+    let hello = WorkerFrame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        host: shared.host.clone(),
+        instance: shared.instance.clone(),
+    });
+    if writer.send(hello).await.is_err() {
+        return;
+    }
+    tracing::info!(edge = %edge.instance, edge_host = %edge.host, "edge connected");
+    metrics::gauge!("wharf_worker_edges").increment(1.0);
+
+    let (out_tx, out_rx) = mpsc::channel::<WorkerFrame>(16_384);
+    tracker.spawn(write_frames(writer, out_rx));
+    let edge_host: Arc<str> = edge.host.as_str().into();
+    let lanes: Vec<mpsc::Sender<(u64, Request)>> = (0..LANES)
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(1024);
+            tracker.spawn(lane(shared.clone(), rx, out_tx.clone(), edge_host.clone()));
+            tx
+        })
+        .collect();
+
+    loop {
+        let frame = tokio::select! {
+            f = reader.next() => f,
+            _ = shutdown.cancelled() => break,
+        };
+        let frame = match frame {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                tracing::warn!(edge = %edge.instance, error = %e, "bad frame from edge; closing");
+                break;
+            }
+            None => break,
+        };
+        let sent = match frame {
+            EdgeFrame::Hello(_) => {
+                tracing::warn!(edge = %edge.instance, "second hello; closing");
+                break;
+            }
+            EdgeFrame::Request {
+                id,
+                request: Request::Persist(message),
+            } => shared
+                .persist
+                .send(PersistJob {
+                    message,
+                    reply: Some((out_tx.clone(), id)),
+                })
+                .await
+                .is_ok(),
+            EdgeFrame::Request { id, request } => {
+                let lane = lane_of(client_of(&request));
+                lanes[lane].send((id, request)).await.is_ok()
+            }
+            EdgeFrame::Notice(Notice::Store(message)) => shared
+                .persist
+                .send(PersistJob {
+                    message,
+                    reply: None,
+                })
+                .await
+                .is_ok(),
+            EdgeFrame::Notice(Notice::Delivered {
+                client_id,
+                messages,
+            }) => {
+                let created_ms = now_ms();
+                let rows = messages
+                    .into_iter()
+                    .map(|record| DeliveryRow {
+                        client_id: client_id.clone(),
+                        host: edge.host.clone(),
+                        record,
+                        created_ms,
+                    })
+                    .collect();
+                shared.record.send(RecordCommand::Rows(rows)).await.is_ok()
+            }
+        };
+        if !sent {
+            break;
+        }
+    }
+    tracing::info!(edge = %edge.instance, "edge connection closing");
+    metrics::gauge!("wharf_worker_edges").decrement(1.0);
+}
+
+async fn write_frames(
+    mut writer: FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec<EdgeFrame, WorkerFrame>>,
+    mut frames: mpsc::Receiver<WorkerFrame>,
+) {
+    let mut batch = Vec::with_capacity(256);
+    while frames.recv_many(&mut batch, 256).await > 0 {
+        for frame in batch.drain(..) {
+            if writer.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn client_of(request: &Request) -> &str {
+    match request {
+        Request::Connect { client_id, .. }
+        | Request::Subscribe { client_id, .. }
+        | Request::Unsubscribe { client_id, .. }
+        | Request::CatchUp { client_id, .. }
+        | Request::Disconnect { client_id, .. } => client_id,
+        Request::Persist(m) => &m.client_id,
+    }
+}
+
+fn lane_of(client_id: &str) -> usize {
+    let mut hasher = DefaultHasher::new();
+    client_id.hash(&mut hasher);
+    (hasher.finish() % LANES as u64) as usize
+}
+
+async fn lane<S: Store>(
+    shared: Arc<Shared<S>>,
+    mut requests: mpsc::Receiver<(u64, Request)>,
+    out: mpsc::Sender<WorkerFrame>,
+    edge_host: Arc<str>,
+) {
+    while let Some((id, request)) = requests.recv().await {
+        let reply = match handle(&shared, request, &edge_host).await {
+            Ok(reply) => reply,
+            Err(e) => Reply::Failed {
+                reason: e.to_string(),
+                retryable: e.retryable(),
+            },
+        };
+        if out.send(WorkerFrame::Reply { id, reply }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits until every delivery record received before now is written.
+async fn barrier<S>(shared: &Shared<S>) {
+    let (tx, rx) = oneshot::channel();
+    if shared.record.send(RecordCommand::Barrier(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
+}
+
+async fn handle<S: Store>(
+    shared: &Shared<S>,
+    request: Request,
+    edge_host: &str,
+) -> Result<Reply, StoreError> {
+    let store = &*shared.store;
+    let limit = shared.retry_limit;
+    let started = std::time::Instant::now();
+    let reply = match request {
+        Request::Connect {
+            client_id,
+            clean_session: true,
+        }
+        | Request::Disconnect {
+            client_id,
+            clean_session: true,
+        } => {
+            crate::pipeline::retry(limit, "clear session", || {
+                store.remove_subscriptions(&client_id, None)
+            })
+            .await?;
+            Reply::Done
+        }
+        Request::Disconnect { .. } => Reply::Done,
+        Request::Connect { client_id, .. } => {
+            barrier(shared).await;
+            let subscriptions =
+                crate::pipeline::retry(limit, "session", || store.subscriptions(&client_id))
+                    .await?;
+            let (undelivered, next_since_ms) = crate::pipeline::retry(limit, "session", || {
+                store::undelivered(store, &client_id, None, None)
+            })
+            .await?;
+            Reply::Session {
+                present: !subscriptions.is_empty(),
+                subscriptions: subscriptions
+                    .into_iter()
+                    .map(|s| wharf_shared::Subscription {
+                        filter: s.filter,
+                        qos: s.qos,
+                    })
+                    .collect(),
+                undelivered,
+                next_since_ms,
+            }
+        }
+        Request::Subscribe {
+            client_id,
+            subscriptions,
+        } => {
+            let filters: Vec<String> = subscriptions.iter().map(|s| s.filter.clone()).collect();
+            let now = now_ms();
+            crate::pipeline::retry(limit, "subscribe", || {
+                store.upsert_subscriptions(&client_id, subscriptions.clone(), now)
+            })
+            .await?;
+            let messages =
+                crate::pipeline::retry(limit, "retained", || store::retained_for(store, &filters))
+                    .await?;
+            Reply::Messages {
+                messages,
+                next_since_ms: None,
+            }
+        }
+        Request::Unsubscribe { client_id, filters } => {
+            crate::pipeline::retry(limit, "unsubscribe", || {
+                store.remove_subscriptions(&client_id, Some(filters.clone()))
+            })
+            .await?;
+            Reply::Done
+        }
+        Request::CatchUp {
+            client_id,
+            since_ms,
+            other_hosts_only,
+        } => {
+            barrier(shared).await;
+            let not_host = other_hosts_only.then_some(edge_host);
+            let (messages, next_since_ms) = crate::pipeline::retry(limit, "catch-up", || {
+                store::undelivered(store, &client_id, since_ms, not_host)
+            })
+            .await?;
+            metrics::histogram!("wharf_worker_catch_up_seconds")
+                .record(started.elapsed().as_secs_f64());
+            Reply::Messages {
+                messages,
+                next_since_ms,
+            }
+        }
+        Request::Persist(_) => return Err(StoreError::Failed("persist on a lane".into())),
+    };
+    Ok(reply)
+}

@@ -1,0 +1,213 @@
+//! Storage behind one trait, with two backends: MongoDB ([`mongo`]) for production and
+//! clusters, SQLite ([`sqlite`]) embedded for a single machine. The query logic that both
+//! share (which stored messages a client still needs) lives here, on top of a few primitive
+//! operations, so that both backends behave the same.
+
+pub mod mongo;
+pub mod sqlite;
+
+use std::collections::HashSet;
+use std::future::Future;
+use wharf_shared::topic;
+use wharf_shared::{
+    DeliveredRecord, Message, MessageId, Qos, Subscription, MAX_MESSAGES_PER_REPLY,
+};
+
+/// Messages kept for 30 days, delivery records for 7 (the seed's TTLs).
+pub const MESSAGE_TTL_SECS: u64 = 30 * 24 * 3600;
+pub const PUBLISHED_TTL_SECS: u64 = 7 * 24 * 3600;
+
+/// Pages a single catch-up reads before answering, when everything it reads was delivered.
+const MAX_PAGES_PER_QUERY: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or timed out; worth retrying.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The operation itself failed.
+    #[error("store error: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A subscription as stored, with the time it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSubscription {
+    pub filter: String,
+    pub qos: Qos,
+    pub created_ms: i64,
+}
+
+/// One `publishedMessage` record to write.
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    pub client_id: String,
+    pub host: String,
+    pub record: DeliveredRecord,
+    pub created_ms: i64,
+}
+
+/// The primitive operations a backend provides. Every write is durable when it returns `Ok`.
+pub trait Store: Send + Sync + 'static {
+    /// Stores messages (ignoring ids already stored) and applies their retain flags in order.
+    fn insert_messages(
+        &self,
+        batch: Vec<Message>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn record_delivered(
+        &self,
+        rows: Vec<DeliveryRow>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn subscriptions(
+        &self,
+        client_id: &str,
+    ) -> impl Future<Output = Result<Vec<StoredSubscription>, StoreError>> + Send;
+    /// Upserts per (client, filter); a new one gets `now_ms` as its creation time.
+    fn upsert_subscriptions(
+        &self,
+        client_id: &str,
+        subscriptions: Vec<Subscription>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Removes the named filters, or all of the client's with `None`.
+    fn remove_subscriptions(
+        &self,
+        client_id: &str,
+        filters: Option<Vec<String>>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Retained messages whose topics may match (the caller filters exactly).
+    fn retained(
+        &self,
+        prefixes: Option<Vec<String>>,
+    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// Messages with `created >= since_ms`, oldest first (by created, then id), at most
+    /// `limit`, not from `not_host`, with topics starting with one of `prefixes` (all with
+    /// `None`). Backed by an index on `created`: its cost follows the new messages, not the
+    /// history.
+    fn messages_since(
+        &self,
+        since_ms: i64,
+        not_host: Option<String>,
+        prefixes: Option<Vec<String>>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// Which of `ids` have a delivery record for the client.
+    fn delivered_among(
+        &self,
+        client_id: &str,
+        ids: Vec<MessageId>,
+    ) -> impl Future<Output = Result<HashSet<MessageId>, StoreError>> + Send;
+}
+
+/// The literal part of a filter before its first wildcard, or `None` for a filter that starts
+/// with one. `a/#` matches `a` itself, so its prefix is `a`.
+pub fn literal_prefix(filter: &str) -> Option<String> {
+    let literal: Vec<&str> = filter
+        .split('/')
+        .take_while(|level| *level != "+" && *level != "#")
+        .collect();
+    let prefix = literal.join("/");
+    (!prefix.is_empty()).then_some(prefix)
+}
+
+/// Prefixes for a set of filters; `None` when any filter needs every topic.
+pub fn prefixes<'a>(filters: impl Iterator<Item = &'a str>) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for f in filters {
+        out.push(literal_prefix(f)?);
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
+}
+
+/// Messages on the client's subscriptions stored since `since_ms` (and since each
+/// subscription was made), without a delivery record for the client, oldest first. Returns at
+/// most `MAX_MESSAGES_PER_REPLY` and where to continue if there may be more.
+pub async fn undelivered<S: Store>(
+    store: &S,
+    client_id: &str,
+    since_ms: Option<i64>,
+    not_host: Option<&str>,
+) -> Result<(Vec<Message>, Option<i64>), StoreError> {
+    let subscriptions = store.subscriptions(client_id).await?;
+    let Some(oldest) = subscriptions.iter().map(|s| s.created_ms).min() else {
+        return Ok((Vec::new(), None));
+    };
+    let prefixes = prefixes(subscriptions.iter().map(|s| s.filter.as_str()));
+    let mut lower = since_ms.map_or(oldest, |s| s.max(oldest));
+    let mut out = Vec::new();
+    for _ in 0..MAX_PAGES_PER_QUERY {
+        let page = store
+            .messages_since(
+                lower,
+                not_host.map(str::to_owned),
+                prefixes.clone(),
+                MAX_MESSAGES_PER_REPLY + 1,
+            )
+            .await?;
+        let next = page.get(MAX_MESSAGES_PER_REPLY).map(|m| m.created_ms);
+        let wanted: Vec<Message> = page
+            .into_iter()
+            .take(MAX_MESSAGES_PER_REPLY)
+            .filter(|m| {
+                subscriptions
+                    .iter()
+                    .any(|s| m.created_ms >= s.created_ms && topic::matches(&m.topic, &s.filter))
+            })
+            .collect();
+        let delivered = if wanted.is_empty() {
+            HashSet::new()
+        } else {
+            store
+                .delivered_among(client_id, wanted.iter().map(|m| m.id).collect())
+                .await?
+        };
+        out.extend(wanted.into_iter().filter(|m| !delivered.contains(&m.id)));
+        let Some(next) = next else {
+            return Ok((out, None));
+        };
+        // Always move forward, even through a millisecond with more than a page of messages.
+        lower = if next > lower { next } else { lower + 1 };
+        if !out.is_empty() {
+            break;
+        }
+    }
+    Ok((out, Some(lower)))
+}
+
+/// Retained messages matching any of `filters`.
+pub async fn retained_for<S: Store>(
+    store: &S,
+    filters: &[String],
+) -> Result<Vec<Message>, StoreError> {
+    let candidates = store
+        .retained(prefixes(filters.iter().map(String::as_str)))
+        .await?;
+    Ok(candidates
+        .into_iter()
+        .filter(|m| filters.iter().any(|f| topic::matches(&m.topic, f)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_prefixes() {
+        assert_eq!(literal_prefix("a/b/c").as_deref(), Some("a/b/c"));
+        assert_eq!(literal_prefix("a/b/+").as_deref(), Some("a/b"));
+        assert_eq!(literal_prefix("a/+/c").as_deref(), Some("a"));
+        assert_eq!(literal_prefix("a/#").as_deref(), Some("a"));
+        assert_eq!(literal_prefix("#"), None);
+        assert_eq!(literal_prefix("+/x"), None);
+        assert_eq!(prefixes(["a/#", "b", "#"].into_iter()), None);
+    }
+}

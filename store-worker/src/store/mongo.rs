@@ -1,0 +1,532 @@
+//! MongoDB, with the seed's collections and field names (a contract with other services):
+//!
+//! - `message`: `{_id: ObjectId, topic, data, clientId, qos, retain, created: Date, host}`;
+//!   `data` is a UTF-8 string when the payload is valid UTF-8, BSON binary otherwise.
+//! - `subscription`: `{_id: ObjectId, topic, clientId, qos, created: Date}`, one per
+//!   (clientId, topic).
+//! - `publishedMessage`: `{_id: ObjectId, clientId, topic, messageId: ObjectId, host,
+//!   created: Date}`; `messageId` is the message's `_id`.
+//! - `retained` (Wharf's own): `{_id: topic, messageId, topic, data, clientId, qos, host,
+//!   created}`, the current retained message of each topic.
+//!
+//! Indexes are made at start-up with fixed names; a TTL that differs is changed with collMod.
+
+use super::{
+    DeliveryRow, Store, StoreError, StoredSubscription, MESSAGE_TTL_SECS, PUBLISHED_TTL_SECS,
+};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Document};
+use mongodb::options::{Acknowledgment, IndexOptions, WriteConcern};
+use mongodb::{Client, Collection, Database, IndexModel};
+use std::collections::HashSet;
+use std::time::Duration;
+use wharf_shared::{Message, MessageId, Qos, Subscription};
+
+/// Duplicate key: the document is already there (a re-sent message or record).
+const DUPLICATE_KEY: i32 = 11000;
+const NAMESPACE_NOT_FOUND: i32 = 26;
+
+#[derive(Clone)]
+pub struct MongoStore {
+    db: Database,
+    messages: Collection<Document>,
+    subscriptions: Collection<Document>,
+    published: Collection<Document>,
+    retained: Collection<Document>,
+}
+
+/// How writes are acknowledged: `w` ("majority" or a number) and the journal flag.
+#[derive(Debug, Clone)]
+pub struct Durability {
+    pub w: String,
+    pub journal: bool,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability {
+            w: "majority".into(),
+            journal: true,
+        }
+    }
+}
+
+/// Server codes for a primary that is stepping down or shutting down, or a timeout.
+const TRANSIENT_CODES: [i32; 10] = [6, 7, 89, 91, 189, 10107, 11600, 11602, 13435, 13436];
+
+fn classify(e: mongodb::error::Error) -> StoreError {
+    use mongodb::error::ErrorKind;
+    let text = match &*e.kind {
+        // The server's own words, without the raw reply the driver appends.
+        ErrorKind::Command(c) => format!("{} ({}): {}", c.code, c.code_name, c.message),
+        _ => redact(&e.to_string()),
+    };
+    match *e.kind {
+        ErrorKind::ServerSelection { .. }
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. } => StoreError::Unavailable(text),
+        ErrorKind::Command(ref c) if TRANSIENT_CODES.contains(&c.code) => {
+            StoreError::Unavailable(text)
+        }
+        _ if e.contains_label("RetryableWriteError") => StoreError::Unavailable(text),
+        _ => StoreError::Failed(text),
+    }
+}
+
+/// Removes a password from a `mongodb://user:pass@host` URI in a message.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        out.push_str(&rest[..start + 3]);
+        rest = &rest[start + 3..];
+        let end = rest.find(['/', ' ', '"', '?']).unwrap_or(rest.len());
+        match rest[..end].rfind('@') {
+            Some(at) => {
+                let user = rest[..at].split(':').next().unwrap_or("");
+                out.push_str(user);
+                out.push_str(":***");
+                out.push_str(&rest[at..end]);
+            }
+            None => out.push_str(&rest[..end]),
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn oid(id: &MessageId) -> ObjectId {
+    ObjectId::from_bytes(id.0)
+}
+
+fn data_of(payload: &[u8]) -> Bson {
+    match std::str::from_utf8(payload) {
+        Ok(text) => Bson::String(text.to_owned()),
+        Err(_) => Bson::Binary(Binary {
+            subtype: BinarySubtype::Generic,
+            bytes: payload.to_vec(),
+        }),
+    }
+}
+
+fn payload_of(data: Option<&Bson>) -> Vec<u8> {
+    match data {
+        Some(Bson::String(s)) => s.as_bytes().to_vec(),
+        Some(Bson::Binary(b)) => b.bytes.clone(),
+        _ => Vec::new(),
+    }
+}
+
+fn message_doc(m: &Message) -> Document {
+    doc! {
+        "_id": oid(&m.id),
+        "topic": &m.topic,
+        "data": data_of(&m.payload),
+        "clientId": &m.client_id,
+        "qos": m.qos.as_u8() as i32,
+        "retain": m.retain,
+        "created": DateTime::from_millis(m.created_ms),
+        "host": &m.host,
+    }
+}
+
+fn message_of(d: &Document, id_field: &str) -> Option<Message> {
+    Some(Message {
+        id: MessageId(d.get_object_id(id_field).ok()?.bytes()),
+        topic: d.get_str("topic").ok()?.to_owned(),
+        payload: payload_of(d.get("data")),
+        qos: Qos::from_u8(d.get_i32("qos").unwrap_or(0) as u8).unwrap_or(Qos::AtMostOnce),
+        retain: d.get_bool("retain").unwrap_or(true),
+        client_id: d.get_str("clientId").unwrap_or_default().to_owned(),
+        host: d.get_str("host").unwrap_or_default().to_owned(),
+        created_ms: d
+            .get_datetime("created")
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(0),
+    })
+}
+
+/// Whether an error is only "already there" for every failed write.
+fn only_duplicates(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::ErrorKind;
+    match &*e.kind {
+        ErrorKind::InsertMany(m) => {
+            m.write_concern_error.is_none()
+                && m.write_errors
+                    .as_ref()
+                    .is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY))
+        }
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if "\\^$.|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Conditions on `field` (a topic) for a set of literal prefixes: anchored regexes, which an
+/// index on the field serves as ranges.
+fn topic_condition(field: &str, prefixes: &Option<Vec<String>>) -> Option<Document> {
+    let prefixes = prefixes.as_ref()?;
+    let alternatives: Vec<Bson> = prefixes
+        .iter()
+        .map(|p| Bson::Document(doc! { field: { "$regex": format!("^{}", regex_escape(p)) } }))
+        .collect();
+    Some(doc! { "$or": alternatives })
+}
+
+impl MongoStore {
+    /// Connects, checks the server answers, and makes the indexes.
+    pub async fn connect(
+        uri: &str,
+        database: &str,
+        durability: &Durability,
+    ) -> Result<MongoStore, StoreError> {
+        let client = Client::with_uri_str(uri).await.map_err(classify)?;
+        let db = client.database(database);
+        db.run_command(doc! { "ping": 1 }).await.map_err(classify)?;
+        let w = match durability.w.parse::<u32>() {
+            Ok(n) => Acknowledgment::Nodes(n),
+            Err(_) if durability.w == "majority" => Acknowledgment::Majority,
+            Err(_) => Acknowledgment::Custom(durability.w.clone()),
+        };
+        let concern = WriteConcern::builder()
+            .w(w)
+            .journal(durability.journal)
+            .build();
+        let collection = |name: &str| {
+            db.collection_with_options::<Document>(
+                name,
+                mongodb::options::CollectionOptions::builder()
+                    .write_concern(concern.clone())
+                    .build(),
+            )
+        };
+        let store = MongoStore {
+            messages: collection("message"),
+            subscriptions: collection("subscription"),
+            published: collection("publishedMessage"),
+            retained: collection("retained"),
+            db,
+        };
+        store.ensure_indexes().await?;
+        Ok(store)
+    }
+
+    async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        self.ensure_ttl("message", &self.messages, MESSAGE_TTL_SECS)
+            .await?;
+        self.ensure_ttl("publishedMessage", &self.published, PUBLISHED_TTL_SECS)
+            .await?;
+        let indexes = [
+            (
+                &self.messages,
+                doc! { "topic": 1, "created": 1 },
+                "topic_created",
+                false,
+            ),
+            (
+                &self.messages,
+                doc! { "created": 1, "_id": 1 },
+                "created_id",
+                false,
+            ),
+            (
+                &self.subscriptions,
+                doc! { "clientId": 1, "topic": 1 },
+                "clientId_topic",
+                true,
+            ),
+            (
+                &self.published,
+                doc! { "clientId": 1, "messageId": 1 },
+                "clientId_messageId",
+                true,
+            ),
+        ];
+        for (collection, keys, name, unique) in indexes {
+            let options = IndexOptions::builder()
+                .name(name.to_owned())
+                .unique(unique)
+                .build();
+            collection
+                .create_index(IndexModel::builder().keys(keys).options(options).build())
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    /// The TTL index `created_ttl` on `created`, made or changed to `seconds`.
+    async fn ensure_ttl(
+        &self,
+        name: &str,
+        collection: &Collection<Document>,
+        seconds: u64,
+    ) -> Result<(), StoreError> {
+        let existing: Vec<IndexModel> = match collection.list_indexes().await {
+            Ok(cursor) => cursor.try_collect().await.map_err(classify)?,
+            // A collection that does not exist yet has no indexes.
+            Err(e) if matches!(*e.kind, mongodb::error::ErrorKind::Command(ref c) if c.code == NAMESPACE_NOT_FOUND) => {
+                Vec::new()
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        let current = existing
+            .iter()
+            .find(|i| i.options.as_ref().and_then(|o| o.name.as_deref()) == Some("created_ttl"))
+            .and_then(|i| i.options.as_ref().and_then(|o| o.expire_after));
+        match current {
+            Some(ttl) if ttl.as_secs() == seconds => Ok(()),
+            Some(ttl) => {
+                tracing::info!(
+                    collection = name,
+                    from = ttl.as_secs(),
+                    to = seconds,
+                    "changing TTL index with collMod"
+                );
+                self.db
+                    .run_command(doc! {
+                        "collMod": name,
+                        "index": { "name": "created_ttl", "expireAfterSeconds": seconds as i64 },
+                    })
+                    .await
+                    .map_err(classify)?;
+                Ok(())
+            }
+            None => {
+                let options = IndexOptions::builder()
+                    .name("created_ttl".to_owned())
+                    .expire_after(Duration::from_secs(seconds))
+                    .build();
+                collection
+                    .create_index(
+                        IndexModel::builder()
+                            .keys(doc! { "created": 1 })
+                            .options(options)
+                            .build(),
+                    )
+                    .await
+                    .map_err(classify)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Store for MongoStore {
+    async fn insert_messages(&self, batch: Vec<Message>) -> Result<(), StoreError> {
+        let docs: Vec<Document> = batch.iter().map(message_doc).collect();
+        let fresh: HashSet<usize> = match self.messages.insert_many(docs).ordered(false).await {
+            Ok(_) => (0..batch.len()).collect(),
+            Err(e) if only_duplicates(&e) => {
+                let dup: HashSet<usize> = match &*e.kind {
+                    mongodb::error::ErrorKind::InsertMany(m) => {
+                        m.write_errors.iter().flatten().map(|w| w.index).collect()
+                    }
+                    _ => HashSet::new(),
+                };
+                (0..batch.len()).filter(|i| !dup.contains(i)).collect()
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        // Retained values, in batch order; a re-sent (duplicate) message changes nothing.
+        for (i, m) in batch.iter().enumerate() {
+            if !m.retain || !fresh.contains(&i) {
+                continue;
+            }
+            if m.payload.is_empty() {
+                self.retained
+                    .delete_one(doc! { "_id": &m.topic })
+                    .await
+                    .map_err(classify)?;
+            } else {
+                let mut d = message_doc(m);
+                d.insert("messageId", oid(&m.id));
+                d.insert("_id", &m.topic);
+                self.retained
+                    .replace_one(doc! { "_id": &m.topic }, d)
+                    .upsert(true)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_delivered(&self, rows: Vec<DeliveryRow>) -> Result<(), StoreError> {
+        let docs: Vec<Document> = rows
+            .iter()
+            .map(|r| {
+                doc! {
+                    "_id": ObjectId::new(),
+                    "clientId": &r.client_id,
+                    "topic": &r.record.topic,
+                    "messageId": oid(&r.record.message_id),
+                    "host": &r.host,
+                    "created": DateTime::from_millis(r.created_ms),
+                }
+            })
+            .collect();
+        match self.published.insert_many(docs).ordered(false).await {
+            Ok(_) => Ok(()),
+            Err(e) if only_duplicates(&e) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn subscriptions(&self, client_id: &str) -> Result<Vec<StoredSubscription>, StoreError> {
+        let docs: Vec<Document> = self
+            .subscriptions
+            .find(doc! { "clientId": client_id })
+            .sort(doc! { "topic": 1 })
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(StoredSubscription {
+                    filter: d.get_str("topic").ok()?.to_owned(),
+                    qos: Qos::from_u8(d.get_i32("qos").ok()? as u8)?,
+                    created_ms: d.get_datetime("created").ok()?.timestamp_millis(),
+                })
+            })
+            .collect())
+    }
+
+    async fn upsert_subscriptions(
+        &self,
+        client_id: &str,
+        subscriptions: Vec<Subscription>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        for s in subscriptions {
+            self.subscriptions
+                .update_one(
+                    doc! { "clientId": client_id, "topic": &s.filter },
+                    doc! {
+                        "$set": { "qos": s.qos.as_u8() as i32 },
+                        "$setOnInsert": { "_id": ObjectId::new(), "created": DateTime::from_millis(now_ms) },
+                    },
+                )
+                .upsert(true)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    async fn remove_subscriptions(
+        &self,
+        client_id: &str,
+        filters: Option<Vec<String>>,
+    ) -> Result<(), StoreError> {
+        let filter = match filters {
+            None => doc! { "clientId": client_id },
+            Some(filters) => doc! { "clientId": client_id, "topic": { "$in": filters } },
+        };
+        self.subscriptions
+            .delete_many(filter)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn retained(&self, prefixes: Option<Vec<String>>) -> Result<Vec<Message>, StoreError> {
+        let filter = topic_condition("_id", &prefixes).unwrap_or_default();
+        let docs: Vec<Document> = self
+            .retained
+            .find(filter)
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| message_of(d, "messageId"))
+            .collect())
+    }
+
+    async fn messages_since(
+        &self,
+        since_ms: i64,
+        not_host: Option<String>,
+        prefixes: Option<Vec<String>>,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mut filter = doc! { "created": { "$gte": DateTime::from_millis(since_ms) } };
+        if let Some(host) = not_host {
+            filter.insert("host", doc! { "$ne": host });
+        }
+        if let Some(topics) = topic_condition("topic", &prefixes) {
+            filter.extend(topics);
+        }
+        let docs: Vec<Document> = self
+            .messages
+            .find(filter)
+            .sort(doc! { "created": 1, "_id": 1 })
+            .limit(limit as i64)
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
+    }
+
+    async fn delivered_among(
+        &self,
+        client_id: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<HashSet<MessageId>, StoreError> {
+        let oids: Vec<ObjectId> = ids.iter().map(oid).collect();
+        let docs: Vec<Document> = self
+            .published
+            .find(doc! { "clientId": client_id, "messageId": { "$in": oids } })
+            .projection(doc! { "messageId": 1, "_id": 0 })
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_object_id("messageId").ok())
+            .map(|o| MessageId(o.bytes()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("failed mongodb://wharf:s3cret@db1:27017,db2/?x=1 now"),
+            "failed mongodb://wharf:***@db1:27017,db2/?x=1 now"
+        );
+        assert_eq!(redact("mongodb://db1:27017/"), "mongodb://db1:27017/");
+    }
+
+    #[test]
+    fn payloads_are_strings_when_utf8() {
+        assert_eq!(data_of(b"1.5,2"), Bson::String("1.5,2".into()));
+        assert!(matches!(data_of(&[0xff, 0]), Bson::Binary(_)));
+        assert_eq!(payload_of(Some(&data_of(&[0xff, 0]))), vec![0xff, 0]);
+    }
+}

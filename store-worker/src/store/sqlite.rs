@@ -1,0 +1,295 @@
+//! The embedded store: one SQLite file in the data directory, WAL journal with
+//! `synchronous=FULL`, so a committed transaction survives a power cut. Calls run on the
+//! blocking pool; a batch is one transaction (group commit). Expired rows are purged every
+//! minute with the same TTLs as the MongoDB indexes.
+
+use super::{
+    DeliveryRow, Store, StoreError, StoredSubscription, MESSAGE_TTL_SECS, PUBLISHED_TTL_SECS,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use wharf_shared::{Message, MessageId, Qos, Subscription};
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+CREATE TABLE IF NOT EXISTS message (
+    id BLOB PRIMARY KEY, topic TEXT NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
+    qos INTEGER NOT NULL, retain INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS message_created ON message (created, id);
+CREATE TABLE IF NOT EXISTS subscription (
+    client_id TEXT NOT NULL, topic TEXT NOT NULL, qos INTEGER NOT NULL, created INTEGER NOT NULL,
+    PRIMARY KEY (client_id, topic)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS published_message (
+    client_id TEXT NOT NULL, message_id BLOB NOT NULL, topic TEXT NOT NULL, host TEXT NOT NULL,
+    created INTEGER NOT NULL, PRIMARY KEY (client_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS published_message_created ON published_message (created);
+CREATE TABLE IF NOT EXISTS retained (
+    topic TEXT PRIMARY KEY, id BLOB NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
+    qos INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn failed(e: rusqlite::Error) -> StoreError {
+    StoreError::Failed(e.to_string())
+}
+
+fn qos_of(value: i64) -> Qos {
+    Qos::from_u8(value as u8).unwrap_or(Qos::AtMostOnce)
+}
+
+fn id_of(bytes: Vec<u8>) -> MessageId {
+    let mut id = [0u8; 12];
+    if bytes.len() == 12 {
+        id.copy_from_slice(&bytes);
+    }
+    MessageId(id)
+}
+
+const MESSAGE_COLUMNS: &str = "id, topic, data, qos, retain, client_id, host, created";
+
+fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        id: id_of(row.get(0)?),
+        topic: row.get(1)?,
+        payload: row.get(2)?,
+        qos: qos_of(row.get(3)?),
+        retain: row.get(4)?,
+        client_id: row.get(5)?,
+        host: row.get(6)?,
+        created_ms: row.get(7)?,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (or creates) `wharf.db` in `dir`.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Failed(format!("create {}: {e}", dir.display())))?;
+        let conn = Connection::open(dir.join("wharf.db")).map_err(failed)?;
+        conn.execute_batch(SCHEMA).map_err(failed)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut conn).map_err(failed)
+        })
+        .await
+        .map_err(|e| StoreError::Failed(format!("store task: {e}")))?
+    }
+
+    /// Deletes what is past its TTL; returns (messages, records) deleted.
+    pub async fn purge_expired(&self, now_ms: i64) -> Result<(usize, usize), StoreError> {
+        self.with(move |c| {
+            let messages = c.execute(
+                "DELETE FROM message WHERE created < ?1",
+                [now_ms - MESSAGE_TTL_SECS as i64 * 1000],
+            )?;
+            let records = c.execute(
+                "DELETE FROM published_message WHERE created < ?1",
+                [now_ms - PUBLISHED_TTL_SECS as i64 * 1000],
+            )?;
+            Ok((messages, records))
+        })
+        .await
+    }
+}
+
+impl Store for SqliteStore {
+    async fn insert_messages(&self, batch: Vec<Message>) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO message (id, topic, data, qos, retain, client_id, host, created)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                let mut set_retained = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO retained (topic, id, data, client_id, qos, created, host)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                let mut clear_retained = tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?;
+                for m in &batch {
+                    let fresh = insert.execute(params![
+                        &m.id.0[..], m.topic, m.payload, m.qos.as_u8(), m.retain, m.client_id, m.host, m.created_ms
+                    ])?;
+                    // A re-sent message that was stored before must not set its retained
+                    // value again over a newer one.
+                    if fresh == 1 && m.retain {
+                        if m.payload.is_empty() {
+                            clear_retained.execute([&m.topic])?;
+                        } else {
+                            set_retained.execute(params![
+                                m.topic, &m.id.0[..], m.payload, m.client_id, m.qos.as_u8(), m.created_ms, m.host
+                            ])?;
+                        }
+                    }
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn record_delivered(&self, rows: Vec<DeliveryRow>) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO published_message (client_id, message_id, topic, host, created)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for r in &rows {
+                    insert.execute(params![
+                        r.client_id, &r.record.message_id.0[..], r.record.topic, r.host, r.created_ms
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn subscriptions(&self, client_id: &str) -> Result<Vec<StoredSubscription>, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT topic, qos, created FROM subscription WHERE client_id = ?1 ORDER BY topic",
+            )?;
+            let rows = stmt.query_map([client_id], |r| {
+                Ok(StoredSubscription {
+                    filter: r.get(0)?,
+                    qos: qos_of(r.get(1)?),
+                    created_ms: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn upsert_subscriptions(
+        &self,
+        client_id: &str,
+        subscriptions: Vec<Subscription>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO subscription (client_id, topic, qos, created) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (client_id, topic) DO UPDATE SET qos = excluded.qos",
+                )?;
+                for s in &subscriptions {
+                    upsert.execute(params![client_id, s.filter, s.qos.as_u8(), now_ms])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn remove_subscriptions(
+        &self,
+        client_id: &str,
+        filters: Option<Vec<String>>,
+    ) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            match filters {
+                None => {
+                    c.execute("DELETE FROM subscription WHERE client_id = ?1", [client_id])?;
+                }
+                Some(filters) => {
+                    let tx = c.transaction()?;
+                    for f in filters {
+                        tx.execute(
+                            "DELETE FROM subscription WHERE client_id = ?1 AND topic = ?2",
+                            params![client_id, f],
+                        )?;
+                    }
+                    tx.commit()?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn retained(&self, _prefixes: Option<Vec<String>>) -> Result<Vec<Message>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, topic, data, qos, 1, client_id, host, created FROM retained ORDER BY topic",
+            )?;
+            let rows = stmt.query_map([], message_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn messages_since(
+        &self,
+        since_ms: i64,
+        not_host: Option<String>,
+        _prefixes: Option<Vec<String>>,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.with(move |c| {
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS} FROM message WHERE created >= ?1 AND host != ?2
+                 ORDER BY created, id LIMIT ?3"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            // No host is the empty string, so "" excludes nothing.
+            let host = not_host.unwrap_or_default();
+            let rows = stmt.query_map(params![since_ms, host, limit as i64], message_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn delivered_among(
+        &self,
+        client_id: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<HashSet<MessageId>, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT 1 FROM published_message WHERE client_id = ?1 AND message_id = ?2",
+            )?;
+            let mut out = HashSet::new();
+            for id in ids {
+                if stmt
+                    .query_row(params![client_id, &id.0[..]], |_| Ok(()))
+                    .optional()?
+                    .is_some()
+                {
+                    out.insert(id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

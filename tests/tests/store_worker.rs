@@ -1,0 +1,447 @@
+//! The real store-worker, on both backends (embedded SQLite and a MongoDB-wire server), end to
+//! end with the real edge and real MQTT clients; plus MongoDB document shapes and indexes read
+//! back with the driver.
+
+use mongodb::bson::{Bson, Document};
+use rumqttc::QoS;
+use std::path::PathBuf;
+use std::time::Duration;
+use tempfile::TempDir;
+use wharf_edge::Edge;
+use wharf_store_worker::store::mongo::Durability;
+use wharf_store_worker::{Backend, Worker, WorkerConfig};
+use wharf_tests::client::{payloads, Client};
+use wharf_tests::mongo::Secantus;
+use wharf_tests::{edge_config, init_tracing, start_edge};
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Embedded,
+    Mongo,
+}
+
+struct Stack {
+    dir: TempDir,
+    socket: PathBuf,
+    mongo: Option<Secantus>,
+    worker: Option<Worker>,
+    edge: Option<Edge>,
+}
+
+impl Stack {
+    async fn new(kind: Kind) -> Stack {
+        init_tracing();
+        let dir = TempDir::new().expect("temp dir");
+        let mongo = match kind {
+            Kind::Mongo => Some(Secantus::start(dir.path()).await),
+            Kind::Embedded => None,
+        };
+        let mut stack = Stack {
+            socket: dir.path().join("worker.sock"),
+            dir,
+            mongo,
+            worker: None,
+            edge: None,
+        };
+        stack.start_worker().await;
+        stack.start_edge().await;
+        stack
+    }
+
+    fn worker_config(&self) -> WorkerConfig {
+        let backend = match &self.mongo {
+            Some(m) => Backend::Mongo {
+                uri: m.uri(),
+                database: "mqtt".into(),
+                durability: Durability::default(),
+            },
+            None => Backend::Embedded {
+                data_dir: self.dir.path().join("data"),
+            },
+        };
+        let mut config = WorkerConfig::new(self.socket.clone(), "host-a".into(), backend);
+        config.retry_limit = Duration::from_secs(30);
+        config
+    }
+
+    async fn start_worker(&mut self) {
+        let worker = Worker::start(self.worker_config())
+            .await
+            .expect("worker starts");
+        self.worker = Some(worker);
+    }
+
+    async fn stop_worker(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop().await;
+        }
+    }
+
+    async fn start_edge(&mut self) {
+        self.edge = Some(start_edge(edge_config(&self.socket, "host-a")).await);
+    }
+
+    async fn stop_edge(&mut self) {
+        if let Some(e) = self.edge.take() {
+            e.stop().await;
+        }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.edge.as_ref().expect("edge running").local_addr
+    }
+
+    async fn db(&self) -> mongodb::Database {
+        let m = self.mongo.as_ref().expect("mongo stack");
+        mongodb::Client::with_uri_str(m.uri())
+            .await
+            .expect("client")
+            .database("mqtt")
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::Kind::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mongodb() {
+                super::$name(super::Kind::Mongo).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    offline_subscriber_gets_every_message_once,
+    restarts_lose_nothing_acknowledged,
+    long_absence_is_paged_in_order,
+    first_subscription_gets_retained_not_history,
+);
+
+async fn offline_subscriber_gets_every_message_once(kind: Kind) {
+    let s = Stack::new(kind).await;
+    let mut sub = Client::connect(s.addr(), "device-7", false).await;
+    sub.subscribe("fleet/+/t", QoS::ExactlyOnce).await;
+    sub.disconnect().await;
+
+    let mut publisher = Client::connect(s.addr(), "sensor", true).await;
+    publisher
+        .publish_many_acked(
+            "fleet/a/t",
+            QoS::AtLeastOnce,
+            (0..40).map(|i| format!("q1-{i}")),
+        )
+        .await;
+    publisher
+        .publish_many_acked(
+            "fleet/b/t",
+            QoS::ExactlyOnce,
+            (0..5).map(|i| format!("q2-{i}")),
+        )
+        .await;
+    publisher
+        .publish_acked("other/x", QoS::AtLeastOnce, "not subscribed")
+        .await;
+
+    let mut sub = Client::connect(s.addr(), "device-7", false).await;
+    assert!(sub.session_present);
+    let got = sub.publishes(45).await;
+    let expected: Vec<String> = (0..40)
+        .map(|i| format!("q1-{i}"))
+        .chain((0..5).map(|i| format!("q2-{i}")))
+        .collect();
+    assert_eq!(payloads(&got), expected);
+    sub.assert_no_publish(Duration::from_millis(300)).await;
+    sub.disconnect().await;
+
+    let mut again = Client::connect(s.addr(), "device-7", false).await;
+    again.assert_no_publish(Duration::from_millis(500)).await;
+}
+
+async fn restarts_lose_nothing_acknowledged(kind: Kind) {
+    let mut s = Stack::new(kind).await;
+    let mut sub = Client::connect(s.addr(), "device-9", false).await;
+    sub.subscribe("r/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let mut publisher = Client::connect(s.addr(), "sensor", true).await;
+    publisher
+        .publish_many_acked("r/1", QoS::AtLeastOnce, (0..30).map(|i| format!("m{i}")))
+        .await;
+    publisher
+        .publish_acked_retain("r/config", QoS::AtLeastOnce, true, "v1")
+        .await;
+    publisher.disconnect().await;
+
+    // Restart both processes on the same store.
+    s.stop_edge().await;
+    s.stop_worker().await;
+    s.start_worker().await;
+    s.start_edge().await;
+
+    let mut sub = Client::connect(s.addr(), "device-9", false).await;
+    assert!(sub.session_present, "subscriptions survive a restart");
+    let got = sub.publishes(31).await;
+    let mut expected: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    expected.push("v1".into());
+    assert_eq!(payloads(&got), expected);
+    let mut late = Client::connect(s.addr(), "late", true).await;
+    late.subscribe("r/config", QoS::AtLeastOnce).await;
+    let retained = late.publishes(1).await;
+    assert!(retained[0].retain);
+    assert_eq!(payloads(&retained), vec!["v1"]);
+}
+
+async fn long_absence_is_paged_in_order(kind: Kind) {
+    let s = Stack::new(kind).await;
+    let mut sub = Client::connect(s.addr(), "sleeper", false).await;
+    sub.subscribe("p/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let mut publisher = Client::connect(s.addr(), "sensor", true).await;
+    let n = 1_234;
+    publisher
+        .publish_many_acked("p/1", QoS::AtLeastOnce, (0..n).map(|i| format!("{i:05}")))
+        .await;
+    let mut sub = Client::connect(s.addr(), "sleeper", false).await;
+    let got = sub.publishes(n).await;
+    let expected: Vec<String> = (0..n).map(|i| format!("{i:05}")).collect();
+    assert_eq!(
+        payloads(&got),
+        expected,
+        "every message once, in publish order"
+    );
+    sub.assert_no_publish(Duration::from_millis(300)).await;
+}
+
+async fn first_subscription_gets_retained_not_history(kind: Kind) {
+    let s = Stack::new(kind).await;
+    let mut publisher = Client::connect(s.addr(), "sensor", true).await;
+    publisher
+        .publish_acked("h/t", QoS::AtLeastOnce, "history")
+        .await;
+    publisher
+        .publish_acked_retain("h/t", QoS::AtLeastOnce, true, "retained")
+        .await;
+    // Times are in milliseconds: make "before the subscription" unambiguous.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut sub = Client::connect(s.addr(), "new", false).await;
+    sub.subscribe("h/#", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&sub.publishes(1).await), vec!["retained"]);
+    sub.assert_no_publish(Duration::from_millis(300)).await;
+}
+
+fn field<'a>(d: &'a Document, name: &str) -> &'a Bson {
+    d.get(name)
+        .unwrap_or_else(|| panic!("field {name} missing in {d}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_documents_have_the_seed_shapes() {
+    let s = Stack::new(Kind::Mongo).await;
+    let mut sub = Client::connect(s.addr(), "listener:db:local", false).await;
+    sub.subscribe("local", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect(s.addr(), "MQTT_FX_Client", true).await;
+    publisher
+        .publish_acked_retain("local", QoS::AtLeastOnce, true, "66.6666,-88.8888")
+        .await;
+    publisher
+        .publish_acked("local", QoS::AtLeastOnce, vec![0xff, 0x00, 0x01])
+        .await;
+    assert_eq!(sub.publishes(2).await.len(), 2);
+    sub.disconnect().await;
+    let db = s.db().await;
+
+    let messages: Vec<Document> = {
+        use futures::TryStreamExt;
+        let cursor = db
+            .collection::<Document>("message")
+            .find(Document::new())
+            .await
+            .expect("find");
+        cursor.try_collect().await.expect("collect")
+    };
+    assert_eq!(messages.len(), 2);
+    let text = messages
+        .iter()
+        .find(|d| matches!(d.get("data"), Some(Bson::String(_))))
+        .expect("a text message");
+    let mut keys: Vec<&str> = text.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec!["_id", "clientId", "created", "data", "host", "qos", "retain", "topic"]
+    );
+    assert!(matches!(field(text, "_id"), Bson::ObjectId(_)));
+    assert_eq!(field(text, "topic"), &Bson::String("local".into()));
+    assert_eq!(
+        field(text, "data"),
+        &Bson::String("66.6666,-88.8888".into())
+    );
+    assert_eq!(
+        field(text, "clientId"),
+        &Bson::String("MQTT_FX_Client".into())
+    );
+    assert_eq!(field(text, "qos"), &Bson::Int32(1));
+    assert_eq!(field(text, "retain"), &Bson::Boolean(true));
+    assert!(matches!(field(text, "created"), Bson::DateTime(_)));
+    assert_eq!(field(text, "host"), &Bson::String("host-a".into()));
+    let binary = messages
+        .iter()
+        .find(|d| matches!(d.get("data"), Some(Bson::Binary(_))))
+        .expect("a binary payload is stored as BSON binary");
+    assert!(matches!(field(binary, "data"), Bson::Binary(b) if b.bytes == vec![0xff, 0x00, 0x01]));
+
+    let subscription = db
+        .collection::<Document>("subscription")
+        .find_one(Document::new())
+        .await
+        .expect("find")
+        .expect("a subscription");
+    let mut keys: Vec<&str> = subscription.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, vec!["_id", "clientId", "created", "qos", "topic"]);
+    assert!(matches!(field(&subscription, "_id"), Bson::ObjectId(_)));
+    assert_eq!(
+        field(&subscription, "clientId"),
+        &Bson::String("listener:db:local".into())
+    );
+    assert_eq!(field(&subscription, "topic"), &Bson::String("local".into()));
+    assert_eq!(field(&subscription, "qos"), &Bson::Int32(1));
+    assert!(matches!(field(&subscription, "created"), Bson::DateTime(_)));
+
+    // Delivery records are written in batches after the PUBACKs: wait for them.
+    let published = db.collection::<Document>("publishedMessage");
+    let mut records = 0;
+    for _ in 0..100 {
+        records = published
+            .count_documents(Document::new())
+            .await
+            .expect("count");
+        if records >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(records, 2);
+    let record = published
+        .find_one(mongodb::bson::doc! { "messageId": field(text, "_id").clone() })
+        .await
+        .expect("find")
+        .expect("a record for the text message");
+    let mut keys: Vec<&str> = record.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec!["_id", "clientId", "created", "host", "messageId", "topic"]
+    );
+    assert!(matches!(field(&record, "_id"), Bson::ObjectId(_)));
+    assert_eq!(
+        field(&record, "clientId"),
+        &Bson::String("listener:db:local".into())
+    );
+    assert_eq!(field(&record, "topic"), &Bson::String("local".into()));
+    assert_eq!(field(&record, "host"), &Bson::String("host-a".into()));
+    assert!(matches!(field(&record, "created"), Bson::DateTime(_)));
+}
+
+async fn ttl_of(db: &mongodb::Database, collection: &str) -> Option<u64> {
+    use futures::TryStreamExt;
+    let indexes: Vec<mongodb::IndexModel> = db
+        .collection::<Document>(collection)
+        .list_indexes()
+        .await
+        .expect("list")
+        .try_collect()
+        .await
+        .expect("collect");
+    indexes
+        .iter()
+        .filter(|i| i.keys == mongodb::bson::doc! { "created": 1 })
+        .find_map(|i| i.options.as_ref()?.expire_after.map(|d| d.as_secs()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_ttl_indexes_are_made_and_corrected() {
+    let mut s = Stack::new(Kind::Mongo).await;
+    let db = s.db().await;
+    assert_eq!(ttl_of(&db, "message").await, Some(2_592_000));
+    assert_eq!(ttl_of(&db, "publishedMessage").await, Some(604_800));
+
+    // An operator changed a TTL by hand: the next start puts it back with collMod.
+    db.run_command(mongodb::bson::doc! {
+        "collMod": "message",
+        "index": { "name": "created_ttl", "expireAfterSeconds": 60 },
+    })
+    .await
+    .expect("collMod");
+    assert_eq!(ttl_of(&db, "message").await, Some(60));
+    s.stop_edge().await;
+    s.stop_worker().await;
+    s.start_worker().await;
+    assert_eq!(ttl_of(&db, "message").await, Some(2_592_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_outage_delays_acknowledgement_and_loses_nothing() {
+    let mut s = Stack::new(Kind::Mongo).await;
+    let mut sub = Client::connect(s.addr(), "watcher", false).await;
+    sub.subscribe("o/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect(s.addr(), "sensor", true).await;
+    publisher
+        .publish_acked("o/1", QoS::AtLeastOnce, "before")
+        .await;
+
+    s.mongo.as_mut().expect("mongo").kill();
+    publisher
+        .publish("o/1", QoS::AtLeastOnce, false, "during")
+        .await;
+    let early = publisher
+        .next_matching_within(Duration::from_millis(700), |p| {
+            matches!(p, rumqttc::Packet::PubAck(_)).then_some(())
+        })
+        .await;
+    assert!(early.is_none(), "acknowledged while the database was down");
+    s.mongo.as_mut().expect("mongo").restart().await;
+    let ack = publisher
+        .next_matching(|p| matches!(p, rumqttc::Packet::PubAck(_)).then_some(()))
+        .await;
+    assert!(ack.is_some(), "acknowledged once the database is back");
+    assert_eq!(payloads(&sub.publishes(2).await), vec!["before", "during"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_socket_is_private_and_a_stale_one_is_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let socket = dir.path().join("w.sock");
+    // A stale socket file from a crashed worker.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(socket.exists());
+    let config = WorkerConfig::new(
+        socket.clone(),
+        "h".into(),
+        Backend::Embedded {
+            data_dir: dir.path().join("data"),
+        },
+    );
+    let worker = Worker::start(config.clone())
+        .await
+        .expect("starts over a stale socket");
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second worker on a live socket is refused.
+    let second = Worker::start(config).await;
+    assert!(matches!(
+        second,
+        Err(wharf_store_worker::StartError::Bind(_))
+    ));
+    worker.stop().await;
+}
