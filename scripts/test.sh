@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 export WHARF_VENV="${WHARF_VENV:-$PWD/.venv}"
+# Some tests run the real binaries as processes (to kill them): build those first.
+cargo build --workspace --bins --locked
 cargo test --workspace --locked -- --test-threads="${WHARF_TEST_THREADS:-4}"

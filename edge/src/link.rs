@@ -22,7 +22,8 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use wharf_shared::codec::{decode_body, encode_body, encode_request};
 use wharf_shared::{
-    EdgeFrame, Hello, Notice, Reply, Request, WorkerFrame, MAX_FRAME_LENGTH, PROTOCOL_VERSION,
+    EdgeFrame, Hello, Message, Notice, Reply, Request, WorkerFrame, MAX_FRAME_LENGTH,
+    PROTOCOL_VERSION,
 };
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -83,8 +84,10 @@ const FAIL_FAST_WAIT: Duration = Duration::from_secs(2);
 
 impl Link {
     /// Starts the link task; it runs until `shutdown` fires and every handle is dropped.
+    /// Messages the worker pushes from other hosts go to `deliveries`.
     pub fn spawn(
         config: LinkConfig,
+        deliveries: mpsc::Sender<Vec<Message>>,
         shutdown: CancellationToken,
     ) -> (Link, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
@@ -94,7 +97,7 @@ impl Link {
             up: up_rx,
             hold: Arc::new(Semaphore::new(config.max_held)),
         };
-        let task = tokio::spawn(run(config, rx, up, shutdown));
+        let task = tokio::spawn(run(config, deliveries, rx, up, shutdown));
         (link, task)
     }
 
@@ -205,6 +208,7 @@ async fn connect(config: &LinkConfig) -> Result<(Reader, Writer), String> {
 struct State {
     next_id: u64,
     pending: BTreeMap<u64, Pending>,
+    deliveries: mpsc::Sender<Vec<Message>>,
 }
 
 impl State {
@@ -256,8 +260,14 @@ impl State {
         }
     }
 
-    fn reply(&mut self, frame: &[u8]) -> Result<(), String> {
+    /// A frame from the worker: a reply, or messages from other hosts to route.
+    async fn incoming(&mut self, frame: &[u8]) -> Result<(), String> {
         match decode_body::<WorkerFrame>(frame) {
+            Ok(WorkerFrame::Deliver { messages }) => {
+                // Waiting here pushes back on the worker while routing is behind.
+                let _ = self.deliveries.send(messages).await;
+                Ok(())
+            }
             Ok(WorkerFrame::Reply { id, reply }) => {
                 if let Some(p) = self.pending.remove(&id) {
                     let _ = p.reply.send(Ok(reply));
@@ -274,6 +284,7 @@ impl State {
 
 async fn run(
     config: LinkConfig,
+    deliveries: mpsc::Sender<Vec<Message>>,
     mut rx: mpsc::Receiver<Command>,
     up: watch::Sender<bool>,
     shutdown: CancellationToken,
@@ -281,6 +292,7 @@ async fn run(
     let mut state = State {
         next_id: 0,
         pending: BTreeMap::new(),
+        deliveries,
     };
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -336,7 +348,7 @@ async fn run(
         if result.is_ok() {
             up.send_replace(true);
             metrics::gauge!("wharf_edge_worker_link_up").set(1.0);
-            result = serve(&mut state, &mut rx, &mut reader, &mut writer).await;
+            result = serve(&mut state, &mut rx, &mut reader, &mut writer, &shutdown).await;
         }
         up.send_replace(false);
         metrics::gauge!("wharf_edge_worker_link_up").set(0.0);
@@ -356,9 +368,11 @@ async fn serve(
     rx: &mut mpsc::Receiver<Command>,
     reader: &mut Reader,
     writer: &mut Writer,
+    shutdown: &CancellationToken,
 ) -> Result<(), String> {
     loop {
         tokio::select! {
+            _ = shutdown.cancelled(), if state.pending.is_empty() => return Ok(()),
             command = rx.recv() => {
                 let Some(command) = command else {
                     if state.pending.is_empty() {
@@ -367,7 +381,7 @@ async fn serve(
                     // Keep serving replies for what is still pending.
                     while !state.pending.is_empty() {
                         let frame = reader.next().await.ok_or("worker closed the socket")?;
-                        state.reply(&frame.map_err(|e| e.to_string())?)?;
+                        state.incoming(&frame.map_err(|e| e.to_string())?).await?;
                     }
                     return Ok(());
                 };
@@ -381,7 +395,7 @@ async fn serve(
             }
             frame = reader.next() => {
                 let frame = frame.ok_or("worker closed the socket")?.map_err(|e| format!("read: {e}"))?;
-                state.reply(&frame)?;
+                state.incoming(&frame).await?;
             }
         }
     }

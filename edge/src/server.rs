@@ -55,9 +55,25 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
 }
 
+/// Routes messages that other hosts received (pushed by the worker) to this edge's sessions.
+async fn route_from_other_hosts(
+    broker: Arc<Broker>,
+    mut deliveries: tokio::sync::mpsc::Receiver<Vec<wharf_shared::Message>>,
+) {
+    while let Some(messages) = deliveries.recv().await {
+        let now = crate::ids::now_ms();
+        for message in messages {
+            let age = (now - message.created_ms).max(0) as f64 / 1000.0;
+            metrics::histogram!("wharf_edge_cross_host_delivery_seconds").record(age);
+            broker.route(&Arc::new(message));
+        }
+    }
+}
+
 /// Serves `listener` until `shutdown` fires.
 pub async fn run(config: EdgeConfig, listener: TcpListener, shutdown: CancellationToken) {
     let link_shutdown = CancellationToken::new();
+    let (deliveries_tx, deliveries) = tokio::sync::mpsc::channel(1024);
     let (link, link_task) = Link::spawn(
         LinkConfig {
             socket: config.worker_socket.clone(),
@@ -65,11 +81,13 @@ pub async fn run(config: EdgeConfig, listener: TcpListener, shutdown: Cancellati
             instance: format!("edge-{}@{}", std::process::id(), config.host),
             max_held: config.limits.max_held_persists,
         },
+        deliveries_tx,
         link_shutdown.clone(),
     );
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let broker = Arc::new(Broker::new(config, link));
+    tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     let tracker = TaskTracker::new();
     tracing::info!(addr = ?listener.local_addr().ok(), host = %broker.config.host, "edge listening");
     loop {

@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Most messages the worker puts in one reply; the edge asks again from `next_since_ms`.
 pub const MAX_MESSAGES_PER_REPLY: usize = 500;
@@ -113,7 +113,15 @@ pub enum EdgeFrame {
 #[derive(Encode, Decode, Clone, PartialEq, Debug)]
 pub enum WorkerFrame {
     Hello(Hello),
-    Reply { id: u64, reply: Reply },
+    Reply {
+        id: u64,
+        reply: Reply,
+    },
+    /// Messages stored from other hosts (other edges of this worker, other workers of the
+    /// cluster), for the edge to route to its connected sessions.
+    Deliver {
+        messages: Vec<Message>,
+    },
 }
 
 /// What the edge asks of the worker; each gets exactly one [`Reply`].

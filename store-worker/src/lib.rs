@@ -7,10 +7,13 @@
 //! # Layout
 //! - [`server`]: the socket, per-edge connections, the lanes that run session requests.
 //! - [`pipeline`]: the batching tasks: group-committed persists, delivery records, retries.
+//! - [`fanout`]: the connected edges; messages between hosts (this worker's edges, the
+//!   store's feed of other workers' messages).
 //! - [`store`]: the `Store` trait, the shared undelivered-message query, and the backends
 //!   ([`store::mongo`], [`store::sqlite`]).
 #![forbid(unsafe_code)]
 
+pub mod fanout;
 pub mod pipeline;
 pub mod server;
 pub mod store;
@@ -34,6 +37,9 @@ pub enum Backend {
         uri: String,
         database: String,
         durability: Durability,
+        /// Follow other workers' messages with a change stream where the server has one
+        /// (else, and with `false`, by polling).
+        change_streams: bool,
     },
 }
 
@@ -100,8 +106,11 @@ impl Worker {
                 uri,
                 database,
                 durability,
+                change_streams,
             } => {
-                let store = Arc::new(MongoStore::connect(uri, database, durability).await?);
+                let store = Arc::new(
+                    MongoStore::connect(uri, database, durability, *change_streams).await?,
+                );
                 let listener =
                     server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
                 tracing::info!(database = %database, socket = %config.socket.display(), "worker ready (MongoDB)");
@@ -127,12 +136,28 @@ async fn run<S: Store>(
     let tracker = TaskTracker::new();
     let (persist, persist_rx) = tokio::sync::mpsc::channel(16_384);
     let (record, record_rx) = tokio::sync::mpsc::channel(16_384);
+    let edges = Arc::new(fanout::Edges::default());
     tracker.spawn(pipeline::persister(
         store.clone(),
+        edges.clone(),
         persist_rx,
         config.max_batch,
         config.retry_limit,
     ));
+    let (feed_tx, mut feed_rx) = tokio::sync::mpsc::channel::<Vec<wharf_shared::Message>>(1024);
+    tokio::spawn({
+        let store = store.clone();
+        let (host, shutdown) = (config.host.clone(), shutdown.clone());
+        async move { store.follow_other_hosts(host, feed_tx, shutdown).await }
+    });
+    tokio::spawn({
+        let edges = edges.clone();
+        async move {
+            while let Some(messages) = feed_rx.recv().await {
+                edges.fanout(&messages, true).await;
+            }
+        }
+    });
     tracker.spawn(pipeline::recorder(
         store.clone(),
         record_rx,
@@ -145,6 +170,7 @@ async fn run<S: Store>(
         instance: format!("worker-{}@{}", std::process::id(), config.host),
         persist,
         record,
+        edges,
         retry_limit: config.retry_limit,
     });
     server::serve(shared, listener, shutdown, tracker.clone()).await;

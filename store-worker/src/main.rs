@@ -27,6 +27,10 @@ struct Args {
     /// Write concern `w` for MongoDB writes ("majority" or a number).
     #[arg(long, env = "WHARF_WRITE_CONCERN", default_value = "majority")]
     write_concern: String,
+    /// Follow other hosts' messages with a MongoDB change stream when the server has them
+    /// ("auto"), or always by polling the `created` index ("poll").
+    #[arg(long, env = "WHARF_FOLLOW", default_value = "auto", value_parser = ["auto", "poll"])]
+    follow: String,
     /// Directory of the embedded store.
     #[arg(long, env = "WHARF_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
@@ -94,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                 w: args.write_concern,
                 journal: true,
             },
+            change_streams: args.follow == "auto",
         },
         None => Backend::Embedded {
             data_dir: args.data_dir,

@@ -56,6 +56,7 @@ where
 
 pub async fn persister<S: Store>(
     store: Arc<S>,
+    edges: Arc<crate::fanout::Edges>,
     mut jobs: mpsc::Receiver<PersistJob>,
     max_batch: usize,
     limit: Duration,
@@ -77,6 +78,9 @@ pub async fn persister<S: Store>(
                 }
             }
         };
+        // Other edges of this worker get what is now stored (after the replies, which the
+        // publishers wait for).
+        let stored = result.is_ok().then_some(messages);
         for job in batch.drain(..) {
             if let Some((tx, id)) = job.reply {
                 let _ = tx
@@ -86,6 +90,9 @@ pub async fn persister<S: Store>(
                     })
                     .await;
             }
+        }
+        if let Some(messages) = stored {
+            edges.fanout(&messages, false).await;
         }
     }
 }

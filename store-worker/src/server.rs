@@ -75,6 +75,7 @@ pub struct Shared<S> {
     pub instance: String,
     pub persist: mpsc::Sender<PersistJob>,
     pub record: mpsc::Sender<RecordCommand>,
+    pub edges: Arc<crate::fanout::Edges>,
     pub retry_limit: Duration,
 }
 
@@ -140,6 +141,7 @@ async fn connection<S: Store>(
     let (out_tx, out_rx) = mpsc::channel::<WorkerFrame>(16_384);
     tracker.spawn(write_frames(writer, out_rx));
     let edge_host: Arc<str> = edge.host.as_str().into();
+    let edge_id = shared.edges.add(edge_host.clone(), out_tx.clone());
     let lanes: Vec<mpsc::Sender<(u64, Request)>> = (0..LANES)
         .map(|_| {
             let (tx, rx) = mpsc::channel(1024);
@@ -210,6 +212,7 @@ async fn connection<S: Store>(
             break;
         }
     }
+    shared.edges.remove(edge_id);
     tracing::info!(edge = %edge.instance, "edge connection closing");
     metrics::gauge!("wharf_worker_edges").decrement(1.0);
 }

@@ -6,11 +6,13 @@
 //! - [`client`]: a rumqttc client that reports every packet it receives.
 //! - [`raw`]: hand-written bytes, for malformed input and exact packet checks.
 //! - [`mongo`]: a SecantusDB (MongoDB wire) server per test.
+//! - [`process`]: the real binaries as child processes (broker hosts to kill).
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod mock_worker;
 pub mod mongo;
+pub mod process;
 pub mod raw;
 
 use std::net::SocketAddr;

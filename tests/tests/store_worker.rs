@@ -54,6 +54,7 @@ impl Stack {
                 uri: m.uri(),
                 database: "mqtt".into(),
                 durability: Durability::default(),
+                change_streams: true,
             },
             None => Backend::Embedded {
                 data_dir: self.dir.path().join("data"),

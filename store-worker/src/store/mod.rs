@@ -97,6 +97,18 @@ pub trait Store: Send + Sync + 'static {
         prefixes: Option<Vec<String>>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// Sends messages that other workers store (host other than `own_host`) to `sink` as
+    /// they arrive, until `shutdown`. Stores that only one worker uses have nothing to follow.
+    fn follow_other_hosts(
+        &self,
+        own_host: String,
+        sink: tokio::sync::mpsc::Sender<Vec<Message>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (own_host, sink, shutdown);
+        async {}
+    }
+
     /// Which of `ids` have a delivery record for the client.
     fn delivered_among(
         &self,

@@ -14,12 +14,14 @@
 use super::{
     DeliveryRow, Store, StoreError, StoredSubscription, MESSAGE_TTL_SECS, PUBLISHED_TTL_SECS,
 };
-use futures::TryStreamExt;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Document};
 use mongodb::options::{Acknowledgment, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use wharf_shared::{Message, MessageId, Qos, Subscription};
 
 /// Duplicate key: the document is already there (a re-sent message or record).
@@ -33,6 +35,7 @@ pub struct MongoStore {
     subscriptions: Collection<Document>,
     published: Collection<Document>,
     retained: Collection<Document>,
+    change_streams: bool,
 }
 
 /// How writes are acknowledged: `w` ("majority" or a number) and the journal flag.
@@ -190,6 +193,7 @@ impl MongoStore {
         uri: &str,
         database: &str,
         durability: &Durability,
+        change_streams: bool,
     ) -> Result<MongoStore, StoreError> {
         let client = Client::with_uri_str(uri).await.map_err(classify)?;
         let db = client.database(database);
@@ -216,6 +220,7 @@ impl MongoStore {
             subscriptions: collection("subscription"),
             published: collection("publishedMessage"),
             retained: collection("retained"),
+            change_streams,
             db,
         };
         store.ensure_indexes().await?;
@@ -487,6 +492,45 @@ impl Store for MongoStore {
         Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
     }
 
+    async fn follow_other_hosts(
+        &self,
+        own_host: String,
+        sink: mpsc::Sender<Vec<Message>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut follower = Follower {
+            store: self,
+            own_host,
+            sink,
+            seen: HashMap::new(),
+            watermark_ms: crate::server::now_ms(),
+        };
+        if !self.change_streams {
+            tracing::info!("following other hosts' messages by polling every 100 ms");
+            while follower
+                .poll(&shutdown, Duration::from_secs(3600))
+                .await
+                .is_ok()
+            {}
+            return;
+        }
+        loop {
+            match follower.stream(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => tracing::info!(error = %e, "no change stream; polling every 100 ms"),
+            }
+            // Poll for a while, then try the change stream again (the server may have become a
+            // replica set member).
+            if follower
+                .poll(&shutdown, Duration::from_secs(60))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
     async fn delivered_among(
         &self,
         client_id: &str,
@@ -507,6 +551,132 @@ impl Store for MongoStore {
             .filter_map(|d| d.get_object_id("messageId").ok())
             .map(|o| MessageId(o.bytes()))
             .collect())
+    }
+}
+
+/// How late a message from another host may be stored after its `created` time (batching,
+/// retries, clock skew) and still be found by polling.
+const LATE_MS: i64 = 2_000;
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// Follows other workers' inserts: a change stream where the server has one, else a poll of
+/// the `created` index. Remembers recent ids so that overlapping reads send nothing twice.
+struct Follower<'a> {
+    store: &'a MongoStore,
+    own_host: String,
+    sink: mpsc::Sender<Vec<Message>>,
+    seen: HashMap<MessageId, i64>,
+    watermark_ms: i64,
+}
+
+/// Why following stopped: the sink or the process is going away.
+struct Stopped;
+
+impl Follower<'_> {
+    /// Sends the messages not sent before; `Err` when nobody listens any more.
+    async fn send(&mut self, messages: Vec<Message>) -> Result<(), Stopped> {
+        let fresh: Vec<Message> = messages
+            .into_iter()
+            .filter(|m| self.seen.insert(m.id, m.created_ms).is_none())
+            .collect();
+        if let Some(newest) = fresh.iter().map(|m| m.created_ms).max() {
+            self.watermark_ms = self.watermark_ms.max(newest);
+        }
+        let horizon = self.watermark_ms - 2 * LATE_MS;
+        if self.seen.len() > 10_000 {
+            self.seen.retain(|_, created| *created >= horizon);
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        self.sink.send(fresh).await.map_err(|_| Stopped)
+    }
+
+    /// Everything from other hosts since the watermark (less the lateness allowance).
+    async fn sweep(&mut self) -> Result<(), Stopped> {
+        let since = self.watermark_ms - LATE_MS;
+        match self
+            .store
+            .messages_since(since, Some(self.own_host.clone()), None, 10_000)
+            .await
+        {
+            Ok(messages) => self.send(messages).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "polling for other hosts' messages failed");
+                Ok(())
+            }
+        }
+    }
+
+    async fn poll(
+        &mut self,
+        shutdown: &CancellationToken,
+        for_how_long: Duration,
+    ) -> Result<(), Stopped> {
+        let until = tokio::time::Instant::now() + for_how_long;
+        while tokio::time::Instant::now() < until {
+            self.sweep().await?;
+            tokio::select! {
+                _ = tokio::time::sleep(POLL_EVERY) => {}
+                _ = shutdown.cancelled() => return Err(Stopped),
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows a change stream; `Ok` on shutdown, `Err` when the stream is not available or
+    /// breaks (the caller polls meanwhile; resuming after a sweep closes the gap).
+    async fn stream(&mut self, shutdown: &CancellationToken) -> Result<(), String> {
+        let pipeline = vec![doc! { "$match": {
+            "operationType": "insert",
+            "fullDocument.host": { "$ne": &self.own_host },
+        } }];
+        let mut stream = self
+            .store
+            .messages
+            .watch()
+            .pipeline(pipeline)
+            .await
+            .map_err(|e| classify(e).to_string())?;
+        tracing::info!("following other hosts' messages through a change stream");
+        // What was stored before the stream opened.
+        if self.sweep().await.is_err() {
+            return Ok(());
+        }
+        loop {
+            let event = tokio::select! {
+                e = stream.next() => e,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let mut batch = Vec::new();
+            let mut next = event;
+            loop {
+                match next {
+                    Some(Ok(event)) => {
+                        if let Some(m) = event
+                            .full_document
+                            .as_ref()
+                            .and_then(|d| message_of(d, "_id"))
+                        {
+                            batch.push(m);
+                        }
+                    }
+                    Some(Err(e)) => return Err(classify(e).to_string()),
+                    None => return Err("change stream ended".into()),
+                }
+                if batch.len() >= 1_000 {
+                    break;
+                }
+                // Take whatever else is already there, without waiting.
+                match stream.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break,
+                }
+            }
+            if self.send(batch).await.is_err() {
+                return Ok(());
+            }
+        }
     }
 }
 
