@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Wharf needs on a fresh Debian machine with Rust:
 # Debian packages (protoc for etcd-client, cmake, mosquitto clients and broker, etcd) and a
-# Python venv with SecantusDB (a MongoDB-wire server) and paho-mqtt. Idempotent: skips what
+# Python venv with SecantusDB (a MongoDB-wire server), paho-mqtt and PyYAML. Idempotent: skips what
 # is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,8 @@ command -v mosquitto_sub >/dev/null || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v stdbuf >/dev/null || need_apt+=(coreutils)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v openssl >/dev/null || need_apt+=(openssl)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
 if ((${#need_apt[@]})); then
   echo "install-deps: apt-get install ${need_apt[*]}"
@@ -23,12 +25,12 @@ if ((${#need_apt[@]})); then
 fi
 
 venv="${WHARF_VENV:-$PWD/.venv}"
-if [ ! -x "$venv/bin/secantusd-py" ] || [ ! -d "$venv/lib" ] || ! "$venv/bin/python" -c 'import paho.mqtt' 2>/dev/null; then
-  echo "install-deps: python venv at $venv (SecantusDB, paho-mqtt)"
+if [ ! -x "$venv/bin/secantusd-py" ] || ! "$venv/bin/python" -c 'import paho.mqtt, yaml' 2>/dev/null; then
+  echo "install-deps: python venv at $venv (SecantusDB, paho-mqtt, PyYAML)"
   python3 -m venv "$venv" || {
     # Debian's python3 needs python3-venv for ensurepip.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv "$venv"
   }
-  "$venv/bin/pip" install -q --disable-pip-version-check 'SecantusDB==0.7.0b3' 'paho-mqtt>=2,<3'
+  "$venv/bin/pip" install -q --disable-pip-version-check 'SecantusDB==0.7.0b3' 'paho-mqtt>=2,<3' 'PyYAML>=6,<7'
 fi

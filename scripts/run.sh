@@ -11,9 +11,11 @@ socket="$data/worker.sock"
 mkdir -p "$data"
 
 set -m # children in their own process groups: Ctrl-C reaches this script only
-./target/release/store-worker --socket "$socket" --data-dir "$data" &
+./target/release/store-worker --socket "$socket" --data-dir "$data" \
+  --metrics-listen "${WHARF_WORKER_METRICS_LISTEN:-127.0.0.1:9642}" &
 worker=$!
-./target/release/edge --worker-socket "$socket" "$@" &
+WHARF_METRICS_LISTEN="${WHARF_METRICS_LISTEN:-127.0.0.1:9641}" \
+  ./target/release/edge --worker-socket "$socket" "$@" &
 edge=$!
 
 stop() {

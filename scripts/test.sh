@@ -9,3 +9,4 @@ export WHARF_VENV="${WHARF_VENV:-$PWD/.venv}"
 # Some tests run the real binaries as processes (to kill them): build those first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked -- --test-threads="${WHARF_TEST_THREADS:-4}"
+./scripts/check-deploy.sh

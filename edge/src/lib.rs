@@ -5,7 +5,7 @@
 //! this edge are routed in memory; stored ones come back from the worker.
 //!
 //! # Layout
-//! - [`server`]: the accept loop, connection limit and graceful shutdown (`run`).
+//! - [`server`]: the accept loop, connection limit and graceful shutdown (`Edge`).
 //! - [`connection`]: one task per client: CONNECT phase, the `select!` loop, teardown.
 //! - [`session`]: protocol state of a session (inflight window, packet ids, QoS 2), version
 //!   independent.
@@ -29,4 +29,4 @@ pub mod session;
 pub use wharf_shared::topic;
 
 pub use config::{EdgeConfig, Limits};
-pub use server::{run, Edge};
+pub use server::Edge;

@@ -39,6 +39,9 @@ struct Args {
     /// Seconds a new connection has to send CONNECT.
     #[arg(long, env = "WHARF_CONNECT_TIMEOUT", default_value_t = 10)]
     connect_timeout: u64,
+    /// Address of the metrics and health endpoint (/metrics, /healthz, /readyz); off if unset.
+    #[arg(long, env = "WHARF_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Seconds sessions get to finish on shutdown.
     #[arg(long, env = "WHARF_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
@@ -74,21 +77,44 @@ fn main() -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
     };
     if let Err(e) = config.validate() {
-        eprintln!("edge: {e}");
-        std::process::exit(EX_USAGE);
+        usage(e.to_string());
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        // Installed first, so that everything the edge records is captured.
+        let metrics = match args
+            .metrics_listen
+            .map(|_| wharf_shared::ops::install_metrics())
+        {
+            Some(Err(e)) => usage(format!("metrics: {e}")),
+            other => other.and_then(Result::ok),
+        };
         let edge = match Edge::start(config).await {
             Ok(edge) => edge,
-            Err(e) => {
-                eprintln!("edge: {e}");
-                std::process::exit(EX_USAGE);
-            }
+            Err(e) => usage(e.to_string()),
         };
+        let ops_shutdown = tokio_util::sync::CancellationToken::new();
+        if let (Some(addr), Some(metrics)) = (args.metrics_listen, metrics) {
+            let served = wharf_shared::ops::serve_on(
+                addr,
+                metrics,
+                edge.ready_check(),
+                ops_shutdown.clone(),
+            );
+            if let Err(e) = served.await {
+                edge.stop().await;
+                usage(format!("metrics-listen: {e}"));
+            }
+        }
         wharf_shared::shutdown_signal().await;
         tracing::info!("shutdown signal received");
         edge.stop().await;
+        ops_shutdown.cancel();
     });
     Ok(())
+}
+
+fn usage(message: String) -> ! {
+    eprintln!("edge: {message}");
+    std::process::exit(EX_USAGE);
 }

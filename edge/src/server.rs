@@ -19,6 +19,7 @@ pub struct Edge {
     pub local_addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
+    link: Link,
 }
 
 impl Edge {
@@ -32,11 +33,34 @@ impl Edge {
             .local_addr()
             .map_err(|e| StartError::Bind(config.listen, e))?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(config, listener, shutdown.clone()));
+        let link = LinkParts::spawn(&config);
+        let handle = link.link.clone();
+        let task = tokio::spawn(run(config, listener, link, shutdown.clone()));
         Ok(Edge {
             local_addr,
             shutdown,
             task,
+            link: handle,
+        })
+    }
+
+    /// Ready for traffic: the store-worker link is up.
+    pub fn is_ready(&self) -> bool {
+        self.link.is_up()
+    }
+
+    /// The readiness probe for the ops endpoint.
+    pub fn ready_check(&self) -> wharf_shared::ops::ReadyCheck {
+        let link = self.link.clone();
+        std::sync::Arc::new(move || {
+            let up = link.is_up();
+            Box::pin(async move {
+                if up {
+                    Ok(())
+                } else {
+                    Err("store-worker link down".to_owned())
+                }
+            })
         })
     }
 
@@ -71,19 +95,49 @@ async fn route_from_other_hosts(
 }
 
 /// Serves `listener` until `shutdown` fires.
-pub async fn run(config: EdgeConfig, listener: TcpListener, shutdown: CancellationToken) {
-    let link_shutdown = CancellationToken::new();
-    let (deliveries_tx, deliveries) = tokio::sync::mpsc::channel(1024);
-    let (link, link_task) = Link::spawn(
-        LinkConfig {
-            socket: config.worker_socket.clone(),
-            host: config.host.clone(),
-            instance: format!("edge-{}@{}", std::process::id(), config.host),
-            max_held: config.limits.max_held_persists,
-        },
-        deliveries_tx,
-        link_shutdown.clone(),
-    );
+/// The worker link task and what the server needs of it.
+struct LinkParts {
+    link: Link,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: CancellationToken,
+    deliveries: tokio::sync::mpsc::Receiver<Vec<wharf_shared::Message>>,
+}
+
+impl LinkParts {
+    fn spawn(config: &EdgeConfig) -> LinkParts {
+        let shutdown = CancellationToken::new();
+        let (deliveries_tx, deliveries) = tokio::sync::mpsc::channel(1024);
+        let (link, task) = Link::spawn(
+            LinkConfig {
+                socket: config.worker_socket.clone(),
+                host: config.host.clone(),
+                instance: format!("edge-{}@{}", std::process::id(), config.host),
+                max_held: config.limits.max_held_persists,
+            },
+            deliveries_tx,
+            shutdown.clone(),
+        );
+        LinkParts {
+            link,
+            task,
+            shutdown,
+            deliveries,
+        }
+    }
+}
+
+async fn run(
+    config: EdgeConfig,
+    listener: TcpListener,
+    link: LinkParts,
+    shutdown: CancellationToken,
+) {
+    let LinkParts {
+        link,
+        task: link_task,
+        shutdown: link_shutdown,
+        deliveries,
+    } = link;
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let broker = Arc::new(Broker::new(config, link));

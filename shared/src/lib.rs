@@ -9,9 +9,11 @@
 //! - [`codec`]: length-delimited framing with a hard maximum, bincode 2 inside; the only module
 //!   that knows the encoding.
 //! - [`topic`]: MQTT topic and filter rules, which both sides apply.
+//! - [`ops`]: the metrics, health and readiness endpoint both processes serve.
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod ops;
 pub mod topic;
 pub mod wire;
 

@@ -87,15 +87,26 @@ pub enum StartError {
 pub struct Worker {
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
+    ready: wharf_shared::ops::ReadyCheck,
+}
+
+/// Readiness of a store: it answers a ping.
+fn ready_check<S: Store>(store: Arc<S>) -> wharf_shared::ops::ReadyCheck {
+    Arc::new(move || {
+        let store = store.clone();
+        Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+    })
 }
 
 impl Worker {
     /// Opens the store (making indexes), binds the socket, and starts serving.
     pub async fn start(config: WorkerConfig) -> Result<Worker, StartError> {
         let shutdown = CancellationToken::new();
+        let ready;
         let task = match &config.backend {
             Backend::Embedded { data_dir } => {
                 let store = Arc::new(SqliteStore::open(data_dir)?);
+                ready = ready_check(store.clone());
                 tokio::spawn(purge_expired(store.clone(), shutdown.clone()));
                 let listener =
                     server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
@@ -111,13 +122,23 @@ impl Worker {
                 let store = Arc::new(
                     MongoStore::connect(uri, database, durability, *change_streams).await?,
                 );
+                ready = ready_check(store.clone());
                 let listener =
                     server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
                 tracing::info!(database = %database, socket = %config.socket.display(), "worker ready (MongoDB)");
                 tokio::spawn(run(store, config, listener, shutdown.clone()))
             }
         };
-        Ok(Worker { shutdown, task })
+        Ok(Worker {
+            shutdown,
+            task,
+            ready,
+        })
+    }
+
+    /// The readiness probe for the ops endpoint: the store answers.
+    pub fn ready_check(&self) -> wharf_shared::ops::ReadyCheck {
+        self.ready.clone()
     }
 
     /// Graceful stop: stop reading from edges, finish queued writes, close.

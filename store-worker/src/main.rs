@@ -43,6 +43,9 @@ struct Args {
     /// Seconds an unavailable store is retried before a request fails.
     #[arg(long, env = "WHARF_RETRY_LIMIT", default_value_t = 10)]
     retry_limit: u64,
+    /// Address of the metrics and health endpoint (/metrics, /healthz, /readyz); off if unset.
+    #[arg(long, env = "WHARF_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds queued writes get to finish on shutdown.
     #[arg(long, env = "WHARF_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
@@ -117,13 +120,35 @@ fn main() -> anyhow::Result<()> {
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        // Installed first, so that everything the worker records is captured.
+        let metrics = match args
+            .metrics_listen
+            .map(|_| wharf_shared::ops::install_metrics())
+        {
+            Some(Err(e)) => usage(format!("metrics: {e}")),
+            other => other.and_then(Result::ok),
+        };
         let worker = match Worker::start(config).await {
             Ok(w) => w,
             Err(e) => usage(redact(&e.to_string())),
         };
+        let ops_shutdown = tokio_util::sync::CancellationToken::new();
+        if let (Some(addr), Some(metrics)) = (args.metrics_listen, metrics) {
+            let served = wharf_shared::ops::serve_on(
+                addr,
+                metrics,
+                worker.ready_check(),
+                ops_shutdown.clone(),
+            );
+            if let Err(e) = served.await {
+                worker.stop().await;
+                usage(format!("metrics-listen: {e}"));
+            }
+        }
         wharf_shared::shutdown_signal().await;
         tracing::info!("shutdown signal received");
         worker.stop().await;
+        ops_shutdown.cancel();
     });
     Ok(())
 }

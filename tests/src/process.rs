@@ -32,6 +32,9 @@ pub fn free_port() -> u16 {
 pub struct BrokerHost {
     pub name: String,
     pub addr: SocketAddr,
+    /// The ops endpoints (/metrics, /healthz, /readyz) of the edge and the worker.
+    pub edge_ops: SocketAddr,
+    pub worker_ops: SocketAddr,
     dir: PathBuf,
     mongodb_uri: Option<String>,
     worker_args: Vec<String>,
@@ -56,6 +59,8 @@ impl BrokerHost {
         let mut host = BrokerHost {
             name: name.to_owned(),
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            edge_ops: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            worker_ops: SocketAddr::from(([127, 0, 0, 1], free_port())),
             dir: dir.join(name),
             mongodb_uri,
             worker_args: worker_args.iter().map(|a| a.to_string()).collect(),
@@ -85,7 +90,12 @@ impl BrokerHost {
         let mut cmd = Command::new(bin("store-worker"));
         cmd.arg("--socket")
             .arg(self.socket())
-            .args(["--host", &self.name, "--retry-limit", "30", "--data-dir"])
+            .args(["--host", &self.name, "--retry-limit", "30"])
+            .args([
+                "--metrics-listen",
+                &self.worker_ops.to_string(),
+                "--data-dir",
+            ])
             .arg(self.dir.join("data"))
             .env("RUST_LOG", "info")
             .stdout(self.log("worker"))
@@ -104,11 +114,10 @@ impl BrokerHost {
 
     pub async fn start_edge(&mut self) {
         let child = Command::new(bin("edge"))
+            .args(["--listen", &self.addr.to_string(), "--host", &self.name])
             .args([
-                "--listen",
-                &self.addr.to_string(),
-                "--host",
-                &self.name,
+                "--metrics-listen",
+                &self.edge_ops.to_string(),
                 "--worker-socket",
             ])
             .arg(self.socket())
@@ -138,6 +147,46 @@ impl BrokerHost {
         self.kill_edge();
         self.kill_worker();
     }
+
+    /// SIGTERM to the edge, then to the worker (as `scripts/run.sh` and systemd do); returns
+    /// whether both exited successfully.
+    pub async fn terminate(&mut self) -> bool {
+        let mut ok = true;
+        for child in [self.edge.take(), self.worker.take()].into_iter().flatten() {
+            ok &= terminate(child).await;
+        }
+        ok
+    }
+}
+
+async fn terminate(mut child: Child) -> bool {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let waited = tokio::task::spawn_blocking(move || child.wait()).await;
+    matches!(waited, Ok(Ok(status)) if status.success())
+}
+
+/// `GET path` on a local HTTP endpoint: (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect ops endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 fn kill(child: Option<Child>) {

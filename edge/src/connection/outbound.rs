@@ -86,7 +86,7 @@ pub struct Outbound {
     store_since: Option<i64>,
     /// Other hosts' messages before this time have been asked for.
     watermark_ms: i64,
-    catch_up: Option<CatchUpKind>,
+    catch_up: Option<(CatchUpKind, Instant)>,
     last_seed_catch_up: Option<Instant>,
     max_inflight: usize,
 }
@@ -300,7 +300,7 @@ impl Outbound {
         if let Some(since) = self.store_since {
             if self.backlog.is_empty() && self.stalled.is_none() {
                 self.open_window();
-                self.catch_up = Some(CatchUpKind::Store);
+                self.catch_up = Some((CatchUpKind::Store, Instant::now()));
                 return Some(Request::CatchUp {
                     client_id,
                     since_ms: Some(since),
@@ -316,9 +316,12 @@ impl Outbound {
         if seed && due {
             self.last_seed_catch_up = Some(Instant::now());
             self.open_window();
-            self.catch_up = Some(CatchUpKind::Seed {
-                watermark: ids::now_ms() - SKEW_MS,
-            });
+            self.catch_up = Some((
+                CatchUpKind::Seed {
+                    watermark: ids::now_ms() - SKEW_MS,
+                },
+                Instant::now(),
+            ));
             return Some(Request::CatchUp {
                 client_id,
                 since_ms: Some(self.watermark_ms),
@@ -341,9 +344,10 @@ impl Outbound {
     }
 
     pub fn caught_up(&mut self, reply: Result<Reply, crate::link::LinkError>) {
-        let Some(kind) = self.catch_up.take() else {
+        let Some((kind, started)) = self.catch_up.take() else {
             return;
         };
+        metrics::histogram!("wharf_edge_catch_up_seconds").record(started.elapsed().as_secs_f64());
         let (messages, next_since) = match reply {
             Ok(Reply::Messages {
                 messages,

@@ -55,6 +55,8 @@ pub struct DeliveryRow {
 
 /// The primitive operations a backend provides. Every write is durable when it returns `Ok`.
 pub trait Store: Send + Sync + 'static {
+    /// Whether the store answers (readiness).
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Stores messages (ignoring ids already stored) and applies their retain flags in order.
     fn insert_messages(
         &self,

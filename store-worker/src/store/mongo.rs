@@ -329,6 +329,15 @@ impl MongoStore {
 }
 
 impl Store for MongoStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        let ping = self.db.run_command(doc! { "ping": 1 });
+        match tokio::time::timeout(Duration::from_secs(2), ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(classify(e)),
+            Err(_) => Err(StoreError::Unavailable("ping timed out".into())),
+        }
+    }
+
     async fn insert_messages(&self, batch: Vec<Message>) -> Result<(), StoreError> {
         let docs: Vec<Document> = batch.iter().map(message_doc).collect();
         let fresh: HashSet<usize> = match self.messages.insert_many(docs).ordered(false).await {

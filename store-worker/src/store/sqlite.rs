@@ -114,6 +114,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
     async fn insert_messages(&self, batch: Vec<Message>) -> Result<(), StoreError> {
         self.with(move |c| {
             let tx = c.transaction()?;
