@@ -7,8 +7,10 @@ use std::time::Duration;
 /// Everything the edge needs to run; `main.rs` fills it from flags and environment.
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
-    /// Plain MQTT listener.
-    pub listen: SocketAddr,
+    /// Plain MQTT listener; `None` turns it off.
+    pub listen: Option<SocketAddr>,
+    /// The TLS listener, if any.
+    pub tls: Option<crate::tls::TlsSettings>,
     /// The store-worker's Unix socket.
     pub worker_socket: PathBuf,
     /// This broker's host name, stored as `host` with every message.
@@ -60,23 +62,16 @@ impl Default for Limits {
     }
 }
 
-/// A configuration value that cannot work, named by its key.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {key} = {value:?}: {reason}")]
-pub struct ConfigError {
-    pub key: &'static str,
-    pub value: String,
-    pub reason: &'static str,
-}
+pub use wharf_shared::config::ConfigError;
 
 impl EdgeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let check = |ok: bool, key, value: String, reason| {
+        let check = |ok: bool, key: &str, value: String, reason: &str| {
             if ok {
                 Ok(())
             } else {
-                Err(ConfigError { key, value, reason })
+                Err(ConfigError::new(key, value, reason))
             }
         };
         check(

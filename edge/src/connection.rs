@@ -85,14 +85,28 @@ async fn reply_of(rx: Result<crate::link::ReplyRx, LinkError>) -> Result<Reply, 
 }
 
 /// Serves one accepted socket until it closes.
-pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: String, shutdown: CancellationToken)
-where
+/// `identity`: `None` on the plain listener; on the TLS listener the client certificate's
+/// names (empty without a certificate).
+pub async fn serve<S>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: String,
+    identity: Option<crate::tls::PeerIdentity>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut read_buf = BytesMut::with_capacity(512);
-    let accepted =
-        handshake::accept(&broker, &mut reader, &mut writer, &mut read_buf, &shutdown).await;
+    let accepted = handshake::accept(
+        &broker,
+        &mut reader,
+        &mut writer,
+        &mut read_buf,
+        identity.as_ref(),
+        &shutdown,
+    )
+    .await;
     let hs = match accepted {
         Ok(Some(hs)) => hs,
         Ok(None) => return,

@@ -13,10 +13,13 @@
 //! - [`router`]: subscription trie and per-session bounded queues (the local fast path).
 //! - [`registry`]: client id -> connection or parked persistent session; takeover.
 //! - [`link`]: the store-worker socket: requests, replies, reconnects, held persists.
+//! - [`tls`]: the TLS listener's rustls configuration, reload, client certificate identity.
+//! - [`cli`]: flags and environment layered over etcd keys.
 //! - [`config`], [`ids`], [`broker`]: configuration, message ids, shared state.
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod ids;
@@ -26,6 +29,7 @@ pub mod registry;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub use wharf_shared::topic;
 
 pub use config::{EdgeConfig, Limits};

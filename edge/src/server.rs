@@ -4,44 +4,100 @@
 //! by the grace period, with a warning when it runs out), then close the worker link.
 
 use crate::broker::Broker;
-use crate::config::EdgeConfig;
+use crate::config::{ConfigError, EdgeConfig};
 use crate::connection;
 use crate::link::{Link, LinkConfig};
+use crate::tls::{PeerIdentity, Tls, TlsSettings};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// A running edge, for embedding (tests, the all-in-one binary).
 pub struct Edge {
+    /// The plain listener's address, or the TLS one's when plain is off.
     pub local_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<()>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     link: Link,
+    tls: Option<Arc<Tls>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Bind(addr, e))
 }
 
 impl Edge {
-    /// Validates the configuration, binds the listener and starts serving.
+    /// Validates the configuration (TLS files included), binds the listeners and starts
+    /// serving. Nothing is bound when the configuration is bad.
     pub async fn start(config: EdgeConfig) -> Result<Edge, StartError> {
         config.validate()?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| StartError::Bind(config.listen, e))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| StartError::Bind(config.listen, e))?;
+        let tls = match &config.tls {
+            Some(settings) => Some(Arc::new(Tls::new(settings.clone())?)),
+            None => None,
+        };
+        let plain = match config.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let secure = match &config.tls {
+            Some(settings) => Some(bind(settings.listen).await?),
+            None => None,
+        };
+        let address = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        let tls_addr = address(&secure);
+        let local_addr = address(&plain)
+            .or(tls_addr)
+            .ok_or_else(|| StartError::Config(ConfigError::new("listen", "off", "no listener")))?;
         let shutdown = CancellationToken::new();
         let link = LinkParts::spawn(&config);
         let handle = link.link.clone();
-        let task = tokio::spawn(run(config, listener, link, shutdown.clone()));
+        let listeners = Listeners {
+            plain,
+            tls: secure.zip(tls.clone()),
+        };
+        let task = tokio::spawn(run(config, listeners, link, shutdown.clone()));
         Ok(Edge {
             local_addr,
+            tls_addr,
             shutdown,
-            task,
+            task: std::sync::Mutex::new(Some(task)),
             link: handle,
+            tls,
         })
+    }
+
+    /// Re-reads the TLS certificates (with new settings, if given); existing connections are
+    /// untouched. On error the previous certificates stay in force.
+    pub fn reload_tls(&self, settings: Option<TlsSettings>) -> Result<(), ConfigError> {
+        match &self.tls {
+            Some(tls) => tls.reload(settings),
+            None => Err(ConfigError::new(
+                "tls",
+                "false",
+                "no TLS listener to reload",
+            )),
+        }
+    }
+
+    /// The TLS listener's current settings.
+    pub fn tls_settings(&self) -> Option<TlsSettings> {
+        self.tls.as_ref().map(|t| t.settings())
+    }
+
+    /// Graceful stop; returns when every session has finished (at once if another caller
+    /// already waited for it).
+    pub async fn stop(&self) {
+        self.shutdown.cancel();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Ready for traffic: the store-worker link is up.
@@ -63,18 +119,24 @@ impl Edge {
             })
         })
     }
+}
 
-    /// Graceful stop; returns when every session has finished.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.task.await;
+struct Listeners {
+    plain: Option<TcpListener>,
+    tls: Option<(TcpListener, Arc<Tls>)>,
+}
+
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ConfigError),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
 }
@@ -94,7 +156,6 @@ async fn route_from_other_hosts(
     }
 }
 
-/// Serves `listener` until `shutdown` fires.
 /// The worker link task and what the server needs of it.
 struct LinkParts {
     link: Link,
@@ -128,7 +189,7 @@ impl LinkParts {
 
 async fn run(
     config: EdgeConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     link: LinkParts,
     shutdown: CancellationToken,
 ) {
@@ -143,10 +204,17 @@ async fn run(
     let broker = Arc::new(Broker::new(config, link));
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     let tracker = TaskTracker::new();
-    tracing::info!(addr = ?listener.local_addr().ok(), host = %broker.config.host, "edge listening");
+    let Listeners { plain, tls } = listeners;
+    tracing::info!(
+        plain = ?plain.as_ref().and_then(|l| l.local_addr().ok()),
+        tls = ?tls.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+        host = %broker.config.host,
+        "edge listening"
+    );
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (accepted, secure) = tokio::select! {
+            a = accept(plain.as_ref()) => (a, None),
+            a = accept(tls.as_ref().map(|(l, _)| l)) => (a, tls.as_ref().map(|(_, t)| t.clone())),
             _ = shutdown.cancelled() => break,
         };
         let (stream, peer) = match accepted {
@@ -167,11 +235,15 @@ async fn run(
         let broker = broker.clone();
         let token = shutdown.clone();
         tracker.spawn(async move {
-            connection::serve(broker, stream, peer.to_string(), token).await;
+            match secure {
+                None => connection::serve(broker, stream, peer.to_string(), None, token).await,
+                Some(tls) => serve_tls(broker, tls, stream, peer, token).await,
+            }
             drop(permit);
         });
     }
-    drop(listener);
+    drop(plain);
+    drop(tls);
     tracker.close();
     tracing::info!(
         sessions = tracker.len(),
@@ -190,4 +262,44 @@ async fn run(
         tracing::warn!("store-worker link did not drain within the grace period");
     }
     tracing::info!("edge stopped");
+}
+
+/// TLS handshake (within the connect timeout), then the MQTT session with the client
+/// certificate's names, if any.
+async fn serve_tls(
+    broker: Arc<Broker>,
+    tls: Arc<Tls>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let timeout = broker.config.limits.connect_timeout;
+    let handshake = tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            metrics::counter!("wharf_edge_tls_handshake_failures_total").increment(1);
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("wharf_edge_tls_handshake_failures_total").increment(1);
+            tracing::info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| PeerIdentity::from_der(leaf));
+    connection::serve(
+        broker,
+        stream,
+        peer.to_string(),
+        Some(identity.unwrap_or_default()),
+        shutdown,
+    )
+    .await;
 }

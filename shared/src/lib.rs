@@ -10,9 +10,11 @@
 //!   that knows the encoding.
 //! - [`topic`]: MQTT topic and filter rules, which both sides apply.
 //! - [`ops`]: the metrics, health and readiness endpoint both processes serve.
+//! - [`config`]: layered, typed configuration (flags, environment, etcd, defaults).
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod config;
 pub mod ops;
 pub mod topic;
 pub mod wire;

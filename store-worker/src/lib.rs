@@ -5,6 +5,7 @@
 //! write is durable. Without a MongoDB URI the embedded SQLite store is used.
 //!
 //! # Layout
+//! - [`cli`]: flags and environment layered over etcd keys.
 //! - [`server`]: the socket, per-edge connections, the lanes that run session requests.
 //! - [`pipeline`]: the batching tasks: group-committed persists, delivery records, retries.
 //! - [`fanout`]: the connected edges; messages between hosts (this worker's edges, the
@@ -13,6 +14,7 @@
 //!   ([`store::mongo`], [`store::sqlite`]).
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod fanout;
 pub mod pipeline;
 pub mod server;

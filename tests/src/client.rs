@@ -14,6 +14,8 @@ pub struct Client {
 }
 
 pub struct Options {
+    /// TLS client configuration; plain TCP without it.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub clean: bool,
     pub keep_alive: Duration,
     pub will: Option<LastWill>,
@@ -23,6 +25,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
+            tls: None,
             clean: true,
             keep_alive: Duration::from_secs(30),
             will: None,
@@ -45,6 +48,17 @@ impl Client {
     }
 
     pub async fn connect_with(addr: SocketAddr, id: &str, o: Options) -> Client {
+        Self::try_connect_with(addr, id, o)
+            .await
+            .unwrap_or_else(|e| panic!("{id} could not connect: {e}"))
+    }
+
+    /// Connects, or says why not (a refused CONNACK, a failed TLS handshake).
+    pub async fn try_connect_with(
+        addr: SocketAddr,
+        id: &str,
+        o: Options,
+    ) -> Result<Client, String> {
         let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
         options.set_clean_session(o.clean);
         options.set_keep_alive(o.keep_alive);
@@ -52,21 +66,30 @@ impl Client {
         if let Some(will) = o.will {
             options.set_last_will(will);
         }
+        if let Some(tls) = o.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         let session_present = tokio::time::timeout(PATIENCE, async {
             loop {
                 match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack)))
+                        if ack.code == ConnectReturnCode::Success =>
+                    {
+                        return Ok(ack.session_present);
+                    }
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        assert_eq!(ack.code, ConnectReturnCode::Success, "{id} refused");
-                        return ack.session_present;
+                        return Err(format!("refused: {:?}", ack.code))
                     }
                     Ok(_) => {}
-                    Err(e) => panic!("{id} could not connect: {e}"),
+                    Err(e) => return Err(e.to_string()),
                 }
             }
         })
         .await
-        .expect("CONNACK in time");
+        .map_err(|_| "no CONNACK in time".to_string())??;
         let (tx, incoming) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {
@@ -82,12 +105,12 @@ impl Client {
                 }
             }
         });
-        Client {
+        Ok(Client {
             client,
             session_present,
             incoming,
             task,
-        }
+        })
     }
 
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) {

@@ -3,13 +3,17 @@
 //!
 //! # Layout
 //! - [`mock_worker`]: the protocol-speaking stand-in for edge tests.
+//! - [`certs`]: test CAs and certificates (rcgen), rustls client configurations.
 //! - [`client`]: a rumqttc client that reports every packet it receives.
 //! - [`raw`]: hand-written bytes, for malformed input and exact packet checks.
+//! - [`etcd`]: an etcd server per test (Debian's `etcd-server`).
 //! - [`mongo`]: a SecantusDB (MongoDB wire) server per test.
 //! - [`process`]: the real binaries as child processes (broker hosts to kill).
 #![forbid(unsafe_code)]
 
+pub mod certs;
 pub mod client;
+pub mod etcd;
 pub mod mock_worker;
 pub mod mongo;
 pub mod process;
@@ -40,7 +44,8 @@ pub fn init_tracing() {
 
 pub fn edge_config(worker_socket: &Path, host: &str) -> EdgeConfig {
     EdgeConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        tls: None,
         worker_socket: worker_socket.to_owned(),
         host: host.to_owned(),
         limits: Limits::default(),

@@ -590,7 +590,8 @@ async fn shutdown_finishes_pending_persists_before_closing() {
         .await;
     // Let the edge read it before shutting down.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let stop = tokio::spawn(s.edge.stop());
+    let edge = s.edge;
+    let stop = tokio::spawn(async move { edge.stop().await });
     assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.pkid == 7));
     raw.expect_closed().await;
     tokio::time::timeout(PATIENCE, stop)

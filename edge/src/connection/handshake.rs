@@ -47,6 +47,7 @@ pub async fn accept<R, W>(
     reader: &mut R,
     writer: &mut W,
     read_buf: &mut BytesMut,
+    identity: Option<&crate::tls::PeerIdentity>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Handshake>, SessionError>
 where
@@ -80,6 +81,14 @@ where
             return Ok(None);
         }
     };
+    if let Some(identity) = identity {
+        let required = broker.config.tls.as_ref().is_some_and(|t| t.cert_identity);
+        if required && !identity.allows(&client_id) {
+            tracing::warn!(client_id = %client_id, certificate = ?identity.names, "client id not in the client certificate");
+            refuse(writer, ConnectCode::NotAuthorized).await;
+            return Ok(None);
+        }
+    }
     start_session(broker, connect, client_id, writer).await
 }
 

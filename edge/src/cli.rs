@@ -1,0 +1,211 @@
+//! The edge's command line and its layering over etcd: a flag or its environment variable
+//! wins, then the etcd key under the prefix, then the default. Keys are the etcd names.
+
+use crate::config::{ConfigError, EdgeConfig, Limits};
+use crate::tls::{ClientCerts, TlsSettings};
+use clap::{ArgMatches, FromArgMatches, Parser};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use wharf_shared::config::{parse, parse_bool, parse_secs, ConfigSource, Layers};
+
+/// Wharf edge: MQTT 3.1.1 sessions, backed by a store-worker.
+#[derive(Parser, Debug)]
+#[command(version, about, name = "edge")]
+pub struct Args {
+    /// Plain MQTT listener address, or "off" [etcd: listen].
+    #[arg(long, env = "WHARF_LISTEN", default_value = "0.0.0.0:1883")]
+    pub listen: String,
+    /// Serve MQTT over TLS [etcd: tls].
+    #[arg(long, env = "WHARF_TLS", default_value = "false")]
+    pub tls: String,
+    /// TLS listener address; setting it turns TLS on [etcd: tlsListen; default 0.0.0.0:8883].
+    #[arg(long, env = "WHARF_TLS_LISTEN")]
+    pub tls_listen: Option<SocketAddr>,
+    /// Root CA (PEM) that client certificates must chain to [etcd: cacert].
+    #[arg(long, env = "WHARF_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Server certificate chain (PEM) [etcd: serverCert].
+    #[arg(long, env = "WHARF_SERVER_CERT")]
+    pub server_cert: Option<PathBuf>,
+    /// Server private key (PEM) [etcd: serverKey].
+    #[arg(long, env = "WHARF_SERVER_KEY")]
+    pub server_key: Option<PathBuf>,
+    /// Client certificates: off, optional or required [etcd: clientCerts].
+    #[arg(long, env = "WHARF_CLIENT_CERTS", default_value = "off")]
+    pub client_certs: String,
+    /// A client certificate's CN or SAN must equal the MQTT client id [etcd: certIdentity].
+    #[arg(long, env = "WHARF_CERT_IDENTITY", default_value = "false")]
+    pub cert_identity: String,
+    /// The store-worker's Unix socket [etcd: workerSocket].
+    #[arg(
+        long,
+        env = "WHARF_WORKER_SOCKET",
+        default_value = "/run/wharf/worker.sock"
+    )]
+    pub worker_socket: PathBuf,
+    /// Host name stored with every message [etcd: host; default: the machine's].
+    #[arg(long, env = "WHARF_HOST")]
+    pub host: Option<String>,
+    /// Largest accepted MQTT packet, in bytes [etcd: maxPacketSize].
+    #[arg(long, env = "WHARF_MAX_PACKET_SIZE", default_value_t = Limits::default().max_packet_size)]
+    pub max_packet_size: usize,
+    /// Unacknowledged QoS 1/2 messages towards one client [etcd: maxInflight].
+    #[arg(long, env = "WHARF_MAX_INFLIGHT", default_value_t = Limits::default().max_inflight)]
+    pub max_inflight: u16,
+    /// Messages queued for one client [etcd: maxQueued].
+    #[arg(long, env = "WHARF_MAX_QUEUED", default_value_t = Limits::default().max_queued)]
+    pub max_queued: usize,
+    /// Concurrent client connections [etcd: maxConnections].
+    #[arg(long, env = "WHARF_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+    /// QoS 1/2 publishes held edge-wide while the store-worker is away or slow
+    /// [etcd: maxHeldPersists].
+    #[arg(long, env = "WHARF_MAX_HELD_PERSISTS", default_value_t = Limits::default().max_held_persists)]
+    pub max_held_persists: usize,
+    /// Seconds a new connection has to send CONNECT (and finish TLS) [etcd: connectTimeout].
+    #[arg(long, env = "WHARF_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Seconds sessions get to finish on shutdown [etcd: shutdownGrace].
+    #[arg(long, env = "WHARF_SHUTDOWN_GRACE", default_value_t = 10)]
+    pub shutdown_grace: u64,
+    /// Metrics and health endpoint address (/metrics, /healthz, /readyz) [etcd: metricsListen].
+    #[arg(long, env = "WHARF_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// etcd endpoints (comma-separated URLs); without them etcd is not read.
+    #[arg(long, env = "WHARF_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd key prefix.
+    #[arg(long, env = "WHARF_ETCD_PREFIX", default_value = wharf_shared::config::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+}
+
+impl Args {
+    /// Parses the process's arguments, keeping the matches for layering.
+    pub fn parse_with_matches() -> (Args, ArgMatches) {
+        let matches = <Args as clap::CommandFactory>::command().get_matches();
+        let args = match Args::from_arg_matches(&matches) {
+            Ok(args) => args,
+            Err(e) => e.exit(),
+        };
+        (args, matches)
+    }
+}
+
+fn listen_value(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    match value.trim() {
+        "off" | "" => Ok(None),
+        addr => parse(key, addr).map(Some),
+    }
+}
+
+const DEFAULT_TLS_LISTEN: &str = "0.0.0.0:8883";
+
+/// The effective configuration: flags and environment over `source` over defaults.
+pub fn load(
+    args: &Args,
+    matches: &ArgMatches,
+    source: &dyn ConfigSource,
+) -> Result<EdgeConfig, ConfigError> {
+    let layers = Layers::new(matches, source);
+    let listen = layers.pick(
+        "listen",
+        "listen",
+        listen_value("listen", &args.listen)?,
+        listen_value,
+    )?;
+    let tls_listen = layers.value_opt("tls_listen", "tlsListen", args.tls_listen)?;
+    let tls_on = layers.pick("tls", "tls", parse_bool("tls", &args.tls)?, parse_bool)?
+        || tls_listen.is_some();
+    let tls = if tls_on {
+        let cert = layers.value_opt("server_cert", "serverCert", args.server_cert.clone())?;
+        let key = layers.value_opt("server_key", "serverKey", args.server_key.clone())?;
+        let (Some(cert), Some(key)) = (cert, key) else {
+            return Err(ConfigError::new(
+                "serverCert",
+                "",
+                "TLS needs serverCert and serverKey",
+            ));
+        };
+        Some(TlsSettings {
+            listen: match tls_listen {
+                Some(addr) => addr,
+                None => parse("tlsListen", DEFAULT_TLS_LISTEN)?,
+            },
+            cert,
+            key,
+            ca: layers.value_opt("cacert", "cacert", args.cacert.clone())?,
+            client_certs: layers.value(
+                "client_certs",
+                "clientCerts",
+                parse::<ClientCerts>("clientCerts", &args.client_certs)?,
+            )?,
+            cert_identity: layers.pick(
+                "cert_identity",
+                "certIdentity",
+                parse_bool("certIdentity", &args.cert_identity)?,
+                parse_bool,
+            )?,
+        })
+    } else {
+        None
+    };
+    let defaults = Limits::default();
+    let limits = Limits {
+        max_packet_size: layers.value("max_packet_size", "maxPacketSize", args.max_packet_size)?,
+        max_inflight: layers.value("max_inflight", "maxInflight", args.max_inflight)?,
+        max_queued: layers.value("max_queued", "maxQueued", args.max_queued)?,
+        max_connections: layers.value("max_connections", "maxConnections", args.max_connections)?,
+        max_held_persists: layers.value(
+            "max_held_persists",
+            "maxHeldPersists",
+            args.max_held_persists,
+        )?,
+        connect_timeout: layers.pick(
+            "connect_timeout",
+            "connectTimeout",
+            Duration::from_secs(args.connect_timeout),
+            parse_secs,
+        )?,
+        ..defaults
+    };
+    let limits = Limits {
+        max_pending_persists: defaults.max_pending_persists.min(limits.max_held_persists),
+        ..limits
+    };
+    let config = EdgeConfig {
+        listen,
+        tls,
+        worker_socket: layers.value("worker_socket", "workerSocket", args.worker_socket.clone())?,
+        host: layers
+            .value_opt("host", "host", args.host.clone())?
+            .unwrap_or_else(wharf_shared::host_name),
+        limits,
+        shutdown_grace: layers.pick(
+            "shutdown_grace",
+            "shutdownGrace",
+            Duration::from_secs(args.shutdown_grace),
+            parse_secs,
+        )?,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// The metrics endpoint address, layered like the rest.
+pub fn metrics_listen(
+    args: &Args,
+    matches: &ArgMatches,
+    source: &dyn ConfigSource,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    Layers::new(matches, source).value_opt("metrics_listen", "metricsListen", args.metrics_listen)
+}
+
+/// Keys whose change takes effect at once: the TLS material and policy.
+pub const RELOADABLE_KEYS: [&str; 5] = [
+    "cacert",
+    "serverCert",
+    "serverKey",
+    "clientCerts",
+    "certIdentity",
+];

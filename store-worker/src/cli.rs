@@ -1,0 +1,189 @@
+//! The store-worker's command line, layered over etcd like the edge's: a flag or its
+//! environment variable wins, then the etcd key under the prefix, then the default.
+
+use crate::store::mongo::Durability;
+use crate::{Backend, WorkerConfig};
+use clap::{ArgMatches, FromArgMatches, Parser};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use wharf_shared::config::{parse_secs, ConfigError, ConfigSource, Layers};
+
+/// Wharf store-worker: persists what the edges receive, in MongoDB or an embedded store.
+#[derive(Parser, Debug)]
+#[command(version, about, name = "store-worker")]
+pub struct Args {
+    /// Unix socket the edges connect to [etcd: workerSocket].
+    #[arg(
+        long,
+        env = "WHARF_WORKER_SOCKET",
+        default_value = "/run/wharf/worker.sock"
+    )]
+    pub socket: PathBuf,
+    /// Host name of this broker, the `host` of stored records [etcd: host].
+    #[arg(long, env = "WHARF_HOST")]
+    pub host: Option<String>,
+    /// MongoDB connection string; without it the embedded store in --data-dir is used
+    /// [etcd: mongoUri].
+    #[arg(long, env = "WHARF_MONGODB_URI", hide_env_values = true)]
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database [etcd: mongoDatabase].
+    #[arg(long, env = "WHARF_MONGODB_DATABASE", default_value = "mqtt")]
+    pub mongodb_database: String,
+    /// Write concern `w` of MongoDB writes, "majority" or a number; always journaled
+    /// [etcd: writeConcern].
+    #[arg(long, env = "WHARF_WRITE_CONCERN", default_value = "majority")]
+    pub write_concern: String,
+    /// Follow other hosts' messages with a change stream when the server has them ("auto"),
+    /// or by polling the `created` index ("poll") [etcd: follow].
+    #[arg(long, env = "WHARF_FOLLOW", default_value = "auto")]
+    pub follow: String,
+    /// Directory of the embedded store [etcd: dataDir].
+    #[arg(long, env = "WHARF_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Socket file permissions, octal [etcd: socketMode].
+    #[arg(long, env = "WHARF_SOCKET_MODE", default_value = "600")]
+    pub socket_mode: String,
+    /// Group (name or id) of the socket file; use with --socket-mode 660 [etcd: socketGroup].
+    #[arg(long, env = "WHARF_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
+    /// Seconds an unavailable store is retried before a request fails [etcd: retryLimit].
+    #[arg(long, env = "WHARF_RETRY_LIMIT", default_value_t = 10)]
+    pub retry_limit: u64,
+    /// Seconds queued writes get to finish on shutdown [etcd: shutdownGrace].
+    #[arg(long, env = "WHARF_SHUTDOWN_GRACE", default_value_t = 10)]
+    pub shutdown_grace: u64,
+    /// Metrics and health endpoint address (/metrics, /healthz, /readyz)
+    /// [etcd: workerMetricsListen].
+    #[arg(long, env = "WHARF_WORKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// etcd endpoints (comma-separated URLs); without them etcd is not read.
+    #[arg(long, env = "WHARF_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd key prefix.
+    #[arg(long, env = "WHARF_ETCD_PREFIX", default_value = wharf_shared::config::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+}
+
+impl Args {
+    /// Parses the process's arguments, keeping the matches for layering.
+    pub fn parse_with_matches() -> (Args, ArgMatches) {
+        let matches = <Args as clap::CommandFactory>::command().get_matches();
+        let args = match Args::from_arg_matches(&matches) {
+            Ok(args) => args,
+            Err(e) => e.exit(),
+        };
+        (args, matches)
+    }
+}
+
+fn socket_mode(key: &str, value: &str) -> Result<u32, ConfigError> {
+    u32::from_str_radix(value.trim(), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| ConfigError::new(key, value, "expected octal permissions like 600"))
+}
+
+fn write_concern(key: &str, value: &str) -> Result<String, ConfigError> {
+    let value = value.trim();
+    if value == "majority" || value.parse::<u32>().is_ok() {
+        Ok(value.to_owned())
+    } else {
+        Err(ConfigError::new(
+            key,
+            value,
+            "expected \"majority\" or a number",
+        ))
+    }
+}
+
+fn follow(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim() {
+        "auto" => Ok(true),
+        "poll" => Ok(false),
+        _ => Err(ConfigError::new(key, value, "expected auto or poll")),
+    }
+}
+
+/// A group's id from its name (via /etc/group) or its number.
+fn group_id(key: &str, group: &str) -> Result<u32, ConfigError> {
+    if let Ok(id) = group.trim().parse() {
+        return Ok(id);
+    }
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    groups
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next()? == group.trim()).then(|| fields.nth(1)?.parse().ok())?
+        })
+        .ok_or_else(|| ConfigError::new(key, group, "no such group"))
+}
+
+/// The effective configuration and the metrics endpoint address.
+pub fn load(
+    args: &Args,
+    matches: &ArgMatches,
+    source: &dyn ConfigSource,
+) -> Result<(WorkerConfig, Option<SocketAddr>), ConfigError> {
+    let layers = Layers::new(matches, source);
+    let mongodb_uri = layers.value_opt("mongodb_uri", "mongoUri", args.mongodb_uri.clone())?;
+    let backend = match mongodb_uri {
+        Some(uri) => Backend::Mongo {
+            uri,
+            database: layers.value(
+                "mongodb_database",
+                "mongoDatabase",
+                args.mongodb_database.clone(),
+            )?,
+            durability: Durability {
+                w: layers.pick(
+                    "write_concern",
+                    "writeConcern",
+                    write_concern("writeConcern", &args.write_concern)?,
+                    write_concern,
+                )?,
+                journal: true,
+            },
+            change_streams: layers.pick(
+                "follow",
+                "follow",
+                follow("follow", &args.follow)?,
+                follow,
+            )?,
+        },
+        None => Backend::Embedded {
+            data_dir: layers.value("data_dir", "dataDir", args.data_dir.clone())?,
+        },
+    };
+    let host = layers
+        .value_opt("host", "host", args.host.clone())?
+        .unwrap_or_else(wharf_shared::host_name);
+    let socket = layers.value("socket", "workerSocket", args.socket.clone())?;
+    let mut config = WorkerConfig::new(socket, host, backend);
+    config.socket_mode = layers.pick(
+        "socket_mode",
+        "socketMode",
+        socket_mode("socketMode", &args.socket_mode)?,
+        socket_mode,
+    )?;
+    let group = match &args.socket_group {
+        Some(g) => Some(group_id("socketGroup", g)?),
+        None => None,
+    };
+    config.socket_group = layers.pick_opt("socket_group", "socketGroup", group, group_id)?;
+    config.retry_limit = layers.pick(
+        "retry_limit",
+        "retryLimit",
+        Duration::from_secs(args.retry_limit),
+        parse_secs,
+    )?;
+    config.shutdown_grace = layers.pick(
+        "shutdown_grace",
+        "shutdownGrace",
+        Duration::from_secs(args.shutdown_grace),
+        parse_secs,
+    )?;
+    let metrics = layers.value_opt("metrics_listen", "workerMetricsListen", args.metrics_listen)?;
+    Ok((config, metrics))
+}
