@@ -125,7 +125,8 @@ pub async fn serve<S>(
         keep_alive: hs.keep_alive,
         will: hs.will,
         connection_id: hs.connection_id,
-        out: Outbound::new(&broker, hs.state, hs.session_tx, hs.write_buf),
+        out: Outbound::new(&broker, hs.state, hs.session_tx, hs.write_buf, !hs.clean),
+        tracking: FuturesOrdered::new(),
         queue: hs.queue_rx,
         catch_up: None,
         ops: FuturesOrdered::new(),
@@ -152,8 +153,12 @@ struct Connection {
     /// The outstanding catch-up query, if any.
     catch_up: Option<ReplyRx>,
     ops: FuturesOrdered<OpFuture>,
+    /// Store replies for QoS 2 delivery steps: (packet id, released, result).
+    tracking: FuturesOrdered<TrackFuture>,
     read_buf: BytesMut,
 }
+
+type TrackFuture = Pin<Box<dyn Future<Output = (u16, bool, Result<Reply, LinkError>)> + Send>>;
 
 impl Connection {
     async fn run<R, W>(
@@ -177,13 +182,20 @@ impl Connection {
             if let Some(notice) = self.out.take_delivered() {
                 self.broker.link.notify(notice).await;
             }
+            if let Err(e) = self.send_requests().await {
+                return End::Error(e);
+            }
             if closing.is_none() {
                 self.start_catch_up(false).await;
             }
             let can_read = closing.is_none()
                 && self.ops.len() < limits.max_pending_persists
                 && self.out.write_buf.len() < limits.write_high_water;
-            if closing.is_some() && self.ops.is_empty() && self.out.write_buf.is_empty() {
+            if closing.is_some()
+                && self.ops.is_empty()
+                && self.tracking.is_empty()
+                && self.out.write_buf.is_empty()
+            {
                 break;
             }
             let can_write = !self.out.write_buf.is_empty();
@@ -212,6 +224,14 @@ impl Connection {
                     }
                     Err(e) => return End::Error(e.into()),
                 },
+                Some((pkid, released, result)) = self.tracking.next(), if !self.tracking.is_empty() => {
+                    match result {
+                        Ok(Reply::Done) => self.out.tracked(pkid, released),
+                        // Not recorded: close; the session resumes from what is stored.
+                        Ok(other) => return End::Error(SessionError::Store(format!("track: {other:?}"))),
+                        Err(e) => return End::Error(e.into()),
+                    }
+                }
                 Some(op) = self.ops.next(), if !self.ops.is_empty() => {
                     if let Err(e) = self.complete(op) {
                         return End::Error(e);
@@ -245,6 +265,23 @@ impl Connection {
             }
         }
         closing.unwrap_or(End::Shutdown)
+    }
+
+    /// Sends the store requests the outbound side asked for (QoS 2 delivery steps).
+    async fn send_requests(&mut self) -> Result<(), SessionError> {
+        for request in std::mem::take(&mut self.out.requests) {
+            let step = match &request {
+                Request::TrackQos2Out { pkid, released, .. } => Some((*pkid, *released)),
+                _ => None,
+            };
+            let rx = self.broker.link.request(request, Policy::Hold).await?;
+            if let Some((pkid, released)) = step {
+                self.tracking.push_back(Box::pin(async move {
+                    (pkid, released, reply_of(Ok(rx)).await)
+                }));
+            }
+        }
+        Ok(())
     }
 
     /// Sends the catch-up query that is due, if any (`seed`: on PINGREQ or PUBLISH).
@@ -296,6 +333,12 @@ impl Connection {
             Inbound::PubComp(pkid) => self.out.pubcomp(pkid),
             Inbound::PubRel(pkid) => {
                 self.out.state.release_inbound_qos2(pkid);
+                let release = Request::ReleaseQos2 {
+                    client_id: self.out.state.client_id.to_string(),
+                    pkid,
+                };
+                // Held and re-sent by the link, in order with the persists.
+                drop(self.broker.link.request(release, Policy::Hold).await?);
                 if self.ops.is_empty() {
                     v4::encode_pubcomp(&mut self.out.write_buf, pkid);
                 } else {
@@ -346,11 +389,16 @@ impl Connection {
             return Ok(());
         }
         let started = Instant::now();
-        let rx = self
-            .broker
-            .link
-            .request(Request::Persist((*message).clone()), Policy::Hold)
-            .await;
+        let request = match p.qos {
+            // The packet id goes with it, so that a re-sent PUBLISH is recognised even after
+            // this edge restarts.
+            Qos::ExactlyOnce => Request::PersistQos2 {
+                message: (*message).clone(),
+                pkid: p.pkid,
+            },
+            _ => Request::Persist((*message).clone()),
+        };
+        let rx = self.broker.link.request(request, Policy::Hold).await;
         let (pkid, qos) = (p.pkid, p.qos);
         self.ops.push_back(Box::pin(async move {
             let result = reply_of(rx).await;
@@ -449,8 +497,11 @@ impl Connection {
                 message,
                 result,
             } => match result {
-                Ok(Reply::Persisted) => {
-                    self.broker.route(&message);
+                Ok(reply @ (Reply::Persisted | Reply::AlreadyStored)) => {
+                    // Already stored: a re-sent QoS 2 PUBLISH, routed the first time.
+                    if reply == Reply::Persisted {
+                        self.broker.route(&message);
+                    }
                     if qos == Qos::ExactlyOnce {
                         self.out.state.accept_inbound_qos2(pkid);
                         v4::encode_pubrec(&mut self.out.write_buf, pkid);

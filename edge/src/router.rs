@@ -205,6 +205,13 @@ impl Router {
                 qos: sub_qos.min(message.qos),
                 retain: false,
             };
+            // A lagging session takes QoS 1/2 from the store until it has caught up, so that
+            // nothing newer overtakes what is waiting there.
+            if delivery.qos != Qos::AtMostOnce && session.lagging_since.load(Ordering::Acquire) != 0
+            {
+                offer.deferred += 1;
+                continue;
+            }
             match session.tx.try_send(delivery) {
                 Ok(()) => offer.queued += 1,
                 Err(mpsc::error::TrySendError::Full(d)) if d.qos == Qos::AtMostOnce => {
@@ -281,10 +288,13 @@ mod tests {
     #[test]
     fn full_queue_drops_qos0_and_defers_qos1() {
         let router = Router::default();
-        let (a, _rx) = session(&router, "a", 1);
+        let (a, mut rx) = session(&router, "a", 1);
         router.subscribe(&a, "t", Qos::ExactlyOnce);
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).dropped, 1);
+        assert_eq!(router.route(&message("t", Qos::AtLeastOnce)).deferred, 1);
+        // Lagging: later QoS 1 waits in the store too, even with room in the queue.
+        assert!(rx.try_recv().is_ok());
         assert_eq!(router.route(&message("t", Qos::AtLeastOnce)).deferred, 1);
         let sessions = &router.read().sessions;
         assert_eq!(sessions.get("a").and_then(|s| s.take_lag()), Some(1));

@@ -9,10 +9,28 @@ use wharf_shared::{MessageId, Qos};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    /// QoS 2 to a persistent session: waiting for the store to record the delivery before
+    /// the PUBLISH is written.
+    Tracking,
     /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
     Published,
+    /// PUBREC received; waiting for the store to record it before the PUBREL is written.
+    Releasing,
     /// PUBREL sent; waiting for PUBCOMP.
     Released,
+}
+
+/// What to do about a PUBREC.
+#[derive(Debug)]
+pub enum PubRec {
+    /// First PUBREC: the client owns the message. Record the delivery and send PUBREL.
+    Deliver(Delivery),
+    /// First PUBREC of a tracked delivery: record it durably, then send PUBREL.
+    Track(Delivery),
+    /// A repeat, or an id this session does not know: answer PUBREL.
+    PubRel,
+    /// Being recorded: the PUBREL follows when the store has it.
+    Wait,
 }
 
 #[derive(Debug)]
@@ -66,6 +84,57 @@ impl SessionState {
 
     /// Starts a QoS 1/2 delivery and returns its packet id. The caller checks the window.
     pub fn start(&mut self, delivery: Delivery) -> u16 {
+        self.start_at(delivery, Stage::Published)
+    }
+
+    /// Starts a QoS 2 delivery whose PUBLISH waits until the store recorded it ([`tracked`]).
+    ///
+    /// [`tracked`]: SessionState::tracked
+    pub fn start_tracked(&mut self, delivery: Delivery) -> u16 {
+        self.start_at(delivery, Stage::Tracking)
+    }
+
+    /// The store recorded the delivery: the PUBLISH may go.
+    pub fn tracked(&mut self, pkid: u16) -> Option<Delivery> {
+        match self.inflight.get_mut(&pkid) {
+            Some(i) if i.stage == Stage::Tracking => {
+                i.stage = Stage::Published;
+                Some(i.delivery.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// The store recorded the PUBREC: the PUBREL may go.
+    pub fn release_tracked(&mut self, pkid: u16) -> bool {
+        match self.inflight.get_mut(&pkid) {
+            Some(i) if i.stage == Stage::Releasing => {
+                i.stage = Stage::Released;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A delivery that was under way before a crash, as the store recorded it.
+    pub fn restore(&mut self, pkid: u16, delivery: Delivery, released: bool) {
+        self.next_seq += 1;
+        let stage = if released {
+            Stage::Released
+        } else {
+            Stage::Published
+        };
+        self.inflight.insert(
+            pkid,
+            Inflight {
+                delivery,
+                stage,
+                seq: self.next_seq,
+            },
+        );
+    }
+
+    fn start_at(&mut self, delivery: Delivery, stage: Stage) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.wrapping_add(1);
             if self.next_pkid != 0 && !self.inflight.contains_key(&self.next_pkid) {
@@ -77,7 +146,7 @@ impl SessionState {
             self.next_pkid,
             Inflight {
                 delivery,
-                stage: Stage::Published,
+                stage,
                 seq: self.next_seq,
             },
         );
@@ -94,16 +163,21 @@ impl SessionState {
         }
     }
 
-    /// PUBREC: moves a QoS 2 delivery to the release stage. Returns the delivery the first
-    /// time (the client now owns the message), `None` for a repeat or an unknown id. Either
-    /// way the caller answers with PUBREL.
-    pub fn pubrec(&mut self, pkid: u16) -> Option<Delivery> {
+    /// PUBREC: moves a QoS 2 delivery towards release. With `durable`, the release waits for
+    /// the store (see [`PubRec::Track`]).
+    pub fn pubrec(&mut self, pkid: u16, durable: bool) -> PubRec {
         match self.inflight.get_mut(&pkid) {
             Some(i) if i.stage == Stage::Published && i.delivery.qos == Qos::ExactlyOnce => {
-                i.stage = Stage::Released;
-                Some(i.delivery.clone())
+                if durable {
+                    i.stage = Stage::Releasing;
+                    PubRec::Track(i.delivery.clone())
+                } else {
+                    i.stage = Stage::Released;
+                    PubRec::Deliver(i.delivery.clone())
+                }
             }
-            _ => None,
+            Some(i) if i.stage == Stage::Releasing => PubRec::Wait,
+            _ => PubRec::PubRel,
         }
     }
 
@@ -122,11 +196,11 @@ impl SessionState {
         inflight
             .into_iter()
             .map(|(pkid, i)| match i.stage {
-                Stage::Published => Resend::Publish {
+                Stage::Tracking | Stage::Published => Resend::Publish {
                     pkid: *pkid,
                     delivery: i.delivery.clone(),
                 },
-                Stage::Released => Resend::PubRel(*pkid),
+                Stage::Releasing | Stage::Released => Resend::PubRel(*pkid),
             })
             .collect()
     }
@@ -174,20 +248,37 @@ mod tests {
         let b = s.start(delivery(2, Qos::ExactlyOnce));
         assert_ne!(a, b);
         assert!(
-            s.pubrec(a).is_none(),
+            matches!(s.pubrec(a, false), PubRec::PubRel),
             "PUBREC does not complete a QoS 1 delivery"
         );
         assert!(s.puback(a).is_some());
         assert!(s.puback(a).is_none());
         assert!(!s.pubcomp(b), "PUBCOMP before PUBREC");
-        assert!(s.pubrec(b).is_some());
+        assert!(matches!(s.pubrec(b, false), PubRec::Deliver(_)));
         assert!(
-            s.pubrec(b).is_none(),
+            matches!(s.pubrec(b, false), PubRec::PubRel),
             "a repeated PUBREC is not a second delivery"
         );
         assert!(matches!(s.resend()[..], [Resend::PubRel(id)] if id == b));
         assert!(s.pubcomp(b));
         assert_eq!(s.inflight_len(), 0);
+    }
+
+    #[test]
+    fn tracked_qos2_waits_for_the_store_at_both_steps() {
+        let mut s = SessionState::new("c".into());
+        let p = s.start_tracked(delivery(1, Qos::ExactlyOnce));
+        assert!(
+            matches!(s.pubrec(p, true), PubRec::PubRel),
+            "PUBREC before the PUBLISH went out"
+        );
+        assert!(s.tracked(p).is_some());
+        assert!(s.tracked(p).is_none());
+        assert!(matches!(s.pubrec(p, true), PubRec::Track(_)));
+        assert!(matches!(s.pubrec(p, true), PubRec::Wait));
+        assert!(!s.pubcomp(p), "no PUBCOMP before the PUBREL");
+        assert!(s.release_tracked(p));
+        assert!(s.pubcomp(p));
     }
 
     #[test]

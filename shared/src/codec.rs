@@ -155,6 +155,11 @@ mod tests {
                 }],
                 undelivered: vec![sample_message()],
                 next_since_ms: Some(5),
+                outbound_qos2: vec![OutboundQos2 {
+                    pkid: 3,
+                    message: sample_message(),
+                    released: true,
+                }],
             },
         });
     }
@@ -171,7 +176,7 @@ mod tests {
             instance: "i".into(),
         });
         codec.encode(hello, &mut buf).expect("encode");
-        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 2, 2, b'h', b'1', 1, b'i']);
+        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 4, 2, b'h', b'1', 1, b'i']);
 
         buf.clear();
         let persist = EdgeFrame::Request {

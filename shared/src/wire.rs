@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Most messages the worker puts in one reply; the edge asks again from `next_since_ms`.
 pub const MAX_MESSAGES_PER_REPLY: usize = 500;
@@ -91,6 +91,15 @@ pub struct Subscription {
     pub qos: Qos,
 }
 
+/// A QoS 2 delivery under way to a persistent session.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct OutboundQos2 {
+    pub pkid: u16,
+    pub message: Message,
+    /// PUBREC was received: what is owed is a PUBREL.
+    pub released: bool,
+}
+
 /// First frame in each direction.
 #[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
 pub struct Hello {
@@ -135,6 +144,25 @@ pub enum Request {
     },
     /// Store a message durably. Reply `Persisted` once it is durable, or `Failed`.
     Persist(Message),
+    /// Store a QoS 2 message together with its publisher's packet id, which stays recorded
+    /// until `ReleaseQos2`. If the id is still recorded (a PUBLISH re-sent after a crash or
+    /// reconnect), nothing is stored and the reply is `AlreadyStored`; else `Persisted`.
+    PersistQos2 { message: Message, pkid: u16 },
+    /// PUBREL arrived: forget the packet id. Reply `Done`. Ordered with the persists.
+    ReleaseQos2 { client_id: String, pkid: u16 },
+    /// A QoS 2 delivery to a persistent session, recorded durably before the PUBLISH is
+    /// written (`released: false`) and again once the client's PUBREC arrived
+    /// (`released: true`, which also writes the `publishedMessage` record), so that after a
+    /// crash any edge re-sends it with the same packet id. Reply `Done`.
+    TrackQos2Out {
+        client_id: String,
+        pkid: u16,
+        message_id: MessageId,
+        topic: String,
+        released: bool,
+    },
+    /// PUBCOMP arrived: the delivery is complete. Reply `Done`.
+    ForgetQos2Out { client_id: String, pkid: u16 },
     /// Store subscriptions (upsert per client and filter). Reply [`Reply::Messages`] with the
     /// retained messages that match the new filters.
     Subscribe {
@@ -188,6 +216,8 @@ pub struct DeliveredRecord {
 pub enum Reply {
     Done,
     Persisted,
+    /// The QoS 2 packet id was already recorded: the message was stored (and routed) before.
+    AlreadyStored,
     /// Stored state of a persistent session.
     Session {
         /// Whether the store held anything for this client.
@@ -196,6 +226,8 @@ pub enum Reply {
         undelivered: Vec<Message>,
         /// More undelivered messages may wait from this time on: ask with `CatchUp`.
         next_since_ms: Option<i64>,
+        /// QoS 2 deliveries to this client that were under way.
+        outbound_qos2: Vec<OutboundQos2>,
     },
     Messages {
         messages: Vec<Message>,

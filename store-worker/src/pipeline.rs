@@ -6,7 +6,8 @@
 //!
 //! Both retry a store that is unavailable with backoff, up to a time limit.
 
-use crate::store::{DeliveryRow, Store, StoreError};
+use crate::store::{DeliveryRow, Store, StoreError, WriteBatch};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,10 +17,74 @@ use wharf_shared::{Message, Reply, WorkerFrame};
 /// Where a reply goes: the edge connection's writer and the request id.
 pub type ReplyTo = (mpsc::Sender<WorkerFrame>, u64);
 
+/// What goes through the persister, in the order the edges sent it.
+pub enum Job {
+    Store(Message),
+    /// A QoS 2 message with its publisher's packet id (exactly once across reconnects).
+    Qos2 {
+        message: Message,
+        pkid: u16,
+    },
+    /// PUBREL: the packet id may be used for a new message again.
+    Release {
+        client_id: String,
+        pkid: u16,
+    },
+    /// A clean session starts or ends: its packet ids are forgotten.
+    Clear {
+        client_id: String,
+    },
+}
+
 pub struct PersistJob {
-    pub message: Message,
-    /// `None` for QoS 0 messages, which nobody waits for.
+    pub job: Job,
+    /// `None` for QoS 0 messages and session clean-ups, which nobody waits for.
     pub reply: Option<ReplyTo>,
+}
+
+/// Turns jobs, in order, into one write and a reply per job. `recorded` are the QoS 2 ids
+/// the store already holds.
+fn plan(jobs: &[PersistJob], mut recorded: HashSet<(String, u16)>) -> (WriteBatch, Vec<Reply>) {
+    let mut batch = WriteBatch::default();
+    let mut replies = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        replies.push(match &job.job {
+            Job::Store(m) => {
+                batch.messages.push(m.clone());
+                Reply::Persisted
+            }
+            Job::Qos2 { message, pkid } => {
+                let key = (message.client_id.clone(), *pkid);
+                if recorded.contains(&key) {
+                    Reply::AlreadyStored
+                } else {
+                    batch.messages.push(message.clone());
+                    batch
+                        .record_qos2
+                        .retain(|(c, p, _)| (c, p) != (&key.0, &key.1));
+                    batch.record_qos2.push((key.0.clone(), key.1, message.id));
+                    recorded.insert(key);
+                    Reply::Persisted
+                }
+            }
+            Job::Release { client_id, pkid } => {
+                let key = (client_id.clone(), *pkid);
+                recorded.remove(&key);
+                batch
+                    .record_qos2
+                    .retain(|(c, p, _)| (c, p) != (&key.0, &key.1));
+                batch.release_qos2.push(key);
+                Reply::Done
+            }
+            Job::Clear { client_id } => {
+                recorded.retain(|(c, _)| c != client_id);
+                batch.record_qos2.retain(|(c, _, _)| c != client_id);
+                batch.clear_qos2.push(client_id.clone());
+                Reply::Done
+            }
+        });
+    }
+    (batch, replies)
 }
 
 pub enum RecordCommand {
@@ -64,34 +129,46 @@ pub async fn persister<S: Store>(
     let mut batch = Vec::with_capacity(max_batch);
     while jobs.recv_many(&mut batch, max_batch).await > 0 {
         let started = Instant::now();
-        let messages: Vec<Message> = batch.iter().map(|j| j.message.clone()).collect();
-        metrics::histogram!("wharf_worker_persist_batch_size").record(messages.len() as f64);
-        let result = retry(limit, "persist", || store.insert_messages(messages.clone())).await;
+        let keys: Vec<(String, u16)> = batch
+            .iter()
+            .filter_map(|j| match &j.job {
+                Job::Qos2 { message, pkid } => Some((message.client_id.clone(), *pkid)),
+                _ => None,
+            })
+            .collect();
+        let result = async {
+            let recorded = if keys.is_empty() {
+                HashSet::new()
+            } else {
+                retry(limit, "QoS 2 ids", || store.qos2_recorded(keys.clone())).await?
+            };
+            let (write, replies) = plan(&batch, recorded);
+            metrics::histogram!("wharf_worker_persist_batch_size")
+                .record(write.messages.len() as f64);
+            retry(limit, "persist", || store.write(write.clone())).await?;
+            Ok::<_, StoreError>((write.messages, replies))
+        }
+        .await;
         metrics::histogram!("wharf_worker_persist_seconds").record(started.elapsed().as_secs_f64());
-        let reply = match &result {
-            Ok(()) => Reply::Persisted,
+        let (stored, replies) = match result {
+            Ok((messages, replies)) => (Some(messages), replies),
             Err(e) => {
-                tracing::error!(error = %e, messages = batch.len(), "persist failed; the edges will not acknowledge");
-                Reply::Failed {
+                tracing::error!(error = %e, jobs = batch.len(), "persist failed; the edges will not acknowledge");
+                let failed = Reply::Failed {
                     reason: e.to_string(),
                     retryable: e.retryable(),
-                }
+                };
+                (None, vec![failed; batch.len()])
             }
         };
-        // Other edges of this worker get what is now stored (after the replies, which the
-        // publishers wait for).
-        let stored = result.is_ok().then_some(messages);
-        for job in batch.drain(..) {
+        for (job, reply) in batch.drain(..).zip(replies) {
             if let Some((tx, id)) = job.reply {
-                let _ = tx
-                    .send(WorkerFrame::Reply {
-                        id,
-                        reply: reply.clone(),
-                    })
-                    .await;
+                let _ = tx.send(WorkerFrame::Reply { id, reply }).await;
             }
         }
-        if let Some(messages) = stored {
+        // Other edges of this worker get what is now stored (after the replies, which the
+        // publishers wait for).
+        if let Some(messages) = stored.filter(|m| !m.is_empty()) {
             edges.fanout(&messages, false).await;
         }
     }

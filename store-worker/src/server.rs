@@ -6,7 +6,7 @@
 //! subscribe), while different clients' requests run concurrently. Persist requests and
 //! delivery records go to the shared batching tasks in [`crate::pipeline`].
 
-use crate::pipeline::{PersistJob, RecordCommand};
+use crate::pipeline::{Job, PersistJob, RecordCommand};
 use crate::store::{self, DeliveryRow, Store, StoreError};
 use futures::{SinkExt, StreamExt};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -168,25 +168,35 @@ async fn connection<S: Store>(
                 tracing::warn!(edge = %edge.instance, "second hello; closing");
                 break;
             }
-            EdgeFrame::Request {
-                id,
-                request: Request::Persist(message),
-            } => shared
-                .persist
-                .send(PersistJob {
-                    message,
-                    reply: Some((out_tx.clone(), id)),
-                })
-                .await
-                .is_ok(),
-            EdgeFrame::Request { id, request } => {
-                let lane = lane_of(client_of(&request));
-                lanes[lane].send((id, request)).await.is_ok()
-            }
+            EdgeFrame::Request { id, request } => match route(request) {
+                Route::Persister(job) => shared
+                    .persist
+                    .send(PersistJob {
+                        job,
+                        reply: Some((out_tx.clone(), id)),
+                    })
+                    .await
+                    .is_ok(),
+                Route::Lane(request) => {
+                    if let Some(client_id) = clean_session_of(&request) {
+                        // A clean session's QoS 2 packet ids are forgotten in order with the
+                        // persists, which is where they are used.
+                        let clear = PersistJob {
+                            job: Job::Clear { client_id },
+                            reply: None,
+                        };
+                        if shared.persist.send(clear).await.is_err() {
+                            break;
+                        }
+                    }
+                    let lane = lane_of(client_of(&request));
+                    lanes[lane].send((id, request)).await.is_ok()
+                }
+            },
             EdgeFrame::Notice(Notice::Store(message)) => shared
                 .persist
                 .send(PersistJob {
-                    message,
+                    job: Job::Store(message),
                     reply: None,
                 })
                 .await
@@ -234,14 +244,49 @@ async fn write_frames(
     }
 }
 
+/// Where a request runs: the persister (writes ordered with the persists) or a lane.
+enum Route {
+    Persister(Job),
+    Lane(Request),
+}
+
+fn route(request: Request) -> Route {
+    match request {
+        Request::Persist(message) => Route::Persister(Job::Store(message)),
+        Request::PersistQos2 { message, pkid } => Route::Persister(Job::Qos2 { message, pkid }),
+        Request::ReleaseQos2 { client_id, pkid } => {
+            Route::Persister(Job::Release { client_id, pkid })
+        }
+        other => Route::Lane(other),
+    }
+}
+
+/// The client of a clean-session connect or disconnect.
+fn clean_session_of(request: &Request) -> Option<String> {
+    match request {
+        Request::Connect {
+            client_id,
+            clean_session: true,
+        }
+        | Request::Disconnect {
+            client_id,
+            clean_session: true,
+        } => Some(client_id.clone()),
+        _ => None,
+    }
+}
+
 fn client_of(request: &Request) -> &str {
     match request {
         Request::Connect { client_id, .. }
         | Request::Subscribe { client_id, .. }
         | Request::Unsubscribe { client_id, .. }
         | Request::CatchUp { client_id, .. }
-        | Request::Disconnect { client_id, .. } => client_id,
-        Request::Persist(m) => &m.client_id,
+        | Request::Disconnect { client_id, .. }
+        | Request::TrackQos2Out { client_id, .. }
+        | Request::ForgetQos2Out { client_id, .. } => client_id,
+        Request::Persist(m) | Request::PersistQos2 { message: m, .. } => &m.client_id,
+        Request::ReleaseQos2 { client_id, .. } => client_id,
     }
 }
 
@@ -300,6 +345,36 @@ async fn handle<S: Store>(
                 store.remove_subscriptions(&client_id, None)
             })
             .await?;
+            crate::pipeline::retry(limit, "clear session", || {
+                store.forget_qos2_out(&client_id, None)
+            })
+            .await?;
+            Reply::Done
+        }
+        Request::TrackQos2Out {
+            client_id,
+            pkid,
+            message_id,
+            topic,
+            released,
+        } => {
+            let row = released.then(|| DeliveryRow {
+                client_id: client_id.clone(),
+                host: edge_host.to_owned(),
+                record: wharf_shared::DeliveredRecord { message_id, topic },
+                created_ms: now_ms(),
+            });
+            crate::pipeline::retry(limit, "track QoS 2", || {
+                store.track_qos2_out(&client_id, pkid, message_id, row.clone())
+            })
+            .await?;
+            Reply::Done
+        }
+        Request::ForgetQos2Out { client_id, pkid } => {
+            crate::pipeline::retry(limit, "forget QoS 2", || {
+                store.forget_qos2_out(&client_id, Some(pkid))
+            })
+            .await?;
             Reply::Done
         }
         Request::Disconnect { .. } => Reply::Done,
@@ -310,6 +385,10 @@ async fn handle<S: Store>(
                     .await?;
             let (undelivered, next_since_ms) = crate::pipeline::retry(limit, "session", || {
                 store::undelivered(store, &client_id, None, None)
+            })
+            .await?;
+            let outbound_qos2 = crate::pipeline::retry(limit, "session", || {
+                store::outbound_qos2(store, &client_id)
             })
             .await?;
             Reply::Session {
@@ -323,6 +402,7 @@ async fn handle<S: Store>(
                     .collect(),
                 undelivered,
                 next_since_ms,
+                outbound_qos2,
             }
         }
         Request::Subscribe {
@@ -368,7 +448,9 @@ async fn handle<S: Store>(
                 next_since_ms,
             }
         }
-        Request::Persist(_) => return Err(StoreError::Failed("persist on a lane".into())),
+        Request::Persist(_) | Request::PersistQos2 { .. } | Request::ReleaseQos2 { .. } => {
+            return Err(StoreError::Failed("persister request on a lane".into()))
+        }
     };
     Ok(reply)
 }

@@ -6,6 +6,7 @@
 //! - [`certs`]: test CAs and certificates (rcgen), rustls client configurations.
 //! - [`client`]: a rumqttc client that reports every packet it receives.
 //! - [`raw`]: hand-written bytes, for malformed input and exact packet checks.
+//! - [`resilient`]: byte-level clients that survive broker crashes as MQTT requires.
 //! - [`etcd`]: an etcd server per test (Debian's `etcd-server`).
 //! - [`mongo`]: a SecantusDB (MongoDB wire) server per test.
 //! - [`process`]: the real binaries as child processes (broker hosts to kill).
@@ -18,6 +19,7 @@ pub mod mock_worker;
 pub mod mongo;
 pub mod process;
 pub mod raw;
+pub mod resilient;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -30,6 +30,10 @@ pub struct MockStore {
     pub subscriptions: HashMap<String, BTreeMap<String, (Qos, i64)>>,
     pub delivered: HashSet<(String, MessageId)>,
     pub retained: BTreeMap<String, Message>,
+    /// QoS 2 packet ids recorded and not yet released, by client.
+    pub qos2: HashSet<(String, u16)>,
+    /// QoS 2 deliveries under way: (client, packet id) -> (message, released).
+    pub qos2_out: BTreeMap<(String, u16), (MessageId, bool)>,
     /// Every request seen, for assertions on what the edge asked.
     pub requests: Vec<Request>,
 }
@@ -156,7 +160,7 @@ async fn serve(
                     EdgeFrame::Request { id, request } => {
                         let b = behaviour.lock().expect("lock").clone();
                         let (store, tx, host) = (store.clone(), tx.clone(), edge_host.clone());
-                        let persist = matches!(request, Request::Persist(_));
+                        let persist = matches!(request, Request::Persist(_) | Request::PersistQos2 { .. });
                         let delay = if persist { b.persist_delay } else { Duration::ZERO };
                         let handle = async move {
                             if !delay.is_zero() {
@@ -254,6 +258,8 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
             clean_session: true,
         } => {
             store.subscriptions.remove(&client_id);
+            store.qos2.retain(|(c, _)| *c != client_id);
+            store.qos2_out.retain(|(c, _), _| *c != client_id);
             Reply::Done
         }
         Request::Disconnect { .. } => Reply::Done,
@@ -272,16 +278,60 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                 })
                 .unwrap_or_default();
             let (undelivered, next_since_ms) = undelivered(&store, &client_id, None, None);
+            let outbound_qos2 = store
+                .qos2_out
+                .iter()
+                .filter(|((c, _), _)| *c == client_id)
+                .filter_map(|((_, pkid), (id, released))| {
+                    let message = store.messages.iter().find(|m| m.id == *id)?.clone();
+                    Some(wharf_shared::OutboundQos2 {
+                        pkid: *pkid,
+                        message,
+                        released: *released,
+                    })
+                })
+                .collect();
             Reply::Session {
                 present,
                 subscriptions,
                 undelivered,
                 next_since_ms,
+                outbound_qos2,
             }
         }
         Request::Persist(m) => {
             store_message(&mut store, m);
             Reply::Persisted
+        }
+        Request::PersistQos2 { message, pkid } => {
+            if !store.qos2.insert((message.client_id.clone(), pkid)) {
+                return Reply::AlreadyStored;
+            }
+            store_message(&mut store, message);
+            Reply::Persisted
+        }
+        Request::TrackQos2Out {
+            client_id,
+            pkid,
+            message_id,
+            released,
+            ..
+        } => {
+            if released {
+                store.delivered.insert((client_id.clone(), message_id));
+            }
+            store
+                .qos2_out
+                .insert((client_id, pkid), (message_id, released));
+            Reply::Done
+        }
+        Request::ForgetQos2Out { client_id, pkid } => {
+            store.qos2_out.remove(&(client_id, pkid));
+            Reply::Done
+        }
+        Request::ReleaseQos2 { client_id, pkid } => {
+            store.qos2.remove(&(client_id, pkid));
+            Reply::Done
         }
         Request::Subscribe {
             client_id,

@@ -161,10 +161,27 @@ async fn start_session<W: AsyncWrite + Unpin>(
         (SessionState::new(client_id.clone()), false)
     } else {
         match fetch_session(broker, &client_id).await {
-            Ok((present, subscriptions, messages, next_since)) => {
+            Ok((present, subscriptions, messages, next_since, outbound)) => {
                 undelivered = messages;
                 next_since_ms = next_since;
-                let mut state = prior.unwrap_or_else(|| SessionState::new(client_id.clone()));
+                let mut state = match prior {
+                    // Parked on this edge: its own state is the freshest.
+                    Some(state) => state,
+                    // New here (or this edge restarted): QoS 2 deliveries under way, from
+                    // the store, with their packet ids.
+                    None => {
+                        let mut state = SessionState::new(client_id.clone());
+                        for o in outbound {
+                            let delivery = Delivery {
+                                message: Arc::new(o.message),
+                                qos: wharf_shared::Qos::ExactlyOnce,
+                                retain: false,
+                            };
+                            state.restore(o.pkid, delivery, o.released);
+                        }
+                        state
+                    }
+                };
                 let had_state = !state.subscriptions.is_empty() || state.inflight_len() > 0;
                 for s in subscriptions {
                     state.subscriptions.insert(s.filter, s.qos);
@@ -223,6 +240,7 @@ type StoredSession = (
     Vec<wharf_shared::Subscription>,
     Vec<Message>,
     Option<i64>,
+    Vec<wharf_shared::OutboundQos2>,
 );
 
 async fn fetch_session(broker: &Broker, client_id: &str) -> Result<StoredSession, SessionError> {
@@ -241,7 +259,14 @@ async fn fetch_session(broker: &Broker, client_id: &str) -> Result<StoredSession
             subscriptions,
             undelivered,
             next_since_ms,
-        } => Ok((present, subscriptions, undelivered, next_since_ms)),
+            outbound_qos2,
+        } => Ok((
+            present,
+            subscriptions,
+            undelivered,
+            next_since_ms,
+            outbound_qos2,
+        )),
         other => Err(SessionError::Store(format!("connect: {other:?}"))),
     }
 }

@@ -10,7 +10,7 @@ use crate::connection::qos_label;
 use crate::ids;
 use crate::protocol::v4::{self, PublishOut};
 use crate::router::{Delivery, SessionTx};
-use crate::session::{Resend, SessionState};
+use crate::session::{PubRec, Resend, SessionState};
 use crate::topic;
 use bytes::BytesMut;
 use std::collections::{HashSet, VecDeque};
@@ -87,6 +87,12 @@ pub struct Outbound {
     /// Other hosts' messages before this time have been asked for.
     watermark_ms: i64,
     catch_up: Option<(CatchUpKind, Instant)>,
+    /// QoS 2 deliveries are recorded in the store at each step (persistent sessions), so
+    /// that they survive a crash of this edge.
+    durable_qos2: bool,
+    /// Store requests to send: tracking (the caller waits for the reply, then calls
+    /// [`Outbound::tracked`]) or forgetting (nobody waits).
+    pub requests: Vec<Request>,
     last_seed_catch_up: Option<Instant>,
     max_inflight: usize,
 }
@@ -97,6 +103,7 @@ impl Outbound {
         state: SessionState,
         session_tx: Arc<SessionTx>,
         write_buf: BytesMut,
+        durable_qos2: bool,
     ) -> Self {
         Outbound {
             broker: broker.clone(),
@@ -111,6 +118,8 @@ impl Outbound {
             watermark_ms: 0,
             catch_up: None,
             last_seed_catch_up: None,
+            durable_qos2,
+            requests: Vec::new(),
             max_inflight: broker.config.limits.max_inflight as usize,
         }
     }
@@ -181,9 +190,16 @@ impl Outbound {
         }
     }
 
+    /// A store fetch is under way: live messages wait behind it, so that older stored ones
+    /// go first.
+    fn fetching(&self) -> bool {
+        matches!(self.catch_up, Some((CatchUpKind::Store, _)))
+    }
+
     /// Whether the run loop should take the next message off the router queue.
     pub fn wants_queue(&self) -> bool {
-        self.stalled.is_none()
+        !self.fetching()
+            && self.stalled.is_none()
             && self.backlog.is_empty()
             && self.write_buf.len() < self.broker.config.limits.write_high_water
     }
@@ -201,8 +217,14 @@ impl Outbound {
             self.encode(&delivery, 0, false);
             self.record(&delivery.message);
         } else if self.state.inflight_len() < self.max_inflight {
-            let pkid = self.state.start(delivery.clone());
-            self.encode(&delivery, pkid, false);
+            if delivery.qos == Qos::ExactlyOnce && self.durable_qos2 {
+                let pkid = self.state.start_tracked(delivery.clone());
+                self.requests
+                    .push(self.track(pkid, &delivery.message, false));
+            } else {
+                let pkid = self.state.start(delivery.clone());
+                self.encode(&delivery, pkid, false);
+            }
         } else {
             self.stalled = Some(delivery);
         }
@@ -218,6 +240,7 @@ impl Outbound {
             };
             let next = match next {
                 Some(d) => d,
+                None if self.fetching() => break,
                 None => match queue.try_recv() {
                     Ok(d) if !self.dedupe.first_time(d.message.id) => continue,
                     Ok(d) => d,
@@ -269,14 +292,46 @@ impl Outbound {
     }
 
     pub fn pubrec(&mut self, pkid: u16) {
-        if let Some(d) = self.state.pubrec(pkid) {
-            self.record(&d.message);
+        match self.state.pubrec(pkid, self.durable_qos2) {
+            PubRec::Deliver(d) => {
+                self.record(&d.message);
+                v4::encode_pubrel(&mut self.write_buf, pkid);
+            }
+            // The delivery record goes with the tracking write; PUBREL once it is durable.
+            PubRec::Track(d) => self.requests.push(self.track(pkid, &d.message, true)),
+            PubRec::PubRel => v4::encode_pubrel(&mut self.write_buf, pkid),
+            PubRec::Wait => {}
         }
-        v4::encode_pubrel(&mut self.write_buf, pkid);
     }
 
     pub fn pubcomp(&mut self, pkid: u16) {
-        self.state.pubcomp(pkid);
+        if self.state.pubcomp(pkid) && self.durable_qos2 {
+            self.requests.push(Request::ForgetQos2Out {
+                client_id: self.state.client_id.to_string(),
+                pkid,
+            });
+        }
+    }
+
+    fn track(&self, pkid: u16, message: &Message, released: bool) -> Request {
+        Request::TrackQos2Out {
+            client_id: self.state.client_id.to_string(),
+            pkid,
+            message_id: message.id,
+            topic: message.topic.clone(),
+            released,
+        }
+    }
+
+    /// The store recorded a tracked step: write the PUBLISH or the PUBREL it was holding.
+    pub fn tracked(&mut self, pkid: u16, released: bool) {
+        if released {
+            if self.state.release_tracked(pkid) {
+                v4::encode_pubrel(&mut self.write_buf, pkid);
+            }
+        } else if let Some(d) = self.state.tracked(pkid) {
+            self.encode(&d, pkid, false);
+        }
     }
 
     /// The `publishedMessage` records gathered since the last call.

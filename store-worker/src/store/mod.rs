@@ -44,6 +44,17 @@ pub struct StoredSubscription {
     pub created_ms: i64,
 }
 
+/// One group-committed write, applied in this order: forget the packet ids of clients in
+/// `clear_qos2`, forget `release_qos2`, store `messages` (ignoring ids already stored, applying
+/// retain flags in order), record `record_qos2` (client, packet id, message).
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    pub clear_qos2: Vec<String>,
+    pub release_qos2: Vec<(String, u16)>,
+    pub messages: Vec<Message>,
+    pub record_qos2: Vec<(String, u16, MessageId)>,
+}
+
 /// One `publishedMessage` record to write.
 #[derive(Debug, Clone)]
 pub struct DeliveryRow {
@@ -57,11 +68,13 @@ pub struct DeliveryRow {
 pub trait Store: Send + Sync + 'static {
     /// Whether the store answers (readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Stores messages (ignoring ids already stored) and applies their retain flags in order.
-    fn insert_messages(
+    /// Applies a batch durably (see [`WriteBatch`]).
+    fn write(&self, batch: WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Which of these (client, packet id) pairs are recorded as QoS 2 messages not yet released.
+    fn qos2_recorded(
         &self,
-        batch: Vec<Message>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        keys: Vec<(String, u16)>,
+    ) -> impl Future<Output = Result<HashSet<(String, u16)>, StoreError>> + Send;
     fn record_delivered(
         &self,
         rows: Vec<DeliveryRow>,
@@ -99,6 +112,32 @@ pub trait Store: Send + Sync + 'static {
         prefixes: Option<Vec<String>>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// Records a QoS 2 delivery under way to a persistent session (`released` carries the
+    /// delivery record to write with it once PUBREC arrived).
+    fn track_qos2_out(
+        &self,
+        client_id: &str,
+        pkid: u16,
+        message_id: MessageId,
+        released: Option<DeliveryRow>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Forgets one QoS 2 delivery (PUBCOMP), or all of a client's (`None`, clean session).
+    fn forget_qos2_out(
+        &self,
+        client_id: &str,
+        pkid: Option<u16>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The client's QoS 2 deliveries under way: (packet id, message, released).
+    fn qos2_out(
+        &self,
+        client_id: &str,
+    ) -> impl Future<Output = Result<Vec<(u16, MessageId, bool)>, StoreError>> + Send;
+    /// Stored messages by id (those still within their TTL).
+    fn messages_by_id(
+        &self,
+        ids: Vec<MessageId>,
+    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+
     /// Sends messages that other workers store (host other than `own_host`) to `sink` as
     /// they arrive, until `shutdown`. Stores that only one worker uses have nothing to follow.
     fn follow_other_hosts(
@@ -194,6 +233,31 @@ pub async fn undelivered<S: Store>(
         }
     }
     Ok((out, Some(lower)))
+}
+
+/// The client's QoS 2 deliveries under way, with their messages (those past the TTL dropped).
+pub async fn outbound_qos2<S: Store>(
+    store: &S,
+    client_id: &str,
+) -> Result<Vec<wharf_shared::OutboundQos2>, StoreError> {
+    let records = store.qos2_out(client_id).await?;
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let messages = store
+        .messages_by_id(records.iter().map(|r| r.1).collect())
+        .await?;
+    Ok(records
+        .into_iter()
+        .filter_map(|(pkid, id, released)| {
+            let message = messages.iter().find(|m| m.id == id)?.clone();
+            Some(wharf_shared::OutboundQos2 {
+                pkid,
+                message,
+                released,
+            })
+        })
+        .collect())
 }
 
 /// Retained messages matching any of `filters`.

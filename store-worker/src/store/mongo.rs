@@ -12,7 +12,8 @@
 //! Indexes are made at start-up with fixed names; a TTL that differs is changed with collMod.
 
 use super::{
-    DeliveryRow, Store, StoreError, StoredSubscription, MESSAGE_TTL_SECS, PUBLISHED_TTL_SECS,
+    DeliveryRow, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
+    PUBLISHED_TTL_SECS,
 };
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Document};
@@ -35,6 +36,8 @@ pub struct MongoStore {
     subscriptions: Collection<Document>,
     published: Collection<Document>,
     retained: Collection<Document>,
+    qos2: Collection<Document>,
+    qos2_out: Collection<Document>,
     change_streams: bool,
 }
 
@@ -188,6 +191,24 @@ fn topic_condition(field: &str, prefixes: &Option<Vec<String>>) -> Option<Docume
 }
 
 impl MongoStore {
+    /// Records QoS 2 packet ids (after their messages are stored: a crash in between costs a
+    /// duplicate, never a loss).
+    async fn record_qos2(&self, records: &[(String, u16, MessageId)]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let now = DateTime::now();
+        let docs: Vec<Document> = records
+            .iter()
+            .map(|(c, p, id)| doc! { "_id": ObjectId::new(), "clientId": c, "pkid": *p as i32, "messageId": oid(id), "created": now })
+            .collect();
+        match self.qos2.insert_many(docs).ordered(false).await {
+            Ok(_) => Ok(()),
+            Err(e) if only_duplicates(&e) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
     /// Connects, checks the server answers, and makes the indexes.
     pub async fn connect(
         uri: &str,
@@ -220,6 +241,8 @@ impl MongoStore {
             subscriptions: collection("subscription"),
             published: collection("publishedMessage"),
             retained: collection("retained"),
+            qos2: collection("qos2Inflight"),
+            qos2_out: collection("qos2Outbound"),
             change_streams,
             db,
         };
@@ -231,6 +254,10 @@ impl MongoStore {
         self.ensure_ttl("message", &self.messages, MESSAGE_TTL_SECS)
             .await?;
         self.ensure_ttl("publishedMessage", &self.published, PUBLISHED_TTL_SECS)
+            .await?;
+        self.ensure_ttl("qos2Inflight", &self.qos2, PUBLISHED_TTL_SECS)
+            .await?;
+        self.ensure_ttl("qos2Outbound", &self.qos2_out, PUBLISHED_TTL_SECS)
             .await?;
         let indexes = [
             (
@@ -255,6 +282,18 @@ impl MongoStore {
                 &self.published,
                 doc! { "clientId": 1, "messageId": 1 },
                 "clientId_messageId",
+                true,
+            ),
+            (
+                &self.qos2,
+                doc! { "clientId": 1, "pkid": 1 },
+                "clientId_pkid",
+                true,
+            ),
+            (
+                &self.qos2_out,
+                doc! { "clientId": 1, "pkid": 1 },
+                "clientId_pkid",
                 true,
             ),
         ];
@@ -338,7 +377,23 @@ impl Store for MongoStore {
         }
     }
 
-    async fn insert_messages(&self, batch: Vec<Message>) -> Result<(), StoreError> {
+    async fn write(&self, write: WriteBatch) -> Result<(), StoreError> {
+        for client in &write.clear_qos2 {
+            self.qos2
+                .delete_many(doc! { "clientId": client })
+                .await
+                .map_err(classify)?;
+        }
+        for (client, pkid) in &write.release_qos2 {
+            self.qos2
+                .delete_one(doc! { "clientId": client, "pkid": *pkid as i32 })
+                .await
+                .map_err(classify)?;
+        }
+        let batch = write.messages;
+        if batch.is_empty() {
+            return self.record_qos2(&write.record_qos2).await;
+        }
         let docs: Vec<Document> = batch.iter().map(message_doc).collect();
         let fresh: HashSet<usize> = match self.messages.insert_many(docs).ordered(false).await {
             Ok(_) => (0..batch.len()).collect(),
@@ -374,7 +429,106 @@ impl Store for MongoStore {
                     .map_err(classify)?;
             }
         }
+        self.record_qos2(&write.record_qos2).await
+    }
+
+    async fn track_qos2_out(
+        &self,
+        client_id: &str,
+        pkid: u16,
+        message_id: MessageId,
+        released: Option<DeliveryRow>,
+    ) -> Result<(), StoreError> {
+        // The delivery record first: a crash in between leaves a PUBREL owed and the message
+        // delivered, never a message lost.
+        let is_released = released.is_some();
+        if let Some(row) = released {
+            self.record_delivered(vec![row]).await?;
+        }
+        self.qos2_out
+            .update_one(
+                doc! { "clientId": client_id, "pkid": pkid as i32 },
+                doc! {
+                    "$set": { "messageId": oid(&message_id), "released": is_released, "created": DateTime::now() },
+                    "$setOnInsert": { "_id": ObjectId::new() },
+                },
+            )
+            .upsert(true)
+            .await
+            .map_err(classify)?;
         Ok(())
+    }
+
+    async fn forget_qos2_out(&self, client_id: &str, pkid: Option<u16>) -> Result<(), StoreError> {
+        let filter = match pkid {
+            Some(p) => doc! { "clientId": client_id, "pkid": p as i32 },
+            None => doc! { "clientId": client_id },
+        };
+        self.qos2_out.delete_many(filter).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn qos2_out(&self, client_id: &str) -> Result<Vec<(u16, MessageId, bool)>, StoreError> {
+        let docs: Vec<Document> = self
+            .qos2_out
+            .find(doc! { "clientId": client_id })
+            .sort(doc! { "created": 1 })
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some((
+                    d.get_i32("pkid").ok()? as u16,
+                    MessageId(d.get_object_id("messageId").ok()?.bytes()),
+                    d.get_bool("released").unwrap_or(false),
+                ))
+            })
+            .collect())
+    }
+
+    async fn messages_by_id(&self, ids: Vec<MessageId>) -> Result<Vec<Message>, StoreError> {
+        let oids: Vec<ObjectId> = ids.iter().map(oid).collect();
+        let docs: Vec<Document> = self
+            .messages
+            .find(doc! { "_id": { "$in": oids } })
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
+    }
+
+    async fn qos2_recorded(
+        &self,
+        keys: Vec<(String, u16)>,
+    ) -> Result<HashSet<(String, u16)>, StoreError> {
+        let alternatives: Vec<Document> = keys
+            .iter()
+            .map(|(c, p)| doc! { "clientId": c, "pkid": *p as i32 })
+            .collect();
+        let docs: Vec<Document> = self
+            .qos2
+            .find(doc! { "$or": alternatives })
+            .projection(doc! { "clientId": 1, "pkid": 1, "_id": 0 })
+            .await
+            .map_err(classify)?
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some((
+                    d.get_str("clientId").ok()?.to_owned(),
+                    d.get_i32("pkid").ok()? as u16,
+                ))
+            })
+            .collect())
     }
 
     async fn record_delivered(&self, rows: Vec<DeliveryRow>) -> Result<(), StoreError> {

@@ -4,7 +4,8 @@
 //! minute with the same TTLs as the MongoDB indexes.
 
 use super::{
-    DeliveryRow, Store, StoreError, StoredSubscription, MESSAGE_TTL_SECS, PUBLISHED_TTL_SECS,
+    DeliveryRow, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
+    PUBLISHED_TTL_SECS,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
@@ -29,6 +30,14 @@ CREATE TABLE IF NOT EXISTS published_message (
     created INTEGER NOT NULL, PRIMARY KEY (client_id, message_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS published_message_created ON published_message (created);
+CREATE TABLE IF NOT EXISTS qos2_inflight (
+    client_id TEXT NOT NULL, pkid INTEGER NOT NULL, message_id BLOB NOT NULL,
+    created INTEGER NOT NULL, PRIMARY KEY (client_id, pkid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS qos2_outbound (
+    client_id TEXT NOT NULL, pkid INTEGER NOT NULL, message_id BLOB NOT NULL,
+    released INTEGER NOT NULL, created INTEGER NOT NULL, PRIMARY KEY (client_id, pkid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS retained (
     topic TEXT PRIMARY KEY, id BLOB NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
     qos INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
@@ -118,9 +127,18 @@ impl Store for SqliteStore {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
-    async fn insert_messages(&self, batch: Vec<Message>) -> Result<(), StoreError> {
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         self.with(move |c| {
             let tx = c.transaction()?;
+            for client in &batch.clear_qos2 {
+                tx.execute("DELETE FROM qos2_inflight WHERE client_id = ?1", [client])?;
+            }
+            for (client, pkid) in &batch.release_qos2 {
+                tx.execute(
+                    "DELETE FROM qos2_inflight WHERE client_id = ?1 AND pkid = ?2",
+                    params![client, pkid],
+                )?;
+            }
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT OR IGNORE INTO message (id, topic, data, qos, retain, client_id, host, created)
@@ -131,7 +149,7 @@ impl Store for SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
                 let mut clear_retained = tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?;
-                for m in &batch {
+                for m in &batch.messages {
                     let fresh = insert.execute(params![
                         &m.id.0[..], m.topic, m.payload, m.qos.as_u8(), m.retain, m.client_id, m.host, m.created_ms
                     ])?;
@@ -147,8 +165,110 @@ impl Store for SqliteStore {
                         }
                     }
                 }
+                let mut record = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO qos2_inflight (client_id, pkid, message_id, created)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                let now = crate::server::now_ms();
+                for (client, pkid, id) in &batch.record_qos2 {
+                    record.execute(params![client, pkid, &id.0[..], now])?;
+                }
             }
             tx.commit()
+        })
+        .await
+    }
+
+    async fn track_qos2_out(
+        &self,
+        client_id: &str,
+        pkid: u16,
+        message_id: MessageId,
+        released: Option<DeliveryRow>,
+    ) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT OR REPLACE INTO qos2_outbound (client_id, pkid, message_id, released, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![client_id, pkid, &message_id.0[..], released.is_some(), crate::server::now_ms()],
+            )?;
+            if let Some(r) = released {
+                tx.execute(
+                    "INSERT OR IGNORE INTO published_message (client_id, message_id, topic, host, created)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![r.client_id, &r.record.message_id.0[..], r.record.topic, r.host, r.created_ms],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn forget_qos2_out(&self, client_id: &str, pkid: Option<u16>) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            match pkid {
+                Some(pkid) => c.execute(
+                    "DELETE FROM qos2_outbound WHERE client_id = ?1 AND pkid = ?2",
+                    params![client_id, pkid],
+                )?,
+                None => c.execute(
+                    "DELETE FROM qos2_outbound WHERE client_id = ?1",
+                    [client_id],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn qos2_out(&self, client_id: &str) -> Result<Vec<(u16, MessageId, bool)>, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT pkid, message_id, released FROM qos2_outbound WHERE client_id = ?1 ORDER BY created",
+            )?;
+            let rows = stmt.query_map([client_id], |r| Ok((r.get(0)?, id_of(r.get(1)?), r.get(2)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn messages_by_id(&self, ids: Vec<MessageId>) -> Result<Vec<Message>, StoreError> {
+        self.with(move |c| {
+            let sql = format!("SELECT {MESSAGE_COLUMNS} FROM message WHERE id = ?1");
+            let mut stmt = c.prepare_cached(&sql)?;
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(m) = stmt.query_row([&id.0[..]], message_row).optional()? {
+                    out.push(m);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn qos2_recorded(
+        &self,
+        keys: Vec<(String, u16)>,
+    ) -> Result<HashSet<(String, u16)>, StoreError> {
+        self.with(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT 1 FROM qos2_inflight WHERE client_id = ?1 AND pkid = ?2")?;
+            let mut out = HashSet::new();
+            for key in keys {
+                if stmt
+                    .query_row(params![key.0, key.1], |_| Ok(()))
+                    .optional()?
+                    .is_some()
+                {
+                    out.insert(key);
+                }
+            }
+            Ok(out)
         })
         .await
     }
