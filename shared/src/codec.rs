@@ -245,3 +245,27 @@ mod tests {
         }
     }
 }
+
+/// Entry point for the frame fuzz target (`fuzz/`) and its corpus regression test.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+    use crate::wire::{EdgeFrame, WorkerFrame};
+
+    /// Decodes frames both ways from arbitrary bytes; anything but a panic is fine. Decoded
+    /// frames must encode again.
+    pub fn decode_frames(data: &[u8]) {
+        let mut to_worker = FrameCodec::<EdgeFrame, EdgeFrame>::new();
+        let mut buf = BytesMut::from(data);
+        while let Ok(Some(frame)) = to_worker.decode(&mut buf) {
+            let mut out = BytesMut::new();
+            assert!(to_worker.encode(frame, &mut out).is_ok());
+        }
+        let mut to_edge = FrameCodec::<WorkerFrame, WorkerFrame>::new();
+        let mut buf = BytesMut::from(data);
+        while let Ok(Some(frame)) = to_edge.decode(&mut buf) {
+            let mut out = BytesMut::new();
+            assert!(to_edge.encode(frame, &mut out).is_ok());
+        }
+    }
+}

@@ -7,11 +7,12 @@
 //! Both retry a store that is unavailable with backoff, up to a time limit.
 
 use crate::store::{DeliveryRow, Store, StoreError, WriteBatch};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use wharf_shared::MessageId;
 use wharf_shared::{Message, Reply, WorkerFrame};
 
 /// Where a reply goes: the edge connection's writer and the request id.
@@ -42,9 +43,13 @@ pub struct PersistJob {
     pub reply: Option<ReplyTo>,
 }
 
-/// Turns jobs, in order, into one write and a reply per job. `recorded` are the QoS 2 ids
-/// the store already holds.
-fn plan(jobs: &[PersistJob], mut recorded: HashSet<(String, u16)>) -> (WriteBatch, Vec<Reply>) {
+/// QoS 2 packet ids the store holds: the message id recorded for each, and whether that
+/// message is stored. The record is written before its message, so a crash in between leaves
+/// a record without a message: the re-sent PUBLISH is then stored under the recorded id.
+pub type Recorded = HashMap<(String, u16), (MessageId, bool)>;
+
+/// Turns jobs, in order, into one write and a reply per job.
+fn plan(jobs: &[PersistJob], mut recorded: Recorded) -> (WriteBatch, Vec<Reply>) {
     let mut batch = WriteBatch::default();
     let mut replies = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -55,16 +60,21 @@ fn plan(jobs: &[PersistJob], mut recorded: HashSet<(String, u16)>) -> (WriteBatc
             }
             Job::Qos2 { message, pkid } => {
                 let key = (message.client_id.clone(), *pkid);
-                if recorded.contains(&key) {
-                    Reply::AlreadyStored
-                } else {
-                    batch.messages.push(message.clone());
-                    batch
-                        .record_qos2
-                        .retain(|(c, p, _)| (c, p) != (&key.0, &key.1));
-                    batch.record_qos2.push((key.0.clone(), key.1, message.id));
-                    recorded.insert(key);
-                    Reply::Persisted
+                match recorded.get(&key) {
+                    Some((_, true)) => Reply::AlreadyStored,
+                    known => {
+                        let mut message = message.clone();
+                        if let Some((id, false)) = known {
+                            message.id = *id;
+                        }
+                        batch
+                            .record_qos2
+                            .retain(|(c, p, _)| (c, p) != (&key.0, &key.1));
+                        batch.record_qos2.push((key.0.clone(), key.1, message.id));
+                        recorded.insert(key, (message.id, true));
+                        batch.messages.push(message);
+                        Reply::Persisted
+                    }
                 }
             }
             Job::Release { client_id, pkid } => {
@@ -77,7 +87,7 @@ fn plan(jobs: &[PersistJob], mut recorded: HashSet<(String, u16)>) -> (WriteBatc
                 Reply::Done
             }
             Job::Clear { client_id } => {
-                recorded.retain(|(c, _)| c != client_id);
+                recorded.retain(|(c, _), _| c != client_id);
                 batch.record_qos2.retain(|(c, _, _)| c != client_id);
                 batch.clear_qos2.push(client_id.clone());
                 Reply::Done
@@ -85,6 +95,24 @@ fn plan(jobs: &[PersistJob], mut recorded: HashSet<(String, u16)>) -> (WriteBatc
         });
     }
     (batch, replies)
+}
+
+/// The recorded QoS 2 ids among `keys`, with whether their messages are stored.
+async fn recorded<S: Store>(store: &S, keys: Vec<(String, u16)>) -> Result<Recorded, StoreError> {
+    let ids = store.qos2_recorded(keys).await?;
+    if ids.is_empty() {
+        return Ok(Recorded::new());
+    }
+    let stored: HashSet<MessageId> = store
+        .messages_by_id(ids.values().copied().collect())
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    Ok(ids
+        .into_iter()
+        .map(|(key, id)| (key, (id, stored.contains(&id))))
+        .collect())
 }
 
 pub enum RecordCommand {
@@ -138,9 +166,9 @@ pub async fn persister<S: Store>(
             .collect();
         let result = async {
             let recorded = if keys.is_empty() {
-                HashSet::new()
+                Recorded::new()
             } else {
-                retry(limit, "QoS 2 ids", || store.qos2_recorded(keys.clone())).await?
+                retry(limit, "QoS 2 ids", || recorded(&*store, keys.clone())).await?
             };
             let (write, replies) = plan(&batch, recorded);
             metrics::histogram!("wharf_worker_persist_batch_size")
@@ -204,5 +232,76 @@ pub async fn recorder<S: Store>(
         for tx in barriers {
             let _ = tx.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wharf_shared::Qos;
+
+    fn qos2(client: &str, pkid: u16, id: u8) -> PersistJob {
+        PersistJob {
+            job: Job::Qos2 {
+                message: Message {
+                    id: MessageId([id; 12]),
+                    topic: "t".into(),
+                    payload: vec![],
+                    qos: Qos::ExactlyOnce,
+                    retain: false,
+                    client_id: client.into(),
+                    host: "h".into(),
+                    created_ms: 0,
+                },
+                pkid,
+            },
+            reply: None,
+        }
+    }
+
+    #[test]
+    fn qos2_resends_are_recognised_and_interrupted_writes_resumed() {
+        let mut recorded = Recorded::new();
+        recorded.insert(("stored".into(), 1), (MessageId([9; 12]), true));
+        recorded.insert(("crashed".into(), 1), (MessageId([8; 12]), false));
+        let jobs = vec![
+            qos2("stored", 1, 1),
+            qos2("crashed", 1, 2),
+            qos2("new", 1, 3),
+            qos2("new", 1, 4),
+            PersistJob {
+                job: Job::Release {
+                    client_id: "new".into(),
+                    pkid: 1,
+                },
+                reply: None,
+            },
+            qos2("new", 1, 5),
+        ];
+        let (batch, replies) = plan(&jobs, recorded);
+        assert_eq!(
+            replies,
+            vec![
+                Reply::AlreadyStored,
+                Reply::Persisted,
+                Reply::Persisted,
+                Reply::AlreadyStored,
+                Reply::Done,
+                Reply::Persisted
+            ]
+        );
+        let ids: Vec<u8> = batch.messages.iter().map(|m| m.id.0[0]).collect();
+        // The interrupted one is stored under the id recorded before the crash.
+        assert_eq!(ids, vec![8, 3, 5]);
+        assert_eq!(batch.release_qos2, vec![("new".to_owned(), 1)]);
+        let records: Vec<(String, u8)> = batch
+            .record_qos2
+            .iter()
+            .map(|(c, _, id)| (c.clone(), id.0[0]))
+            .collect();
+        assert_eq!(
+            records,
+            vec![("crashed".to_owned(), 8), ("new".to_owned(), 5)]
+        );
     }
 }

@@ -134,6 +134,24 @@ impl BrokerHost {
         .await;
     }
 
+    pub fn edge_pid(&self) -> Option<u32> {
+        self.edge.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the edge process, in KiB.
+    pub fn edge_rss_kib(&self) -> u64 {
+        let pid = self.edge_pid().unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// SIGKILL, as a crash or a power cut of the process would.
     pub fn kill_edge(&mut self) {
         kill(self.edge.take());

@@ -356,3 +356,81 @@ mod tests {
         );
     }
 }
+
+/// Entry points for the fuzz targets (`fuzz/`) and their corpus regression test: decoding
+/// arbitrary bytes must end in packets, "need more", or an error, never a panic.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Decodes every packet in `data` (as one read buffer, and again split at `split`).
+    pub fn decode_bytes(data: &[u8]) {
+        let split = data
+            .first()
+            .map(|b| *b as usize % (data.len() + 1))
+            .unwrap_or(0);
+        for chunks in [vec![data], vec![&data[..split], &data[split..]]] {
+            let mut buf = BytesMut::new();
+            for chunk in chunks {
+                buf.extend_from_slice(chunk);
+                loop {
+                    match decode(&mut buf, 64 * 1024) {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// A PUBLISH built from `data` encodes and decodes back to the same fields.
+    pub fn publish_round_trip(data: &[u8]) {
+        let Some((&flags, rest)) = data.split_first() else {
+            return;
+        };
+        let cut = rest
+            .first()
+            .map(|b| *b as usize % (rest.len() + 1))
+            .unwrap_or(0);
+        let (topic, payload) = rest.split_at(cut);
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return;
+        };
+        if !crate::topic::valid_topic_name(topic) || topic.len() > u16::MAX as usize {
+            return;
+        }
+        let qos = match flags % 3 {
+            0 => Qos::AtMostOnce,
+            1 => Qos::AtLeastOnce,
+            _ => Qos::ExactlyOnce,
+        };
+        let pkid = if qos == Qos::AtMostOnce {
+            0
+        } else {
+            u16::from(flags).max(1)
+        };
+        let out = PublishOut {
+            topic,
+            payload,
+            qos,
+            pkid,
+            retain: flags & 0x40 != 0,
+            dup: qos != Qos::AtMostOnce && flags & 0x80 != 0,
+        };
+        let mut buf = BytesMut::new();
+        encode_publish(&mut buf, &out);
+        match decode(&mut buf, 1 << 20) {
+            Ok(Some(Inbound::Publish(p))) => {
+                assert_eq!(p.topic, topic);
+                assert_eq!(&p.payload[..], payload);
+                assert_eq!(
+                    (p.qos, p.pkid, p.retain, p.dup),
+                    (qos, pkid, out.retain, out.dup)
+                );
+                assert!(buf.is_empty());
+            }
+            other => panic!("encoded PUBLISH did not decode: {other:?}"),
+        }
+    }
+}

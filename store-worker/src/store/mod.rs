@@ -45,8 +45,10 @@ pub struct StoredSubscription {
 }
 
 /// One group-committed write, applied in this order: forget the packet ids of clients in
-/// `clear_qos2`, forget `release_qos2`, store `messages` (ignoring ids already stored, applying
-/// retain flags in order), record `record_qos2` (client, packet id, message).
+/// `clear_qos2`, forget `release_qos2`, record `record_qos2` (client, packet id, message id),
+/// then store `messages` (ignoring ids already stored, applying retain flags in order). A QoS 2
+/// id is recorded before its message, so that a crash in between never loses the message: its
+/// re-sent PUBLISH is stored under the recorded id.
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
     pub clear_qos2: Vec<String>,
@@ -70,11 +72,13 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Applies a batch durably (see [`WriteBatch`]).
     fn write(&self, batch: WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Which of these (client, packet id) pairs are recorded as QoS 2 messages not yet released.
+    /// Which of these (client, packet id) pairs are recorded as QoS 2 messages not yet
+    /// released, with the message id recorded for each.
     fn qos2_recorded(
         &self,
         keys: Vec<(String, u16)>,
-    ) -> impl Future<Output = Result<HashSet<(String, u16)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<std::collections::HashMap<(String, u16), MessageId>, StoreError>>
+           + Send;
     fn record_delivered(
         &self,
         rows: Vec<DeliveryRow>,

@@ -191,8 +191,7 @@ fn topic_condition(field: &str, prefixes: &Option<Vec<String>>) -> Option<Docume
 }
 
 impl MongoStore {
-    /// Records QoS 2 packet ids (after their messages are stored: a crash in between costs a
-    /// duplicate, never a loss).
+    /// Records QoS 2 packet ids with their message ids (before the messages are stored).
     async fn record_qos2(&self, records: &[(String, u16, MessageId)]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
@@ -390,9 +389,11 @@ impl Store for MongoStore {
                 .await
                 .map_err(classify)?;
         }
+        // QoS 2 ids before their messages (see WriteBatch).
+        self.record_qos2(&write.record_qos2).await?;
         let batch = write.messages;
         if batch.is_empty() {
-            return self.record_qos2(&write.record_qos2).await;
+            return Ok(());
         }
         let docs: Vec<Document> = batch.iter().map(message_doc).collect();
         let fresh: HashSet<usize> = match self.messages.insert_many(docs).ordered(false).await {
@@ -429,7 +430,7 @@ impl Store for MongoStore {
                     .map_err(classify)?;
             }
         }
-        self.record_qos2(&write.record_qos2).await
+        Ok(())
     }
 
     async fn track_qos2_out(
@@ -506,7 +507,7 @@ impl Store for MongoStore {
     async fn qos2_recorded(
         &self,
         keys: Vec<(String, u16)>,
-    ) -> Result<HashSet<(String, u16)>, StoreError> {
+    ) -> Result<HashMap<(String, u16), MessageId>, StoreError> {
         let alternatives: Vec<Document> = keys
             .iter()
             .map(|(c, p)| doc! { "clientId": c, "pkid": *p as i32 })
@@ -514,7 +515,7 @@ impl Store for MongoStore {
         let docs: Vec<Document> = self
             .qos2
             .find(doc! { "$or": alternatives })
-            .projection(doc! { "clientId": 1, "pkid": 1, "_id": 0 })
+            .projection(doc! { "clientId": 1, "pkid": 1, "messageId": 1, "_id": 0 })
             .await
             .map_err(classify)?
             .try_collect()
@@ -524,8 +525,11 @@ impl Store for MongoStore {
             .iter()
             .filter_map(|d| {
                 Some((
-                    d.get_str("clientId").ok()?.to_owned(),
-                    d.get_i32("pkid").ok()? as u16,
+                    (
+                        d.get_str("clientId").ok()?.to_owned(),
+                        d.get_i32("pkid").ok()? as u16,
+                    ),
+                    MessageId(d.get_object_id("messageId").ok()?.bytes()),
                 ))
             })
             .collect())

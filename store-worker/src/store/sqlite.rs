@@ -254,18 +254,18 @@ impl Store for SqliteStore {
     async fn qos2_recorded(
         &self,
         keys: Vec<(String, u16)>,
-    ) -> Result<HashSet<(String, u16)>, StoreError> {
+    ) -> Result<std::collections::HashMap<(String, u16), MessageId>, StoreError> {
         self.with(move |c| {
-            let mut stmt =
-                c.prepare_cached("SELECT 1 FROM qos2_inflight WHERE client_id = ?1 AND pkid = ?2")?;
-            let mut out = HashSet::new();
+            let mut stmt = c.prepare_cached(
+                "SELECT message_id FROM qos2_inflight WHERE client_id = ?1 AND pkid = ?2",
+            )?;
+            let mut out = std::collections::HashMap::new();
             for key in keys {
-                if stmt
-                    .query_row(params![key.0, key.1], |_| Ok(()))
-                    .optional()?
-                    .is_some()
-                {
-                    out.insert(key);
+                let id: Option<Vec<u8>> = stmt
+                    .query_row(params![key.0, key.1], |r| r.get(0))
+                    .optional()?;
+                if let Some(id) = id {
+                    out.insert(key, id_of(id));
                 }
             }
             Ok(out)

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs Wharf (edge + store-worker, embedded store: every message persisted), Mosquitto (Debian
+# package) and rumqttd (cargo install rumqttd) one after the other on loopback, each scenario
+# RUNS times (default 3), and writes one JSON line per run to bench/results/<stamp>.jsonl;
+# then bench/report.py prints medians and ratios and draws the plots.
+#   bench/run.sh                 # everything
+#   RUNS=5 SCENARIOS="qos0 qos1" bench/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS="${RUNS:-3}"
+DURATION="${DURATION:-3}"
+SCENARIOS="${SCENARIOS:-qos0 qos1 lat0 lat1 fanin fanout idle catchup}"
+BROKERS="${BROKERS:-wharf mosquitto rumqttd}"
+IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-20000}"
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+out="bench/results/$stamp.jsonl"
+mkdir -p bench/results
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+command -v mosquitto >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; }
+rumqttd_bin="${RUMQTTD:-$(command -v rumqttd || echo "$HOME/.cargo/bin/rumqttd")}"
+if [ ! -x "$rumqttd_bin" ]; then
+  # Not --locked: rumqttd 0.20's lock file pins a metrics release that newer compilers refuse.
+  cargo install rumqttd
+  rumqttd_bin="$HOME/.cargo/bin/rumqttd"
+fi
+cargo build --release --locked -p wharf-bench -p wharf-edge -p wharf-store-worker
+bench=target/release/wharf-bench
+work=$(mktemp -d)
+pids=""
+stop() {
+  for p in ${pids//,/ }; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in ${pids//,/ }; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
+  pids=""
+}
+trap 'stop; rm -rf "$work"' EXIT
+
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+start() { # broker -> sets port and pids
+  case "$1" in
+    wharf)
+      rm -rf "$work/wharf"; mkdir -p "$work/wharf"
+      target/release/store-worker --socket "$work/wharf/w.sock" --data-dir "$work/wharf/data" --host bench 2>"$work/worker.log" &
+      local w=$!
+      target/release/edge --listen 127.0.0.1:18851 --worker-socket "$work/wharf/w.sock" --host bench 2>"$work/edge.log" &
+      pids="$w,$!"; port=18851 ;;
+    mosquitto)
+      mosquitto -c bench/mosquitto.conf 2>"$work/mosquitto.log" &
+      pids="$!"; port=18852 ;;
+    rumqttd)
+      "$rumqttd_bin" -c bench/rumqttd.toml 2>"$work/rumqttd.log" >/dev/null &
+      pids="$!"; port=18853 ;;
+  esac
+  wait_port "$port"
+  sleep 0.5
+}
+
+load() { # label scenario args...
+  local label=$1 scenario=$2; shift 2
+  "$bench" load --broker "127.0.0.1:$port" --label "$label" --scenario "$scenario" --pids "$pids" --duration "$DURATION" "$@" | tee -a "$out"
+}
+
+for broker in $BROKERS; do
+  for scenario in $SCENARIOS; do
+    for run in $(seq "$RUNS"); do
+      case "$scenario" in
+        catchup) [ "$broker" = wharf ] && [ "$run" = 1 ] && "$bench" catchup | tee -a "$out"; continue ;;
+      esac
+      # A fresh broker for every run, so that no run inherits another's state.
+      start "$broker"
+      case "$scenario" in
+        qos0) load "$broker" qos0 --qos 0 ;;
+        qos1) load "$broker" qos1 --qos 1 ;;
+        lat0) load "$broker" lat0 --qos 0 --rate 20000 ;;
+        lat1) load "$broker" lat1 --qos 1 --rate 20000 ;;
+        fanin) load "$broker" fanin --qos 1 --publishers 1000 --rate 20 --topic-per-publisher ;;
+        fanout) load "$broker" fanout --qos 0 --subscribers 1000 --rate 20 ;;
+        idle) "$bench" idle --broker "127.0.0.1:$port" --label "$broker" --connections "$IDLE_CONNECTIONS" --pids "$pids" | tee -a "$out" ;;
+      esac
+      stop
+    done
+  done
+done
+echo "results: $out"
+"${WHARF_VENV:-.venv}/bin/python" bench/report.py "$out"

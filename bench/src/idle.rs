@@ -1,0 +1,79 @@
+//! Many idle MQTT connections (CONNECT, CONNACK, then nothing but the keepalive) from several
+//! loopback source addresses, to see what an idle connection costs the broker.
+
+use crate::proc_stats;
+use clap::Args;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+
+#[derive(Args, Debug)]
+pub struct IdleArgs {
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    broker: SocketAddr,
+    #[arg(long, default_value = "broker")]
+    label: String,
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Source addresses 127.0.0.1 .. 127.0.0.N, to stay under the per-address port range.
+    #[arg(long, default_value_t = 8)]
+    sources: u8,
+    /// Broker process ids whose RSS is measured (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pids: Vec<u32>,
+}
+
+fn connect_packet(id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x0e, 0x10]; // keepalive 3600 s
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+pub async fn run(args: IdleArgs) -> anyhow::Result<String> {
+    let before = proc_stats::total_rss(&args.pids);
+    let mut streams = Vec::with_capacity(args.connections);
+    let mut failed = 0usize;
+    for i in 0..args.connections {
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (i % args.sources as usize) as u8,
+        ));
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let mut stream = match socket.connect(args.broker).await {
+            Ok(s) => s,
+            Err(_) => {
+                failed += 1;
+                continue;
+            }
+        };
+        stream
+            .write_all(&connect_packet(&format!("idle-{i}")))
+            .await?;
+        let mut connack = [0u8; 4];
+        match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut connack)).await {
+            Ok(Ok(_)) if connack[3] == 0 => streams.push(stream),
+            _ => failed += 1,
+        }
+    }
+    // Let the broker settle (buffers released after the handshakes).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = proc_stats::total_rss(&args.pids);
+    let connected = streams.len();
+    let per_conn = if connected > 0 {
+        (after.saturating_sub(before) as f64 * 1024.0) / connected as f64
+    } else {
+        0.0
+    };
+    drop(streams);
+    Ok(format!(
+        "{{\"label\":\"{}\",\"scenario\":\"idle\",\"connections\":{},\"failed\":{},\"rss_before_kib\":{},\"rss_after_kib\":{},\"bytes_per_connection\":{:.0}}}",
+        args.label, connected, failed, before, after, per_conn
+    ))
+}

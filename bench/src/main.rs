@@ -1,0 +1,49 @@
+//! `wharf-bench`: a load generator on a real MQTT client stack (rumqttc) that targets any
+//! broker, and measurements of Wharf's store. Each run prints one JSON object per line;
+//! `bench/run.sh` runs the brokers side by side and `bench/report.py` makes the tables and plots.
+//!
+//! # Layout
+//! - [`load`]: publishers and subscribers, throughput, loss, latency (send time in the payload).
+//! - [`idle`]: many idle connections from several loopback source addresses; broker RSS.
+//! - [`catchup`]: the store's catch-up and session-restore query times against history size.
+//! - [`proc_stats`]: CPU seconds and RSS of broker processes from /proc.
+
+mod catchup;
+mod idle;
+mod load;
+mod proc_stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "MQTT broker benchmarks")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publishers -> broker -> subscribers.
+    Load(load::LoadArgs),
+    /// Idle connected clients.
+    Idle(idle::IdleArgs),
+    /// Store query times against history size (embedded store).
+    Catchup(catchup::CatchupArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let line = runtime.block_on(async {
+        match args.command {
+            Command::Load(a) => load::run(a).await,
+            Command::Idle(a) => idle::run(a).await,
+            Command::Catchup(a) => catchup::run(a).await,
+        }
+    })?;
+    println!("{line}");
+    Ok(())
+}
