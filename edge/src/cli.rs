@@ -3,7 +3,7 @@
 
 use crate::config::{ConfigError, EdgeConfig, Limits};
 use crate::tls::{ClientCerts, TlsSettings};
-use clap::{ArgMatches, FromArgMatches, Parser};
+use clap::{ArgMatches, Parser};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,24 +72,8 @@ pub struct Args {
     /// Metrics and health endpoint address (/metrics, /healthz, /readyz) [etcd: metricsListen].
     #[arg(long, env = "WHARF_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// etcd endpoints (comma-separated URLs); without them etcd is not read.
-    #[arg(long, env = "WHARF_ETCD", value_delimiter = ',')]
-    pub etcd: Vec<String>,
-    /// etcd key prefix.
-    #[arg(long, env = "WHARF_ETCD_PREFIX", default_value = wharf_shared::config::DEFAULT_PREFIX)]
-    pub etcd_prefix: String,
-}
-
-impl Args {
-    /// Parses the process's arguments, keeping the matches for layering.
-    pub fn parse_with_matches() -> (Args, ArgMatches) {
-        let matches = <Args as clap::CommandFactory>::command().get_matches();
-        let args = match Args::from_arg_matches(&matches) {
-            Ok(args) => args,
-            Err(e) => e.exit(),
-        };
-        (args, matches)
-    }
+    #[command(flatten)]
+    pub etcd: wharf_shared::config::EtcdArgs,
 }
 
 fn listen_value(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {

@@ -1,8 +1,7 @@
-use std::collections::HashMap;
 use std::sync::Arc;
 use wharf_edge::cli::{self, Args};
 use wharf_edge::Edge;
-use wharf_shared::config::{etcd, ConfigSource, NoSource, EX_USAGE};
+use wharf_shared::config::{self, etcd, EX_USAGE};
 
 fn usage(message: impl std::fmt::Display) -> ! {
     eprintln!("edge: {message}");
@@ -10,29 +9,13 @@ fn usage(message: impl std::fmt::Display) -> ! {
 }
 
 fn main() -> anyhow::Result<()> {
-    let (args, matches) = Args::parse_with_matches();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let (args, matches) = config::parse_with_matches::<Args>();
+    wharf_shared::init_logging();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         // Configuration first: nothing is bound if any of it is unusable.
-        let snapshot: Option<HashMap<String, String>> = if args.etcd.is_empty() {
-            None
-        } else {
-            Some(
-                etcd::load(&args.etcd, &args.etcd_prefix)
-                    .await
-                    .unwrap_or_else(|e| usage(e)),
-            )
-        };
-        let source: &dyn ConfigSource = match &snapshot {
-            Some(s) => s,
-            None => &NoSource,
-        };
+        let snapshot = args.etcd.snapshot().await.unwrap_or_else(|e| usage(e));
+        let source = config::source(&snapshot);
         let config = cli::load(&args, &matches, source).unwrap_or_else(|e| usage(e));
         let metrics_listen =
             cli::metrics_listen(&args, &matches, source).unwrap_or_else(|e| usage(e));
@@ -85,10 +68,14 @@ async fn follow_etcd(
     edge: Arc<Edge>,
     args: Args,
     matches: clap::ArgMatches,
-    mut snapshot: HashMap<String, String>,
+    mut snapshot: std::collections::HashMap<String, String>,
 ) {
     let (tx, mut changes) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(etcd::watch(args.etcd.clone(), args.etcd_prefix.clone(), tx));
+    tokio::spawn(etcd::watch(
+        args.etcd.endpoints.clone(),
+        args.etcd.prefix.clone(),
+        tx,
+    ));
     while let Some((key, value)) = changes.recv().await {
         match &value {
             Some(v) => snapshot.insert(key.clone(), v.clone()),

@@ -60,6 +60,45 @@ impl ConfigSource for NoSource {
     }
 }
 
+/// The etcd flags both binaries take.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints (comma-separated URLs); without them etcd is not read.
+    #[arg(long = "etcd", env = "WHARF_ETCD", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// etcd key prefix.
+    #[arg(long = "etcd-prefix", env = "WHARF_ETCD_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+impl EtcdArgs {
+    /// Every key under the prefix, read once; `None` without endpoints.
+    pub async fn snapshot(&self) -> Result<Option<HashMap<String, String>>, ConfigError> {
+        if self.endpoints.is_empty() {
+            return Ok(None);
+        }
+        etcd::load(&self.endpoints, &self.prefix).await.map(Some)
+    }
+}
+
+/// The source to layer under flags: the etcd snapshot if there is one.
+pub fn source(snapshot: &Option<HashMap<String, String>>) -> &dyn ConfigSource {
+    match snapshot {
+        Some(s) => s,
+        None => &NoSource,
+    }
+}
+
+/// Parses the process's arguments, keeping the matches for layering (which values came
+/// from flags or environment, and which are defaults).
+pub fn parse_with_matches<T: clap::Parser>() -> (T, ArgMatches) {
+    let matches = T::command().get_matches();
+    match T::from_arg_matches(&matches) {
+        Ok(args) => (args, matches),
+        Err(e) => e.exit(),
+    }
+}
+
 /// Parses a value, or names the key and value that failed.
 pub fn parse<T: FromStr>(key: &str, value: &str) -> Result<T, ConfigError>
 where

@@ -3,7 +3,7 @@
 
 use crate::store::mongo::Durability;
 use crate::{Backend, WorkerConfig};
-use clap::{ArgMatches, FromArgMatches, Parser};
+use clap::{ArgMatches, Parser};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -57,24 +57,8 @@ pub struct Args {
     /// [etcd: workerMetricsListen].
     #[arg(long, env = "WHARF_WORKER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// etcd endpoints (comma-separated URLs); without them etcd is not read.
-    #[arg(long, env = "WHARF_ETCD", value_delimiter = ',')]
-    pub etcd: Vec<String>,
-    /// etcd key prefix.
-    #[arg(long, env = "WHARF_ETCD_PREFIX", default_value = wharf_shared::config::DEFAULT_PREFIX)]
-    pub etcd_prefix: String,
-}
-
-impl Args {
-    /// Parses the process's arguments, keeping the matches for layering.
-    pub fn parse_with_matches() -> (Args, ArgMatches) {
-        let matches = <Args as clap::CommandFactory>::command().get_matches();
-        let args = match Args::from_arg_matches(&matches) {
-            Ok(args) => args,
-            Err(e) => e.exit(),
-        };
-        (args, matches)
-    }
+    #[command(flatten)]
+    pub etcd: wharf_shared::config::EtcdArgs,
 }
 
 fn socket_mode(key: &str, value: &str) -> Result<u32, ConfigError> {

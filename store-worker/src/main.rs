@@ -1,5 +1,4 @@
-use std::collections::HashMap;
-use wharf_shared::config::{etcd, ConfigSource, NoSource, EX_USAGE};
+use wharf_shared::config::{self, EX_USAGE};
 use wharf_store_worker::cli::{self, Args};
 use wharf_store_worker::store::mongo::redact;
 use wharf_store_worker::Worker;
@@ -11,29 +10,13 @@ fn usage(message: impl std::fmt::Display) -> ! {
 }
 
 fn main() -> anyhow::Result<()> {
-    let (args, matches) = Args::parse_with_matches();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let (args, matches) = config::parse_with_matches::<Args>();
+    wharf_shared::init_logging();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         // Configuration first: nothing is bound if any of it is unusable.
-        let snapshot: Option<HashMap<String, String>> = if args.etcd.is_empty() {
-            None
-        } else {
-            Some(
-                etcd::load(&args.etcd, &args.etcd_prefix)
-                    .await
-                    .unwrap_or_else(|e| usage(e)),
-            )
-        };
-        let source: &dyn ConfigSource = match &snapshot {
-            Some(s) => s,
-            None => &NoSource,
-        };
+        let snapshot = args.etcd.snapshot().await.unwrap_or_else(|e| usage(e));
+        let source = config::source(&snapshot);
         let (config, metrics_listen) =
             cli::load(&args, &matches, source).unwrap_or_else(|e| usage(e));
         // Installed before the worker starts, so that everything it records is captured.
