@@ -15,6 +15,9 @@ pub struct LoadArgs {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:1883")]
     broker: String,
+    /// Where the subscribers connect, if not to --broker (another host of a cluster).
+    #[arg(long)]
+    sub_broker: Option<String>,
     /// A name for the broker in the output.
     #[arg(long, default_value = "broker")]
     label: String,
@@ -60,9 +63,8 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-fn options(args: &LoadArgs, id: String) -> anyhow::Result<MqttOptions> {
-    let (host, port) = args
-        .broker
+fn options(args: &LoadArgs, id: String, broker: &str) -> anyhow::Result<MqttOptions> {
+    let (host, port) = broker
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("--broker needs host:port"))?;
     let mut o = MqttOptions::new(id, host, port.parse()?);
@@ -106,8 +108,15 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     };
     let mut sub_tasks = Vec::new();
     for s in 0..args.subscribers {
-        let (client, mut eventloop) =
-            connect(options(&args, format!("bench-sub-{s}"))?, args.nagle).await?;
+        let (client, mut eventloop) = connect(
+            options(
+                &args,
+                format!("bench-sub-{s}"),
+                args.sub_broker.as_deref().unwrap_or(&args.broker),
+            )?,
+            args.nagle,
+        )
+        .await?;
         client.subscribe(filter, qos(args.qos)).await?;
         loop {
             if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
@@ -148,8 +157,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     let started = epoch.elapsed();
     let mut pub_tasks = Vec::new();
     for p in 0..args.publishers {
-        let (client, mut eventloop) =
-            connect(options(&args, format!("bench-pub-{p}"))?, args.nagle).await?;
+        let (client, mut eventloop) = connect(
+            options(&args, format!("bench-pub-{p}"), &args.broker)?,
+            args.nagle,
+        )
+        .await?;
         let topic = if args.topic_per_publisher {
             format!("bench/{p}")
         } else {
