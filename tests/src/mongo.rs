@@ -3,7 +3,6 @@
 //! temp storage directory. Stopped when dropped.
 
 use crate::PATIENCE;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -21,10 +20,7 @@ fn venv() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    crate::process::free_port()
 }
 
 impl Secantus {

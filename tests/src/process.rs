@@ -21,11 +21,21 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A loopback port nobody listens on, never handed out twice in this process: tests in
+/// one binary run in parallel, and the kernel may offer a just-released port again.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One broker host: a store-worker and an edge, each a process.
@@ -132,6 +142,13 @@ impl BrokerHost {
             tokio::net::TcpStream::connect(addr).await.is_ok()
         })
         .await;
+        // The port answers: make sure it is our edge, not a process that took the port first.
+        let exited = self.edge.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        assert!(
+            exited.is_none(),
+            "edge {} exited: {exited:?} (see its log)",
+            self.name
+        );
     }
 
     pub fn edge_pid(&self) -> Option<u32> {
