@@ -153,11 +153,6 @@ impl Link {
             metrics::counter!("wharf_edge_notices_dropped_total").increment(1);
         }
     }
-
-    /// Free `Hold` permits, for tests and metrics.
-    pub fn held_available(&self) -> usize {
-        self.hold.available_permits()
-    }
 }
 
 type Writer = FramedWrite<tokio::net::unix::OwnedWriteHalf, LengthDelimitedCodec>;

@@ -47,12 +47,6 @@ impl Registry {
         }
     }
 
-    /// Whether `connection_id` still owns `client_id`.
-    pub fn owns(&self, client_id: &str, connection_id: u64) -> bool {
-        matches!(self.lock().get(client_id),
-            Some(Entry::Connected { connection_id: id, .. }) if *id == connection_id)
-    }
-
     /// The connection ended: park its persistent state, or forget the client.
     pub fn release(&self, client_id: &Arc<str>, connection_id: u64, park: Option<SessionState>) {
         let mut inner = self.lock();
@@ -65,15 +59,5 @@ impl Registry {
             Some(state) => inner.insert(client_id.clone(), Entry::Parked(Box::new(state))),
             None => inner.remove(client_id),
         };
-    }
-
-    /// Connected clients and parked sessions, for metrics.
-    pub fn counts(&self) -> (usize, usize) {
-        let inner = self.lock();
-        let parked = inner
-            .values()
-            .filter(|e| matches!(e, Entry::Parked(_)))
-            .count();
-        (inner.len() - parked, parked)
     }
 }

@@ -100,11 +100,6 @@ impl Edge {
         }
     }
 
-    /// Ready for traffic: the store-worker link is up.
-    pub fn is_ready(&self) -> bool {
-        self.link.is_up()
-    }
-
     /// The readiness probe for the ops endpoint.
     pub fn ready_check(&self) -> wharf_shared::ops::ReadyCheck {
         let link = self.link.clone();
