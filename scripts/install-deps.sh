@@ -6,17 +6,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# --build: only what compiling needs (scripts/run.sh); no argument: everything the tests need.
+build_only=false
+[ "${1:-}" = "--build" ] && build_only=true
+
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v cmake >/dev/null || need_apt+=(cmake)
-command -v mosquitto_sub >/dev/null || need_apt+=(mosquitto-clients)
-command -v mosquitto >/dev/null || need_apt+=(mosquitto)
-command -v etcd >/dev/null || need_apt+=(etcd-server)
-command -v etcdctl >/dev/null || need_apt+=(etcd-client)
-command -v stdbuf >/dev/null || need_apt+=(coreutils)
-command -v systemd-analyze >/dev/null || need_apt+=(systemd)
-command -v openssl >/dev/null || need_apt+=(openssl)
-command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+command -v cc >/dev/null || need_apt+=(build-essential)
+if ! $build_only; then
+  command -v mosquitto_sub >/dev/null || need_apt+=(mosquitto-clients)
+  command -v mosquitto >/dev/null || need_apt+=(mosquitto)
+  command -v etcd >/dev/null || need_apt+=(etcd-server)
+  command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+  command -v stdbuf >/dev/null || need_apt+=(coreutils)
+  command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+  command -v openssl >/dev/null || need_apt+=(openssl)
+  command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+fi
 if ((${#need_apt[@]})); then
   echo "install-deps: apt-get install ${need_apt[*]}"
   sudo_cmd=()
@@ -24,6 +31,8 @@ if ((${#need_apt[@]})); then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+$build_only && exit 0
 
 venv="${WHARF_VENV:-$PWD/.venv}"
 if [ ! -x "$venv/bin/secantusd-py" ] || ! "$venv/bin/python" -c 'import paho.mqtt, yaml' 2>/dev/null; then

@@ -5,6 +5,7 @@
 # Extra arguments go to the edge, e.g. `./scripts/run.sh --listen 127.0.0.1:1884`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/install-deps.sh --build
 cargo build --release --locked -p wharf-edge -p wharf-store-worker
 data="${WHARF_DATA_DIR:-$PWD/data}"
 socket="$data/worker.sock"
