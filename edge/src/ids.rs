@@ -28,10 +28,7 @@ fn now_nanos() -> u128 {
         .unwrap_or(0)
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    (now_nanos() / 1_000_000) as i64
-}
+pub use wharf_shared::now_ms;
 
 /// A new id, unique across processes and ordered by time within this one.
 pub fn next_message_id(now_ms: i64) -> MessageId {

@@ -22,6 +22,15 @@ pub mod wire;
 pub use codec::{CodecError, FrameCodec, MAX_FRAME_LENGTH};
 pub use wire::*;
 
+/// Milliseconds since the Unix epoch: the `created_ms` of messages and the time base of every
+/// "since" on the wire.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// This machine's host name, for the `host` field of stored documents.
 pub fn host_name() -> String {
     std::env::var("HOSTNAME")

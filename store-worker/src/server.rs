@@ -12,7 +12,7 @@ use futures::{SinkExt, StreamExt};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -25,12 +25,7 @@ use wharf_shared::{
 const LANES: usize = 8;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use wharf_shared::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {

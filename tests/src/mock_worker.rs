@@ -5,22 +5,16 @@ use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
+use wharf_shared::now_ms;
 use wharf_shared::{
     EdgeFrame, FrameCodec, Hello, Message, MessageId, Notice, Qos, Reply, Request, Subscription,
     WorkerFrame, MAX_MESSAGES_PER_REPLY, PROTOCOL_VERSION,
 };
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// What the mock has stored; tests read it directly.
 #[derive(Default)]
