@@ -11,6 +11,7 @@ mod outbound;
 use crate::broker::Broker;
 use crate::link::{LinkError, Policy, ReplyRx};
 use crate::protocol::{v4, Inbound, PublishIn, Will};
+use crate::registry::Released;
 use crate::router::{Delivery, SessionTx};
 use crate::session::SessionState;
 use crate::topic;
@@ -59,6 +60,9 @@ enum End {
 }
 
 type OpFuture = Pin<Box<dyn Future<Output = Op> + Send>>;
+
+/// Where a newer connection with the same client id asks for the session state.
+type TakeoverRx = mpsc::Receiver<oneshot::Sender<Option<SessionState>>>;
 
 /// Replies the client waits for, answered in the order its packets arrived.
 enum Op {
@@ -119,6 +123,7 @@ pub async fn serve<S>(
     tracing::debug!(%peer, client_id = %client_id, clean = hs.clean, "session started");
     metrics::gauge!("wharf_edge_sessions").increment(1.0);
 
+    let mut takeover_rx = hs.takeover_rx;
     let mut conn = Connection {
         broker: broker.clone(),
         clean: hs.clean,
@@ -135,9 +140,9 @@ pub async fn serve<S>(
     conn.out
         .resume(hs.undelivered, hs.next_since_ms, hs.connect_started_ms);
     let end = conn
-        .run(&mut reader, &mut writer, hs.takeover_rx, &shutdown)
+        .run(&mut reader, &mut writer, &mut takeover_rx, &shutdown)
         .await;
-    conn.finish(end, &peer).await;
+    conn.finish(end, &peer, &mut takeover_rx).await;
     metrics::gauge!("wharf_edge_sessions").decrement(1.0);
 }
 
@@ -165,7 +170,7 @@ impl Connection {
         &mut self,
         reader: &mut R,
         writer: &mut W,
-        mut takeover_rx: mpsc::Receiver<oneshot::Sender<Option<SessionState>>>,
+        takeover_rx: &mut TakeoverRx,
         shutdown: &CancellationToken,
     ) -> End
     where
@@ -179,9 +184,7 @@ impl Connection {
         let mut closing: Option<End> = None;
         loop {
             self.out.fill(&mut self.queue);
-            if let Some(notice) = self.out.take_delivered() {
-                self.broker.link.notify(notice).await;
-            }
+            self.flush_delivered().await;
             if let Err(e) = self.send_requests().await {
                 return End::Error(e);
             }
@@ -267,6 +270,13 @@ impl Connection {
         closing.unwrap_or(End::Shutdown)
     }
 
+    /// Hands the `publishedMessage` records gathered so far to the worker.
+    async fn flush_delivered(&mut self) {
+        if let Some(notice) = self.out.take_delivered() {
+            self.broker.link.notify(notice).await;
+        }
+    }
+
     /// Sends the store requests the outbound side asked for (QoS 2 delivery steps).
     async fn send_requests(&mut self) -> Result<(), SessionError> {
         for request in std::mem::take(&mut self.out.requests) {
@@ -293,9 +303,7 @@ impl Connection {
             return;
         };
         // Delivery records go first, so the query does not return what was just delivered.
-        if let Some(notice) = self.out.take_delivered() {
-            self.broker.link.notify(notice).await;
-        }
+        self.flush_delivered().await;
         match self.broker.link.request(request, Policy::FailFast).await {
             Ok(rx) => self.catch_up = Some(rx),
             Err(_) => self.out.catch_up_failed(),
@@ -548,15 +556,15 @@ impl Connection {
     }
 
     /// Ends the session: unregister, hand over or park the state, send the will if owed.
-    async fn finish(mut self, end: End, peer: &str) {
+    /// `takeover_rx` outlives the run loop so that a connection claiming the client id while
+    /// this one is ending still gets the session state.
+    async fn finish(mut self, end: End, peer: &str, takeover_rx: &mut TakeoverRx) {
         let client_id = self.out.state.client_id.clone();
         let filters: Vec<String> = self.out.state.subscriptions.keys().cloned().collect();
         self.broker
             .router
             .detach(&client_id, self.connection_id, &filters);
-        if let Some(notice) = self.out.take_delivered() {
-            self.broker.link.notify(notice).await;
-        }
+        self.flush_delivered().await;
         let will = self.will.take();
         match &end {
             End::Error(e) => {
@@ -577,15 +585,30 @@ impl Connection {
             }
             _ => {
                 let park = (!self.clean).then_some(state);
-                self.broker
+                match self
+                    .broker
                     .registry
-                    .release(&client_id, self.connection_id, park);
-                let request = Request::Disconnect {
-                    client_id: client_id.to_string(),
-                    clean_session: self.clean,
-                };
-                if let Ok(rx) = self.broker.link.request(request, Policy::Hold).await {
-                    drop(rx);
+                    .release(&client_id, self.connection_id, park)
+                {
+                    Released::Done => {
+                        let request = Request::Disconnect {
+                            client_id: client_id.to_string(),
+                            clean_session: self.clean,
+                        };
+                        if let Ok(rx) = self.broker.link.request(request, Policy::Hold).await {
+                            drop(rx);
+                        }
+                    }
+                    // A new connection claimed the client id while this one ended: its
+                    // takeover request is on the way. No Disconnect: a clean one would drop
+                    // the new session's subscriptions.
+                    Released::TakenOver(state) => {
+                        let handover =
+                            tokio::time::timeout(Duration::from_secs(5), takeover_rx.recv());
+                        if let Ok(Some(tx)) = handover.await {
+                            let _ = tx.send(state);
+                        }
+                    }
                 }
             }
         }

@@ -24,6 +24,13 @@ pub enum Previous {
     Parked(Box<SessionState>),
 }
 
+/// What [`Registry::release`] did.
+pub enum Released {
+    Done,
+    /// Another connection owns the client id now; the state was not parked.
+    TakenOver(Option<SessionState>),
+}
+
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<HashMap<Arc<str>, Entry>>,
@@ -47,17 +54,25 @@ impl Registry {
         }
     }
 
-    /// The connection ended: park its persistent state, or forget the client.
-    pub fn release(&self, client_id: &Arc<str>, connection_id: u64, park: Option<SessionState>) {
+    /// The connection ended: park its persistent state, or forget the client. If a newer
+    /// connection has claimed the client id meanwhile, nothing changes and the state comes
+    /// back as [`Released::TakenOver`], for the caller to hand over.
+    pub fn release(
+        &self,
+        client_id: &Arc<str>,
+        connection_id: u64,
+        park: Option<SessionState>,
+    ) -> Released {
         let mut inner = self.lock();
         if !matches!(inner.get(client_id),
             Some(Entry::Connected { connection_id: id, .. }) if *id == connection_id)
         {
-            return;
+            return Released::TakenOver(park);
         }
         match park {
             Some(state) => inner.insert(client_id.clone(), Entry::Parked(Box::new(state))),
             None => inner.remove(client_id),
         };
+        Released::Done
     }
 }
