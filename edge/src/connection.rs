@@ -12,7 +12,7 @@ use crate::broker::Broker;
 use crate::link::{LinkError, Policy, ReplyRx};
 use crate::protocol::{v4, Inbound, PublishIn, Will};
 use crate::registry::Released;
-use crate::router::{Delivery, SessionTx};
+use crate::router::SessionTx;
 use crate::session::SessionState;
 use crate::topic;
 use bytes::BytesMut;
@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use wharf_shared::{Message, Qos, Reply, Request};
@@ -62,7 +62,7 @@ enum End {
 type OpFuture = Pin<Box<dyn Future<Output = Op> + Send>>;
 
 /// Where a newer connection with the same client id asks for the session state.
-type TakeoverRx = mpsc::Receiver<oneshot::Sender<Option<SessionState>>>;
+type TakeoverRx = oneshot::Receiver<oneshot::Sender<Option<SessionState>>>;
 
 /// Replies the client waits for, answered in the order its packets arrived.
 enum Op {
@@ -102,47 +102,31 @@ pub async fn serve<S>(
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut read_buf = BytesMut::with_capacity(512);
-    let accepted = handshake::accept(
+    // The CONNECT phase and the ending run once per connection: boxed, so that the task
+    // (kept for the whole connection) is only as large as the run loop.
+    let accepted = Box::pin(handshake::accept(
         &broker,
         &mut reader,
         &mut writer,
         &mut read_buf,
         identity.as_ref(),
         &shutdown,
-    )
+    ))
     .await;
-    let hs = match accepted {
-        Ok(Some(hs)) => hs,
+    let (mut conn, mut takeover_rx) = match accepted {
+        Ok(Some(hs)) => Connection::new(&broker, *hs, read_buf),
         Ok(None) => return,
         Err(e) => {
             tracing::info!(%peer, error = %e, "connection closed before the session started");
             return;
         }
     };
-    let client_id = hs.state.client_id.clone();
-    tracing::debug!(%peer, client_id = %client_id, clean = hs.clean, "session started");
+    tracing::debug!(%peer, client_id = %conn.out.state.client_id, clean = conn.clean, "session started");
     metrics::gauge!("wharf_edge_sessions").increment(1.0);
-
-    let mut takeover_rx = hs.takeover_rx;
-    let mut conn = Connection {
-        broker: broker.clone(),
-        clean: hs.clean,
-        keep_alive: hs.keep_alive,
-        will: hs.will,
-        connection_id: hs.connection_id,
-        out: Outbound::new(&broker, hs.state, hs.session_tx, hs.write_buf, !hs.clean),
-        tracking: FuturesOrdered::new(),
-        queue: hs.queue_rx,
-        catch_up: None,
-        ops: FuturesOrdered::new(),
-        read_buf,
-    };
-    conn.out
-        .resume(hs.undelivered, hs.next_since_ms, hs.connect_started_ms);
     let end = conn
         .run(&mut reader, &mut writer, &mut takeover_rx, &shutdown)
         .await;
-    conn.finish(end, &peer, &mut takeover_rx).await;
+    Box::pin(conn.finish(end, &peer, &mut takeover_rx)).await;
     metrics::gauge!("wharf_edge_sessions").decrement(1.0);
 }
 
@@ -153,19 +137,88 @@ struct Connection {
     will: Option<Will>,
     connection_id: u64,
     out: Outbound,
-    /// Live messages from the router.
-    queue: mpsc::Receiver<Delivery>,
     /// The outstanding catch-up query, if any.
     catch_up: Option<ReplyRx>,
-    ops: FuturesOrdered<OpFuture>,
+    ops: InOrder<OpFuture>,
     /// Store replies for QoS 2 delivery steps: (packet id, released, result).
-    tracking: FuturesOrdered<TrackFuture>,
+    tracking: InOrder<TrackFuture>,
     read_buf: BytesMut,
+    /// How much room to offer the next socket read: doubled whenever a read fills it.
+    read_chunk: usize,
 }
+
+/// Smallest and largest room offered to a socket read.
+const MIN_READ: usize = 128;
+const MAX_READ: usize = 64 * 1024;
 
 type TrackFuture = Pin<Box<dyn Future<Output = (u16, bool, Result<Reply, LinkError>)> + Send>>;
 
+/// Futures whose results are taken in the order they were pushed. Holds no allocation while
+/// none is pending (`FuturesOrdered` allocates on creation), so idle connections stay small.
+struct InOrder<F: Future> {
+    pending: Option<FuturesOrdered<F>>,
+}
+
+impl<F: Future> Default for InOrder<F> {
+    fn default() -> Self {
+        InOrder { pending: None }
+    }
+}
+
+impl<F: Future> InOrder<F> {
+    fn push_back(&mut self, future: F) {
+        self.pending
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(future);
+    }
+
+    fn len(&self) -> usize {
+        self.pending.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next result in order; `None` when nothing is pending. Cancel-safe.
+    async fn next(&mut self) -> Option<F::Output> {
+        let pending = self.pending.as_mut()?;
+        let next = pending.next().await;
+        if pending.is_empty() {
+            self.pending = None;
+        }
+        next
+    }
+}
+
 impl Connection {
+    fn new(
+        broker: &Arc<Broker>,
+        hs: handshake::Handshake,
+        mut read_buf: BytesMut,
+    ) -> (Self, TakeoverRx) {
+        if read_buf.is_empty() {
+            // Most clients then send little: start small, grow with the load.
+            read_buf = BytesMut::new();
+        }
+        let mut conn = Connection {
+            broker: broker.clone(),
+            clean: hs.clean,
+            keep_alive: hs.keep_alive,
+            will: hs.will,
+            connection_id: hs.connection_id,
+            out: Outbound::new(broker, hs.state, hs.session_tx, hs.write_buf, !hs.clean),
+            tracking: InOrder::default(),
+            catch_up: None,
+            ops: InOrder::default(),
+            read_buf,
+            read_chunk: MIN_READ,
+        };
+        conn.out
+            .resume(hs.undelivered, hs.next_since_ms, hs.connect_started_ms);
+        (conn, hs.takeover_rx)
+    }
+
     async fn run<R, W>(
         &mut self,
         reader: &mut R,
@@ -177,13 +230,16 @@ impl Connection {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let limits = self.broker.config.limits.clone();
+        let max_pending_persists = self.broker.config.limits.max_pending_persists;
+        let write_high_water = self.broker.config.limits.write_high_water;
         let deadline = tokio::time::sleep(Duration::from_secs(86_400));
         tokio::pin!(deadline);
         self.reset_keepalive(deadline.as_mut());
         let mut closing: Option<End> = None;
+        // Live messages from the router.
+        let queue = self.out.session_tx.clone();
         loop {
-            self.out.fill(&mut self.queue);
+            self.out.fill();
             self.flush_delivered().await;
             if let Err(e) = self.send_requests().await {
                 return End::Error(e);
@@ -192,8 +248,8 @@ impl Connection {
                 self.start_catch_up(false).await;
             }
             let can_read = closing.is_none()
-                && self.ops.len() < limits.max_pending_persists
-                && self.out.write_buf.len() < limits.write_high_water;
+                && self.ops.len() < max_pending_persists
+                && self.out.write_buf.len() < write_high_water;
             if closing.is_some()
                 && self.ops.is_empty()
                 && self.tracking.is_empty()
@@ -202,18 +258,18 @@ impl Connection {
                 break;
             }
             let can_write = !self.out.write_buf.is_empty();
-            if self.read_buf.capacity() - self.read_buf.len() < 256 {
-                // Grow with load, but keep idle connections small.
-                let want = (self.read_buf.capacity() * 2).clamp(512, 64 * 1024);
-                self.read_buf.reserve(want);
+            // Grow with load, but keep idle connections small.
+            if self.read_buf.capacity() - self.read_buf.len() < self.read_chunk / 2 {
+                self.read_buf.reserve(self.read_chunk);
             }
+            let room = self.read_buf.capacity() - self.read_buf.len();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if closing.is_none() => closing = Some(End::Shutdown),
-                handover = takeover_rx.recv(), if closing.is_none() => {
+                handover = &mut *takeover_rx, if closing.is_none() && !takeover_rx.is_terminated() => {
                     match handover {
-                        Some(tx) => return End::TakenOver(tx),
-                        None => closing = Some(End::Shutdown),
+                        Ok(tx) => return End::TakenOver(tx),
+                        Err(_) => closing = Some(End::Shutdown),
                     }
                 }
                 written = writer.write(&self.out.write_buf), if can_write => match written {
@@ -244,17 +300,18 @@ impl Connection {
                     self.catch_up = None;
                     self.out.caught_up(reply.unwrap_or(Err(LinkError::Closed)));
                 }
-                delivery = self.queue.recv(), if self.out.wants_queue() => {
-                    if let Some(d) = delivery {
-                        self.out.accept_live(d);
-                    }
-                }
+                delivery = queue.recv(), if self.out.wants_queue() => self.out.accept_live(delivery),
                 read = reader.read_buf(&mut self.read_buf), if can_read => match read {
                     Ok(0) => return End::Error(SessionError::Protocol("client closed the connection")),
                     Ok(n) => {
                         metrics::counter!("wharf_edge_bytes_received_total").increment(n as u64);
+                        if n == room {
+                            self.read_chunk = (self.read_chunk * 2).min(MAX_READ);
+                        }
                         self.reset_keepalive(deadline.as_mut());
-                        match self.decode_all().await {
+                        // Boxed: handling packets awaits the link, and inline that future
+                        // would be part of every idle connection's task.
+                        match Box::pin(self.decode_all()).await {
                             Ok(true) => {}
                             Ok(false) => closing = Some(End::Graceful),
                             Err(e) => return End::Error(e),
@@ -324,8 +381,10 @@ impl Connection {
                 return Ok(false);
             }
         }
-        if self.read_buf.is_empty() && self.read_buf.capacity() > 16 * 1024 {
-            self.read_buf = BytesMut::with_capacity(512);
+        if self.read_buf.is_empty() {
+            // Nothing left over: give the buffer back (the next read allocates
+            // `read_chunk` again), so that a connection waiting for its client holds none.
+            self.read_buf = BytesMut::new();
         }
         Ok(true)
     }
@@ -603,10 +662,12 @@ impl Connection {
                     // takeover request is on the way. No Disconnect: a clean one would drop
                     // the new session's subscriptions.
                     Released::TakenOver(state) => {
-                        let handover =
-                            tokio::time::timeout(Duration::from_secs(5), takeover_rx.recv());
-                        if let Ok(Some(tx)) = handover.await {
-                            let _ = tx.send(state);
+                        if !takeover_rx.is_terminated() {
+                            let handover =
+                                tokio::time::timeout(Duration::from_secs(5), takeover_rx);
+                            if let Ok(Ok(tx)) = handover.await {
+                                let _ = tx.send(state);
+                            }
                         }
                     }
                 }
@@ -629,11 +690,10 @@ pub fn qos_label(qos: Qos) -> &'static str {
     }
 }
 
-/// The queue a session's deliveries arrive on, and its sending half for the router.
-pub fn session_queue(
-    broker: &Broker,
-    connection_id: u64,
-) -> (Arc<SessionTx>, mpsc::Receiver<Delivery>) {
-    let (tx, rx) = mpsc::channel(broker.config.limits.max_queued);
-    (Arc::new(SessionTx::new(connection_id, tx)), rx)
+/// The queue a session's deliveries arrive on; the router holds it too.
+pub fn session_queue(broker: &Broker, connection_id: u64) -> Arc<SessionTx> {
+    Arc::new(SessionTx::new(
+        connection_id,
+        broker.config.limits.max_queued,
+    ))
 }

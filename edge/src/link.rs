@@ -11,6 +11,7 @@
 //! Notices have no reply and are dropped (and counted) while the worker is away.
 
 use bytes::Bytes;
+use futures::future::{ready, BoxFuture, Either, Ready};
 use futures::{SinkExt, StreamExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ pub enum Policy {
 }
 
 pub type ReplyRx = oneshot::Receiver<Result<Reply, LinkError>>;
+
+/// A result that is ready at once, or a (boxed) wait for it.
+pub type MaybeWaiting<'a, T> = Either<Ready<T>, BoxFuture<'a, T>>;
 
 enum Command {
     Request {
@@ -108,7 +112,41 @@ impl Link {
 
     /// Sends a request; the reply arrives on the returned receiver. A `Hold` request waits
     /// here for a permit when the pool is exhausted.
-    pub async fn request(&self, request: Request, policy: Policy) -> Result<ReplyRx, LinkError> {
+    ///
+    /// When a permit and a channel slot are free (nearly always) this completes without
+    /// waiting; only the waiting path is a (boxed) future. Every session task awaits this, and
+    /// an inline future would add its size to every idle connection.
+    pub fn request(
+        &self,
+        request: Request,
+        policy: Policy,
+    ) -> MaybeWaiting<'_, Result<ReplyRx, LinkError>> {
+        if policy == Policy::Hold || self.is_up() {
+            let permit = match policy {
+                Policy::Hold => self.hold.clone().try_acquire_owned().ok(),
+                Policy::FailFast => None,
+            };
+            if policy == Policy::FailFast || permit.is_some() {
+                if let Ok(slot) = self.tx.try_reserve() {
+                    let (reply, rx) = oneshot::channel();
+                    slot.send(Command::Request {
+                        request,
+                        policy,
+                        reply,
+                        _permit: permit,
+                    });
+                    return Either::Left(ready(Ok(rx)));
+                }
+            }
+        }
+        Either::Right(Box::pin(self.request_waiting(request, policy)))
+    }
+
+    async fn request_waiting(
+        &self,
+        request: Request,
+        policy: Policy,
+    ) -> Result<ReplyRx, LinkError> {
         let (reply, rx) = oneshot::channel();
         if policy == Policy::FailFast && !self.is_up() {
             // Give a worker that is (re)connecting a moment before saying "unavailable".
@@ -139,19 +177,25 @@ impl Link {
     }
 
     /// Queues a notice; waits only while the link's queue is full (the link task keeps
-    /// draining it, dropping notices while the worker is away).
-    pub async fn notify(&self, notice: Notice) {
+    /// draining it, dropping notices while the worker is away). Like [`Link::request`], only
+    /// the waiting path is a future.
+    pub fn notify(&self, notice: Notice) -> MaybeWaiting<'_, ()> {
         let Ok(body) = encode_body(&EdgeFrame::Notice(notice)) else {
-            return;
+            return Either::Left(ready(()));
         };
-        if self
-            .tx
-            .send(Command::Notice(Bytes::from(body)))
-            .await
-            .is_err()
-        {
-            metrics::counter!("wharf_edge_notices_dropped_total").increment(1);
-        }
+        let command = match self.tx.try_send(Command::Notice(Bytes::from(body))) {
+            Ok(()) => return Either::Left(ready(())),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                metrics::counter!("wharf_edge_notices_dropped_total").increment(1);
+                return Either::Left(ready(()));
+            }
+            Err(mpsc::error::TrySendError::Full(command)) => command,
+        };
+        Either::Right(Box::pin(async move {
+            if self.tx.send(command).await.is_err() {
+                metrics::counter!("wharf_edge_notices_dropped_total").increment(1);
+            }
+        }))
     }
 }
 

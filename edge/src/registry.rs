@@ -4,10 +4,10 @@
 use crate::session::SessionState;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-/// Asks a connection to close and hand its session state over.
-pub type TakeoverTx = mpsc::Sender<oneshot::Sender<Option<SessionState>>>;
+/// Asks a connection to close and hand its session state over (once: it then ends).
+pub type TakeoverTx = oneshot::Sender<oneshot::Sender<Option<SessionState>>>;
 
 enum Entry {
     Connected {

@@ -5,10 +5,10 @@
 //! its overlapping subscriptions) and offers the message to each session's bounded queue
 //! without waiting: a full queue never slows the publisher (see [`Offer`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
-use tokio::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::Notify;
 use wharf_shared::{Message, Qos};
 
 /// A message on its way to one session, at the QoS that session gets.
@@ -20,21 +20,75 @@ pub struct Delivery {
     pub retain: bool,
 }
 
-/// The sending side of one connected session's queue.
+/// A queue above this many slots is given back when it empties, so that a burst does not
+/// leave an idle connection holding memory.
+const SHRINK_ABOVE: usize = 256;
+
+/// One connected session's bounded queue: the router pushes, the session's task pops.
+///
+/// A deque behind a mutex and a `Notify` rather than a tokio channel: an empty queue holds
+/// no buffer (a bounded channel allocates a block of slots up front, about 1 KB per session),
+/// which is most of what an idle connection costs.
 pub struct SessionTx {
     pub connection_id: u64,
-    tx: mpsc::Sender<Delivery>,
+    queue: Mutex<VecDeque<Delivery>>,
+    capacity: usize,
+    ready: Notify,
     /// `created_ms` of the oldest QoS 1/2 message that did not fit in the queue, or 0. The
     /// session fetches such messages from the store once it has caught up.
     lagging_since: AtomicI64,
 }
 
 impl SessionTx {
-    pub fn new(connection_id: u64, tx: mpsc::Sender<Delivery>) -> Self {
+    pub fn new(connection_id: u64, capacity: usize) -> Self {
         SessionTx {
             connection_id,
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            ready: Notify::new(),
             lagging_since: AtomicI64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Delivery>> {
+        // Every operation under the lock is a single deque call: a poisoned queue is intact.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `delivery`, or gives it back when the queue is full.
+    fn offer(&self, delivery: Delivery) -> Result<(), Delivery> {
+        let mut queue = self.lock();
+        if queue.len() >= self.capacity {
+            return Err(delivery);
+        }
+        let was_empty = queue.is_empty();
+        queue.push_back(delivery);
+        drop(queue);
+        // The consumer only sleeps on an empty queue.
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The next delivery, if one is queued.
+    pub fn try_pop(&self) -> Option<Delivery> {
+        let mut queue = self.lock();
+        let next = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > SHRINK_ABOVE {
+            *queue = VecDeque::new();
+        }
+        next
+    }
+
+    /// Waits for the next delivery (one consumer: the session's task).
+    pub async fn recv(&self) -> Delivery {
+        loop {
+            if let Some(delivery) = self.try_pop() {
+                return delivery;
+            }
+            // A push after the check above leaves a permit, so this cannot miss it.
+            self.ready.notified().await;
         }
     }
 
@@ -212,12 +266,10 @@ impl Router {
                 offer.deferred += 1;
                 continue;
             }
-            match session.tx.try_send(delivery) {
+            match session.offer(delivery) {
                 Ok(()) => offer.queued += 1,
-                Err(mpsc::error::TrySendError::Full(d)) if d.qos == Qos::AtMostOnce => {
-                    offer.dropped += 1
-                }
-                Err(mpsc::error::TrySendError::Full(d)) => {
+                Err(d) if d.qos == Qos::AtMostOnce => offer.dropped += 1,
+                Err(d) => {
                     let _ = session.lagging_since.compare_exchange(
                         0,
                         d.message.created_ms.max(1),
@@ -226,8 +278,6 @@ impl Router {
                     );
                     offer.deferred += 1;
                 }
-                // The session is closing; what it missed is in the store.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         offer
@@ -252,26 +302,26 @@ mod tests {
         })
     }
 
-    fn session(router: &Router, name: &str, cap: usize) -> (Arc<str>, mpsc::Receiver<Delivery>) {
-        let (tx, rx) = mpsc::channel(cap);
+    fn session(router: &Router, name: &str, cap: usize) -> (Arc<str>, Arc<SessionTx>) {
+        let rx = Arc::new(SessionTx::new(1, cap));
         let client: Arc<str> = name.into();
-        router.attach(client.clone(), Arc::new(SessionTx::new(1, tx)));
+        router.attach(client.clone(), rx.clone());
         (client, rx)
     }
 
     #[test]
     fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
         let router = Router::default();
-        let (a, mut rx) = session(&router, "a", 8);
+        let (a, rx) = session(&router, "a", 8);
         router.subscribe(&a, "s/+", Qos::AtMostOnce);
         router.subscribe(&a, "s/#", Qos::ExactlyOnce);
         router.subscribe(&a, "s/t", Qos::AtLeastOnce);
         assert_eq!(router.route(&message("s/t", Qos::ExactlyOnce)).queued, 1);
-        assert_eq!(rx.try_recv().map(|d| d.qos).ok(), Some(Qos::ExactlyOnce));
-        assert!(rx.try_recv().is_err());
+        assert_eq!(rx.try_pop().map(|d| d.qos), Some(Qos::ExactlyOnce));
+        assert!(rx.try_pop().is_none());
         // Delivered QoS is the lower of publish and subscription.
         assert_eq!(router.route(&message("s/t", Qos::AtLeastOnce)).queued, 1);
-        assert_eq!(rx.try_recv().map(|d| d.qos).ok(), Some(Qos::AtLeastOnce));
+        assert_eq!(rx.try_pop().map(|d| d.qos), Some(Qos::AtLeastOnce));
     }
 
     #[test]
@@ -288,16 +338,40 @@ mod tests {
     #[test]
     fn full_queue_drops_qos0_and_defers_qos1() {
         let router = Router::default();
-        let (a, mut rx) = session(&router, "a", 1);
+        let (a, rx) = session(&router, "a", 1);
         router.subscribe(&a, "t", Qos::ExactlyOnce);
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).dropped, 1);
         assert_eq!(router.route(&message("t", Qos::AtLeastOnce)).deferred, 1);
         // Lagging: later QoS 1 waits in the store too, even with room in the queue.
-        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_pop().is_some());
         assert_eq!(router.route(&message("t", Qos::AtLeastOnce)).deferred, 1);
         let sessions = &router.read().sessions;
         assert_eq!(sessions.get("a").and_then(|s| s.take_lag()), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_session_wakes_for_a_delivery_and_gives_memory_back() {
+        let router = Arc::new(Router::default());
+        let (a, rx) = session(&router, "a", 1000);
+        router.subscribe(&a, "t", Qos::AtMostOnce);
+        let waiting = tokio::spawn({
+            let rx = rx.clone();
+            async move { rx.recv().await.message.topic.clone() }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);
+        let topic = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert_eq!(topic, "t");
+        // A burst grows the queue; draining it frees the buffer.
+        for _ in 0..600 {
+            router.route(&message("t", Qos::AtMostOnce));
+        }
+        while rx.try_pop().is_some() {}
+        assert_eq!(rx.lock().capacity(), 0);
     }
 
     #[test]

@@ -229,13 +229,17 @@ async fn run(
         let _ = stream.set_nodelay(true);
         let broker = broker.clone();
         let token = shutdown.clone();
-        tracker.spawn(async move {
-            match secure {
-                None => connection::serve(broker, stream, peer.to_string(), None, token).await,
-                Some(tls) => serve_tls(broker, tls, stream, peer, token).await,
-            }
-            drop(permit);
-        });
+        // Two task types, so that a plain connection's task is not sized for TLS.
+        match secure {
+            None => tracker.spawn(async move {
+                connection::serve(broker, stream, peer.to_string(), None, token).await;
+                drop(permit);
+            }),
+            Some(tls) => tracker.spawn(async move {
+                serve_tls(broker, tls, stream, peer, token).await;
+                drop(permit);
+            }),
+        };
     }
     drop(plain);
     drop(tls);

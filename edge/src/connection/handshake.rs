@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use wharf_shared::{Message, Reply, Request};
 
@@ -32,8 +32,7 @@ pub struct Handshake {
     pub will: Option<Will>,
     pub connection_id: u64,
     pub session_tx: Arc<SessionTx>,
-    pub queue_rx: mpsc::Receiver<Delivery>,
-    pub takeover_rx: mpsc::Receiver<oneshot::Sender<Option<SessionState>>>,
+    pub takeover_rx: oneshot::Receiver<oneshot::Sender<Option<SessionState>>>,
     pub undelivered: Vec<Message>,
     pub next_since_ms: Option<i64>,
     pub connect_started_ms: i64,
@@ -49,7 +48,7 @@ pub async fn accept<R, W>(
     read_buf: &mut BytesMut,
     identity: Option<&crate::tls::PeerIdentity>,
     shutdown: &CancellationToken,
-) -> Result<Option<Handshake>, SessionError>
+) -> Result<Option<Box<Handshake>>, SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -137,9 +136,9 @@ async fn start_session<W: AsyncWrite + Unpin>(
     connect: Connect,
     client_id: Arc<str>,
     writer: &mut W,
-) -> Result<Option<Handshake>, SessionError> {
+) -> Result<Option<Box<Handshake>>, SessionError> {
     let connection_id = broker.connection_id();
-    let (takeover_tx, takeover_rx) = mpsc::channel(1);
+    let (takeover_tx, takeover_rx) = oneshot::channel();
     let prior = match broker
         .registry
         .claim(client_id.clone(), connection_id, takeover_tx)
@@ -196,7 +195,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
             }
         }
     };
-    let (session_tx, queue_rx) = session_queue(broker, connection_id);
+    let session_tx = session_queue(broker, connection_id);
     broker.router.attach(client_id.clone(), session_tx.clone());
     for (filter, qos) in &state.subscriptions {
         broker.router.subscribe(&client_id, filter, *qos);
@@ -204,7 +203,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
     let mut write_buf = BytesMut::new();
     v4::encode_connack(&mut write_buf, ConnectCode::Accepted, present);
     metrics::counter!("wharf_edge_connections_accepted_total").increment(1);
-    Ok(Some(Handshake {
+    Ok(Some(Box::new(Handshake {
         state,
         clean: connect.clean_session,
         keep_alive: (connect.keep_alive > 0)
@@ -212,18 +211,17 @@ async fn start_session<W: AsyncWrite + Unpin>(
         will: connect.will,
         connection_id,
         session_tx,
-        queue_rx,
         takeover_rx,
         undelivered,
         next_since_ms,
         connect_started_ms,
         write_buf,
-    }))
+    })))
 }
 
 async fn take_over(old: crate::registry::TakeoverTx) -> Option<SessionState> {
     let (tx, rx) = oneshot::channel();
-    if old.send(tx).await.is_err() {
+    if old.send(tx).is_err() {
         return None;
     }
     match tokio::time::timeout(TAKEOVER_TIMEOUT, rx).await {

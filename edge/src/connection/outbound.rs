@@ -16,7 +16,6 @@ use bytes::BytesMut;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use wharf_shared::{DeliveredRecord, Message, MessageId, Notice, Qos, Reply, Request};
 
@@ -76,7 +75,7 @@ enum CatchUpKind {
 pub struct Outbound {
     broker: Arc<Broker>,
     pub state: SessionState,
-    session_tx: Arc<SessionTx>,
+    pub session_tx: Arc<SessionTx>,
     pub write_buf: BytesMut,
     backlog: VecDeque<Delivery>,
     stalled: Option<Delivery>,
@@ -231,7 +230,7 @@ impl Outbound {
     }
 
     /// Moves messages into the write buffer while the window and the buffer allow.
-    pub fn fill(&mut self, queue: &mut mpsc::Receiver<Delivery>) {
+    pub fn fill(&mut self) {
         let high_water = self.broker.config.limits.write_high_water;
         while self.write_buf.len() < high_water {
             let next = match self.stalled.take() {
@@ -241,10 +240,10 @@ impl Outbound {
             let next = match next {
                 Some(d) => d,
                 None if self.fetching() => break,
-                None => match queue.try_recv() {
-                    Ok(d) if !self.dedupe.first_time(d.message.id) => continue,
-                    Ok(d) => d,
-                    Err(_) => {
+                None => match self.session_tx.try_pop() {
+                    Some(d) if !self.dedupe.first_time(d.message.id) => continue,
+                    Some(d) => d,
+                    None => {
                         if let Some(since) = self.session_tx.take_lag() {
                             self.lagged(since);
                         }
