@@ -76,10 +76,10 @@ async fn measure(history: usize, args: &CatchupArgs) -> anyhow::Result<String> {
             })
             .collect();
         store
-            .write(WriteBatch {
+            .write(std::sync::Arc::new(WriteBatch {
                 messages,
                 ..Default::default()
-            })
+            }))
             .await?;
     }
     let fill_secs = filling.elapsed().as_secs_f64();
@@ -96,10 +96,10 @@ async fn measure(history: usize, args: &CatchupArgs) -> anyhow::Result<String> {
         .map(|i| message(history + i, sub_created + 1 + i as i64, "fleet/d1/t"))
         .collect();
     store
-        .write(WriteBatch {
+        .write(std::sync::Arc::new(WriteBatch {
             messages: fresh,
             ..Default::default()
-        })
+        }))
         .await?;
     let (restore_ms, restored) = median_ms(&store, "device", None, args.repeat).await?;
     let (catchup_ms, caught) = median_ms(&store, "device", Some(now - 2_000), args.repeat).await?;

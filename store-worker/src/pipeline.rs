@@ -15,6 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 use wharf_shared::MessageId;
 use wharf_shared::{Message, Reply, WorkerFrame};
 
+/// How long the persister waits to gather more when nothing in its batch is waited for.
+const UNWAITED_LINGER: Duration = Duration::from_millis(5);
+
 /// Where a reply goes: the edge connection's writer and the request id.
 pub type ReplyTo = (mpsc::Sender<WorkerFrame>, u64);
 
@@ -49,21 +52,20 @@ pub struct PersistJob {
 pub type Recorded = HashMap<(String, u16), (MessageId, bool)>;
 
 /// Turns jobs, in order, into one write and a reply per job.
-fn plan(jobs: &[PersistJob], mut recorded: Recorded) -> (WriteBatch, Vec<Reply>) {
+fn plan(jobs: impl IntoIterator<Item = Job>, mut recorded: Recorded) -> (WriteBatch, Vec<Reply>) {
     let mut batch = WriteBatch::default();
-    let mut replies = Vec::with_capacity(jobs.len());
+    let mut replies = Vec::new();
     for job in jobs {
-        replies.push(match &job.job {
+        replies.push(match job {
             Job::Store(m) => {
-                batch.messages.push(m.clone());
+                batch.messages.push(m);
                 Reply::Persisted
             }
-            Job::Qos2 { message, pkid } => {
-                let key = (message.client_id.clone(), *pkid);
+            Job::Qos2 { mut message, pkid } => {
+                let key = (message.client_id.clone(), pkid);
                 match recorded.get(&key) {
                     Some((_, true)) => Reply::AlreadyStored,
                     known => {
-                        let mut message = message.clone();
                         if let Some((id, false)) = known {
                             message.id = *id;
                         }
@@ -78,7 +80,7 @@ fn plan(jobs: &[PersistJob], mut recorded: Recorded) -> (WriteBatch, Vec<Reply>)
                 }
             }
             Job::Release { client_id, pkid } => {
-                let key = (client_id.clone(), *pkid);
+                let key = (client_id, pkid);
                 recorded.remove(&key);
                 batch
                     .record_qos2
@@ -87,9 +89,9 @@ fn plan(jobs: &[PersistJob], mut recorded: Recorded) -> (WriteBatch, Vec<Reply>)
                 Reply::Done
             }
             Job::Clear { client_id } => {
-                recorded.retain(|(c, _), _| c != client_id);
-                batch.record_qos2.retain(|(c, _, _)| c != client_id);
-                batch.clear_qos2.push(client_id.clone());
+                recorded.retain(|(c, _), _| *c != client_id);
+                batch.record_qos2.retain(|(c, _, _)| *c != client_id);
+                batch.clear_qos2.push(client_id);
                 Reply::Done
             }
         });
@@ -156,7 +158,20 @@ pub async fn persister<S: Store>(
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while jobs.recv_many(&mut batch, max_batch).await > 0 {
+        // Nobody waits for QoS 0 messages: gather them for a moment, so that one transaction
+        // carries many. Anything someone waits for ends the wait.
+        if batch.iter().all(|j| j.reply.is_none()) {
+            let until = tokio::time::Instant::now() + UNWAITED_LINGER;
+            while batch.len() < max_batch && batch.iter().all(|j| j.reply.is_none()) {
+                let room = max_batch - batch.len();
+                match tokio::time::timeout_at(until, jobs.recv_many(&mut batch, room)).await {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        }
         let started = Instant::now();
+        let reply_to: Vec<Option<ReplyTo>> = batch.iter_mut().map(|j| j.reply.take()).collect();
         let keys: Vec<(String, u16)> = batch
             .iter()
             .filter_map(|j| match &j.job {
@@ -170,13 +185,20 @@ pub async fn persister<S: Store>(
             } else {
                 retry(limit, "QoS 2 ids", || recorded(&*store, keys.clone())).await?
             };
-            let (write, replies) = plan(&batch, recorded);
+            let (mut write, replies) = plan(batch.drain(..).map(|j| j.job), recorded);
+            write.relaxed = reply_to.iter().all(Option::is_none);
             metrics::histogram!("wharf_worker_persist_batch_size")
                 .record(write.messages.len() as f64);
+            let write = Arc::new(write);
             retry(limit, "persist", || store.write(write.clone())).await?;
-            Ok::<_, StoreError>((write.messages, replies))
+            let messages = match Arc::try_unwrap(write) {
+                Ok(write) => write.messages,
+                Err(write) => write.messages.clone(),
+            };
+            Ok::<_, StoreError>((messages, replies))
         }
         .await;
+        batch.clear();
         metrics::histogram!("wharf_worker_persist_seconds").record(started.elapsed().as_secs_f64());
         let (stored, replies) = match result {
             Ok((messages, replies)) => (Some(messages), replies),
@@ -186,11 +208,11 @@ pub async fn persister<S: Store>(
                     reason: e.to_string(),
                     retryable: e.retryable(),
                 };
-                (None, vec![failed; batch.len()])
+                (None, vec![failed; reply_to.len()])
             }
         };
-        for (job, reply) in batch.drain(..).zip(replies) {
-            if let Some((tx, id)) = job.reply {
+        for (reply_to, reply) in reply_to.into_iter().zip(replies) {
+            if let Some((tx, id)) = reply_to {
                 let _ = tx.send(WorkerFrame::Reply { id, reply }).await;
             }
         }
@@ -278,7 +300,7 @@ mod tests {
             },
             qos2("new", 1, 5),
         ];
-        let (batch, replies) = plan(&jobs, recorded);
+        let (batch, replies) = plan(jobs.into_iter().map(|j| j.job), recorded);
         assert_eq!(
             replies,
             vec![

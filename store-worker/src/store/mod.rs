@@ -51,6 +51,10 @@ pub struct StoredSubscription {
 /// re-sent PUBLISH is stored under the recorded id.
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
+    /// Nobody waits for this batch (QoS 0 messages, clean-ups): it need not be forced to disk
+    /// before the write returns. The embedded store commits it without an fsync (the next
+    /// durable commit carries it to disk); MongoDB writes it like any other.
+    pub relaxed: bool,
     pub clear_qos2: Vec<String>,
     pub release_qos2: Vec<(String, u16)>,
     pub messages: Vec<Message>,
@@ -71,7 +75,10 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store answers (readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Applies a batch durably (see [`WriteBatch`]).
-    fn write(&self, batch: WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn write(
+        &self,
+        batch: std::sync::Arc<WriteBatch>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Which of these (client, packet id) pairs are recorded as QoS 2 messages not yet
     /// released, with the message id recorded for each.
     fn qos2_recorded(

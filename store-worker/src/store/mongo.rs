@@ -376,7 +376,7 @@ impl Store for MongoStore {
         }
     }
 
-    async fn write(&self, write: WriteBatch) -> Result<(), StoreError> {
+    async fn write(&self, write: std::sync::Arc<WriteBatch>) -> Result<(), StoreError> {
         for client in &write.clear_qos2 {
             self.qos2
                 .delete_many(doc! { "clientId": client })
@@ -391,7 +391,7 @@ impl Store for MongoStore {
         }
         // QoS 2 ids before their messages (see WriteBatch).
         self.record_qos2(&write.record_qos2).await?;
-        let batch = write.messages;
+        let batch = &write.messages;
         if batch.is_empty() {
             return Ok(());
         }

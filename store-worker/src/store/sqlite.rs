@@ -127,54 +127,18 @@ impl Store for SqliteStore {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
-    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+    async fn write(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
         self.with(move |c| {
-            let tx = c.transaction()?;
-            for client in &batch.clear_qos2 {
-                tx.execute("DELETE FROM qos2_inflight WHERE client_id = ?1", [client])?;
+            if batch.relaxed {
+                // WAL with synchronous=NORMAL: committed without an fsync; survives a crash
+                // of this process, reaches the disk with the next durable commit.
+                c.pragma_update(None, "synchronous", "NORMAL")?;
             }
-            for (client, pkid) in &batch.release_qos2 {
-                tx.execute(
-                    "DELETE FROM qos2_inflight WHERE client_id = ?1 AND pkid = ?2",
-                    params![client, pkid],
-                )?;
+            let written = write_batch(c, &batch);
+            if batch.relaxed {
+                c.pragma_update(None, "synchronous", "FULL")?;
             }
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO message (id, topic, data, qos, retain, client_id, host, created)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?;
-                let mut set_retained = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO retained (topic, id, data, client_id, qos, created, host)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?;
-                let mut clear_retained = tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?;
-                for m in &batch.messages {
-                    let fresh = insert.execute(params![
-                        &m.id.0[..], m.topic, m.payload, m.qos.as_u8(), m.retain, m.client_id, m.host, m.created_ms
-                    ])?;
-                    // A re-sent message that was stored before must not set its retained
-                    // value again over a newer one.
-                    if fresh == 1 && m.retain {
-                        if m.payload.is_empty() {
-                            clear_retained.execute([&m.topic])?;
-                        } else {
-                            set_retained.execute(params![
-                                m.topic, &m.id.0[..], m.payload, m.client_id, m.qos.as_u8(), m.created_ms, m.host
-                            ])?;
-                        }
-                    }
-                }
-                let mut record = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO qos2_inflight (client_id, pkid, message_id, created)
-                     VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                let now = crate::server::now_ms();
-                for (client, pkid, id) in &batch.record_qos2 {
-                    record.execute(params![client, pkid, &id.0[..], now])?;
-                }
-            }
-            tx.commit()
+            written
         })
         .await
     }
@@ -415,5 +379,117 @@ impl Store for SqliteStore {
             Ok(out)
         })
         .await
+    }
+}
+
+/// One batch in one transaction.
+fn write_batch(c: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    for client in &batch.clear_qos2 {
+        tx.execute("DELETE FROM qos2_inflight WHERE client_id = ?1", [client])?;
+    }
+    for (client, pkid) in &batch.release_qos2 {
+        tx.execute(
+            "DELETE FROM qos2_inflight WHERE client_id = ?1 AND pkid = ?2",
+            params![client, pkid],
+        )?;
+    }
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO message (id, topic, data, qos, retain, client_id, host, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        let mut set_retained = tx.prepare_cached(
+            "INSERT OR REPLACE INTO retained (topic, id, data, client_id, qos, created, host)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        let mut clear_retained = tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?;
+        for m in &batch.messages {
+            let fresh = insert.execute(params![
+                &m.id.0[..],
+                m.topic,
+                m.payload,
+                m.qos.as_u8(),
+                m.retain,
+                m.client_id,
+                m.host,
+                m.created_ms
+            ])?;
+            // A re-sent message that was stored before must not set its retained
+            // value again over a newer one.
+            if fresh == 1 && m.retain {
+                if m.payload.is_empty() {
+                    clear_retained.execute([&m.topic])?;
+                } else {
+                    set_retained.execute(params![
+                        m.topic,
+                        &m.id.0[..],
+                        m.payload,
+                        m.client_id,
+                        m.qos.as_u8(),
+                        m.created_ms,
+                        m.host
+                    ])?;
+                }
+            }
+        }
+        let mut record = tx.prepare_cached(
+            "INSERT OR REPLACE INTO qos2_inflight (client_id, pkid, message_id, created)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let now = crate::server::now_ms();
+        for (client, pkid, id) in &batch.record_qos2 {
+            record.execute(params![client, pkid, &id.0[..], now])?;
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: u8) -> Message {
+        Message {
+            id: MessageId([id; 12]),
+            topic: "t".into(),
+            payload: vec![id],
+            qos: Qos::AtMostOnce,
+            retain: false,
+            client_id: "c".into(),
+            host: "h".into(),
+            created_ms: 1,
+        }
+    }
+
+    fn synchronous(store: &SqliteStore) -> i64 {
+        let conn = store.conn.lock().expect("lock");
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("pragma")
+    }
+
+    #[tokio::test]
+    async fn a_relaxed_batch_is_stored_and_later_commits_are_forced_to_disk_again() {
+        let dir = std::env::temp_dir().join(format!("wharf-sqlite-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let store = SqliteStore::open(&dir).expect("open");
+        const FULL: i64 = 2;
+        assert_eq!(synchronous(&store), FULL);
+        let relaxed = WriteBatch {
+            relaxed: true,
+            messages: vec![message(1), message(2)],
+            ..Default::default()
+        };
+        store.write(Arc::new(relaxed)).await.expect("write");
+        assert_eq!(synchronous(&store), FULL);
+        let durable = WriteBatch {
+            messages: vec![message(3)],
+            ..Default::default()
+        };
+        store.write(Arc::new(durable)).await.expect("write");
+        let ids = vec![MessageId([1; 12]), MessageId([2; 12]), MessageId([3; 12])];
+        assert_eq!(store.messages_by_id(ids).await.expect("read").len(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
