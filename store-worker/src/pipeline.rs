@@ -11,11 +11,11 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use wharf_shared::MessageId;
 use wharf_shared::{Message, Reply, WorkerFrame};
 
-/// How long the persister waits to gather more when nothing in its batch is waited for.
+/// How long a batching task waits to gather more when nothing in its batch is waited for.
 const UNWAITED_LINGER: Duration = Duration::from_millis(5);
 
 /// Where a reply goes: the edge connection's writer and the request id.
@@ -39,6 +39,82 @@ pub enum Job {
         client_id: String,
     },
 }
+
+/// The queue of a batching task (persister, recorder). What nobody waits for (QoS 0 messages,
+/// delivery records) is gathered for up to [`UNWAITED_LINGER`] after the first item, with one
+/// wake-up for the lot, so that one transaction carries many; an item that someone waits for
+/// (`send(.., true)`) ends that wait at once.
+pub struct BatchQueue<T> {
+    tx: mpsc::Sender<T>,
+    urgent: Arc<Notify>,
+}
+
+impl<T> Clone for BatchQueue<T> {
+    fn clone(&self) -> Self {
+        BatchQueue {
+            tx: self.tx.clone(),
+            urgent: self.urgent.clone(),
+        }
+    }
+}
+
+pub struct BatchRx<T> {
+    rx: mpsc::Receiver<T>,
+    urgent: Arc<Notify>,
+}
+
+impl<T> BatchQueue<T> {
+    pub fn new(capacity: usize) -> (BatchQueue<T>, BatchRx<T>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let urgent = Arc::new(Notify::new());
+        (
+            BatchQueue {
+                tx,
+                urgent: urgent.clone(),
+            },
+            BatchRx { rx, urgent },
+        )
+    }
+
+    /// Queues an item; waits while the queue is full. `Err`: the task is gone.
+    pub async fn send(&self, item: T, waited: bool) -> Result<(), ()> {
+        self.tx.send(item).await.map_err(|_| ())?;
+        if waited {
+            self.urgent.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl<T> BatchRx<T> {
+    /// Fills `batch` (up to `max`) with the next items; `false` once every sender is gone.
+    async fn next_batch(
+        &mut self,
+        batch: &mut Vec<T>,
+        max: usize,
+        waited: impl Fn(&T) -> bool,
+    ) -> bool {
+        if self.rx.recv_many(batch, max).await == 0 {
+            return false;
+        }
+        if !batch.iter().any(&waited) && batch.len() < max {
+            tokio::select! {
+                _ = tokio::time::sleep(UNWAITED_LINGER) => {}
+                _ = self.urgent.notified() => {}
+            }
+            while batch.len() < max {
+                match self.rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+        }
+        true
+    }
+}
+
+pub type PersistQueue = BatchQueue<PersistJob>;
+pub type RecordQueue = BatchQueue<RecordCommand>;
 
 pub struct PersistJob {
     pub job: Job,
@@ -152,24 +228,15 @@ where
 pub async fn persister<S: Store>(
     store: Arc<S>,
     edges: Arc<crate::fanout::Edges>,
-    mut jobs: mpsc::Receiver<PersistJob>,
+    mut jobs: BatchRx<PersistJob>,
     max_batch: usize,
     limit: Duration,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
-    while jobs.recv_many(&mut batch, max_batch).await > 0 {
-        // Nobody waits for QoS 0 messages: gather them for a moment, so that one transaction
-        // carries many. Anything someone waits for ends the wait.
-        if batch.iter().all(|j| j.reply.is_none()) {
-            let until = tokio::time::Instant::now() + UNWAITED_LINGER;
-            while batch.len() < max_batch && batch.iter().all(|j| j.reply.is_none()) {
-                let room = max_batch - batch.len();
-                match tokio::time::timeout_at(until, jobs.recv_many(&mut batch, room)).await {
-                    Ok(n) if n > 0 => {}
-                    _ => break,
-                }
-            }
-        }
+    while jobs
+        .next_batch(&mut batch, max_batch, |j| j.reply.is_some())
+        .await
+    {
         let started = Instant::now();
         let reply_to: Vec<Option<ReplyTo>> = batch.iter_mut().map(|j| j.reply.take()).collect();
         let keys: Vec<(String, u16)> = batch
@@ -226,12 +293,13 @@ pub async fn persister<S: Store>(
 
 pub async fn recorder<S: Store>(
     store: Arc<S>,
-    mut commands: mpsc::Receiver<RecordCommand>,
+    mut commands: BatchRx<RecordCommand>,
     max_batch: usize,
     limit: Duration,
 ) {
     let mut received = Vec::with_capacity(64);
-    while commands.recv_many(&mut received, 64).await > 0 {
+    let barrier = |c: &RecordCommand| matches!(c, RecordCommand::Barrier(_));
+    while commands.next_batch(&mut received, 1024, barrier).await {
         let mut rows = Vec::new();
         let mut barriers = Vec::new();
         for command in received.drain(..) {

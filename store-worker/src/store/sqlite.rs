@@ -1,7 +1,8 @@
 //! The embedded store: one SQLite file in the data directory, WAL journal with
-//! `synchronous=FULL`, so a committed transaction survives a power cut. Calls run on the
-//! blocking pool; a batch is one transaction (group commit). Expired rows are purged every
-//! minute with the same TTLs as the MongoDB indexes.
+//! `synchronous=FULL`, so a committed transaction survives a power cut. What nobody waits for
+//! (QoS 0 messages, delivery records) is committed without an fsync and reaches the disk with
+//! the next durable commit. Calls run on the blocking pool; a batch is one transaction (group
+//! commit). Expired rows are purged every minute with the same TTLs as the MongoDB indexes.
 
 use super::{
     DeliveryRow, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
@@ -130,15 +131,10 @@ impl Store for SqliteStore {
     async fn write(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
         self.with(move |c| {
             if batch.relaxed {
-                // WAL with synchronous=NORMAL: committed without an fsync; survives a crash
-                // of this process, reaches the disk with the next durable commit.
-                c.pragma_update(None, "synchronous", "NORMAL")?;
+                without_fsync(c, |c| write_batch(c, &batch))
+            } else {
+                write_batch(c, &batch)
             }
-            let written = write_batch(c, &batch);
-            if batch.relaxed {
-                c.pragma_update(None, "synchronous", "FULL")?;
-            }
-            written
         })
         .await
     }
@@ -238,7 +234,9 @@ impl Store for SqliteStore {
     }
 
     async fn record_delivered(&self, rows: Vec<DeliveryRow>) -> Result<(), StoreError> {
-        self.with(move |c| {
+        // A record lost to a power cut means one duplicate delivery later, never a loss: not
+        // worth an fsync per batch.
+        self.with(move |c| without_fsync(c, |c| {
             let tx = c.transaction()?;
             {
                 let mut insert = tx.prepare_cached(
@@ -252,7 +250,7 @@ impl Store for SqliteStore {
                 }
             }
             tx.commit()
-        })
+        }))
         .await
     }
 
@@ -380,6 +378,18 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// Runs `f` with synchronous=NORMAL: in WAL mode its commits are not fsynced; they survive a
+/// crash of this process and reach the disk with the next durable (FULL) commit or checkpoint.
+fn without_fsync<T>(
+    c: &mut Connection,
+    f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    let result = f(c);
+    c.pragma_update(None, "synchronous", "FULL")?;
+    result
 }
 
 /// One batch in one transaction.
