@@ -83,6 +83,8 @@ pub struct LinkConfig {
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_millis(1_000);
+/// Longest a notice (QoS 0 message, delivery records) waits in the buffer for company.
+const NOTICE_LINGER: Duration = Duration::from_millis(1);
 /// How long a fail-fast request waits for a link that is down.
 const FAIL_FAST_WAIT: Duration = Duration::from_secs(2);
 
@@ -409,11 +411,20 @@ async fn serve(
     writer: &mut Writer,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
+    // Notices are written at most NOTICE_LINGER after they were queued; a request is written
+    // at once, with whatever notices are buffered before it.
+    let flush_at = tokio::time::sleep(Duration::from_secs(86_400));
+    tokio::pin!(flush_at);
+    let mut unflushed = false;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled(), if state.pending.is_empty() => return Ok(()),
+            _ = shutdown.cancelled(), if state.pending.is_empty() => {
+                SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                return Ok(());
+            }
             command = rx.recv() => {
                 let Some(command) = command else {
+                    SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
                     if state.pending.is_empty() {
                         return Ok(());
                     }
@@ -424,13 +435,23 @@ async fn serve(
                     }
                     return Ok(());
                 };
-                send(state, command, writer).await?;
+                let mut waited = send(state, command, writer).await?;
                 // Batch whatever else is queued into the same write.
                 while let Ok(command) = rx.try_recv() {
-                    send(state, command, writer).await?;
+                    waited |= send(state, command, writer).await?;
                 }
-                SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                if waited {
+                    SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                    unflushed = false;
+                } else if !unflushed {
+                    unflushed = true;
+                    flush_at.as_mut().reset(tokio::time::Instant::now() + NOTICE_LINGER);
+                }
                 metrics::gauge!("wharf_edge_worker_pending_requests").set(state.pending.len() as f64);
+            }
+            _ = &mut flush_at, if unflushed => {
+                SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                unflushed = false;
             }
             frame = reader.next() => {
                 let frame = frame.ok_or("worker closed the socket")?.map_err(|e| format!("read: {e}"))?;
@@ -440,7 +461,9 @@ async fn serve(
     }
 }
 
-async fn send(state: &mut State, command: Command, writer: &mut Writer) -> Result<(), String> {
+/// Buffers one command's frame (the framed writer writes once its buffer is large); returns
+/// whether someone waits for it (a request).
+async fn send(state: &mut State, command: Command, writer: &mut Writer) -> Result<bool, String> {
     match command {
         Command::Request {
             request,
@@ -452,7 +475,7 @@ async fn send(state: &mut State, command: Command, writer: &mut Writer) -> Resul
                 Ok(body) => body,
                 Err(e) => {
                     let _ = reply.send(Err(LinkError::Encode(e.to_string())));
-                    return Ok(());
+                    return Ok(false);
                 }
             };
             state.next_id += 1;
@@ -470,11 +493,14 @@ async fn send(state: &mut State, command: Command, writer: &mut Writer) -> Resul
                     _permit,
                 },
             );
+            Ok(true)
         }
-        Command::Notice(frame) => writer
-            .feed(frame)
-            .await
-            .map_err(|e| format!("write: {e}"))?,
+        Command::Notice(frame) => {
+            writer
+                .feed(frame)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            Ok(false)
+        }
     }
-    Ok(())
 }
