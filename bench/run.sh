@@ -43,7 +43,9 @@ start() { # broker -> sets port and pids
       rm -rf "$work/wharf"; mkdir -p "$work/wharf"
       target/release/store-worker --socket "$work/wharf/w.sock" --data-dir "$work/wharf/data" --host bench 2>"$work/worker.log" &
       local w=$!
-      target/release/edge --listen 127.0.0.1:18851 --worker-socket "$work/wharf/w.sock" --host bench 2>"$work/edge.log" &
+      # One runtime thread for the edge (WHARF_EDGE_THREADS): on a 2-core machine shared with
+      # the worker and the load generator it measured better than one per core (BENCHMARKS.md).
+      TOKIO_WORKER_THREADS="${WHARF_EDGE_THREADS:-1}" target/release/edge --listen 127.0.0.1:18851 --worker-socket "$work/wharf/w.sock" --host bench 2>"$work/edge.log" &
       pids="$w,$!"; port=18851 ;;
     mosquitto)
       mosquitto -c bench/mosquitto.conf 2>"$work/mosquitto.log" &
@@ -72,8 +74,9 @@ for broker in $BROKERS; do
       case "$scenario" in
         qos0) load "$broker" qos0 --qos 0 ;;
         qos1) load "$broker" qos1 --qos 1 ;;
-        lat0) load "$broker" lat0 --qos 0 --rate 20000 ;;
-        lat1) load "$broker" lat1 --qos 1 --rate 20000 ;;
+        # A 100 us pacing tick: two messages at a time, not bursts of 20 every millisecond.
+        lat0) load "$broker" lat0 --qos 0 --rate 20000 --tick-us 100 ;;
+        lat1) load "$broker" lat1 --qos 1 --rate 20000 --tick-us 100 ;;
         fanin) load "$broker" fanin --qos 1 --publishers 1000 --rate 20 --topic-per-publisher ;;
         fanout) load "$broker" fanout --qos 0 --subscribers 1000 --rate 20 ;;
         idle) "$bench" idle --broker "127.0.0.1:$port" --label "$broker" --connections "$IDLE_CONNECTIONS" --pids "$pids" | tee -a "$out" ;;
