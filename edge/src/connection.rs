@@ -134,7 +134,8 @@ struct Connection {
     broker: Arc<Broker>,
     clean: bool,
     keep_alive: Option<Duration>,
-    will: Option<Will>,
+    /// Boxed: most clients have none, and this is part of every connection's task.
+    will: Option<Box<Will>>,
     connection_id: u64,
     out: Outbound,
     /// The outstanding catch-up query, if any.
@@ -156,7 +157,7 @@ type TrackFuture = Pin<Box<dyn Future<Output = (u16, bool, Result<Reply, LinkErr
 /// Futures whose results are taken in the order they were pushed. Holds no allocation while
 /// none is pending (`FuturesOrdered` allocates on creation), so idle connections stay small.
 struct InOrder<F: Future> {
-    pending: Option<FuturesOrdered<F>>,
+    pending: Option<Box<FuturesOrdered<F>>>,
 }
 
 impl<F: Future> Default for InOrder<F> {
@@ -168,12 +169,12 @@ impl<F: Future> Default for InOrder<F> {
 impl<F: Future> InOrder<F> {
     fn push_back(&mut self, future: F) {
         self.pending
-            .get_or_insert_with(FuturesOrdered::new)
+            .get_or_insert_with(Default::default)
             .push_back(future);
     }
 
     fn len(&self) -> usize {
-        self.pending.as_ref().map_or(0, FuturesOrdered::len)
+        self.pending.as_ref().map_or(0, |p| p.len())
     }
 
     fn is_empty(&self) -> bool {
@@ -205,7 +206,7 @@ impl Connection {
             broker: broker.clone(),
             clean: hs.clean,
             keep_alive: hs.keep_alive,
-            will: hs.will,
+            will: hs.will.map(Box::new),
             connection_id: hs.connection_id,
             out: Outbound::new(broker, hs.state, hs.session_tx, hs.write_buf, !hs.clean),
             tracking: InOrder::default(),
