@@ -50,6 +50,9 @@ start() { # broker -> sets port and pids
     mosquitto)
       mosquitto -c bench/mosquitto.conf 2>"$work/mosquitto.log" &
       pids="$!"; port=18852 ;;
+    mosquitto-nodelay) # not in the default set: BROKERS=mosquitto-nodelay SCENARIOS="lat0 lat1"
+      mosquitto -c bench/mosquitto-nodelay.conf 2>"$work/mosquitto.log" &
+      pids="$!"; port=18854 ;;
     rumqttd)
       "$rumqttd_bin" -c bench/rumqttd.toml 2>"$work/rumqttd.log" >/dev/null &
       pids="$!"; port=18853 ;;
