@@ -70,9 +70,7 @@ impl Broker {
     pub async fn publish_detached(self: Arc<Self>, message: Message) {
         let message = Arc::new(message);
         if message.qos == Qos::AtMostOnce {
-            self.link
-                .notify(wharf_shared::Notice::Store((*message).clone()))
-                .await;
+            self.link.notify_store(&message).await;
             self.route(&message);
             return;
         }

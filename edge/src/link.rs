@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
-use wharf_shared::codec::{decode_body, encode_body, encode_request};
+use wharf_shared::codec::{decode_body, encode_body, encode_request, encode_store_notice};
 use wharf_shared::{
     EdgeFrame, Hello, Message, Notice, Reply, Request, WorkerFrame, MAX_FRAME_LENGTH,
     PROTOCOL_VERSION,
@@ -182,7 +182,19 @@ impl Link {
     /// draining it, dropping notices while the worker is away). Like [`Link::request`], only
     /// the waiting path is a future.
     pub fn notify(&self, notice: Notice) -> MaybeWaiting<'_, ()> {
-        let Ok(body) = encode_body(&EdgeFrame::Notice(notice)) else {
+        self.notify_encoded(encode_body(&EdgeFrame::Notice(notice)))
+    }
+
+    /// `notify(Notice::Store(message))` without copying the message.
+    pub fn notify_store(&self, message: &Message) -> MaybeWaiting<'_, ()> {
+        self.notify_encoded(encode_store_notice(message))
+    }
+
+    fn notify_encoded(
+        &self,
+        body: Result<Vec<u8>, wharf_shared::codec::CodecError>,
+    ) -> MaybeWaiting<'_, ()> {
+        let Ok(body) = body else {
             return Either::Left(ready(()));
         };
         let command = match self.tx.try_send(Command::Notice(Bytes::from(body))) {

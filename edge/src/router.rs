@@ -159,14 +159,19 @@ impl Node {
         removed
     }
 
-    fn collect(&self, levels: &[&str], first_level: bool, out: &mut HashMap<Arc<str>, Qos>) {
+    fn collect<'a>(
+        &'a self,
+        levels: &[&str],
+        first_level: bool,
+        out: &mut Vec<(&'a Arc<str>, Qos)>,
+    ) {
         // A topic starting with '$' is not matched by a leading wildcard (MQTT 4.7.2).
         let dollar = first_level && levels.first().is_some_and(|l| l.starts_with('$'));
         if !dollar {
-            merge(out, &self.multi);
+            out.extend(self.multi.iter().map(|(c, q)| (c, *q)));
         }
         match levels {
-            [] => merge(out, &self.here),
+            [] => out.extend(self.here.iter().map(|(c, q)| (c, *q))),
             [first, rest @ ..] => {
                 if let Some(child) = self.children.get(*first) {
                     child.collect(rest, false, out);
@@ -181,13 +186,17 @@ impl Node {
     }
 }
 
-fn merge(out: &mut HashMap<Arc<str>, Qos>, from: &HashMap<Arc<str>, Qos>) {
-    for (client, qos) in from {
-        let entry = out.entry(client.clone()).or_insert(*qos);
-        if *qos > *entry {
-            *entry = *qos;
-        }
+/// Most topic levels split on the stack when routing; deeper topics use a `Vec`.
+const STACK_LEVELS: usize = 16;
+
+/// One entry per session, at the highest QoS of its matching subscriptions.
+fn one_per_session(matched: &mut Vec<(&Arc<str>, Qos)>) {
+    if matched.len() < 2 {
+        return;
     }
+    // Highest QoS first within each client, then keep the first of each client.
+    matched.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
+    matched.dedup_by(|later, first| later.0 == first.0);
 }
 
 #[derive(Default)]
@@ -245,13 +254,26 @@ impl Router {
 
     /// Offers `message` to every connected session subscribed to its topic.
     pub fn route(&self, message: &Arc<Message>) -> Offer {
-        let levels: Vec<&str> = message.topic.split('/').collect();
-        let mut matched = HashMap::new();
+        let mut on_stack = [""; STACK_LEVELS];
+        let on_heap: Vec<&str>;
+        let levels: &[&str] = if message.topic.split('/').count() <= STACK_LEVELS {
+            let mut n = 0;
+            for (slot, level) in on_stack.iter_mut().zip(message.topic.split('/')) {
+                *slot = level;
+                n += 1;
+            }
+            &on_stack[..n]
+        } else {
+            on_heap = message.topic.split('/').collect();
+            &on_heap
+        };
         let inner = self.read();
-        inner.root.collect(&levels, true, &mut matched);
+        let mut matched = Vec::new();
+        inner.root.collect(levels, true, &mut matched);
+        one_per_session(&mut matched);
         let mut offer = Offer::default();
         for (client, sub_qos) in matched {
-            let Some(session) = inner.sessions.get(&client) else {
+            let Some(session) = inner.sessions.get(client) else {
                 continue;
             };
             let delivery = Delivery {
@@ -322,6 +344,41 @@ mod tests {
         // Delivered QoS is the lower of publish and subscription.
         assert_eq!(router.route(&message("s/t", Qos::AtLeastOnce)).queued, 1);
         assert_eq!(rx.try_pop().map(|d| d.qos), Some(Qos::AtLeastOnce));
+    }
+
+    #[test]
+    fn each_session_gets_one_copy_among_many() {
+        let router = Router::default();
+        let sessions: Vec<_> = (0..40)
+            .map(|i| session(&router, &format!("s{i}"), 8))
+            .collect();
+        for (i, (client, _)) in sessions.iter().enumerate() {
+            router.subscribe(client, "a/#", Qos::AtMostOnce);
+            router.subscribe(
+                client,
+                "a/+/c",
+                if i % 2 == 0 {
+                    Qos::AtLeastOnce
+                } else {
+                    Qos::AtMostOnce
+                },
+            );
+        }
+        assert_eq!(router.route(&message("a/b/c", Qos::ExactlyOnce)).queued, 40);
+        for (i, (_, rx)) in sessions.iter().enumerate() {
+            let want = if i % 2 == 0 {
+                Qos::AtLeastOnce
+            } else {
+                Qos::AtMostOnce
+            };
+            assert_eq!(rx.try_pop().map(|d| d.qos), Some(want));
+            assert!(rx.try_pop().is_none());
+        }
+        // Deeper than the levels split on the stack.
+        let deep = vec!["x"; 40].join("/");
+        router.subscribe(&sessions[0].0, "x/#", Qos::AtMostOnce);
+        router.subscribe(&sessions[0].0, &deep, Qos::AtMostOnce);
+        assert_eq!(router.route(&message(&deep, Qos::AtMostOnce)).queued, 1);
     }
 
     #[test]

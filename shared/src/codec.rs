@@ -39,11 +39,23 @@ enum EdgeFrameRef<'a> {
         id: u64,
         request: &'a crate::wire::Request,
     },
+    Notice(NoticeRef<'a>),
+}
+
+/// `Notice::Store` by reference (same bytes as the owned notice).
+#[derive(bincode::Encode)]
+enum NoticeRef<'a> {
+    Store(&'a crate::wire::Message),
 }
 
 /// The body of `EdgeFrame::Request { id, request }`.
 pub fn encode_request(id: u64, request: &crate::wire::Request) -> Result<Vec<u8>, CodecError> {
     encode_body(&EdgeFrameRef::Request { id, request })
+}
+
+/// `EdgeFrame::Notice(Notice::Store(message))` without copying the message.
+pub fn encode_store_notice(message: &crate::wire::Message) -> Result<Vec<u8>, CodecError> {
+    encode_body(&EdgeFrameRef::Notice(NoticeRef::Store(message)))
 }
 
 /// Decodes one frame body; the whole body must be one message.
@@ -225,6 +237,12 @@ mod tests {
             .expect("encode");
             assert_eq!(encode_request(id, &request).expect("encode"), owned);
         }
+        let message = sample_message();
+        let owned = encode_body(&EdgeFrame::Notice(crate::wire::Notice::Store(
+            message.clone(),
+        )))
+        .expect("encode");
+        assert_eq!(encode_store_notice(&message).expect("encode"), owned);
     }
 
     #[test]
