@@ -317,6 +317,12 @@ impl Connection {
                             Ok(false) => closing = Some(End::Graceful),
                             Err(e) => return End::Error(e),
                         }
+                        if n == room {
+                            // More is waiting on the socket: let the sessions this read fed
+                            // take their share first, so that a fast publisher does not
+                            // overrun their queues.
+                            tokio::task::yield_now().await;
+                        }
                     }
                     Err(e) => return End::Error(e.into()),
                 },
