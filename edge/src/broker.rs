@@ -14,7 +14,44 @@ pub struct Broker {
     pub router: Router,
     pub registry: Registry,
     pub link: Link,
+    pub metrics: HotMetrics,
     next_connection_id: AtomicU64,
+}
+
+/// Handles of the metrics recorded for every message or socket operation, registered once:
+/// the macros look their key up in the recorder on every call.
+pub struct HotMetrics {
+    pub bytes_sent: metrics::Counter,
+    pub bytes_received: metrics::Counter,
+    received: [metrics::Counter; 3],
+    sent: [metrics::Counter; 3],
+    pub persist_seconds: metrics::Histogram,
+}
+
+impl HotMetrics {
+    /// Registers with the recorder installed now (install it first).
+    fn register() -> Self {
+        let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce];
+        HotMetrics {
+            bytes_sent: metrics::counter!("wharf_edge_bytes_sent_total"),
+            bytes_received: metrics::counter!("wharf_edge_bytes_received_total"),
+            received: qos.map(|q| {
+                metrics::counter!("wharf_edge_messages_received_total", "qos" => crate::connection::qos_label(q))
+            }),
+            sent: qos.map(|q| {
+                metrics::counter!("wharf_edge_messages_sent_total", "qos" => crate::connection::qos_label(q))
+            }),
+            persist_seconds: metrics::histogram!("wharf_edge_persist_seconds"),
+        }
+    }
+
+    pub fn received(&self, qos: Qos) -> &metrics::Counter {
+        &self.received[qos.as_u8() as usize]
+    }
+
+    pub fn sent(&self, qos: Qos) -> &metrics::Counter {
+        &self.sent[qos.as_u8() as usize]
+    }
 }
 
 impl Broker {
@@ -24,6 +61,7 @@ impl Broker {
             router: Router::default(),
             registry: Registry::default(),
             link,
+            metrics: HotMetrics::register(),
             next_connection_id: AtomicU64::new(1),
         }
     }

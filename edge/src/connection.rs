@@ -276,7 +276,7 @@ impl Connection {
                 written = writer.write(&self.out.write_buf), if can_write => match written {
                     Ok(0) => return End::Error(SessionError::Protocol("socket closed for writing")),
                     Ok(n) => {
-                        metrics::counter!("wharf_edge_bytes_sent_total").increment(n as u64);
+                        self.broker.metrics.bytes_sent.increment(n as u64);
                         let _ = self.out.write_buf.split_to(n);
                         if self.out.write_buf.is_empty() && self.out.write_buf.capacity() > 16 * 1024 {
                             self.out.write_buf = BytesMut::new();
@@ -305,7 +305,7 @@ impl Connection {
                 read = reader.read_buf(&mut self.read_buf), if can_read => match read {
                     Ok(0) => return End::Error(SessionError::Protocol("client closed the connection")),
                     Ok(n) => {
-                        metrics::counter!("wharf_edge_bytes_received_total").increment(n as u64);
+                        self.broker.metrics.bytes_received.increment(n as u64);
                         if n == room {
                             self.read_chunk = (self.read_chunk * 2).min(MAX_READ);
                         }
@@ -440,8 +440,7 @@ impl Connection {
         if !topic::valid_topic_name(&p.topic) {
             return Err(SessionError::Protocol("invalid topic name in PUBLISH"));
         }
-        metrics::counter!("wharf_edge_messages_received_total", "qos" => qos_label(p.qos))
-            .increment(1);
+        self.broker.metrics.received(p.qos).increment(1);
         if p.qos == Qos::ExactlyOnce && self.out.state.has_inbound_qos2(p.pkid) {
             // A re-sent QoS 2 PUBLISH that was already stored and routed.
             v4::encode_pubrec(&mut self.out.write_buf, p.pkid);
@@ -473,10 +472,10 @@ impl Connection {
         };
         let rx = self.broker.link.request(request, Policy::Hold).await;
         let (pkid, qos) = (p.pkid, p.qos);
+        let persist_seconds = self.broker.metrics.persist_seconds.clone();
         self.ops.push_back(Box::pin(async move {
             let result = reply_of(rx).await;
-            metrics::histogram!("wharf_edge_persist_seconds")
-                .record(started.elapsed().as_secs_f64());
+            persist_seconds.record(started.elapsed().as_secs_f64());
             Op::Persisted {
                 pkid,
                 qos,

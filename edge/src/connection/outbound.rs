@@ -6,7 +6,6 @@
 //! that comes both ways is sent once.
 
 use crate::broker::Broker;
-use crate::connection::qos_label;
 use crate::ids;
 use crate::protocol::v4::{self, PublishOut};
 use crate::router::{Delivery, SessionTx};
@@ -318,7 +317,7 @@ impl Outbound {
                 dup,
             },
         );
-        metrics::counter!("wharf_edge_messages_sent_total", "qos" => qos_label(d.qos)).increment(1);
+        self.broker.metrics.sent(d.qos).increment(1);
     }
 
     fn record(&mut self, message: &Message) {
