@@ -197,3 +197,45 @@ async fn inbound_qos2_state_survives_an_edge_restart() {
     assert_eq!(got, vec!["once", "twice"], "each message exactly once");
     let _ = PATIENCE;
 }
+
+/// QoS 0 messages are committed without an fsync of their own (nobody waits for them); once
+/// committed they must still survive a crash (SIGKILL) of the worker process. Read through a
+/// second connection to the embedded store, as another process would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwaited_writes_survive_a_worker_crash() {
+    use wharf_store_worker::store::{sqlite::SqliteStore, Store};
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let mut host = BrokerHost::start(dir.path(), "h1", None).await;
+    let mut publisher = Raw::session(host.addr, "device", true).await;
+    const N: usize = 200;
+    for i in 0..N {
+        let payload = format!("m{i}");
+        publisher
+            .send(&raw::publish_bytes("q0/t", 0, 0, false, payload.as_bytes()))
+            .await;
+    }
+    let data = dir.path().join("h1").join("data");
+    let stored = || async {
+        let store = SqliteStore::open(&data).expect("open the embedded store");
+        store
+            .messages_since(0, None, None, 10 * N)
+            .await
+            .expect("query")
+            .into_iter()
+            .filter(|m| m.topic == "q0/t")
+            .count()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while stored().await < N {
+        assert!(Instant::now() < deadline, "QoS 0 messages not stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    host.kill_worker();
+    host.start_worker().await;
+    assert_eq!(
+        stored().await,
+        N,
+        "committed QoS 0 messages lost in a crash"
+    );
+}
