@@ -53,7 +53,8 @@ pub struct StoredSubscription {
 pub struct WriteBatch {
     /// Nobody waits for this batch (QoS 0 messages, clean-ups): it need not be forced to disk
     /// before the write returns. The embedded store commits it without an fsync (the next
-    /// durable commit carries it to disk); MongoDB writes it like any other.
+    /// durable commit carries it to disk); MongoDB inserts its messages with `w: 1` and no
+    /// journal wait.
     pub relaxed: bool,
     pub clear_qos2: Vec<String>,
     pub release_qos2: Vec<(String, u16)>,

@@ -39,6 +39,11 @@ pub struct MongoStore {
     qos2: Collection<Document>,
     qos2_out: Collection<Document>,
     change_streams: bool,
+    /// For what nobody waits for (QoS 0 batches, delivery records): acknowledged by the
+    /// primary, without waiting for the journal or the other members. A later durable write
+    /// carries them with it (the oplog is ordered); a failover may roll back the last of them,
+    /// which costs a QoS 0 message or a duplicate delivery, never an acknowledged message.
+    relaxed: WriteConcern,
 }
 
 /// How writes are acknowledged: `w` ("majority" or a number) and the journal flag.
@@ -243,6 +248,10 @@ impl MongoStore {
             qos2: collection("qos2Inflight"),
             qos2_out: collection("qos2Outbound"),
             change_streams,
+            relaxed: WriteConcern::builder()
+                .w(Acknowledgment::Nodes(1))
+                .journal(false)
+                .build(),
             db,
         };
         store.ensure_indexes().await?;
@@ -396,7 +405,11 @@ impl Store for MongoStore {
             return Ok(());
         }
         let docs: Vec<Document> = batch.iter().map(message_doc).collect();
-        let fresh: HashSet<usize> = match self.messages.insert_many(docs).ordered(false).await {
+        let mut insert = self.messages.insert_many(docs).ordered(false);
+        if write.relaxed {
+            insert = insert.write_concern(self.relaxed.clone());
+        }
+        let fresh: HashSet<usize> = match insert.await {
             Ok(_) => (0..batch.len()).collect(),
             Err(e) if only_duplicates(&e) => {
                 let dup: HashSet<usize> = match &*e.kind {
@@ -549,7 +562,12 @@ impl Store for MongoStore {
                 }
             })
             .collect();
-        match self.published.insert_many(docs).ordered(false).await {
+        let insert = self
+            .published
+            .insert_many(docs)
+            .ordered(false)
+            .write_concern(self.relaxed.clone());
+        match insert.await {
             Ok(_) => Ok(()),
             Err(e) if only_duplicates(&e) => Ok(()),
             Err(e) => Err(classify(e)),
