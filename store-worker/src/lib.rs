@@ -157,8 +157,8 @@ async fn run<S: Store>(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let (persist, persist_rx) = pipeline::PersistQueue::new(16_384);
-    let (record, record_rx) = pipeline::RecordQueue::new(16_384);
+    let (persist, persist_rx) = pipeline::persist_queue(16_384);
+    let (record, record_rx) = pipeline::record_queue(16_384);
     let edges = Arc::new(fanout::Edges::default());
     tracker.spawn(pipeline::persister(
         store.clone(),

@@ -43,10 +43,11 @@ pub enum Job {
 /// The queue of a batching task (persister, recorder). What nobody waits for (QoS 0 messages,
 /// delivery records) is gathered for up to [`UNWAITED_LINGER`] after the first item, with one
 /// wake-up for the lot, so that one transaction carries many; an item that someone waits for
-/// (`send(.., true)`) ends that wait at once.
+/// (`waited`, one predicate for both ends) ends that wait at once.
 pub struct BatchQueue<T> {
     tx: mpsc::Sender<T>,
     urgent: Arc<Notify>,
+    waited: fn(&T) -> bool,
 }
 
 impl<T> Clone for BatchQueue<T> {
@@ -54,6 +55,7 @@ impl<T> Clone for BatchQueue<T> {
         BatchQueue {
             tx: self.tx.clone(),
             urgent: self.urgent.clone(),
+            waited: self.waited,
         }
     }
 }
@@ -61,23 +63,26 @@ impl<T> Clone for BatchQueue<T> {
 pub struct BatchRx<T> {
     rx: mpsc::Receiver<T>,
     urgent: Arc<Notify>,
+    waited: fn(&T) -> bool,
 }
 
 impl<T> BatchQueue<T> {
-    pub fn new(capacity: usize) -> (BatchQueue<T>, BatchRx<T>) {
+    pub fn new(capacity: usize, waited: fn(&T) -> bool) -> (BatchQueue<T>, BatchRx<T>) {
         let (tx, rx) = mpsc::channel(capacity);
         let urgent = Arc::new(Notify::new());
         (
             BatchQueue {
                 tx,
                 urgent: urgent.clone(),
+                waited,
             },
-            BatchRx { rx, urgent },
+            BatchRx { rx, urgent, waited },
         )
     }
 
     /// Queues an item; waits while the queue is full. `Err`: the task is gone.
-    pub async fn send(&self, item: T, waited: bool) -> Result<(), ()> {
+    pub async fn send(&self, item: T) -> Result<(), ()> {
+        let waited = (self.waited)(&item);
         self.tx.send(item).await.map_err(|_| ())?;
         if waited {
             self.urgent.notify_one();
@@ -88,16 +93,11 @@ impl<T> BatchQueue<T> {
 
 impl<T> BatchRx<T> {
     /// Fills `batch` (up to `max`) with the next items; `false` once every sender is gone.
-    async fn next_batch(
-        &mut self,
-        batch: &mut Vec<T>,
-        max: usize,
-        waited: impl Fn(&T) -> bool,
-    ) -> bool {
+    async fn next_batch(&mut self, batch: &mut Vec<T>, max: usize) -> bool {
         if self.rx.recv_many(batch, max).await == 0 {
             return false;
         }
-        if !batch.iter().any(&waited) && batch.len() < max {
+        if !batch.iter().any(self.waited) && batch.len() < max {
             tokio::select! {
                 _ = tokio::time::sleep(UNWAITED_LINGER) => {}
                 _ = self.urgent.notified() => {}
@@ -115,6 +115,18 @@ impl<T> BatchRx<T> {
 
 pub type PersistQueue = BatchQueue<PersistJob>;
 pub type RecordQueue = BatchQueue<RecordCommand>;
+
+/// The persister's queue: a job with a reply is waited for.
+pub fn persist_queue(capacity: usize) -> (PersistQueue, BatchRx<PersistJob>) {
+    BatchQueue::new(capacity, |job| job.reply.is_some())
+}
+
+/// The recorder's queue: a barrier is waited for.
+pub fn record_queue(capacity: usize) -> (RecordQueue, BatchRx<RecordCommand>) {
+    BatchQueue::new(capacity, |command| {
+        matches!(command, RecordCommand::Barrier(_))
+    })
+}
 
 pub struct PersistJob {
     pub job: Job,
@@ -233,10 +245,7 @@ pub async fn persister<S: Store>(
     limit: Duration,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
-    while jobs
-        .next_batch(&mut batch, max_batch, |j| j.reply.is_some())
-        .await
-    {
+    while jobs.next_batch(&mut batch, max_batch).await {
         let started = Instant::now();
         let reply_to: Vec<Option<ReplyTo>> = batch.iter_mut().map(|j| j.reply.take()).collect();
         let keys: Vec<(String, u16)> = batch
@@ -298,8 +307,7 @@ pub async fn recorder<S: Store>(
     limit: Duration,
 ) {
     let mut received = Vec::with_capacity(64);
-    let barrier = |c: &RecordCommand| matches!(c, RecordCommand::Barrier(_));
-    while commands.next_batch(&mut received, 1024, barrier).await {
+    while commands.next_batch(&mut received, 1024).await {
         let mut rows = Vec::new();
         let mut barriers = Vec::new();
         for command in received.drain(..) {

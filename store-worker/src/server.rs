@@ -166,13 +166,10 @@ async fn connection<S: Store>(
             EdgeFrame::Request { id, request } => match route(request) {
                 Route::Persister(job) => shared
                     .persist
-                    .send(
-                        PersistJob {
-                            job,
-                            reply: Some((out_tx.clone(), id)),
-                        },
-                        true,
-                    )
+                    .send(PersistJob {
+                        job,
+                        reply: Some((out_tx.clone(), id)),
+                    })
                     .await
                     .is_ok(),
                 Route::Lane(request) => {
@@ -183,7 +180,7 @@ async fn connection<S: Store>(
                             job: Job::Clear { client_id },
                             reply: None,
                         };
-                        if shared.persist.send(clear, false).await.is_err() {
+                        if shared.persist.send(clear).await.is_err() {
                             break;
                         }
                     }
@@ -193,13 +190,10 @@ async fn connection<S: Store>(
             },
             EdgeFrame::Notice(Notice::Store(message)) => shared
                 .persist
-                .send(
-                    PersistJob {
-                        job: Job::Store(message),
-                        reply: None,
-                    },
-                    false,
-                )
+                .send(PersistJob {
+                    job: Job::Store(message),
+                    reply: None,
+                })
                 .await
                 .is_ok(),
             EdgeFrame::Notice(Notice::Delivered {
@@ -216,11 +210,7 @@ async fn connection<S: Store>(
                         created_ms,
                     })
                     .collect();
-                shared
-                    .record
-                    .send(RecordCommand::Rows(rows), false)
-                    .await
-                    .is_ok()
+                shared.record.send(RecordCommand::Rows(rows)).await.is_ok()
             }
         };
         if !sent {
@@ -324,12 +314,7 @@ async fn lane<S: Store>(
 /// Waits until every delivery record received before now is written.
 async fn barrier<S>(shared: &Shared<S>) {
     let (tx, rx) = oneshot::channel();
-    if shared
-        .record
-        .send(RecordCommand::Barrier(tx), true)
-        .await
-        .is_ok()
-    {
+    if shared.record.send(RecordCommand::Barrier(tx)).await.is_ok() {
         let _ = rx.await;
     }
 }
