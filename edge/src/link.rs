@@ -431,12 +431,12 @@ async fn serve(
     loop {
         tokio::select! {
             _ = shutdown.cancelled(), if state.pending.is_empty() => {
-                SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                flush(writer).await?;
                 return Ok(());
             }
             command = rx.recv() => {
                 let Some(command) = command else {
-                    SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                    flush(writer).await?;
                     if state.pending.is_empty() {
                         return Ok(());
                     }
@@ -453,7 +453,7 @@ async fn serve(
                     waited |= send(state, command, writer).await?;
                 }
                 if waited {
-                    SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                    flush(writer).await?;
                     unflushed = false;
                 } else if !unflushed {
                     unflushed = true;
@@ -462,7 +462,7 @@ async fn serve(
                 metrics::gauge!("wharf_edge_worker_pending_requests").set(state.pending.len() as f64);
             }
             _ = &mut flush_at, if unflushed => {
-                SinkExt::<Bytes>::flush(writer).await.map_err(|e| format!("write: {e}"))?;
+                flush(writer).await?;
                 unflushed = false;
             }
             frame = reader.next() => {
@@ -471,6 +471,13 @@ async fn serve(
             }
         }
     }
+}
+
+/// Writes what the framed writer holds.
+async fn flush(writer: &mut Writer) -> Result<(), String> {
+    SinkExt::<Bytes>::flush(writer)
+        .await
+        .map_err(|e| format!("write: {e}"))
 }
 
 /// Buffers one command's frame (the framed writer writes once its buffer is large); returns
