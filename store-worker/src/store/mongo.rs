@@ -65,6 +65,15 @@ impl Default for Durability {
 /// Server codes for a primary that is stepping down or shutting down, or a timeout.
 const TRANSIENT_CODES: [i32; 10] = [6, 7, 89, 91, 189, 10107, 11600, 11602, 13435, 13436];
 
+/// Every document a query finds.
+async fn all(find: mongodb::action::Find<'_, Document>) -> Result<Vec<Document>, StoreError> {
+    find.await
+        .map_err(classify)?
+        .try_collect()
+        .await
+        .map_err(classify)
+}
+
 fn classify(e: mongodb::error::Error) -> StoreError {
     use mongodb::error::ErrorKind;
     let text = match &*e.kind {
@@ -483,15 +492,11 @@ impl Store for MongoStore {
     }
 
     async fn qos2_out(&self, client_id: &str) -> Result<Vec<(u16, MessageId, bool)>, StoreError> {
-        let docs: Vec<Document> = self
+        let docs = all(self
             .qos2_out
             .find(doc! { "clientId": client_id })
-            .sort(doc! { "created": 1 })
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
+            .sort(doc! { "created": 1 }))
+        .await?;
         Ok(docs
             .iter()
             .filter_map(|d| {
@@ -506,14 +511,7 @@ impl Store for MongoStore {
 
     async fn messages_by_id(&self, ids: Vec<MessageId>) -> Result<Vec<Message>, StoreError> {
         let oids: Vec<ObjectId> = ids.iter().map(oid).collect();
-        let docs: Vec<Document> = self
-            .messages
-            .find(doc! { "_id": { "$in": oids } })
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
+        let docs = all(self.messages.find(doc! { "_id": { "$in": oids } })).await?;
         Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
     }
 
@@ -525,15 +523,11 @@ impl Store for MongoStore {
             .iter()
             .map(|(c, p)| doc! { "clientId": c, "pkid": *p as i32 })
             .collect();
-        let docs: Vec<Document> = self
+        let docs = all(self
             .qos2
             .find(doc! { "$or": alternatives })
-            .projection(doc! { "clientId": 1, "pkid": 1, "messageId": 1, "_id": 0 })
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
+            .projection(doc! { "clientId": 1, "pkid": 1, "messageId": 1, "_id": 0 }))
+        .await?;
         Ok(docs
             .iter()
             .filter_map(|d| {
@@ -575,15 +569,11 @@ impl Store for MongoStore {
     }
 
     async fn subscriptions(&self, client_id: &str) -> Result<Vec<StoredSubscription>, StoreError> {
-        let docs: Vec<Document> = self
+        let docs = all(self
             .subscriptions
             .find(doc! { "clientId": client_id })
-            .sort(doc! { "topic": 1 })
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
+            .sort(doc! { "topic": 1 }))
+        .await?;
         Ok(docs
             .iter()
             .filter_map(|d| {
@@ -636,14 +626,7 @@ impl Store for MongoStore {
 
     async fn retained(&self, prefixes: Option<Vec<String>>) -> Result<Vec<Message>, StoreError> {
         let filter = topic_condition("_id", &prefixes).unwrap_or_default();
-        let docs: Vec<Document> = self
-            .retained
-            .find(filter)
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
+        let docs = all(self.retained.find(filter)).await?;
         Ok(docs
             .iter()
             .filter_map(|d| message_of(d, "messageId"))
@@ -664,16 +647,12 @@ impl Store for MongoStore {
         if let Some(topics) = topic_condition("topic", &prefixes) {
             filter.extend(topics);
         }
-        let docs: Vec<Document> = self
+        let docs = all(self
             .messages
             .find(filter)
             .sort(doc! { "created": 1, "_id": 1 })
-            .limit(limit as i64)
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
+            .limit(limit as i64))
+        .await?;
         Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
     }
 
@@ -722,15 +701,11 @@ impl Store for MongoStore {
         ids: Vec<MessageId>,
     ) -> Result<HashSet<MessageId>, StoreError> {
         let oids: Vec<ObjectId> = ids.iter().map(oid).collect();
-        let docs: Vec<Document> = self
+        let docs = all(self
             .published
             .find(doc! { "clientId": client_id, "messageId": { "$in": oids } })
-            .projection(doc! { "messageId": 1, "_id": 0 })
-            .await
-            .map_err(classify)?
-            .try_collect()
-            .await
-            .map_err(classify)?;
+            .projection(doc! { "messageId": 1, "_id": 0 }))
+        .await?;
         Ok(docs
             .iter()
             .filter_map(|d| d.get_object_id("messageId").ok())
