@@ -256,14 +256,16 @@ impl Router {
     pub fn route(&self, message: &Arc<Message>) -> Offer {
         let mut on_stack = [""; STACK_LEVELS];
         let on_heap: Vec<&str>;
-        let levels: &[&str] = if message.topic.split('/').count() <= STACK_LEVELS {
-            let mut n = 0;
-            for (slot, level) in on_stack.iter_mut().zip(message.topic.split('/')) {
-                *slot = level;
-                n += 1;
-            }
+        let mut split = message.topic.split('/');
+        let mut n = 0;
+        for (slot, level) in on_stack.iter_mut().zip(split.by_ref()) {
+            *slot = level;
+            n += 1;
+        }
+        let levels: &[&str] = if split.next().is_none() {
             &on_stack[..n]
         } else {
+            // Deeper than the stack holds (rare): split again into a Vec.
             on_heap = message.topic.split('/').collect();
             &on_heap
         };
@@ -379,6 +381,12 @@ mod tests {
         router.subscribe(&sessions[0].0, "x/#", Qos::AtMostOnce);
         router.subscribe(&sessions[0].0, &deep, Qos::AtMostOnce);
         assert_eq!(router.route(&message(&deep, Qos::AtMostOnce)).queued, 1);
+        // At the edge of the levels split on the stack.
+        for levels in [STACK_LEVELS, STACK_LEVELS + 1] {
+            let topic = vec!["x"; levels].join("/");
+            let exact = router.route(&message(&topic, Qos::AtMostOnce));
+            assert_eq!(exact.queued, 1, "{levels} levels");
+        }
     }
 
     #[test]
