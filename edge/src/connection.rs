@@ -1,5 +1,6 @@
 //! One client connection: CONNECT, then one task with one `select!` over the socket, the
-//! session's queue, replies from the store-worker, the keepalive deadline and shutdown.
+//! session's queue (deliveries, and the shutdown and keepalive signals), replies from the
+//! store-worker and a takeover by a newer connection.
 //!
 //! Backpressure: the socket is not read while `max_pending_persists` publishes wait for the
 //! store or while the output buffer is above its high-water mark; the queue is not drained
@@ -9,17 +10,20 @@ mod handshake;
 mod outbound;
 
 use crate::broker::Broker;
+use crate::keepalive;
 use crate::link::{LinkError, Policy, ReplyRx};
 use crate::protocol::{v4, Inbound, PublishIn, Will};
 use crate::registry::Released;
-use crate::router::SessionTx;
+use crate::router::{Event, SessionTx, Signals};
 use crate::session::SessionState;
 use crate::topic;
 use bytes::BytesMut;
+use futures::future::{BoxFuture, Either};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use outbound::Outbound;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,52 +92,127 @@ async fn reply_of(rx: Result<crate::link::ReplyRx, LinkError>) -> Result<Reply, 
     }
 }
 
-/// Serves one accepted socket until it closes.
-/// `identity`: `None` on the plain listener; on the TLS listener the client certificate's
-/// names (empty without a certificate).
-pub async fn serve<S>(
+/// A client's byte stream, split into halves that the run loop reads and writes at once.
+pub trait Transport: Send + 'static {
+    type Read<'a>: Reader
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+/// Plain TCP: borrowed halves, no allocation and no lock per read or write.
+impl Transport for tokio::net::TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+/// TLS: one session state for both directions, so the halves share it behind a lock.
+impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut Self>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut Self>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+}
+
+/// The read half of a [`Transport`].
+pub trait Reader: AsyncRead + Unpin + Send {
+    /// Whether a read into an empty buffer waits until the socket is readable and then
+    /// returns nothing (plain TCP), so that a connection can wait without holding a buffer.
+    /// Not so for TLS, whose stream takes an empty read as the end of the input.
+    const EMPTY_READ_WAITS: bool;
+}
+
+impl Reader for tokio::net::tcp::ReadHalf<'_> {
+    const EMPTY_READ_WAITS: bool = true;
+}
+
+impl<T: AsyncRead + Send> Reader for tokio::io::ReadHalf<T> {
+    const EMPTY_READ_WAITS: bool = false;
+}
+
+/// Reads what the socket has into `buf`, offering room for about `chunk` bytes; returns the
+/// bytes read and the room offered. A connection with nothing buffered first waits for the
+/// socket without a buffer (where the transport can): an idle connection holds none.
+/// Cancel-safe: nothing is read until the last step.
+async fn read_some<R: Reader>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    chunk: usize,
+) -> std::io::Result<(usize, usize)> {
+    if R::EMPTY_READ_WAITS && buf.is_empty() {
+        std::future::poll_fn(|cx| {
+            Pin::new(&mut *reader).poll_read(cx, &mut tokio::io::ReadBuf::new(&mut []))
+        })
+        .await?;
+    }
+    if buf.capacity() - buf.len() < chunk / 2 {
+        buf.reserve(chunk);
+    }
+    let room = buf.capacity() - buf.len();
+    let n = reader.read_buf(buf).await?;
+    Ok((n, room))
+}
+
+/// Serves one accepted socket until it closes; `permit` (a connection slot) is given back
+/// at the end. `identity`: `None` on the plain listener; on the TLS listener the client
+/// certificate's names (empty without a certificate).
+///
+/// Not an `async fn`: its arguments would be stored twice in the task (once as arguments,
+/// once as locals), and this future is what every idle connection costs.
+#[allow(clippy::manual_async_fn)]
+pub fn serve<S: Transport, P: Send + 'static>(
     broker: Arc<Broker>,
-    stream: S,
-    peer: String,
+    mut stream: S,
+    peer: SocketAddr,
     identity: Option<crate::tls::PeerIdentity>,
     shutdown: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut read_buf = BytesMut::with_capacity(512);
-    // The CONNECT phase and the ending run once per connection: boxed, so that the task
-    // (kept for the whole connection) is only as large as the run loop.
-    let accepted = Box::pin(handshake::accept(
-        &broker,
-        &mut reader,
-        &mut writer,
-        &mut read_buf,
-        identity.as_ref(),
-        &shutdown,
-    ))
-    .await;
-    let (mut conn, mut takeover_rx) = match accepted {
-        Ok(Some(hs)) => Connection::new(&broker, *hs, read_buf),
-        Ok(None) => return,
-        Err(e) => {
-            tracing::info!(%peer, error = %e, "connection closed before the session started");
-            return;
-        }
-    };
-    tracing::debug!(%peer, client_id = %conn.out.state.client_id, clean = conn.clean, "session started");
-    metrics::gauge!("wharf_edge_sessions").increment(1.0);
-    let end = conn
-        .run(&mut reader, &mut writer, &mut takeover_rx, &shutdown)
-        .await;
-    Box::pin(conn.finish(end, &peer, &mut takeover_rx)).await;
-    metrics::gauge!("wharf_edge_sessions").decrement(1.0);
+    permit: P,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let (mut reader, mut writer) = stream.halves();
+        // The CONNECT phase and the ending run once per connection: boxed, so that the task
+        // (kept for the whole connection) is only as large as the run loop.
+        let (mut conn, mut takeover_rx) = {
+            let mut read_buf = BytesMut::with_capacity(512);
+            let accepted = Box::pin(handshake::accept(
+                &broker,
+                &mut reader,
+                &mut writer,
+                &mut read_buf,
+                identity.as_ref(),
+                &shutdown,
+            ))
+            .await;
+            match accepted {
+                Ok(Some(hs)) => Connection::new(&broker, *hs, read_buf),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "connection closed before the session started");
+                    return;
+                }
+            }
+        };
+        tracing::debug!(%peer, client_id = %conn.out.state.client_id, clean = conn.clean, "session started");
+        metrics::gauge!("wharf_edge_sessions").increment(1.0);
+        let end = conn
+            .run(&mut reader, &mut writer, &mut takeover_rx, &shutdown)
+            .await;
+        Box::pin(conn.finish(end, &peer, &mut takeover_rx)).await;
+        metrics::gauge!("wharf_edge_sessions").decrement(1.0);
+        drop(permit);
+    }
 }
 
 struct Connection {
     broker: Arc<Broker>,
     clean: bool,
-    keep_alive: Option<Duration>,
     /// Boxed: most clients have none, and this is part of every connection's task.
     will: Option<Box<Will>>,
     connection_id: u64,
@@ -205,7 +284,6 @@ impl Connection {
         let mut conn = Connection {
             broker: broker.clone(),
             clean: hs.clean,
-            keep_alive: hs.keep_alive,
             will: hs.will.map(Box::new),
             connection_id: hs.connection_id,
             out: Outbound::new(broker, hs.state, hs.session_tx, hs.write_buf, !hs.clean),
@@ -228,25 +306,31 @@ impl Connection {
         shutdown: &CancellationToken,
     ) -> End
     where
-        R: AsyncRead + Unpin,
+        R: Reader,
         W: AsyncWrite + Unpin,
     {
         let max_pending_persists = self.broker.config.limits.max_pending_persists;
         let write_high_water = self.broker.config.limits.write_high_water;
-        let deadline = tokio::time::sleep(Duration::from_secs(86_400));
-        tokio::pin!(deadline);
-        self.reset_keepalive(deadline.as_mut());
-        let mut closing: Option<End> = None;
+        // Shutdown and keepalive arrive as signals on the session's queue; a shutdown that
+        // began before this session was attached to the router is seen here.
+        let mut closing: Option<End> = shutdown.is_cancelled().then_some(End::Shutdown);
         // Live messages from the router.
         let queue = self.out.session_tx.clone();
         loop {
             self.out.fill();
-            self.flush_delivered().await;
-            if let Err(e) = self.send_requests().await {
-                return End::Error(e);
+            if let Some(waiting) = self.flush_delivered() {
+                waiting.await;
+            }
+            if !self.out.requests.is_empty() {
+                // Rare (QoS 2 delivery steps): boxed, so that it is not part of the task.
+                if let Err(e) = Box::pin(self.send_requests()).await {
+                    return End::Error(e);
+                }
             }
             if closing.is_none() {
-                self.start_catch_up(false).await;
+                if let Some(request) = self.catch_up_due(false) {
+                    Box::pin(self.send_catch_up(request)).await;
+                }
             }
             let can_read = closing.is_none()
                 && self.ops.len() < max_pending_persists
@@ -259,14 +343,11 @@ impl Connection {
                 break;
             }
             let can_write = !self.out.write_buf.is_empty();
-            // Grow with load, but keep idle connections small.
-            if self.read_buf.capacity() - self.read_buf.len() < self.read_chunk / 2 {
-                self.read_buf.reserve(self.read_chunk);
-            }
-            let room = self.read_buf.capacity() - self.read_buf.len();
+            // Set by a read; handled after the `select!`, so that its output (as large as
+            // the largest reply) is not held while the packets are handled.
+            let mut read_full = None;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if closing.is_none() => closing = Some(End::Shutdown),
                 handover = &mut *takeover_rx, if closing.is_none() && !takeover_rx.is_terminated() => {
                     match handover {
                         Ok(tx) => return End::TakenOver(tx),
@@ -301,33 +382,39 @@ impl Connection {
                     self.catch_up = None;
                     self.out.caught_up(reply.unwrap_or(Err(LinkError::Closed)));
                 }
-                delivery = queue.recv(), if self.out.wants_queue() => self.out.accept_live(delivery),
-                read = reader.read_buf(&mut self.read_buf), if can_read => match read {
-                    Ok(0) => return End::Error(SessionError::Protocol("client closed the connection")),
-                    Ok(n) => {
+                event = queue.recv(self.out.wants_queue()) => match event {
+                    Event::Delivery(delivery) => self.out.accept_live(delivery),
+                    // Once closing, only the pending replies matter.
+                    Event::Signals(_) if closing.is_some() => {}
+                    Event::Signals(s) if s.contains(Signals::SHUTDOWN) => closing = Some(End::Shutdown),
+                    Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
+                },
+                read = read_some(reader, &mut self.read_buf, self.read_chunk), if can_read => match read {
+                    Ok((0, _)) => return End::Error(SessionError::Protocol("client closed the connection")),
+                    Ok((n, room)) => {
                         self.broker.metrics.bytes_received.increment(n as u64);
                         if n == room {
                             self.read_chunk = (self.read_chunk * 2).min(MAX_READ);
                         }
-                        self.reset_keepalive(deadline.as_mut());
-                        // Boxed: handling packets awaits the link, and inline that future
-                        // would be part of every idle connection's task.
-                        match Box::pin(self.decode_all()).await {
-                            Ok(true) => {}
-                            Ok(false) => closing = Some(End::Graceful),
-                            Err(e) => return End::Error(e),
-                        }
-                        if n == room {
-                            // More is waiting on the socket: let the sessions this read fed
-                            // take their share first, so that a fast publisher does not
-                            // overrun their queues.
-                            tokio::task::yield_now().await;
-                        }
+                        self.out.session_tx.heard(keepalive::now_ms());
+                        read_full = Some(n == room);
                     }
                     Err(e) => return End::Error(e.into()),
                 },
-                _ = &mut deadline, if closing.is_none() && self.keep_alive.is_some() => {
-                    return End::Error(SessionError::KeepAliveTimeout);
+            }
+            if let Some(full) = read_full {
+                // Boxed: handling packets awaits the link, and inline that future would be
+                // part of every idle connection's task.
+                match Box::pin(self.decode_all()).await {
+                    Ok(true) => {}
+                    Ok(false) => closing = Some(End::Graceful),
+                    Err(e) => return End::Error(e),
+                }
+                if full {
+                    // More is waiting on the socket: let the sessions this read fed take
+                    // their share first, so that a fast publisher does not overrun their
+                    // queues.
+                    tokio::task::yield_now().await;
                 }
             }
         }
@@ -335,9 +422,13 @@ impl Connection {
     }
 
     /// Hands the `publishedMessage` records gathered so far to the worker.
-    async fn flush_delivered(&mut self) {
-        if let Some(notice) = self.out.take_delivered() {
-            self.broker.link.notify(notice).await;
+    /// `Some` when the link is full: the caller waits on it. (Not an `async fn`: the
+    /// notice would be part of every connection's task.)
+    fn flush_delivered(&mut self) -> Option<BoxFuture<'_, ()>> {
+        let notice = self.out.take_delivered()?;
+        match self.broker.link.notify(notice) {
+            Either::Left(_) => None,
+            Either::Right(waiting) => Some(waiting),
         }
     }
 
@@ -360,23 +451,26 @@ impl Connection {
 
     /// Sends the catch-up query that is due, if any (`seed`: on PINGREQ or PUBLISH).
     async fn start_catch_up(&mut self, seed: bool) {
-        if self.catch_up.is_some() {
-            return;
-        }
-        let Some(request) = self.out.next_catch_up(seed) else {
-            return;
-        };
-        // Delivery records go first, so the query does not return what was just delivered.
-        self.flush_delivered().await;
-        match self.broker.link.request(request, Policy::FailFast).await {
-            Ok(rx) => self.catch_up = Some(rx),
-            Err(_) => self.out.catch_up_failed(),
+        if let Some(request) = self.catch_up_due(seed) {
+            self.send_catch_up(request).await;
         }
     }
 
-    fn reset_keepalive(&self, deadline: Pin<&mut tokio::time::Sleep>) {
-        if let Some(keep_alive) = self.keep_alive {
-            deadline.reset(Instant::now() + keep_alive);
+    fn catch_up_due(&mut self, seed: bool) -> Option<Request> {
+        if self.catch_up.is_some() {
+            return None;
+        }
+        self.out.next_catch_up(seed)
+    }
+
+    async fn send_catch_up(&mut self, request: Request) {
+        // Delivery records go first, so the query does not return what was just delivered.
+        if let Some(waiting) = self.flush_delivered() {
+            waiting.await;
+        }
+        match self.broker.link.request(request, Policy::FailFast).await {
+            Ok(rx) => self.catch_up = Some(rx),
+            Err(_) => self.out.catch_up_failed(),
         }
     }
 
@@ -622,13 +716,15 @@ impl Connection {
     /// Ends the session: unregister, hand over or park the state, send the will if owed.
     /// `takeover_rx` outlives the run loop so that a connection claiming the client id while
     /// this one is ending still gets the session state.
-    async fn finish(mut self, end: End, peer: &str, takeover_rx: &mut TakeoverRx) {
+    async fn finish(mut self, end: End, peer: &SocketAddr, takeover_rx: &mut TakeoverRx) {
         let client_id = self.out.state.client_id.clone();
         let filters: Vec<String> = self.out.state.subscriptions.keys().cloned().collect();
         self.broker
             .router
             .detach(&client_id, self.connection_id, &filters);
-        self.flush_delivered().await;
+        if let Some(waiting) = self.flush_delivered() {
+            waiting.await;
+        }
         let will = self.will.take();
         match &end {
             End::Error(e) => {
@@ -696,9 +792,15 @@ pub fn qos_label(qos: Qos) -> &'static str {
 }
 
 /// The queue a session's deliveries arrive on; the router holds it too.
-pub fn session_queue(broker: &Broker, connection_id: u64) -> Arc<SessionTx> {
+/// `keep_alive`: 1.5 x the client's keepalive, if it has one.
+pub fn session_queue(
+    broker: &Broker,
+    connection_id: u64,
+    keep_alive: Option<Duration>,
+) -> Arc<SessionTx> {
     Arc::new(SessionTx::new(
         connection_id,
         broker.config.limits.max_queued,
+        keep_alive,
     ))
 }

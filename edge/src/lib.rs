@@ -11,6 +11,7 @@
 //!   independent.
 //! - [`protocol`]: packets as the session sees them; `protocol::v4` is MQTT 3.1.1 framing.
 //! - [`router`]: subscription trie and per-session bounded queues (the local fast path).
+//! - [`keepalive`]: one sweep over all sessions instead of a timer per connection.
 //! - [`registry`]: client id -> connection or parked persistent session; takeover.
 //! - [`link`]: the store-worker socket: requests, replies, reconnects, held persists.
 //! - [`tls`]: the TLS listener's rustls configuration, reload, client certificate identity.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod ids;
+pub mod keepalive;
 pub mod link;
 pub mod protocol;
 pub mod registry;

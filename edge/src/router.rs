@@ -6,8 +6,9 @@
 //! without waiting: a full queue never slows the publisher (see [`Offer`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tokio::sync::Notify;
 use wharf_shared::{Message, Qos};
 
@@ -24,11 +25,14 @@ pub struct Delivery {
 /// leave an idle connection holding memory.
 const SHRINK_ABOVE: usize = 256;
 
-/// One connected session's bounded queue: the router pushes, the session's task pops.
+/// One connected session's mailbox: the router pushes deliveries, the edge signals shutdown
+/// and the keepalive sweep signals silence; the session's task takes both from [`recv`].
 ///
 /// A deque behind a mutex and a `Notify` rather than a tokio channel: an empty queue holds
 /// no buffer (a bounded channel allocates a block of slots up front, about 1 KB per session),
-/// which is most of what an idle connection costs.
+/// and the signals replace a timer and a cancellation future in every connection's task.
+///
+/// [`recv`]: SessionTx::recv
 pub struct SessionTx {
     pub connection_id: u64,
     queue: Mutex<VecDeque<Delivery>>,
@@ -37,16 +41,48 @@ pub struct SessionTx {
     /// `created_ms` of the oldest QoS 1/2 message that did not fit in the queue, or 0. The
     /// session fetches such messages from the store once it has caught up.
     lagging_since: AtomicI64,
+    /// [`Signals`] raised and not yet taken.
+    signals: AtomicU8,
+    /// 1.5 x the client's keepalive in milliseconds; 0 for none.
+    silence_limit_ms: u64,
+    /// When the client was last heard from, on [`crate::keepalive::now_ms`]'s clock.
+    last_heard_ms: AtomicU64,
+}
+
+/// Why a session is woken other than for a delivery (a bit set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signals(u8);
+
+impl Signals {
+    /// The edge is shutting down.
+    pub const SHUTDOWN: Signals = Signals(1);
+    /// The client has been silent for longer than 1.5 x its keepalive.
+    pub const KEEPALIVE: Signals = Signals(2);
+
+    pub fn contains(self, other: Signals) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+/// What a session's task is woken for.
+#[derive(Debug)]
+pub enum Event {
+    Delivery(Delivery),
+    Signals(Signals),
 }
 
 impl SessionTx {
-    pub fn new(connection_id: u64, capacity: usize) -> Self {
+    /// `silence_limit`: how long the client may stay silent (1.5 x keepalive), if limited.
+    pub fn new(connection_id: u64, capacity: usize, silence_limit: Option<Duration>) -> Self {
         SessionTx {
             connection_id,
             queue: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             ready: Notify::new(),
             lagging_since: AtomicI64::new(0),
+            signals: AtomicU8::new(0),
+            silence_limit_ms: silence_limit.map_or(0, |d| d.as_millis().max(1) as u64),
+            last_heard_ms: AtomicU64::new(crate::keepalive::now_ms()),
         }
     }
 
@@ -71,6 +107,24 @@ impl SessionTx {
         Ok(())
     }
 
+    /// Raises `signals` and wakes the session.
+    pub fn signal(&self, signals: Signals) {
+        self.signals.fetch_or(signals.0, Ordering::AcqRel);
+        self.ready.notify_one();
+    }
+
+    /// The client was heard from at `now_ms` ([`crate::keepalive::now_ms`]).
+    pub fn heard(&self, now_ms: u64) {
+        self.last_heard_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Whether the client has been silent for longer than its keepalive allows.
+    pub fn overdue(&self, now_ms: u64) -> bool {
+        self.silence_limit_ms > 0
+            && now_ms.saturating_sub(self.last_heard_ms.load(Ordering::Relaxed))
+                > self.silence_limit_ms
+    }
+
     /// The next delivery, if one is queued.
     pub fn try_pop(&self) -> Option<Delivery> {
         let mut queue = self.lock();
@@ -81,13 +135,20 @@ impl SessionTx {
         next
     }
 
-    /// Waits for the next delivery (one consumer: the session's task).
-    pub async fn recv(&self) -> Delivery {
+    /// Waits for a signal, or for the next delivery if `deliveries` (one consumer: the
+    /// session's task). Cancel-safe: nothing is taken until it is returned.
+    pub async fn recv(&self, deliveries: bool) -> Event {
         loop {
-            if let Some(delivery) = self.try_pop() {
-                return delivery;
+            let signals = self.signals.swap(0, Ordering::AcqRel);
+            if signals != 0 {
+                return Event::Signals(Signals(signals));
             }
-            // A push after the check above leaves a permit, so this cannot miss it.
+            if deliveries {
+                if let Some(delivery) = self.try_pop() {
+                    return Event::Delivery(delivery);
+                }
+            }
+            // A push or signal after the checks above leaves a permit: none is missed.
             self.ready.notified().await;
         }
     }
@@ -222,6 +283,13 @@ impl Router {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Calls `f` with every connected session's queue (under the read lock: keep it short).
+    pub fn for_each_session(&self, mut f: impl FnMut(&SessionTx)) {
+        for session in self.read().sessions.values() {
+            f(session);
+        }
+    }
+
     /// Connects a session's queue; replaces an older connection of the same client.
     pub fn attach(&self, client: Arc<str>, tx: Arc<SessionTx>) {
         self.write().sessions.insert(client, tx);
@@ -327,7 +395,7 @@ mod tests {
     }
 
     fn session(router: &Router, name: &str, cap: usize) -> (Arc<str>, Arc<SessionTx>) {
-        let rx = Arc::new(SessionTx::new(1, cap));
+        let rx = Arc::new(SessionTx::new(1, cap, None));
         let client: Arc<str> = name.into();
         router.attach(client.clone(), rx.clone());
         (client, rx)
@@ -416,13 +484,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_signal_wakes_a_session_that_takes_no_deliveries() {
+        let router = Arc::new(Router::default());
+        let (a, rx) = session(&router, "a", 8);
+        router.subscribe(&a, "t", Qos::AtMostOnce);
+        let waiting = tokio::spawn({
+            let rx = rx.clone();
+            async move { rx.recv(false).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "woken for a delivery it does not take"
+        );
+        router.for_each_session(|s| s.signal(Signals::SHUTDOWN));
+        let event = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert!(matches!(event, Event::Signals(s) if s.contains(Signals::SHUTDOWN)));
+        // The delivery waited for it; the signal was taken once.
+        assert!(matches!(rx.recv(true).await, Event::Delivery(_)));
+        assert!(rx.try_pop().is_none());
+    }
+
+    #[test]
+    fn a_session_is_overdue_only_after_its_silence_limit() {
+        let limited = SessionTx::new(1, 1, Some(Duration::from_millis(1500)));
+        limited.heard(1000);
+        assert!(!limited.overdue(900), "a clock read before the last packet");
+        assert!(!limited.overdue(2500));
+        assert!(limited.overdue(2501));
+        limited.heard(2400);
+        assert!(!limited.overdue(2501));
+        let unlimited = SessionTx::new(2, 1, None);
+        unlimited.heard(0);
+        assert!(!unlimited.overdue(u64::MAX));
+    }
+
+    #[tokio::test]
     async fn a_waiting_session_wakes_for_a_delivery_and_gives_memory_back() {
         let router = Arc::new(Router::default());
         let (a, rx) = session(&router, "a", 1000);
         router.subscribe(&a, "t", Qos::AtMostOnce);
         let waiting = tokio::spawn({
             let rx = rx.clone();
-            async move { rx.recv().await.message.topic.clone() }
+            async move {
+                match rx.recv(true).await {
+                    Event::Delivery(d) => d.message.topic.clone(),
+                    other => panic!("{other:?}"),
+                }
+            }
         });
         tokio::task::yield_now().await;
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);

@@ -6,12 +6,14 @@
 use crate::broker::Broker;
 use crate::config::{ConfigError, EdgeConfig};
 use crate::connection;
+use crate::keepalive;
 use crate::link::{Link, LinkConfig};
+use crate::router::Signals;
 use crate::tls::{PeerIdentity, Tls, TlsSettings};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -198,6 +200,10 @@ async fn run(
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let broker = Arc::new(Broker::new(config, link));
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
+    let sweeper = tokio::spawn({
+        let (broker, shutdown) = (broker.clone(), shutdown.clone());
+        async move { keepalive::sweep(&broker.router, &shutdown).await }
+    });
     let tracker = TaskTracker::new();
     let Listeners { plain, tls } = listeners;
     tracing::info!(
@@ -231,18 +237,16 @@ async fn run(
         let token = shutdown.clone();
         // Two task types, so that a plain connection's task is not sized for TLS.
         match secure {
-            None => tracker.spawn(async move {
-                connection::serve(broker, stream, peer.to_string(), None, token).await;
-                drop(permit);
-            }),
-            Some(tls) => tracker.spawn(async move {
-                serve_tls(broker, tls, stream, peer, token).await;
-                drop(permit);
-            }),
+            None => tracker.spawn(connection::serve(broker, stream, peer, None, token, permit)),
+            Some(tls) => tracker.spawn(serve_tls(broker, tls, stream, peer, token, permit)),
         };
     }
     drop(plain);
     drop(tls);
+    // Sessions attached after this see the cancelled token when their run loop starts.
+    broker
+        .router
+        .for_each_session(|session| session.signal(Signals::SHUTDOWN));
     tracker.close();
     tracing::info!(
         sessions = tracker.len(),
@@ -255,6 +259,7 @@ async fn run(
             "shutdown grace period ran out; closing the rest"
         );
     }
+    let _ = sweeper.await;
     drop(broker);
     link_shutdown.cancel();
     if tokio::time::timeout(grace, link_task).await.is_err() {
@@ -271,6 +276,7 @@ async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    permit: OwnedSemaphorePermit,
 ) {
     let timeout = broker.config.limits.connect_timeout;
     let handshake = tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await;
@@ -296,9 +302,10 @@ async fn serve_tls(
     connection::serve(
         broker,
         stream,
-        peer.to_string(),
+        peer,
         Some(identity.unwrap_or_default()),
         shutdown,
+        permit,
     )
     .await;
 }

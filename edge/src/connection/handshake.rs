@@ -28,7 +28,6 @@ const SESSION_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Handshake {
     pub state: SessionState,
     pub clean: bool,
-    pub keep_alive: Option<Duration>,
     pub will: Option<Will>,
     pub connection_id: u64,
     pub session_tx: Arc<SessionTx>,
@@ -195,7 +194,10 @@ async fn start_session<W: AsyncWrite + Unpin>(
             }
         }
     };
-    let session_tx = session_queue(broker, connection_id);
+    // The server closes a client silent for 1.5 x its keepalive (MQTT 3.1.1, 3.1.2.10).
+    let keep_alive =
+        (connect.keep_alive > 0).then(|| Duration::from_millis(connect.keep_alive as u64 * 1500));
+    let session_tx = session_queue(broker, connection_id, keep_alive);
     broker.router.attach(client_id.clone(), session_tx.clone());
     for (filter, qos) in &state.subscriptions {
         broker.router.subscribe(&client_id, filter, *qos);
@@ -206,8 +208,6 @@ async fn start_session<W: AsyncWrite + Unpin>(
     Ok(Some(Box::new(Handshake {
         state,
         clean: connect.clean_session,
-        keep_alive: (connect.keep_alive > 0)
-            .then(|| Duration::from_millis(connect.keep_alive as u64 * 1500)),
         will: connect.will,
         connection_id,
         session_tx,

@@ -1,0 +1,42 @@
+//! Keepalive without a timer per connection. Each session's queue records when its client was
+//! last heard from; one task sweeps every connected session twice a second and signals those
+//! whose client has been silent for longer than 1.5 x its keepalive. An idle connection then
+//! holds no timer entry (a `tokio::time::Sleep` is 112 bytes in every connection's task).
+
+use crate::router::{Router, Signals};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How often sessions are checked: a silent client is closed at most this much later than its
+/// keepalive allows, never sooner.
+pub const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Milliseconds on a monotonic clock that starts with the process.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Signals overdue sessions every [`SWEEP_EVERY`] until `shutdown`.
+pub async fn sweep(router: &Router, shutdown: &CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = now_ms();
+        let mut expired = 0u64;
+        router.for_each_session(|session| {
+            if session.overdue(now) {
+                session.signal(Signals::KEEPALIVE);
+                expired += 1;
+            }
+        });
+        if expired > 0 {
+            metrics::counter!("wharf_edge_keepalive_expired_total").increment(expired);
+        }
+    }
+}
