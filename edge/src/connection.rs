@@ -17,7 +17,7 @@ use crate::registry::Released;
 use crate::router::{Event, SessionTx, Signals};
 use crate::session::SessionState;
 use crate::topic;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures::future::{BoxFuture, Either};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
@@ -171,7 +171,7 @@ pub fn serve<S: Transport, P: Send + 'static>(
     broker: Arc<Broker>,
     mut stream: S,
     peer: SocketAddr,
-    identity: Option<crate::tls::PeerIdentity>,
+    identity: Option<Box<crate::tls::PeerIdentity>>,
     shutdown: CancellationToken,
     permit: P,
 ) -> impl Future<Output = ()> + Send {
@@ -186,7 +186,7 @@ pub fn serve<S: Transport, P: Send + 'static>(
                 &mut reader,
                 &mut writer,
                 &mut read_buf,
-                identity.as_ref(),
+                identity.as_deref(),
                 &shutdown,
             ))
             .await;
@@ -298,127 +298,129 @@ impl Connection {
         (conn, hs.takeover_rx)
     }
 
-    async fn run<R, W>(
-        &mut self,
-        reader: &mut R,
-        writer: &mut W,
-        takeover_rx: &mut TakeoverRx,
-        shutdown: &CancellationToken,
-    ) -> End
+    /// Not an `async fn`, for the reason given at [`serve`].
+    #[allow(clippy::manual_async_fn)]
+    fn run<'a, R, W>(
+        &'a mut self,
+        reader: &'a mut R,
+        writer: &'a mut W,
+        takeover_rx: &'a mut TakeoverRx,
+        shutdown: &'a CancellationToken,
+    ) -> impl Future<Output = End> + 'a
     where
         R: Reader,
         W: AsyncWrite + Unpin,
     {
-        let max_pending_persists = self.broker.config.limits.max_pending_persists;
-        let write_high_water = self.broker.config.limits.write_high_water;
-        // Shutdown and keepalive arrive as signals on the session's queue; a shutdown that
-        // began before this session was attached to the router is seen here.
-        let mut closing: Option<End> = shutdown.is_cancelled().then_some(End::Shutdown);
-        // Live messages from the router.
-        let queue = self.out.session_tx.clone();
-        loop {
-            self.out.fill();
-            if let Some(waiting) = self.flush_delivered() {
-                waiting.await;
-            }
-            if !self.out.requests.is_empty() {
-                // Rare (QoS 2 delivery steps): boxed, so that it is not part of the task.
-                if let Err(e) = Box::pin(self.send_requests()).await {
-                    return End::Error(e);
+        async move {
+            // Shutdown and keepalive arrive as signals on the session's queue; a shutdown that
+            // began before this session was attached to the router is seen here.
+            let mut closing: Option<End> = shutdown.is_cancelled().then_some(End::Shutdown);
+            loop {
+                self.out.fill();
+                if let Some(waiting) = self.flush_delivered() {
+                    waiting.await;
                 }
-            }
-            if closing.is_none() {
-                if let Some(request) = self.catch_up_due(false) {
-                    Box::pin(self.send_catch_up(request)).await;
-                }
-            }
-            let can_read = closing.is_none()
-                && self.ops.len() < max_pending_persists
-                && self.out.write_buf.len() < write_high_water;
-            if closing.is_some()
-                && self.ops.is_empty()
-                && self.tracking.is_empty()
-                && self.out.write_buf.is_empty()
-            {
-                break;
-            }
-            let can_write = !self.out.write_buf.is_empty();
-            // Set by a read; handled after the `select!`, so that its output (as large as
-            // the largest reply) is not held while the packets are handled.
-            let mut read_full = None;
-            tokio::select! {
-                biased;
-                handover = &mut *takeover_rx, if closing.is_none() && !takeover_rx.is_terminated() => {
-                    match handover {
-                        Ok(tx) => return End::TakenOver(tx),
-                        Err(_) => closing = Some(End::Shutdown),
-                    }
-                }
-                written = writer.write(&self.out.write_buf), if can_write => match written {
-                    Ok(0) => return End::Error(SessionError::Protocol("socket closed for writing")),
-                    Ok(n) => {
-                        self.broker.metrics.bytes_sent.increment(n as u64);
-                        let _ = self.out.write_buf.split_to(n);
-                        if self.out.write_buf.is_empty() && self.out.write_buf.capacity() > 16 * 1024 {
-                            self.out.write_buf = BytesMut::new();
-                        }
-                    }
-                    Err(e) => return End::Error(e.into()),
-                },
-                Some((pkid, released, result)) = self.tracking.next(), if !self.tracking.is_empty() => {
-                    match result {
-                        Ok(Reply::Done) => self.out.tracked(pkid, released),
-                        // Not recorded: close; the session resumes from what is stored.
-                        Ok(other) => return End::Error(SessionError::Store(format!("track: {other:?}"))),
-                        Err(e) => return End::Error(e.into()),
-                    }
-                }
-                Some(op) = self.ops.next(), if !self.ops.is_empty() => {
-                    if let Err(e) = self.complete(op) {
+                if !self.out.requests.is_empty() {
+                    // Rare (QoS 2 delivery steps): boxed, so that it is not part of the task.
+                    if let Err(e) = Box::pin(self.send_requests()).await {
                         return End::Error(e);
                     }
                 }
-                reply = async { self.catch_up.as_mut().expect("guarded").await }, if self.catch_up.is_some() => {
-                    self.catch_up = None;
-                    self.out.caught_up(reply.unwrap_or(Err(LinkError::Closed)));
-                }
-                event = queue.recv(self.out.wants_queue()) => match event {
-                    Event::Delivery(delivery) => self.out.accept_live(delivery),
-                    // Once closing, only the pending replies matter.
-                    Event::Signals(_) if closing.is_some() => {}
-                    Event::Signals(s) if s.contains(Signals::SHUTDOWN) => closing = Some(End::Shutdown),
-                    Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
-                },
-                read = read_some(reader, &mut self.read_buf, self.read_chunk), if can_read => match read {
-                    Ok((0, _)) => return End::Error(SessionError::Protocol("client closed the connection")),
-                    Ok((n, room)) => {
-                        self.broker.metrics.bytes_received.increment(n as u64);
-                        if n == room {
-                            self.read_chunk = (self.read_chunk * 2).min(MAX_READ);
-                        }
-                        self.out.session_tx.heard(keepalive::now_ms());
-                        read_full = Some(n == room);
+                if closing.is_none() {
+                    if let Some(request) = self.catch_up_due(false) {
+                        Box::pin(self.send_catch_up(request)).await;
                     }
-                    Err(e) => return End::Error(e.into()),
-                },
-            }
-            if let Some(full) = read_full {
-                // Boxed: handling packets awaits the link, and inline that future would be
-                // part of every idle connection's task.
-                match Box::pin(self.decode_all()).await {
-                    Ok(true) => {}
-                    Ok(false) => closing = Some(End::Graceful),
-                    Err(e) => return End::Error(e),
                 }
-                if full {
-                    // More is waiting on the socket: let the sessions this read fed take
-                    // their share first, so that a fast publisher does not overrun their
-                    // queues.
-                    tokio::task::yield_now().await;
+                let can_read = closing.is_none()
+                    && self.ops.len() < self.broker.config.limits.max_pending_persists
+                    && self.out.write_buf.len() < self.broker.config.limits.write_high_water;
+                if closing.is_some()
+                    && self.ops.is_empty()
+                    && self.tracking.is_empty()
+                    && self.out.write_buf.is_empty()
+                {
+                    break;
+                }
+                let can_write = !self.out.write_buf.is_empty();
+                // Set by a read; handled after the `select!`, so that its output (as large as
+                // the largest reply) is not held while the packets are handled.
+                let mut read_full = None;
+                tokio::select! {
+                    biased;
+                    handover = &mut *takeover_rx, if closing.is_none() && !takeover_rx.is_terminated() => {
+                        match handover {
+                            Ok(tx) => return End::TakenOver(tx),
+                            Err(_) => closing = Some(End::Shutdown),
+                        }
+                    }
+                    written = writer.write(&self.out.write_buf), if can_write => match written {
+                        Ok(0) => return End::Error(SessionError::Protocol("socket closed for writing")),
+                        Ok(n) => {
+                            self.broker.metrics.bytes_sent.increment(n as u64);
+                            // `advance`, not `split_to`: splitting turns the buffer into a shared
+                            // one, an allocation that an idle connection would keep.
+                            self.out.write_buf.advance(n);
+                            if self.out.write_buf.is_empty() && self.out.write_buf.capacity() > 16 * 1024 {
+                                self.out.write_buf = BytesMut::new();
+                            }
+                        }
+                        Err(e) => return End::Error(e.into()),
+                    },
+                    Some((pkid, released, result)) = self.tracking.next(), if !self.tracking.is_empty() => {
+                        match result {
+                            Ok(Reply::Done) => self.out.tracked(pkid, released),
+                            // Not recorded: close; the session resumes from what is stored.
+                            Ok(other) => return End::Error(SessionError::Store(format!("track: {other:?}"))),
+                            Err(e) => return End::Error(e.into()),
+                        }
+                    }
+                    Some(op) = self.ops.next(), if !self.ops.is_empty() => {
+                        if let Err(e) = self.complete(op) {
+                            return End::Error(e);
+                        }
+                    }
+                    reply = async { self.catch_up.as_mut().expect("guarded").await }, if self.catch_up.is_some() => {
+                        self.catch_up = None;
+                        self.out.caught_up(reply.unwrap_or(Err(LinkError::Closed)));
+                    }
+                    event = self.out.session_tx.recv(self.out.wants_queue()) => match event {
+                        Event::Delivery(delivery) => self.out.accept_live(delivery),
+                        // Once closing, only the pending replies matter.
+                        Event::Signals(_) if closing.is_some() => {}
+                        Event::Signals(s) if s.contains(Signals::SHUTDOWN) => closing = Some(End::Shutdown),
+                        Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
+                    },
+                    read = read_some(reader, &mut self.read_buf, self.read_chunk), if can_read => match read {
+                        Ok((0, _)) => return End::Error(SessionError::Protocol("client closed the connection")),
+                        Ok((n, room)) => {
+                            self.broker.metrics.bytes_received.increment(n as u64);
+                            if n == room {
+                                self.read_chunk = (self.read_chunk * 2).min(MAX_READ);
+                            }
+                            self.out.session_tx.heard(keepalive::now_ms());
+                            read_full = Some(n == room);
+                        }
+                        Err(e) => return End::Error(e.into()),
+                    },
+                }
+                if let Some(full) = read_full {
+                    // Boxed: handling packets awaits the link, and inline that future would be
+                    // part of every idle connection's task.
+                    match Box::pin(self.decode_all()).await {
+                        Ok(true) => {}
+                        Ok(false) => closing = Some(End::Graceful),
+                        Err(e) => return End::Error(e),
+                    }
+                    if full {
+                        // More is waiting on the socket: let the sessions this read fed take
+                        // their share first, so that a fast publisher does not overrun their
+                        // queues.
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
+            closing.unwrap_or(End::Shutdown)
         }
-        closing.unwrap_or(End::Shutdown)
     }
 
     /// Hands the `publishedMessage` records gathered so far to the worker.

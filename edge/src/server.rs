@@ -303,7 +303,7 @@ async fn serve_tls(
         broker,
         stream,
         peer,
-        Some(identity.unwrap_or_default()),
+        Some(Box::new(identity.unwrap_or_default())),
         shutdown,
         permit,
     )

@@ -3,7 +3,9 @@
 //! PUBREL. Pure data; the connection task drives it.
 
 use crate::router::Delivery;
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use wharf_shared::{MessageId, Qos};
 
@@ -54,22 +56,26 @@ pub struct SessionState {
     pub client_id: Arc<str>,
     /// Filter -> granted QoS.
     pub subscriptions: BTreeMap<String, Qos>,
-    inflight: HashMap<u16, Inflight>,
+    inflight: HashMap<u16, Inflight, PkidHasher>,
     next_pkid: u16,
     next_seq: u64,
     /// Inbound QoS 2 packet ids answered with PUBREC, waiting for PUBREL.
-    inbound_qos2: HashSet<u16>,
+    inbound_qos2: HashSet<u16, PkidHasher>,
 }
+
+/// SipHash with fixed keys: a packet id table holds at most 65,535 entries, all of one
+/// client's, so per-table random keys (16 bytes each, in every session) buy nothing.
+type PkidHasher = BuildHasherDefault<DefaultHasher>;
 
 impl SessionState {
     pub fn new(client_id: Arc<str>) -> Self {
         SessionState {
             client_id,
             subscriptions: BTreeMap::new(),
-            inflight: HashMap::new(),
+            inflight: HashMap::default(),
             next_pkid: 0,
             next_seq: 0,
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: HashSet::default(),
         }
     }
 

@@ -27,8 +27,14 @@ const DEDUPE_CAP: usize = 65_536;
 
 #[derive(Default)]
 struct Dedupe {
+    /// Boxed, and only while open: most sessions never have one, and this is part of every
+    /// connection's task.
+    window: Option<Box<Window>>,
+}
+
+struct Window {
     ids: HashSet<MessageId, IdHasher>,
-    until: Option<Instant>,
+    until: Instant,
     /// Calls since the clock was last read: the window's end is checked every
     /// `CLOCK_EVERY` calls, not for every message.
     calls: u32,
@@ -75,34 +81,40 @@ impl std::hash::Hasher for IdHash {
 
 impl Dedupe {
     fn open(&mut self, ids: impl Iterator<Item = MessageId>) {
-        self.until = Some(Instant::now() + DEDUPE_WINDOW);
+        let until = Instant::now() + DEDUPE_WINDOW;
+        let window = self.window.get_or_insert_with(|| {
+            Box::new(Window {
+                ids: HashSet::default(),
+                until,
+                calls: 0,
+            })
+        });
+        window.until = until;
         for id in ids {
-            self.insert(id);
-        }
-    }
-
-    fn insert(&mut self, id: MessageId) {
-        if self.ids.len() < DEDUPE_CAP {
-            self.ids.insert(id);
+            window.insert(id);
         }
     }
 
     /// True when `id` is new (and remembers it while the window is open).
     fn first_time(&mut self, id: MessageId) -> bool {
-        self.calls = self.calls.wrapping_add(1);
-        let check_clock = self.calls % CLOCK_EVERY == 0;
-        match self.until {
-            Some(until) if !check_clock || Instant::now() < until => {
-                let new = !self.ids.contains(&id);
-                self.insert(id);
-                new
-            }
-            Some(_) => {
-                self.ids = HashSet::default();
-                self.until = None;
-                true
-            }
-            None => true,
+        let Some(window) = self.window.as_mut() else {
+            return true;
+        };
+        window.calls = window.calls.wrapping_add(1);
+        if window.calls % CLOCK_EVERY == 0 && Instant::now() >= window.until {
+            self.window = None;
+            return true;
+        }
+        let new = !window.ids.contains(&id);
+        window.insert(id);
+        new
+    }
+}
+
+impl Window {
+    fn insert(&mut self, id: MessageId) {
+        if self.ids.len() < DEDUPE_CAP {
+            self.ids.insert(id);
         }
     }
 }
@@ -500,6 +512,6 @@ mod tests {
         for n in 2..10_000 {
             assert!(!dedupe.first_time(id(n)), "{n}");
         }
-        assert_eq!(dedupe.ids.len(), 9_999);
+        assert_eq!(dedupe.window.as_ref().map(|w| w.ids.len()), Some(9_999));
     }
 }
