@@ -155,7 +155,12 @@ async fn start_session<W: AsyncWrite + Unpin>(
             clean_session: true,
         };
         // Ordered before this session's own requests on the link; nobody waits for it.
-        drop(broker.link.request(request, Policy::Hold).await?);
+        if let Err(e) = broker.link.request(request, Policy::Hold).await {
+            // The link is closing: give the client id up rather than leave it claimed by a
+            // connection that is gone.
+            broker.registry.release(&client_id, connection_id, prior);
+            return Err(e.into());
+        }
         (SessionState::new(client_id.clone()), false)
     } else {
         match fetch_session(broker, &client_id).await {
