@@ -483,16 +483,25 @@ mod tests {
         assert_eq!(sessions.get("a").and_then(|s| s.take_lag()), Some(1));
     }
 
-    #[tokio::test]
-    async fn a_signal_wakes_a_session_that_takes_no_deliveries() {
-        let router = Arc::new(Router::default());
-        let (a, rx) = session(&router, "a", 8);
+    /// A router with session "a" subscribed to "t", and a task waiting on its queue.
+    async fn waiting_on_t(
+        capacity: usize,
+        deliveries: bool,
+    ) -> (Router, Arc<SessionTx>, tokio::task::JoinHandle<Event>) {
+        let router = Router::default();
+        let (a, rx) = session(&router, "a", capacity);
         router.subscribe(&a, "t", Qos::AtMostOnce);
         let waiting = tokio::spawn({
             let rx = rx.clone();
-            async move { rx.recv(false).await }
+            async move { rx.recv(deliveries).await }
         });
         tokio::task::yield_now().await;
+        (router, rx, waiting)
+    }
+
+    #[tokio::test]
+    async fn a_signal_wakes_a_session_that_takes_no_deliveries() {
+        let (router, rx, waiting) = waiting_on_t(8, false).await;
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);
         tokio::task::yield_now().await;
         assert!(
@@ -526,25 +535,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_session_wakes_for_a_delivery_and_gives_memory_back() {
-        let router = Arc::new(Router::default());
-        let (a, rx) = session(&router, "a", 1000);
-        router.subscribe(&a, "t", Qos::AtMostOnce);
-        let waiting = tokio::spawn({
-            let rx = rx.clone();
-            async move {
-                match rx.recv(true).await {
-                    Event::Delivery(d) => d.message.topic.clone(),
-                    other => panic!("{other:?}"),
-                }
-            }
-        });
-        tokio::task::yield_now().await;
+        let (router, rx, waiting) = waiting_on_t(1000, true).await;
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);
-        let topic = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        let event = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
             .await
             .expect("woken")
             .expect("task");
-        assert_eq!(topic, "t");
+        assert!(matches!(event, Event::Delivery(d) if d.message.topic == "t"));
         // A burst grows the queue; draining it frees the buffer.
         for _ in 0..600 {
             router.route(&message("t", Qos::AtMostOnce));
