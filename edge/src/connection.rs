@@ -315,6 +315,9 @@ impl Connection {
             // Shutdown and keepalive arrive as signals on the session's queue; a shutdown that
             // began before this session was attached to the router is seen here.
             let mut closing: Option<End> = shutdown.is_cancelled().then_some(End::Shutdown);
+            // The keepalive counts from the start of the session, whatever the end of the
+            // CONNECT phase took.
+            self.out.session_tx.heard(keepalive::now_ms());
             loop {
                 self.out.fill();
                 if let Some(waiting) = self.flush_delivered() {
