@@ -809,3 +809,50 @@ pub fn session_queue(
         keep_alive,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::net::{TcpListener, TcpStream};
+
+    #[tokio::test]
+    async fn an_idle_tcp_connection_waits_without_a_read_buffer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (mut reader, _writer) = server.halves();
+        let mut buf = BytesMut::new();
+        {
+            let read = read_some(&mut reader, &mut buf, MIN_READ);
+            tokio::pin!(read);
+            // Nothing sent: the read waits, and has reserved nothing meanwhile.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), read.as_mut())
+                    .await
+                    .is_err()
+            );
+        }
+        assert_eq!(buf.capacity(), 0, "an idle connection holds a read buffer");
+        client.write_all(b"\xc0\x00").await.expect("write");
+        let (n, room) = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_some(&mut reader, &mut buf, MIN_READ),
+        )
+        .await
+        .expect("readable")
+        .expect("read");
+        assert_eq!((n, &buf[..]), (2, &b"\xc0\x00"[..]));
+        assert!(room >= MIN_READ / 2);
+        // Handled, so empty again; the client goes away: the wait ends, and the read finds the
+        // end of the stream.
+        buf.clear();
+        drop(client);
+        let (n, _) = read_some(&mut reader, &mut buf, MIN_READ)
+            .await
+            .expect("read");
+        assert_eq!(n, 0);
+    }
+}
