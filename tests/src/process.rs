@@ -59,6 +59,15 @@ impl BrokerHost {
         Self::start_with(dir, name, mongodb_uri, &[]).await
     }
 
+    /// Host "h1" on the embedded store, in a new temp directory (removed when the returned
+    /// `TempDir` is dropped), with tracing on: how a single-host test starts.
+    pub async fn single() -> (tempfile::TempDir, BrokerHost) {
+        crate::init_tracing();
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let host = BrokerHost::start(dir.path(), "h1", None).await;
+        (dir, host)
+    }
+
     /// Like `start`, with extra store-worker flags.
     pub async fn start_with(
         dir: &Path,

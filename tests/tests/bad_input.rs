@@ -29,17 +29,13 @@
 
 use rumqttc::mqttbytes::v4::Packet;
 use std::time::Duration;
-use tempfile::TempDir;
 use wharf_tests::client::{payloads, Client};
-use wharf_tests::init_tracing;
 use wharf_tests::process::BrokerHost;
 use wharf_tests::raw::{self, Raw};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_costs_bounded_memory() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let host = BrokerHost::start(dir.path(), "h1", None).await;
+    let (_dir, host) = BrokerHost::single().await;
     let mut sleeper = Raw::session(host.addr, "never-reads", true).await;
     sleeper
         .send(&raw::subscribe_bytes(1, &[("flood/#", 0)]))
@@ -76,9 +72,7 @@ async fn a_client_that_never_reads_costs_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_disconnect_loops_do_not_leak() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let host = BrokerHost::start(dir.path(), "h1", None).await;
+    let (_dir, host) = BrokerHost::single().await;
     let cycle = |i: usize| {
         let addr = host.addr;
         async move {

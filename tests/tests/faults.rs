@@ -151,9 +151,7 @@ async fn crashes_lose_nothing_acknowledged_mongodb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_qos2_state_survives_an_edge_restart() {
     use rumqttc::mqttbytes::v4::Packet;
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let mut host = BrokerHost::start(dir.path(), "h1", None).await;
+    let (_dir, mut host) = BrokerHost::single().await;
     let mut sub = Raw::session(host.addr, "watcher", false).await;
     sub.send(&raw::subscribe_bytes(1, &[("x/#", 2)])).await;
     assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
@@ -204,9 +202,7 @@ async fn inbound_qos2_state_survives_an_edge_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwaited_writes_survive_a_worker_crash() {
     use wharf_store_worker::store::{sqlite::SqliteStore, Store};
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let mut host = BrokerHost::start(dir.path(), "h1", None).await;
+    let (dir, mut host) = BrokerHost::single().await;
     let mut publisher = Raw::session(host.addr, "device", true).await;
     const N: usize = 200;
     for i in 0..N {

@@ -3,9 +3,7 @@
 
 use rumqttc::{Packet, QoS};
 use std::time::Duration;
-use tempfile::TempDir;
 use wharf_tests::client::{payloads, Client};
-use wharf_tests::init_tracing;
 use wharf_tests::process::{http_get, BrokerHost};
 
 /// The value of a metric line `name{labels} value` in Prometheus text.
@@ -18,9 +16,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let mut host = BrokerHost::start(dir.path(), "h1", None).await;
+    let (_dir, mut host) = BrokerHost::single().await;
     for ops in [host.edge_ops, host.worker_ops] {
         assert_eq!(http_get(ops, "/healthz").await.0, 200);
         assert_eq!(http_get(ops, "/readyz").await.0, 200, "{ops} ready");
@@ -74,9 +70,7 @@ async fn metrics_health_and_readiness() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly_and_keeps_every_acknowledged_message() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let mut host = BrokerHost::start(dir.path(), "h1", None).await;
+    let (_dir, mut host) = BrokerHost::single().await;
     let mut sub = Client::connect(host.addr, "keeper", false).await;
     sub.subscribe("t/#", QoS::AtLeastOnce).await;
     sub.disconnect().await;
