@@ -106,13 +106,13 @@ fn pace(clients: &[(AsyncClient, String)], args: &LoadArgs, epoch: Instant) -> u
     let tick = Duration::from_micros(args.tick_us.max(1));
     let mut payload = vec![0u8; args.payload];
     let mut sent = vec![0u64; clients.len()];
+    let spread = clients.len() as f64;
     loop {
         let now = Instant::now();
         if now >= until {
             break;
         }
         let elapsed = (now - started).as_secs_f64();
-        let spread = clients.len() as f64;
         for (i, ((client, topic), sent)) in clients.iter().zip(sent.iter_mut()).enumerate() {
             // Publishers are spread evenly over a period, not all due at the same instant.
             let due = (args.rate as f64 * elapsed + i as f64 / spread) as u64;
