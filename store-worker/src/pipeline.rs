@@ -194,7 +194,7 @@ async fn recorded<S: Store>(store: &S, keys: Vec<(String, u16)>) -> Result<Recor
         return Ok(Recorded::new());
     }
     let stored: HashSet<MessageId> = store
-        .messages_by_id(ids.values().copied().collect())
+        .qos2_messages_by_id(ids.values().copied().collect())
         .await?
         .into_iter()
         .map(|m| m.id)

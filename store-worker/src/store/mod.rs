@@ -144,8 +144,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         client_id: &str,
     ) -> impl Future<Output = Result<Vec<(u16, MessageId, bool)>, StoreError>> + Send;
-    /// Stored messages by id (those still within their TTL).
-    fn messages_by_id(
+    /// Stored QoS 2 messages by id (those still within their TTL). Only QoS 2 messages are
+    /// ever looked up by id (their packet-id records name them), so a store need not index
+    /// the others by id.
+    fn qos2_messages_by_id(
         &self,
         ids: Vec<MessageId>,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
@@ -257,7 +259,7 @@ pub async fn outbound_qos2<S: Store>(
         return Ok(Vec::new());
     }
     let messages = store
-        .messages_by_id(records.iter().map(|r| r.1).collect())
+        .qos2_messages_by_id(records.iter().map(|r| r.1).collect())
         .await?;
     Ok(records
         .into_iter()

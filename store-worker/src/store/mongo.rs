@@ -509,7 +509,7 @@ impl Store for MongoStore {
             .collect())
     }
 
-    async fn messages_by_id(&self, ids: Vec<MessageId>) -> Result<Vec<Message>, StoreError> {
+    async fn qos2_messages_by_id(&self, ids: Vec<MessageId>) -> Result<Vec<Message>, StoreError> {
         let oids: Vec<ObjectId> = ids.iter().map(oid).collect();
         let docs = all(self.messages.find(doc! { "_id": { "$in": oids } })).await?;
         Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())

@@ -14,14 +14,24 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use wharf_shared::{Message, MessageId, Qos, Subscription};
 
-const SCHEMA: &str = "
+const PRAGMAS: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = FULL;
+";
+
+/// The layout `SCHEMA` creates; older files are brought to it by [`migrate`].
+const SCHEMA_VERSION: i64 = 2;
+
+/// Messages are clustered by (created, id): one B-tree per message serves the catch-up
+/// pages, the TTL purge and duplicate inserts. Only QoS 2 messages are looked up by id (see
+/// `Store::qos2_messages_by_id`), so only they are indexed by id.
+const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS message (
-    id BLOB PRIMARY KEY, topic TEXT NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
-    qos INTEGER NOT NULL, retain INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
+    created INTEGER NOT NULL, id BLOB NOT NULL, topic TEXT NOT NULL, data BLOB NOT NULL,
+    client_id TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, host TEXT NOT NULL,
+    PRIMARY KEY (created, id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS message_created ON message (created, id);
+CREATE INDEX IF NOT EXISTS message_qos2_id ON message (id) WHERE qos = 2;
 CREATE TABLE IF NOT EXISTS subscription (
     client_id TEXT NOT NULL, topic TEXT NOT NULL, qos INTEGER NOT NULL, created INTEGER NOT NULL,
     PRIMARY KEY (client_id, topic)
@@ -44,6 +54,34 @@ CREATE TABLE IF NOT EXISTS retained (
     qos INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// Version 1 (user_version 0) keyed messages by id, with a second B-tree on (created, id).
+/// Its rows move to the version 2 table in one transaction.
+fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = c.transaction()?;
+    let has_v1: bool = tx.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'message'",
+        [],
+        |r| Ok(r.get::<_, i64>(0)? > 0),
+    )?;
+    if has_v1 {
+        tx.execute_batch("ALTER TABLE message RENAME TO message_v1")?;
+    }
+    tx.execute_batch(SCHEMA)?;
+    if has_v1 {
+        tx.execute_batch(
+            "INSERT OR IGNORE INTO message (created, id, topic, data, client_id, qos, retain, host)
+             SELECT created, id, topic, data, client_id, qos, retain, host FROM message_v1;
+             DROP TABLE message_v1;",
+        )?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
+}
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -86,8 +124,9 @@ impl SqliteStore {
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Failed(format!("create {}: {e}", dir.display())))?;
-        let conn = Connection::open(dir.join("wharf.db")).map_err(failed)?;
-        conn.execute_batch(SCHEMA).map_err(failed)?;
+        let mut conn = Connection::open(dir.join("wharf.db")).map_err(failed)?;
+        conn.execute_batch(PRAGMAS).map_err(failed)?;
+        migrate(&mut conn).map_err(failed)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -196,9 +235,9 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn messages_by_id(&self, ids: Vec<MessageId>) -> Result<Vec<Message>, StoreError> {
+    async fn qos2_messages_by_id(&self, ids: Vec<MessageId>) -> Result<Vec<Message>, StoreError> {
         self.with(move |c| {
-            let sql = format!("SELECT {MESSAGE_COLUMNS} FROM message WHERE id = ?1");
+            let sql = format!("SELECT {MESSAGE_COLUMNS} FROM message WHERE id = ?1 AND qos = 2");
             let mut stmt = c.prepare_cached(&sql)?;
             let mut out = Vec::new();
             for id in ids {
@@ -498,8 +537,53 @@ mod tests {
             ..Default::default()
         };
         store.write(Arc::new(durable)).await.expect("write");
-        let ids = vec![MessageId([1; 12]), MessageId([2; 12]), MessageId([3; 12])];
-        assert_eq!(store.messages_by_id(ids).await.expect("read").len(), 3);
+        let stored = store.messages_since(0, None, None, 10).await.expect("read");
+        assert_eq!(stored.len(), 3);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The version 1 layout, as earlier releases created it.
+    const SCHEMA_V1_MESSAGE: &str = "
+        CREATE TABLE message (
+            id BLOB PRIMARY KEY, topic TEXT NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
+            qos INTEGER NOT NULL, retain INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX message_created ON message (created, id);";
+
+    #[tokio::test]
+    async fn a_version_1_file_keeps_its_messages() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let c = Connection::open(dir.path().join("wharf.db")).expect("open v1");
+            c.execute_batch(SCHEMA_V1_MESSAGE).expect("v1 schema");
+            for (n, qos) in [(1u8, 0u8), (2, 2), (3, 1)] {
+                c.execute(
+                    "INSERT INTO message (id, topic, data, client_id, qos, retain, created, host)
+                     VALUES (?1, 't', ?2, 'c', ?3, 0, ?4, 'h')",
+                    params![&[n; 12][..], vec![n], qos, 10 - n as i64],
+                )
+                .expect("v1 row");
+            }
+        }
+        for _ in 0..2 {
+            // Opening twice: the second open finds version 2 and leaves it alone.
+            let store = SqliteStore::open(dir.path()).expect("open");
+            let stored = store.messages_since(0, None, None, 10).await.expect("read");
+            let order: Vec<u8> = stored.iter().map(|m| m.payload[0]).collect();
+            assert_eq!(order, vec![3, 2, 1], "oldest first");
+            let by_id = store
+                .qos2_messages_by_id(vec![MessageId([2; 12]), MessageId([1; 12])])
+                .await
+                .expect("by id");
+            assert_eq!(by_id.len(), 1);
+            assert_eq!(by_id[0].qos, Qos::ExactlyOnce);
+            let version: i64 = store
+                .conn
+                .lock()
+                .expect("lock")
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .expect("version");
+            assert_eq!(version, SCHEMA_VERSION);
+        }
     }
 }
