@@ -137,6 +137,8 @@ async fn serve(
     let (tx, mut rx) = mpsc::unbounded_channel::<WorkerFrame>();
     loop {
         tokio::select! {
+            // Stopped means stopped: a frame that is also ready is not answered.
+            biased;
             _ = token.cancelled() => return,
             Some(frame) = rx.recv() => {
                 if framed.send(frame).await.is_err() {

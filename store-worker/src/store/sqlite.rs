@@ -4,10 +4,7 @@
 //! the next durable commit. Calls run on the blocking pool; a batch is one transaction (group
 //! commit). Expired rows are purged every minute with the same TTLs as the MongoDB indexes.
 
-use super::{
-    DeliveryRow, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
-    PUBLISHED_TTL_SECS,
-};
+use super::{DeliveryRow, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
 use std::path::Path;
@@ -20,7 +17,7 @@ PRAGMA synchronous = FULL;
 ";
 
 /// The layout `SCHEMA` creates; older files are brought to it by [`migrate`].
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Messages are clustered by (created, id): one B-tree per message serves the catch-up
 /// pages, the TTL purge and duplicate inserts. Only QoS 2 messages are looked up by id (see
@@ -37,10 +34,9 @@ CREATE TABLE IF NOT EXISTS subscription (
     PRIMARY KEY (client_id, topic)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS published_message (
-    client_id TEXT NOT NULL, message_id BLOB NOT NULL, topic TEXT NOT NULL, host TEXT NOT NULL,
-    created INTEGER NOT NULL, PRIMARY KEY (client_id, message_id)
+    message_id BLOB NOT NULL, client_id TEXT NOT NULL, created INTEGER NOT NULL,
+    PRIMARY KEY (message_id, client_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS published_message_created ON published_message (created);
 CREATE TABLE IF NOT EXISTS qos2_inflight (
     client_id TEXT NOT NULL, pkid INTEGER NOT NULL, message_id BLOB NOT NULL,
     created INTEGER NOT NULL, PRIMARY KEY (client_id, pkid)
@@ -55,28 +51,44 @@ CREATE TABLE IF NOT EXISTS retained (
 ) WITHOUT ROWID;
 ";
 
-/// Version 1 (user_version 0) keyed messages by id, with a second B-tree on (created, id).
-/// Its rows move to the version 2 table in one transaction.
+/// Older layouts, by `PRAGMA user_version`: 0 keyed messages by id with a second B-tree on
+/// (created, id), and delivery records by (client_id, message_id) with a second B-tree on
+/// created; 2 had today's messages and those records. Their rows move to the current tables
+/// in one transaction.
 fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
         return Ok(());
     }
     let tx = c.transaction()?;
-    let has_v1: bool = tx.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'message'",
-        [],
-        |r| Ok(r.get::<_, i64>(0)? > 0),
-    )?;
-    if has_v1 {
-        tx.execute_batch("ALTER TABLE message RENAME TO message_v1")?;
+    let exists = |name: &str| {
+        tx.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |r| Ok(r.get::<_, i64>(0)? > 0),
+        )
+    };
+    let old_messages = version < 2 && exists("message")?;
+    let old_records = exists("published_message")?;
+    if old_messages {
+        tx.execute_batch("ALTER TABLE message RENAME TO message_old")?;
+    }
+    if old_records {
+        tx.execute_batch("ALTER TABLE published_message RENAME TO published_message_old")?;
     }
     tx.execute_batch(SCHEMA)?;
-    if has_v1 {
+    if old_messages {
         tx.execute_batch(
             "INSERT OR IGNORE INTO message (created, id, topic, data, client_id, qos, retain, host)
-             SELECT created, id, topic, data, client_id, qos, retain, host FROM message_v1;
-             DROP TABLE message_v1;",
+             SELECT created, id, topic, data, client_id, qos, retain, host FROM message_old;
+             DROP TABLE message_old;",
+        )?;
+    }
+    if old_records {
+        tx.execute_batch(
+            "INSERT OR IGNORE INTO published_message (message_id, client_id, created)
+             SELECT message_id, client_id, created FROM published_message_old;
+             DROP TABLE published_message_old;",
         )?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -102,6 +114,18 @@ fn id_of(bytes: Vec<u8>) -> MessageId {
         id.copy_from_slice(&bytes);
     }
     MessageId(id)
+}
+
+/// `publishedMessage` rows, keyed by message id first: ids begin with their creation time
+/// (ObjectId layout), so records are appended in time order and purged by a key range.
+/// Topic and host are not kept: the embedded store's records are only read to filter catch-up.
+const RECORD_DELIVERY: &str =
+    "INSERT OR IGNORE INTO published_message (message_id, client_id, created) VALUES (?1, ?2, ?3)";
+
+/// The first bytes of the ids of messages created at `ms`: every id created earlier sorts
+/// below it.
+fn id_time_prefix(ms: i64) -> [u8; 4] {
+    ((ms.max(0) / 1000) as u32).to_be_bytes()
 }
 
 const MESSAGE_COLUMNS: &str = "id, topic, data, qos, retain, client_id, host, created";
@@ -145,16 +169,18 @@ impl SqliteStore {
         .map_err(|e| StoreError::Failed(format!("store task: {e}")))?
     }
 
-    /// Deletes what is past its TTL; returns (messages, records) deleted.
+    /// Deletes what is past its TTL; returns (messages, records) deleted. A delivery record
+    /// goes with its message (30 days after the message was created, read from the time at
+    /// the head of its id), not 7 days after the delivery as in MongoDB: it only exists to keep
+    /// that message from being delivered again, and the id leads its key, so the purge is a
+    /// range delete instead of a second index on every record.
     pub async fn purge_expired(&self, now_ms: i64) -> Result<(usize, usize), StoreError> {
         self.with(move |c| {
-            let messages = c.execute(
-                "DELETE FROM message WHERE created < ?1",
-                [now_ms - MESSAGE_TTL_SECS as i64 * 1000],
-            )?;
+            let message_cutoff = now_ms - MESSAGE_TTL_SECS as i64 * 1000;
+            let messages = c.execute("DELETE FROM message WHERE created < ?1", [message_cutoff])?;
             let records = c.execute(
-                "DELETE FROM published_message WHERE created < ?1",
-                [now_ms - PUBLISHED_TTL_SECS as i64 * 1000],
+                "DELETE FROM published_message WHERE message_id < ?1",
+                [&id_time_prefix(message_cutoff)[..]],
             )?;
             Ok((messages, records))
         })
@@ -194,11 +220,7 @@ impl Store for SqliteStore {
                 params![client_id, pkid, &message_id.0[..], released.is_some(), crate::server::now_ms()],
             )?;
             if let Some(r) = released {
-                tx.execute(
-                    "INSERT OR IGNORE INTO published_message (client_id, message_id, topic, host, created)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![r.client_id, &r.record.message_id.0[..], r.record.topic, r.host, r.created_ms],
-                )?;
+                tx.execute(RECORD_DELIVERY, params![&r.record.message_id.0[..], r.client_id, r.created_ms])?;
             }
             tx.commit()
         })
@@ -275,21 +297,22 @@ impl Store for SqliteStore {
     async fn record_delivered(&self, rows: Vec<DeliveryRow>) -> Result<(), StoreError> {
         // A record lost to a power cut means one duplicate delivery later, never a loss: not
         // worth an fsync per batch.
-        self.with(move |c| without_fsync(c, |c| {
-            let tx = c.transaction()?;
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO published_message (client_id, message_id, topic, host, created)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for r in &rows {
-                    insert.execute(params![
-                        r.client_id, &r.record.message_id.0[..], r.record.topic, r.host, r.created_ms
-                    ])?;
+        self.with(move |c| {
+            without_fsync(c, |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut insert = tx.prepare_cached(RECORD_DELIVERY)?;
+                    for r in &rows {
+                        insert.execute(params![
+                            &r.record.message_id.0[..],
+                            r.client_id,
+                            r.created_ms
+                        ])?;
+                    }
                 }
-            }
-            tx.commit()
-        }))
+                tx.commit()
+            })
+        })
         .await
     }
 
@@ -401,7 +424,7 @@ impl Store for SqliteStore {
         let client_id = client_id.to_owned();
         self.with(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT 1 FROM published_message WHERE client_id = ?1 AND message_id = ?2",
+                "SELECT 1 FROM published_message WHERE message_id = ?2 AND client_id = ?1",
             )?;
             let mut out = HashSet::new();
             for id in ids {
@@ -548,7 +571,12 @@ mod tests {
             id BLOB PRIMARY KEY, topic TEXT NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
             qos INTEGER NOT NULL, retain INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
         ) WITHOUT ROWID;
-        CREATE INDEX message_created ON message (created, id);";
+        CREATE INDEX message_created ON message (created, id);
+        CREATE TABLE published_message (
+            client_id TEXT NOT NULL, message_id BLOB NOT NULL, topic TEXT NOT NULL,
+            host TEXT NOT NULL, created INTEGER NOT NULL, PRIMARY KEY (client_id, message_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX published_message_created ON published_message (created);";
 
     #[tokio::test]
     async fn a_version_1_file_keeps_its_messages() {
@@ -564,9 +592,14 @@ mod tests {
                 )
                 .expect("v1 row");
             }
+            c.execute(
+                "INSERT INTO published_message VALUES ('sub', ?1, 't', 'h', 5)",
+                [&[3u8; 12][..]],
+            )
+            .expect("v1 record");
         }
         for _ in 0..2 {
-            // Opening twice: the second open finds version 2 and leaves it alone.
+            // Opening twice: the second open finds the current version and leaves it alone.
             let store = SqliteStore::open(dir.path()).expect("open");
             let stored = store.messages_since(0, None, None, 10).await.expect("read");
             let order: Vec<u8> = stored.iter().map(|m| m.payload[0]).collect();
@@ -577,6 +610,9 @@ mod tests {
                 .expect("by id");
             assert_eq!(by_id.len(), 1);
             assert_eq!(by_id[0].qos, Qos::ExactlyOnce);
+            let ids = vec![MessageId([3; 12]), MessageId([2; 12])];
+            let delivered = store.delivered_among("sub", ids).await.expect("records");
+            assert_eq!(delivered, HashSet::from([MessageId([3; 12])]));
             let version: i64 = store
                 .conn
                 .lock()
@@ -585,5 +621,45 @@ mod tests {
                 .expect("version");
             assert_eq!(version, SCHEMA_VERSION);
         }
+    }
+
+    fn id_at(ms: i64, n: u8) -> MessageId {
+        let mut id = [n; 12];
+        id[..4].copy_from_slice(&id_time_prefix(ms));
+        MessageId(id)
+    }
+
+    fn delivery(client_id: &str, id: MessageId, created_ms: i64) -> DeliveryRow {
+        DeliveryRow {
+            client_id: client_id.into(),
+            host: "h".into(),
+            record: wharf_shared::DeliveredRecord {
+                message_id: id,
+                topic: "t".into(),
+            },
+            created_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn delivery_records_are_purged_with_their_messages() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let now = 40 * 24 * 3600 * 1000;
+        let ttl = MESSAGE_TTL_SECS as i64 * 1000;
+        // Delivered just now, but of a message created past the TTL: goes.
+        let expired = id_at(now - ttl - 1000, 1);
+        // A message created just inside the TTL, delivered long ago: stays.
+        let kept = id_at(now - ttl + 1000, 2);
+        store
+            .record_delivered(vec![delivery("a", expired, now), delivery("a", kept, 0)])
+            .await
+            .expect("record");
+        assert_eq!(store.purge_expired(now).await.expect("purge"), (0, 1));
+        let left = store
+            .delivered_among("a", vec![expired, kept])
+            .await
+            .expect("read");
+        assert_eq!(left, HashSet::from([kept]));
     }
 }
