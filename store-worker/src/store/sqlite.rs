@@ -17,18 +17,27 @@ PRAGMA synchronous = FULL;
 ";
 
 /// The layout `SCHEMA` creates; older files are brought to it by [`migrate`].
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
-/// Messages are clustered by (created, id): one B-tree per message serves the catch-up
-/// pages, the TTL purge and duplicate inserts. Only QoS 2 messages are looked up by id (see
-/// `Store::qos2_messages_by_id`), so only they are indexed by id.
+/// Most milliseconds between the oldest and newest message of a block: a catch-up from time t
+/// starts at the blocks whose oldest message is from t - BLOCK_SPAN_MS.
+const BLOCK_SPAN_MS: i64 = 10;
+
+/// Most messages in a block: what a catch-up page decodes beyond what it returns.
+const BLOCK_MESSAGES: usize = 2048;
+
+/// Messages are stored in blocks: the messages of one write, in creation order, encoded in one
+/// row (at most [`BLOCK_SPAN_MS`] between its oldest and newest, at most [`BLOCK_MESSAGES`]),
+/// so a write costs one row and one index entry however many messages it carries. Catch-up
+/// pages read the blocks by their oldest message; the TTL purge drops whole blocks. Only QoS 2
+/// messages are looked up by id (see `Store::qos2_messages_by_id`), so only they are indexed
+/// by id, which also keeps a re-sent QoS 2 message from being stored twice.
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS message (
-    created INTEGER NOT NULL, id BLOB NOT NULL, topic TEXT NOT NULL, data BLOB NOT NULL,
-    client_id TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, host TEXT NOT NULL,
-    PRIMARY KEY (created, id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS message_qos2_id ON message (id) WHERE qos = 2;
+CREATE TABLE IF NOT EXISTS message_block (
+    seq INTEGER PRIMARY KEY, oldest INTEGER NOT NULL, newest INTEGER NOT NULL, data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS message_block_oldest ON message_block (oldest);
+CREATE TABLE IF NOT EXISTS qos2_message (id BLOB PRIMARY KEY, block INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscription (
     client_id TEXT NOT NULL, topic TEXT NOT NULL, qos INTEGER NOT NULL, created INTEGER NOT NULL,
     PRIMARY KEY (client_id, topic)
@@ -51,10 +60,10 @@ CREATE TABLE IF NOT EXISTS retained (
 ) WITHOUT ROWID;
 ";
 
-/// Older layouts, by `PRAGMA user_version`: 0 keyed messages by id with a second B-tree on
-/// (created, id), and delivery records by (client_id, message_id) with a second B-tree on
-/// created; 2 had today's messages and those records. Their rows move to the current tables
-/// in one transaction.
+/// Older layouts, by `PRAGMA user_version`: 0 kept a row per message keyed by id with a second
+/// B-tree on (created, id), and delivery records keyed (client_id, message_id) with a second
+/// B-tree on created; 2 and 3 kept a row per message keyed (created, id), 3 had today's
+/// records. Their rows move to the current tables in one transaction.
 fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
@@ -68,8 +77,8 @@ fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
             |r| Ok(r.get::<_, i64>(0)? > 0),
         )
     };
-    let old_messages = version < 2 && exists("message")?;
-    let old_records = exists("published_message")?;
+    let old_messages = exists("message")?;
+    let old_records = version < 3 && exists("published_message")?;
     if old_messages {
         tx.execute_batch("ALTER TABLE message RENAME TO message_old")?;
     }
@@ -78,11 +87,24 @@ fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     }
     tx.execute_batch(SCHEMA)?;
     if old_messages {
-        tx.execute_batch(
-            "INSERT OR IGNORE INTO message (created, id, topic, data, client_id, qos, retain, host)
-             SELECT created, id, topic, data, client_id, qos, retain, host FROM message_old;
-             DROP TABLE message_old;",
-        )?;
+        let mut rows = tx.prepare(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM message_old ORDER BY created, id"
+        ))?;
+        let mut rows = rows.query_map([], message_row)?;
+        let mut pending = Vec::new();
+        loop {
+            let next = rows.next().transpose()?;
+            let full = pending.len() >= 64 * BLOCK_MESSAGES;
+            if next.is_none() || full {
+                insert_blocks(&tx, pending.iter().collect())?;
+                pending.clear();
+            }
+            match next {
+                Some(m) => pending.push(m),
+                None => break,
+            }
+        }
+        tx.execute_batch("DROP TABLE message_old")?;
     }
     if old_records {
         tx.execute_batch(
@@ -93,6 +115,44 @@ fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
+}
+
+/// Writes `messages` (creation order not needed) as blocks, and indexes their QoS 2 ones.
+fn insert_blocks(
+    tx: &rusqlite::Transaction<'_>,
+    mut messages: Vec<&Message>,
+) -> rusqlite::Result<()> {
+    // Stable: messages of one millisecond keep the order they were received in.
+    messages.sort_by_key(|m| m.created_ms);
+    let mut insert =
+        tx.prepare_cached("INSERT INTO message_block (oldest, newest, data) VALUES (?1, ?2, ?3)")?;
+    let mut index =
+        tx.prepare_cached("INSERT OR IGNORE INTO qos2_message (id, block) VALUES (?1, ?2)")?;
+    let mut rest = &messages[..];
+    while let Some(first) = rest.first() {
+        let len = rest
+            .iter()
+            .take(BLOCK_MESSAGES)
+            .take_while(|m| m.created_ms - first.created_ms <= BLOCK_SPAN_MS)
+            .count();
+        let (block, after) = rest.split_at(len);
+        rest = after;
+        let data = wharf_shared::codec::encode_body(&block)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let newest = block.last().map_or(first.created_ms, |m| m.created_ms);
+        insert.execute(params![first.created_ms, newest, data])?;
+        let seq = tx.last_insert_rowid();
+        for m in block.iter().filter(|m| m.qos == Qos::ExactlyOnce) {
+            index.execute(params![&m.id.0[..], seq])?;
+        }
+    }
+    Ok(())
+}
+
+fn decode_block(data: &[u8]) -> rusqlite::Result<Vec<Message>> {
+    wharf_shared::codec::decode_body(data).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+    })
 }
 
 #[derive(Clone)]
@@ -169,7 +229,7 @@ impl SqliteStore {
         .map_err(|e| StoreError::Failed(format!("store task: {e}")))?
     }
 
-    /// Deletes what is past its TTL; returns (messages, records) deleted. A delivery record
+    /// Deletes what is past its TTL; returns (message blocks, records) deleted. A delivery record
     /// goes with its message (30 days after the message was created, read from the time at
     /// the head of its id), not 7 days after the delivery as in MongoDB: it only exists to keep
     /// that message from being delivered again, and the id leads its key, so the purge is a
@@ -177,12 +237,21 @@ impl SqliteStore {
     pub async fn purge_expired(&self, now_ms: i64) -> Result<(usize, usize), StoreError> {
         self.with(move |c| {
             let message_cutoff = now_ms - MESSAGE_TTL_SECS as i64 * 1000;
-            let messages = c.execute("DELETE FROM message WHERE created < ?1", [message_cutoff])?;
+            // A block goes once its newest message has expired.
+            c.execute(
+                "DELETE FROM qos2_message WHERE block IN
+                 (SELECT seq FROM message_block WHERE oldest < ?1 AND newest < ?1)",
+                [message_cutoff],
+            )?;
+            let blocks = c.execute(
+                "DELETE FROM message_block WHERE oldest < ?1 AND newest < ?1",
+                [message_cutoff],
+            )?;
             let records = c.execute(
                 "DELETE FROM published_message WHERE message_id < ?1",
                 [&id_time_prefix(message_cutoff)[..]],
             )?;
-            Ok((messages, records))
+            Ok((blocks, records))
         })
         .await
     }
@@ -259,12 +328,15 @@ impl Store for SqliteStore {
 
     async fn qos2_messages_by_id(&self, ids: Vec<MessageId>) -> Result<Vec<Message>, StoreError> {
         self.with(move |c| {
-            let sql = format!("SELECT {MESSAGE_COLUMNS} FROM message WHERE id = ?1 AND qos = 2");
-            let mut stmt = c.prepare_cached(&sql)?;
+            let mut stmt = c.prepare_cached(
+                "SELECT b.data FROM qos2_message q JOIN message_block b ON b.seq = q.block
+                 WHERE q.id = ?1",
+            )?;
             let mut out = Vec::new();
             for id in ids {
-                if let Some(m) = stmt.query_row([&id.0[..]], message_row).optional()? {
-                    out.push(m);
+                let data: Option<Vec<u8>> = stmt.query_row([&id.0[..]], |r| r.get(0)).optional()?;
+                if let Some(data) = data {
+                    out.extend(decode_block(&data)?.into_iter().find(|m| m.id == id));
                 }
             }
             Ok(out)
@@ -403,15 +475,40 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         self.with(move |c| {
-            let sql = format!(
-                "SELECT {MESSAGE_COLUMNS} FROM message WHERE created >= ?1 AND host != ?2
-                 ORDER BY created, id LIMIT ?3"
-            );
-            let mut stmt = c.prepare_cached(&sql)?;
+            let mut heads = c.prepare_cached(
+                "SELECT seq, oldest FROM message_block WHERE oldest >= ?1 ORDER BY oldest, seq",
+            )?;
+            let mut body = c.prepare_cached("SELECT data FROM message_block WHERE seq = ?1")?;
             // No host is the empty string, so "" excludes nothing.
             let host = not_host.unwrap_or_default();
-            let rows = stmt.query_map(params![since_ms, host, limit as i64], message_row)?;
-            rows.collect()
+            let mut found: Vec<Message> = Vec::new();
+            // A message written twice (a persist re-sent across a worker restart) once.
+            let mut ids = HashSet::new();
+            let mut rows = heads.query([since_ms.saturating_sub(BLOCK_SPAN_MS)])?;
+            while let Some(row) = rows.next()? {
+                let (seq, oldest): (i64, i64) = (row.get(0)?, row.get(1)?);
+                if limit == 0 {
+                    break;
+                }
+                if found.len() >= limit {
+                    found.sort_by_key(|m| (m.created_ms, m.id));
+                    found.truncate(limit);
+                    // Blocks come by their oldest message: none after this one can place a
+                    // message before the last one kept.
+                    if oldest > found[limit - 1].created_ms {
+                        break;
+                    }
+                }
+                let data: Vec<u8> = body.query_row([seq], |r| r.get(0))?;
+                found.extend(
+                    decode_block(&data)?
+                        .into_iter()
+                        .filter(|m| m.created_ms >= since_ms && m.host != host && ids.insert(m.id)),
+                );
+            }
+            found.sort_by_key(|m| (m.created_ms, m.id));
+            found.truncate(limit);
+            Ok(found)
         })
         .await
     }
@@ -467,44 +564,50 @@ fn write_batch(c: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<()> {
         )?;
     }
     {
-        let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO message (id, topic, data, qos, retain, client_id, host, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?;
-        let mut set_retained = tx.prepare_cached(
-            "INSERT OR REPLACE INTO retained (topic, id, data, client_id, qos, created, host)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        let mut clear_retained = tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?;
+        // A QoS 2 message stored before (re-sent under its recorded id) is not stored again.
+        let mut stored = tx.prepare_cached("SELECT 1 FROM qos2_message WHERE id = ?1")?;
+        let mut fresh = Vec::with_capacity(batch.messages.len());
+        let mut qos2_ids = HashSet::new();
         for m in &batch.messages {
-            let fresh = insert.execute(params![
-                &m.id.0[..],
-                m.topic,
-                m.payload,
-                m.qos.as_u8(),
-                m.retain,
-                m.client_id,
-                m.host,
-                m.created_ms
-            ])?;
-            // A re-sent message that was stored before must not set its retained
-            // value again over a newer one.
-            if fresh == 1 && m.retain {
-                if m.payload.is_empty() {
-                    clear_retained.execute([&m.topic])?;
-                } else {
-                    set_retained.execute(params![
-                        m.topic,
-                        &m.id.0[..],
-                        m.payload,
-                        m.client_id,
-                        m.qos.as_u8(),
-                        m.created_ms,
-                        m.host
-                    ])?;
-                }
+            if m.qos == Qos::ExactlyOnce
+                && (!qos2_ids.insert(m.id)
+                    || stored
+                        .query_row([&m.id.0[..]], |_| Ok(()))
+                        .optional()?
+                        .is_some())
+            {
+                continue;
+            }
+            fresh.push(m);
+        }
+        // A retained value is only replaced or cleared by one at least as new: a message
+        // re-sent after a newer one must not set its value again.
+        let mut set_retained = tx.prepare_cached(
+            "INSERT INTO retained (topic, id, data, client_id, qos, created, host)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (topic) DO UPDATE SET id = excluded.id, data = excluded.data,
+                 client_id = excluded.client_id, qos = excluded.qos, created = excluded.created,
+                 host = excluded.host
+             WHERE excluded.created >= retained.created",
+        )?;
+        let mut clear_retained =
+            tx.prepare_cached("DELETE FROM retained WHERE topic = ?1 AND created <= ?2")?;
+        for m in fresh.iter().filter(|m| m.retain) {
+            if m.payload.is_empty() {
+                clear_retained.execute(params![m.topic, m.created_ms])?;
+            } else {
+                set_retained.execute(params![
+                    m.topic,
+                    &m.id.0[..],
+                    m.payload,
+                    m.client_id,
+                    m.qos.as_u8(),
+                    m.created_ms,
+                    m.host
+                ])?;
             }
         }
+        insert_blocks(&tx, fresh)?;
         let mut record = tx.prepare_cached(
             "INSERT OR REPLACE INTO qos2_inflight (client_id, pkid, message_id, created)
              VALUES (?1, ?2, ?3, ?4)",
@@ -661,5 +764,154 @@ mod tests {
             .await
             .expect("read");
         assert_eq!(left, HashSet::from([kept]));
+    }
+
+    fn at(n: u32, created_ms: i64, qos: Qos) -> Message {
+        let mut id = [0u8; 12];
+        id[..4].copy_from_slice(&id_time_prefix(created_ms));
+        id[8..].copy_from_slice(&n.to_be_bytes());
+        Message {
+            id: MessageId(id),
+            topic: format!("t/{}", n % 3),
+            payload: n.to_be_bytes().to_vec(),
+            qos,
+            retain: false,
+            client_id: "c".into(),
+            host: if n % 5 == 0 { "other" } else { "h" }.into(),
+            created_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn catch_up_pages_come_in_creation_order_across_blocks() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        // Batches as the persister makes them: mostly rising times, some spanning more than a
+        // block, one re-sent from long ago, one message written twice.
+        let mut all: Vec<Message> = Vec::new();
+        let mut seed = 7u64;
+        let mut n = 0;
+        for batch in 0..40 {
+            let mut messages = Vec::new();
+            for _ in 0..(batch % 7) * 9 + 1 {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let created = 1_000_000 + batch * 20 + (seed >> 59) as i64 * 3;
+                n += 1;
+                messages.push(at(n, created, Qos::AtLeastOnce));
+            }
+            if batch == 30 {
+                messages.push(at(9999, 1_000_001, Qos::AtLeastOnce));
+                messages.push(all[3].clone());
+            }
+            all.extend(messages.iter().cloned());
+            let write = WriteBatch {
+                messages,
+                ..Default::default()
+            };
+            store.write(Arc::new(write)).await.expect("write");
+        }
+        let mut expected: Vec<Message> = Vec::new();
+        for m in &all {
+            if !expected.iter().any(|e| e.id == m.id) {
+                expected.push(m.clone());
+            }
+        }
+        expected.sort_by_key(|m| (m.created_ms, m.id));
+        for since in [0, 1_000_001, 1_000_050, 1_000_333, 1_000_790, 2_000_000] {
+            for not_host in [None, Some("other".to_string())] {
+                for limit in [1, 7, 50, 1000] {
+                    let want: Vec<MessageId> = expected
+                        .iter()
+                        .filter(|m| m.created_ms >= since)
+                        .filter(|m| not_host.as_deref() != Some(m.host.as_str()))
+                        .take(limit)
+                        .map(|m| m.id)
+                        .collect();
+                    let got: Vec<MessageId> = store
+                        .messages_since(since, not_host.clone(), None, limit)
+                        .await
+                        .expect("page")
+                        .iter()
+                        .map(|m| m.id)
+                        .collect();
+                    assert_eq!(
+                        got, want,
+                        "since {since} not_host {not_host:?} limit {limit}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resent_qos2_message_is_stored_once_and_found_by_id() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let m = at(1, 5_000, Qos::ExactlyOnce);
+        for _ in 0..2 {
+            let write = WriteBatch {
+                messages: vec![m.clone(), at(2, 5_001, Qos::AtLeastOnce)],
+                ..Default::default()
+            };
+            store.write(Arc::new(write)).await.expect("write");
+        }
+        let found = store
+            .qos2_messages_by_id(vec![m.id, at(2, 5_001, Qos::AtLeastOnce).id])
+            .await
+            .expect("by id");
+        assert_eq!(found.len(), 1, "only QoS 2 messages are looked up by id");
+        assert_eq!(found[0].payload, m.payload);
+        let all = store.messages_since(0, None, None, 10).await.expect("read");
+        assert_eq!(all.iter().filter(|x| x.id == m.id).count(), 1);
+        let blocks: i64 = store
+            .conn
+            .lock()
+            .expect("lock")
+            .query_row("SELECT count(*) FROM message_block", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(blocks, 2, "the second write stored only the QoS 1 message");
+        // Purged with its block once the block's newest message is past the TTL.
+        let ttl = MESSAGE_TTL_SECS as i64 * 1000;
+        assert_eq!(store.purge_expired(5_001 + ttl).await.expect("purge").0, 0);
+        assert_eq!(store.purge_expired(5_002 + ttl).await.expect("purge").0, 2);
+        assert!(store
+            .qos2_messages_by_id(vec![m.id])
+            .await
+            .expect("by id")
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_older_retained_message_does_not_replace_a_newer_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let retained = |n: u32, created: i64, payload: &[u8]| Message {
+            retain: true,
+            topic: "r".into(),
+            payload: payload.to_vec(),
+            ..at(n, created, Qos::AtLeastOnce)
+        };
+        for m in [
+            retained(1, 10, b"new"),
+            retained(2, 5, b"old"),
+            retained(3, 6, b""),
+        ] {
+            let write = WriteBatch {
+                messages: vec![m],
+                ..Default::default()
+            };
+            store.write(Arc::new(write)).await.expect("write");
+        }
+        let now = store.retained(None).await.expect("retained");
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].payload, b"new");
+        let write = WriteBatch {
+            messages: vec![retained(4, 11, b"")],
+            ..Default::default()
+        };
+        store.write(Arc::new(write)).await.expect("write");
+        assert!(store.retained(None).await.expect("retained").is_empty());
     }
 }
