@@ -637,10 +637,14 @@ mod tests {
         }
     }
 
-    fn synchronous(store: &SqliteStore) -> i64 {
+    /// One number read from the store's connection.
+    fn read_i64(store: &SqliteStore, sql: &str) -> i64 {
         let conn = store.conn.lock().expect("lock");
-        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .expect("pragma")
+        conn.query_row(sql, [], |r| r.get(0)).expect(sql)
+    }
+
+    fn synchronous(store: &SqliteStore) -> i64 {
+        read_i64(store, "PRAGMA synchronous")
     }
 
     #[tokio::test]
@@ -716,13 +720,7 @@ mod tests {
             let ids = vec![MessageId([3; 12]), MessageId([2; 12])];
             let delivered = store.delivered_among("sub", ids).await.expect("records");
             assert_eq!(delivered, HashSet::from([MessageId([3; 12])]));
-            let version: i64 = store
-                .conn
-                .lock()
-                .expect("lock")
-                .query_row("PRAGMA user_version", [], |r| r.get(0))
-                .expect("version");
-            assert_eq!(version, SCHEMA_VERSION);
+            assert_eq!(read_i64(&store, "PRAGMA user_version"), SCHEMA_VERSION);
         }
     }
 
@@ -865,12 +863,7 @@ mod tests {
         assert_eq!(found[0].payload, m.payload);
         let all = store.messages_since(0, None, None, 10).await.expect("read");
         assert_eq!(all.iter().filter(|x| x.id == m.id).count(), 1);
-        let blocks: i64 = store
-            .conn
-            .lock()
-            .expect("lock")
-            .query_row("SELECT count(*) FROM message_block", [], |r| r.get(0))
-            .expect("count");
+        let blocks = read_i64(&store, "SELECT count(*) FROM message_block");
         assert_eq!(blocks, 2, "the second write stored only the QoS 1 message");
         // Purged with its block once the block's newest message is past the TTL.
         let ttl = MESSAGE_TTL_SECS as i64 * 1000;
