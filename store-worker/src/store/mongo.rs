@@ -205,6 +205,33 @@ fn topic_condition(field: &str, prefixes: &Option<Vec<String>>) -> Option<Docume
 }
 
 impl MongoStore {
+    /// `publishedMessage` records; `relaxed`: with the write concern for what nobody waits
+    /// for (see the field), else the collection's durable one.
+    async fn insert_records(&self, rows: &[DeliveryRow], relaxed: bool) -> Result<(), StoreError> {
+        let docs: Vec<Document> = rows
+            .iter()
+            .map(|r| {
+                doc! {
+                    "_id": ObjectId::new(),
+                    "clientId": &r.client_id,
+                    "topic": &r.record.topic,
+                    "messageId": oid(&r.record.message_id),
+                    "host": &r.host,
+                    "created": DateTime::from_millis(r.created_ms),
+                }
+            })
+            .collect();
+        let mut insert = self.published.insert_many(docs).ordered(false);
+        if relaxed {
+            insert = insert.write_concern(self.relaxed.clone());
+        }
+        match insert.await {
+            Ok(_) => Ok(()),
+            Err(e) if only_duplicates(&e) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
     /// Records QoS 2 packet ids with their message ids (before the messages are stored).
     async fn record_qos2(&self, records: &[(String, u16, MessageId)]) -> Result<(), StoreError> {
         if records.is_empty() {
@@ -464,9 +491,11 @@ impl Store for MongoStore {
     ) -> Result<(), StoreError> {
         // The delivery record first: a crash in between leaves a PUBREL owed and the message
         // delivered, never a message lost.
+        // Written durably, unlike `record_delivered`'s: the PUBREL waits for it, and the
+        // ordering above only holds if the record outlives a crash of the database.
         let is_released = released.is_some();
         if let Some(row) = released {
-            self.record_delivered(vec![row]).await?;
+            self.insert_records(&[row], false).await?;
         }
         self.qos2_out
             .update_one(
@@ -543,29 +572,7 @@ impl Store for MongoStore {
     }
 
     async fn record_delivered(&self, rows: Vec<DeliveryRow>) -> Result<(), StoreError> {
-        let docs: Vec<Document> = rows
-            .iter()
-            .map(|r| {
-                doc! {
-                    "_id": ObjectId::new(),
-                    "clientId": &r.client_id,
-                    "topic": &r.record.topic,
-                    "messageId": oid(&r.record.message_id),
-                    "host": &r.host,
-                    "created": DateTime::from_millis(r.created_ms),
-                }
-            })
-            .collect();
-        let insert = self
-            .published
-            .insert_many(docs)
-            .ordered(false)
-            .write_concern(self.relaxed.clone());
-        match insert.await {
-            Ok(_) => Ok(()),
-            Err(e) if only_duplicates(&e) => Ok(()),
-            Err(e) => Err(classify(e)),
-        }
+        self.insert_records(&rows, true).await
     }
 
     async fn subscriptions(&self, client_id: &str) -> Result<Vec<StoredSubscription>, StoreError> {
