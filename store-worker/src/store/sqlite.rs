@@ -90,20 +90,15 @@ fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
         let mut rows = tx.prepare(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM message_old ORDER BY created, id"
         ))?;
-        let mut rows = rows.query_map([], message_row)?;
         let mut pending = Vec::new();
-        loop {
-            let next = rows.next().transpose()?;
-            let full = pending.len() >= 64 * BLOCK_MESSAGES;
-            if next.is_none() || full {
+        for m in rows.query_map([], message_row)? {
+            pending.push(m?);
+            if pending.len() == 64 * BLOCK_MESSAGES {
                 insert_blocks(&tx, pending.iter().collect())?;
                 pending.clear();
             }
-            match next {
-                Some(m) => pending.push(m),
-                None => break,
-            }
         }
+        insert_blocks(&tx, pending.iter().collect())?;
         tx.execute_batch("DROP TABLE message_old")?;
     }
     if old_records {
@@ -237,7 +232,8 @@ impl SqliteStore {
     pub async fn purge_expired(&self, now_ms: i64) -> Result<(usize, usize), StoreError> {
         self.with(move |c| {
             let message_cutoff = now_ms - MESSAGE_TTL_SECS as i64 * 1000;
-            // A block goes once its newest message has expired.
+            // A block goes once its newest message has expired (`oldest <` is implied by it
+            // and lets SQLite use the index on oldest instead of scanning every block).
             c.execute(
                 "DELETE FROM qos2_message WHERE block IN
                  (SELECT seq FROM message_block WHERE oldest < ?1 AND newest < ?1)",
@@ -474,6 +470,9 @@ impl Store for SqliteStore {
         _prefixes: Option<Vec<String>>,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         self.with(move |c| {
             let mut heads = c.prepare_cached(
                 "SELECT seq, oldest FROM message_block WHERE oldest >= ?1 ORDER BY oldest, seq",
@@ -487,9 +486,6 @@ impl Store for SqliteStore {
             let mut rows = heads.query([since_ms.saturating_sub(BLOCK_SPAN_MS)])?;
             while let Some(row) = rows.next()? {
                 let (seq, oldest): (i64, i64) = (row.get(0)?, row.get(1)?);
-                if limit == 0 {
-                    break;
-                }
                 if found.len() >= limit {
                     found.sort_by_key(|m| (m.created_ms, m.id));
                     found.truncate(limit);
@@ -649,10 +645,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_relaxed_batch_is_stored_and_later_commits_are_forced_to_disk_again() {
-        let dir = std::env::temp_dir().join(format!("wharf-sqlite-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let store = SqliteStore::open(&dir).expect("open");
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
         const FULL: i64 = 2;
         assert_eq!(synchronous(&store), FULL);
         let relaxed = WriteBatch {
@@ -669,7 +663,6 @@ mod tests {
         store.write(Arc::new(durable)).await.expect("write");
         let stored = store.messages_since(0, None, None, 10).await.expect("read");
         assert_eq!(stored.len(), 3);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The version 1 layout, as earlier releases created it.
@@ -724,12 +717,6 @@ mod tests {
         }
     }
 
-    fn id_at(ms: i64, n: u8) -> MessageId {
-        let mut id = [n; 12];
-        id[..4].copy_from_slice(&id_time_prefix(ms));
-        MessageId(id)
-    }
-
     fn delivery(client_id: &str, id: MessageId, created_ms: i64) -> DeliveryRow {
         DeliveryRow {
             client_id: client_id.into(),
@@ -749,9 +736,9 @@ mod tests {
         let now = 40 * 24 * 3600 * 1000;
         let ttl = MESSAGE_TTL_SECS as i64 * 1000;
         // Delivered just now, but of a message created past the TTL: goes.
-        let expired = id_at(now - ttl - 1000, 1);
+        let expired = at(1, now - ttl - 1000, Qos::AtMostOnce).id;
         // A message created just inside the TTL, delivered long ago: stays.
-        let kept = id_at(now - ttl + 1000, 2);
+        let kept = at(2, now - ttl + 1000, Qos::AtMostOnce).id;
         store
             .record_delivered(vec![delivery("a", expired, now), delivery("a", kept, 0)])
             .await
