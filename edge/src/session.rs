@@ -182,7 +182,9 @@ impl SessionState {
                     PubRec::Deliver(i.delivery.clone())
                 }
             }
-            Some(i) if i.stage == Stage::Releasing => PubRec::Wait,
+            // Releasing: the PUBREL follows when the store has it. Tracking: the PUBLISH has
+            // not been shown, so there is nothing to release.
+            Some(i) if matches!(i.stage, Stage::Releasing | Stage::Tracking) => PubRec::Wait,
             _ => PubRec::PubRel,
         }
     }
@@ -195,20 +197,44 @@ impl SessionState {
         }
     }
 
-    /// What to send again, in the original order, when the session resumes.
+    /// What to send again when a persistent session resumes, in the original order. Steps
+    /// still waiting for the store are not among them: see [`untracked`].
+    ///
+    /// [`untracked`]: SessionState::untracked
     pub fn resend(&self) -> Vec<Resend> {
-        let mut inflight: Vec<(&u16, &Inflight)> = self.inflight.iter().collect();
-        inflight.sort_by_key(|(_, i)| i.seq);
-        inflight
-            .into_iter()
-            .map(|(pkid, i)| match i.stage {
-                Stage::Tracking | Stage::Published => Resend::Publish {
-                    pkid: *pkid,
+        self.in_order()
+            .filter_map(|(pkid, i)| match i.stage {
+                Stage::Published => Some(Resend::Publish {
+                    pkid,
                     delivery: i.delivery.clone(),
-                },
-                Stage::Releasing | Stage::Released => Resend::PubRel(*pkid),
+                }),
+                Stage::Released => Some(Resend::PubRel(pkid)),
+                Stage::Tracking | Stage::Releasing => None,
             })
             .collect()
+    }
+
+    /// QoS 2 steps that were waiting for the store when the previous connection ended, in
+    /// order: (packet id, delivery, whether it is the release). That connection's replies
+    /// ended with it, and the store may not have recorded the step (a failed write is what
+    /// closes a connection), so the resumed session asks again and shows the PUBLISH or PUBREL
+    /// only once the store has it. Showing it before would let a crash replay the delivery
+    /// from the store under a new packet id, or as a PUBLISH after its PUBREL: a duplicate.
+    pub fn untracked(&self) -> Vec<(u16, Delivery, bool)> {
+        self.in_order()
+            .filter_map(|(pkid, i)| match i.stage {
+                Stage::Tracking => Some((pkid, i.delivery.clone(), false)),
+                Stage::Releasing => Some((pkid, i.delivery.clone(), true)),
+                Stage::Published | Stage::Released => None,
+            })
+            .collect()
+    }
+
+    fn in_order(&self) -> impl Iterator<Item = (u16, &Inflight)> {
+        let mut inflight: Vec<(u16, &Inflight)> =
+            self.inflight.iter().map(|(p, i)| (*p, i)).collect();
+        inflight.sort_by_key(|(_, i)| i.seq);
+        inflight.into_iter()
     }
 
     /// Whether an inbound QoS 2 packet id was already accepted (a re-sent PUBLISH).
@@ -275,15 +301,25 @@ mod tests {
         let mut s = SessionState::new("c".into());
         let p = s.start_tracked(delivery(1, Qos::ExactlyOnce));
         assert!(
-            matches!(s.pubrec(p, true), PubRec::PubRel),
-            "PUBREC before the PUBLISH went out"
+            matches!(s.pubrec(p, true), PubRec::Wait),
+            "PUBREC before the PUBLISH went out releases nothing"
         );
+        assert!(s.resend().is_empty(), "not shown before the store has it");
+        assert!(matches!(s.untracked()[..], [(id, _, false)] if id == p));
         assert!(s.tracked(p).is_some());
+        assert!(matches!(s.resend()[..], [Resend::Publish { pkid, .. }] if pkid == p));
+        assert!(s.untracked().is_empty());
         assert!(s.tracked(p).is_none());
         assert!(matches!(s.pubrec(p, true), PubRec::Track(_)));
         assert!(matches!(s.pubrec(p, true), PubRec::Wait));
+        assert!(
+            s.resend().is_empty(),
+            "no PUBREL before the store has the release"
+        );
+        assert!(matches!(s.untracked()[..], [(id, _, true)] if id == p));
         assert!(!s.pubcomp(p), "no PUBCOMP before the PUBREL");
         assert!(s.release_tracked(p));
+        assert!(matches!(s.resend()[..], [Resend::PubRel(id)] if id == p));
         assert!(s.pubcomp(p));
     }
 

@@ -37,6 +37,8 @@ pub struct MockStore {
 pub struct Behaviour {
     pub persist_delay: Duration,
     pub fail_persists: bool,
+    /// QoS 2 delivery steps (`TrackQos2Out`) answered as failed, not recorded.
+    pub fail_tracks: bool,
 }
 
 pub struct MockWorker {
@@ -98,6 +100,10 @@ impl MockWorker {
         self.behaviour.lock().expect("lock").fail_persists = fail;
     }
 
+    pub fn set_fail_tracks(&self, fail: bool) {
+        self.behaviour.lock().expect("lock").fail_tracks = fail;
+    }
+
     pub fn stored_payloads(&self, topic: &str) -> Vec<Vec<u8>> {
         let store = self.store.lock().expect("lock");
         store
@@ -157,12 +163,14 @@ async fn serve(
                         let b = behaviour.lock().expect("lock").clone();
                         let (store, tx, host) = (store.clone(), tx.clone(), edge_host.clone());
                         let persist = matches!(request, Request::Persist(_) | Request::PersistQos2 { .. });
+                        let fail = (persist && b.fail_persists)
+                            || (b.fail_tracks && matches!(request, Request::TrackQos2Out { .. }));
                         let delay = if persist { b.persist_delay } else { Duration::ZERO };
                         let handle = async move {
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
                             }
-                            let reply = if persist && b.fail_persists {
+                            let reply = if fail {
                                 Reply::Failed { reason: "mock failure".into(), retryable: true }
                             } else {
                                 answer(&store, request, &host)

@@ -6,7 +6,7 @@
 use crate::raw;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::Packet;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -154,6 +154,9 @@ pub async fn collect(
     let mut got = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut unreleased: HashSet<u16> = HashSet::new();
+    // QoS 2 arrivals per payload (connection, packet id, DUP flag, whether counted), and
+    // releases per packet id: printed for a payload counted twice.
+    let mut arrivals: HashMap<String, Vec<String>> = HashMap::new();
     let mut attempt = 0;
     while tokio::time::Instant::now() < deadline && !expected.is_subset(&seen) {
         let addr = addrs[attempt % addrs.len()];
@@ -175,9 +178,14 @@ pub async fn collect(
                             c.send(&ack(0x40, p.pkid)).await
                         }
                         2 => {
-                            if unreleased.insert(p.pkid) {
+                            let counted = unreleased.insert(p.pkid);
+                            if counted {
                                 got.push(text.clone());
                             }
+                            arrivals.entry(text.clone()).or_default().push(format!(
+                                "connection {attempt}: pkid {} dup {} counted {counted}",
+                                p.pkid, p.dup
+                            ));
                             c.send(&ack(0x50, p.pkid)).await
                         }
                         _ => {
@@ -192,11 +200,28 @@ pub async fn collect(
                 }
                 Packet::PubRel(r) => {
                     unreleased.remove(&r.pkid);
+                    arrivals
+                        .entry(format!("pkid {}", r.pkid))
+                        .or_default()
+                        .push(format!("connection {attempt}: PUBREL"));
                     if !c.send(&ack(0x70, r.pkid)).await {
                         break;
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+    for (text, events) in &arrivals {
+        if events
+            .iter()
+            .filter(|e| e.ends_with("counted true"))
+            .count()
+            > 1
+        {
+            println!("{id}: {text} counted twice: {events:?}");
+            for pkid in events.iter().filter_map(|e| e.split(' ').nth(3)) {
+                println!("  pkid {pkid}: {:?}", arrivals.get(&format!("pkid {pkid}")));
             }
         }
     }

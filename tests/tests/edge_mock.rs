@@ -282,6 +282,71 @@ async fn unacknowledged_messages_are_resent_with_dup_on_resume() {
     );
 }
 
+/// A QoS 2 step the store did not record closes the connection; when the session resumes on
+/// the same edge, that step is asked of the store again, and its PUBLISH or PUBREL is shown
+/// only once recorded. Shown before, a crash would replay the delivery from the store: under a
+/// new packet id, or as a PUBLISH after its PUBREL, which the client counts twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_steps_the_store_missed_are_recorded_before_they_are_shown_on_resume() {
+    let s = setup().await;
+    let addr = s.edge.local_addr;
+    let qos2_out = |pkid: u16| {
+        let store = s.worker.store.lock().expect("lock");
+        store.qos2_out.get(&("exact".to_owned(), pkid)).copied()
+    };
+    let delivered = || s.worker.store.lock().expect("lock").delivered.len();
+    let mut raw = Raw::session(addr, "exact", false).await;
+    raw.send(&raw::subscribe_bytes(1, &[("e/#", 2)])).await;
+    assert!(matches!(raw.recv().await, Some(Packet::SubAck(_))));
+    let mut publisher = Client::connect(addr, "pub", true).await;
+
+    // The PUBLISH step is not recorded: the connection closes with nothing shown.
+    s.worker.set_fail_tracks(true);
+    publisher
+        .publish_acked("e/1", QoS::ExactlyOnce, "one")
+        .await;
+    assert!(raw.recv().await.is_none(), "closed without a PUBLISH");
+    s.worker.set_fail_tracks(false);
+    let mut raw = Raw::session(addr, "exact", false).await;
+    let pkid = match raw.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!(p.payload.to_vec(), b"one".to_vec());
+            p.pkid
+        }
+        other => panic!("expected the PUBLISH, got {other:?}"),
+    };
+    assert!(
+        matches!(qos2_out(pkid), Some((_, false))),
+        "the PUBLISH was shown before the store recorded it"
+    );
+
+    // The release step is not recorded: closed again, no PUBREL.
+    s.worker.set_fail_tracks(true);
+    raw.send(&[0x50, 2, (pkid >> 8) as u8, pkid as u8]).await;
+    assert!(raw.recv().await.is_none(), "closed without a PUBREL");
+    s.worker.set_fail_tracks(false);
+    assert_eq!(delivered(), 0);
+    let mut raw = Raw::session(addr, "exact", false).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubRel(r)) if r.pkid == pkid));
+    assert!(
+        matches!(qos2_out(pkid), Some((_, true))) && delivered() == 1,
+        "the PUBREL was shown before the store recorded the release"
+    );
+    raw.send(&[0x70, 2, (pkid >> 8) as u8, pkid as u8]).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while qos2_out(pkid).is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "PUBCOMP not forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        raw.recv_within(QUIET).await.is_none(),
+        "nothing else is sent"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_publish_resent_with_the_same_packet_id_is_delivered_once() {
     let s = setup().await;

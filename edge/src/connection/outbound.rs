@@ -178,7 +178,8 @@ impl Outbound {
         }
     }
 
-    /// After CONNACK: re-send what was inflight, then queue what the store kept.
+    /// After CONNACK: re-send what was inflight, ask the store again for the QoS 2 steps it
+    /// had not answered, then queue what the store kept.
     pub fn resume(&mut self, undelivered: Vec<Message>, next_since: Option<i64>, started_ms: i64) {
         let inflight: Vec<MessageId> = self.state.inflight_ids().collect();
         self.dedupe.open(inflight.into_iter());
@@ -187,6 +188,10 @@ impl Outbound {
                 Resend::Publish { pkid, delivery } => self.encode(&delivery, pkid, true),
                 Resend::PubRel(pkid) => v4::encode_pubrel(&mut self.write_buf, pkid),
             }
+        }
+        for (pkid, delivery, released) in self.state.untracked() {
+            self.requests
+                .push(self.track(pkid, &delivery.message, released));
         }
         self.stored(undelivered);
         self.watermark_ms = started_ms - SKEW_MS;
