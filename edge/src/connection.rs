@@ -570,6 +570,14 @@ impl Connection {
             _ => Request::Persist((*message).clone()),
         };
         let rx = self.broker.link.request(request, Policy::Hold).await;
+        if p.qos == Qos::AtLeastOnce && rx.is_ok() {
+            // Routed now, acknowledged once stored. A crash before the write costs at most a
+            // duplicate: the publisher re-sends what was not acknowledged. The store's catch-up
+            // queries wait for the persists queued before them, so a session that missed this
+            // live copy (lagging, or attaching meanwhile) finds it there. QoS 2 waits for the
+            // write: a re-send after a lost write would be a second message.
+            self.broker.route(&message);
+        }
         let (pkid, qos) = (p.pkid, p.qos);
         let persist_seconds = self.broker.metrics.persist_seconds.clone();
         self.ops.push_back(Box::pin(async move {
@@ -669,11 +677,11 @@ impl Connection {
                 result,
             } => match result {
                 Ok(reply @ (Reply::Persisted | Reply::AlreadyStored)) => {
-                    // Already stored: a re-sent QoS 2 PUBLISH, routed the first time.
-                    if reply == Reply::Persisted {
-                        self.broker.route(&message);
-                    }
                     if qos == Qos::ExactlyOnce {
+                        // Already stored: a re-sent QoS 2 PUBLISH, routed the first time.
+                        if reply == Reply::Persisted {
+                            self.broker.route(&message);
+                        }
                         self.out.state.accept_inbound_qos2(pkid);
                         v4::encode_pubrec(&mut self.out.write_buf, pkid);
                     } else {

@@ -38,6 +38,10 @@ pub enum Job {
     Clear {
         client_id: String,
     },
+    /// Answered once everything queued before it has been written (or has failed), so that a
+    /// query after it sees every message its edge sent before asking: the edge routes a QoS 1
+    /// message to its live sessions before the store has it.
+    Barrier(oneshot::Sender<()>),
 }
 
 /// The queue of a batching task (persister, recorder). What nobody waits for (QoS 0 messages,
@@ -116,9 +120,23 @@ impl<T> BatchRx<T> {
 pub type PersistQueue = BatchQueue<PersistJob>;
 pub type RecordQueue = BatchQueue<RecordCommand>;
 
-/// The persister's queue: a job with a reply is waited for.
+/// The persister's queue: a job with a reply is waited for, and so is a barrier.
 pub fn persist_queue(capacity: usize) -> (PersistQueue, BatchRx<PersistJob>) {
-    BatchQueue::new(capacity, |job| job.reply.is_some())
+    BatchQueue::new(capacity, |job| {
+        job.reply.is_some() || matches!(job.job, Job::Barrier(_))
+    })
+}
+
+/// Waits until everything the persister had queued when this was called is written.
+pub async fn persisted(queue: &PersistQueue) {
+    let (tx, rx) = oneshot::channel();
+    let barrier = PersistJob {
+        job: Job::Barrier(tx),
+        reply: None,
+    };
+    if queue.send(barrier).await.is_ok() {
+        let _ = rx.await;
+    }
 }
 
 /// The recorder's queue: a barrier is waited for.
@@ -182,6 +200,8 @@ fn plan(jobs: impl IntoIterator<Item = Job>, mut recorded: Recorded) -> (WriteBa
                 batch.clear_qos2.push(client_id);
                 Reply::Done
             }
+            // Taken out of the batch before planning (see `persister`).
+            Job::Barrier(_) => Reply::Done,
         });
     }
     (batch, replies)
@@ -247,6 +267,17 @@ pub async fn persister<S: Store>(
     let mut batch = Vec::with_capacity(max_batch);
     while jobs.next_batch(&mut batch, max_batch).await {
         let started = Instant::now();
+        let is_barrier = |j: &PersistJob| matches!(j.job, Job::Barrier(_));
+        let mut barriers = Vec::new();
+        if batch.iter().any(is_barrier) {
+            let jobs;
+            (barriers, jobs) = batch.drain(..).partition(is_barrier);
+            batch.extend(jobs);
+        }
+        if batch.is_empty() {
+            settle(barriers);
+            continue;
+        }
         let reply_to: Vec<Option<ReplyTo>> = batch.iter_mut().map(|j| j.reply.take()).collect();
         let keys: Vec<(String, u16)> = batch
             .iter()
@@ -292,10 +323,19 @@ pub async fn persister<S: Store>(
                 let _ = tx.send(WorkerFrame::Reply { id, reply }).await;
             }
         }
+        settle(barriers);
         // Other edges of this worker get what is now stored (after the replies, which the
         // publishers wait for).
         if let Some(messages) = stored.filter(|m| !m.is_empty()) {
             edges.fanout(&messages, false).await;
+        }
+    }
+}
+
+fn settle(barriers: Vec<PersistJob>) {
+    for barrier in barriers {
+        if let Job::Barrier(tx) = barrier.job {
+            let _ = tx.send(());
         }
     }
 }

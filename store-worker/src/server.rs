@@ -374,6 +374,7 @@ async fn handle<S: Store>(
         }
         Request::Disconnect { .. } => Reply::Done,
         Request::Connect { client_id, .. } => {
+            crate::pipeline::persisted(&shared.persist).await;
             barrier(shared).await;
             let subscriptions =
                 crate::pipeline::retry(limit, "session", || store.subscriptions(&client_id))
@@ -430,6 +431,12 @@ async fn handle<S: Store>(
             since_ms,
             other_hosts_only,
         } => {
+            // What this edge routed before asking is in the store when the query runs (the
+            // edge routes QoS 1 messages before they are stored). Other hosts' messages reach
+            // this edge only once stored.
+            if !other_hosts_only {
+                crate::pipeline::persisted(&shared.persist).await;
+            }
             barrier(shared).await;
             let not_host = other_hosts_only.then_some(edge_host);
             let (messages, next_since_ms) = crate::pipeline::retry(limit, "catch-up", || {

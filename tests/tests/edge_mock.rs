@@ -382,6 +382,27 @@ async fn puback_waits_until_the_worker_says_persisted() {
     assert_eq!(s.worker.stored_payloads("slow").len(), 1);
 }
 
+/// A QoS 1 message goes to live subscribers at once; its PUBACK still waits for the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_is_routed_at_once_and_acknowledged_once_stored() {
+    let s = setup().await;
+    let addr = s.edge.local_addr;
+    let mut sub = Client::connect(addr, "sub", true).await;
+    sub.subscribe("early", QoS::AtLeastOnce).await;
+    s.worker.set_persist_delay(Duration::from_millis(800));
+    let mut raw = Raw::session(addr, "p", true).await;
+    raw.send(&raw::publish_bytes("early", 1, 5, false, b"x"))
+        .await;
+    assert_eq!(payloads(&sub.publishes(1).await), vec!["x"]);
+    assert!(
+        raw.recv_within(Duration::from_millis(100)).await.is_none(),
+        "PUBACK before stored"
+    );
+    assert!(s.worker.stored_payloads("early").is_empty());
+    assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.pkid == 5));
+    assert_eq!(s.worker.stored_payloads("early").len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_persist_is_never_acknowledged() {
     let s = setup().await;

@@ -446,3 +446,125 @@ async fn worker_socket_is_private_and_a_stale_one_is_replaced() {
     ));
     worker.stop().await;
 }
+
+/// The edge routes a QoS 1 message to its live sessions before the worker has stored it, so a
+/// catch-up (a session that lagged, or attached meanwhile) must see every persist its edge sent
+/// before asking. Speaks the worker protocol directly: persists, then at once a catch-up.
+async fn catch_up_sees_every_persist_sent_before_it(kind: Kind) {
+    use futures::{SinkExt, StreamExt};
+    use wharf_shared::{
+        EdgeFrame, FrameCodec, Hello, Message, MessageId, Qos, Reply, Request, Subscription,
+        WorkerFrame, PROTOCOL_VERSION,
+    };
+    let stack = Stack::new(kind).await;
+    let stream = tokio::net::UnixStream::connect(&stack.socket)
+        .await
+        .expect("worker socket");
+    let mut link =
+        tokio_util::codec::Framed::new(stream, FrameCodec::<WorkerFrame, EdgeFrame>::new());
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        host: "host-a".into(),
+        instance: "test-edge".into(),
+    };
+    link.send(EdgeFrame::Hello(hello)).await.expect("hello");
+    assert!(matches!(link.next().await, Some(Ok(WorkerFrame::Hello(_)))));
+    let subscribe = Request::Subscribe {
+        client_id: "late".into(),
+        subscriptions: vec![Subscription {
+            filter: "b/#".into(),
+            qos: Qos::AtLeastOnce,
+        }],
+    };
+    link.send(EdgeFrame::Request {
+        id: 1,
+        request: subscribe,
+    })
+    .await
+    .expect("subscribe");
+    assert!(matches!(
+        link.next().await,
+        Some(Ok(WorkerFrame::Reply { id: 1, .. }))
+    ));
+
+    // Enough persists that the persister is still writing when the catch-up arrives.
+    let n: u32 = match kind {
+        Kind::Embedded => 3_000,
+        Kind::Mongo => 600,
+    };
+    // One message per millisecond (a page ends at a millisecond boundary), all after the
+    // subscription was made.
+    let start = wharf_shared::now_ms() + 1;
+    for i in 0..n {
+        let created_ms = start + i as i64;
+        let mut id = [0u8; 12];
+        id[..4].copy_from_slice(&((created_ms / 1000) as u32).to_be_bytes());
+        id[4..8].copy_from_slice(&0x7e57_0000u32.to_be_bytes());
+        id[8..].copy_from_slice(&i.to_be_bytes());
+        let message = Message {
+            id: MessageId(id),
+            topic: "b/1".into(),
+            payload: i.to_be_bytes().to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            client_id: "pub".into(),
+            host: "host-a".into(),
+            created_ms,
+        };
+        link.feed(EdgeFrame::Request {
+            id: 100 + i as u64,
+            request: Request::Persist(message),
+        })
+        .await
+        .expect("persist");
+    }
+    let catch_up = |since_ms| EdgeFrame::Request {
+        id: 1,
+        request: Request::CatchUp {
+            client_id: "late".into(),
+            since_ms: Some(since_ms),
+            other_hosts_only: false,
+        },
+    };
+    // From the last message's time: the first page is the one that must wait for the writes.
+    let last = start + n as i64 - 1;
+    link.send(catch_up(last)).await.expect("catch-up");
+
+    let mut found = std::collections::HashSet::new();
+    let mut persisted = 0;
+    loop {
+        let frame = tokio::time::timeout(wharf_tests::PATIENCE, link.next())
+            .await
+            .expect("worker answers")
+            .expect("frame")
+            .expect("decodes");
+        match frame {
+            WorkerFrame::Reply { id: 1, reply } => {
+                let Reply::Messages {
+                    messages,
+                    next_since_ms,
+                } = reply
+                else {
+                    panic!("catch-up: {reply:?}")
+                };
+                found.extend(messages.iter().map(|m| m.id));
+                match next_since_ms {
+                    Some(next) => link.send(catch_up(next)).await.expect("next page"),
+                    None => break,
+                }
+            }
+            WorkerFrame::Reply { reply, .. } => {
+                assert_eq!(reply, Reply::Persisted);
+                persisted += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "the catch-up missed the last message persisted before it ({persisted} persist replies before it ended)"
+    );
+}
+
+on_both_backends!(catch_up_sees_every_persist_sent_before_it);
