@@ -22,6 +22,14 @@ pub struct IdleArgs {
     /// Broker process ids whose RSS is measured (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pids: Vec<u32>,
+    /// Client ids are `<prefix>-<n>`: several generators at once (one per edge, each under
+    /// the per-process open-file limit) need distinct ones.
+    #[arg(long, default_value = "idle")]
+    id_prefix: String,
+    /// Seconds to keep every connection open after connecting and before measuring, so that
+    /// generators started together are all connected at once when they measure.
+    #[arg(long, default_value_t = 0)]
+    hold_secs: u64,
 }
 
 fn connect_packet(id: &str) -> Vec<u8> {
@@ -54,7 +62,7 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<String> {
             }
         };
         stream
-            .write_all(&connect_packet(&format!("idle-{i}")))
+            .write_all(&connect_packet(&format!("{}-{i}", args.id_prefix)))
             .await?;
         let mut connack = [0u8; 4];
         match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut connack)).await {
@@ -63,7 +71,7 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<String> {
         }
     }
     // Let the broker settle (buffers released after the handshakes).
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(2 + args.hold_secs)).await;
     let after = proc_stats::total_rss(&args.pids);
     let connected = streams.len();
     let per_conn = if connected > 0 {
