@@ -411,6 +411,10 @@ async fn handle<S: Store>(
                 store.upsert_subscriptions(&client_id, subscriptions.clone(), now)
             })
             .await?;
+            // A retained message this edge received before the SUBSCRIBE is stored first: it
+            // may have been routed before this session was subscribed (QoS 0 and 1 are routed
+            // before they are stored), and this reply is then its only way in.
+            crate::pipeline::persisted(&shared.persist).await;
             let messages =
                 crate::pipeline::retry(limit, "retained", || store::retained_for(store, &filters))
                     .await?;

@@ -447,21 +447,19 @@ async fn worker_socket_is_private_and_a_stale_one_is_replaced() {
     worker.stop().await;
 }
 
-/// The edge routes a QoS 1 message to its live sessions before the worker has stored it, so a
-/// catch-up (a session that lagged, or attached meanwhile) must see every persist its edge sent
-/// before asking. Speaks the worker protocol directly: persists, then at once a catch-up.
-async fn catch_up_sees_every_persist_sent_before_it(kind: Kind) {
+type RawLink = tokio_util::codec::Framed<
+    tokio::net::UnixStream,
+    wharf_shared::FrameCodec<wharf_shared::WorkerFrame, wharf_shared::EdgeFrame>,
+>;
+
+/// Speaks the worker protocol directly, as an edge of host-a would.
+async fn raw_link(stack: &Stack) -> RawLink {
     use futures::{SinkExt, StreamExt};
-    use wharf_shared::{
-        EdgeFrame, FrameCodec, Hello, Message, MessageId, Qos, Reply, Request, Subscription,
-        WorkerFrame, PROTOCOL_VERSION,
-    };
-    let stack = Stack::new(kind).await;
+    use wharf_shared::{EdgeFrame, FrameCodec, Hello, WorkerFrame, PROTOCOL_VERSION};
     let stream = tokio::net::UnixStream::connect(&stack.socket)
         .await
         .expect("worker socket");
-    let mut link =
-        tokio_util::codec::Framed::new(stream, FrameCodec::<WorkerFrame, EdgeFrame>::new());
+    let mut link = tokio_util::codec::Framed::new(stream, FrameCodec::new());
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         host: "host-a".into(),
@@ -469,6 +467,73 @@ async fn catch_up_sees_every_persist_sent_before_it(kind: Kind) {
     };
     link.send(EdgeFrame::Hello(hello)).await.expect("hello");
     assert!(matches!(link.next().await, Some(Ok(WorkerFrame::Hello(_)))));
+    link
+}
+
+/// The next reply to request `id`; replies to others (persists) must be `Persisted`.
+async fn reply_to(link: &mut RawLink, id: u64) -> wharf_shared::Reply {
+    use futures::StreamExt;
+    use wharf_shared::{Reply, WorkerFrame};
+    loop {
+        let frame = tokio::time::timeout(wharf_tests::PATIENCE, link.next())
+            .await
+            .expect("worker answers")
+            .expect("frame")
+            .expect("decodes");
+        match frame {
+            WorkerFrame::Reply { id: i, reply } if i == id => return reply,
+            WorkerFrame::Reply { reply, .. } => assert_eq!(reply, Reply::Persisted),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Queues `n` QoS 1 persists on `topic` without waiting, one per millisecond from `start_ms`
+/// (request ids from 1,000); the last one retained if `retain_last`. Enough of them that the
+/// persister is still writing when the next request arrives.
+async fn persist_many(link: &mut RawLink, topic: &str, n: u32, start_ms: i64, retain_last: bool) {
+    use futures::SinkExt;
+    use wharf_shared::{EdgeFrame, Message, MessageId, Qos, Request};
+    for i in 0..n {
+        let created_ms = start_ms + i as i64;
+        let mut id = [0u8; 12];
+        id[..4].copy_from_slice(&((created_ms / 1000) as u32).to_be_bytes());
+        id[4..8].copy_from_slice(&0x7e57_0000u32.to_be_bytes());
+        id[8..].copy_from_slice(&i.to_be_bytes());
+        let message = Message {
+            id: MessageId(id),
+            topic: topic.into(),
+            payload: i.to_be_bytes().to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: retain_last && i + 1 == n,
+            client_id: "pub".into(),
+            host: "host-a".into(),
+            created_ms,
+        };
+        link.feed(EdgeFrame::Request {
+            id: 1_000 + i as u64,
+            request: Request::Persist(message),
+        })
+        .await
+        .expect("persist");
+    }
+}
+
+fn persists_for(kind: Kind) -> u32 {
+    match kind {
+        Kind::Embedded => 3_000,
+        Kind::Mongo => 600,
+    }
+}
+
+/// The edge routes QoS 0 and 1 messages to its live sessions before the worker has stored
+/// them, so a catch-up (a session that lagged, or attached meanwhile) must see every persist
+/// its edge sent before asking.
+async fn catch_up_sees_every_persist_sent_before_it(kind: Kind) {
+    use futures::SinkExt;
+    use wharf_shared::{EdgeFrame, Qos, Reply, Request, Subscription};
+    let stack = Stack::new(kind).await;
+    let mut link = raw_link(&stack).await;
     let subscribe = Request::Subscribe {
         client_id: "late".into(),
         subscriptions: vec![Subscription {
@@ -482,89 +547,73 @@ async fn catch_up_sees_every_persist_sent_before_it(kind: Kind) {
     })
     .await
     .expect("subscribe");
-    assert!(matches!(
-        link.next().await,
-        Some(Ok(WorkerFrame::Reply { id: 1, .. }))
-    ));
-
-    // Enough persists that the persister is still writing when the catch-up arrives.
-    let n: u32 = match kind {
-        Kind::Embedded => 3_000,
-        Kind::Mongo => 600,
-    };
-    // One message per millisecond (a page ends at a millisecond boundary), all after the
-    // subscription was made.
+    reply_to(&mut link, 1).await;
+    // After the subscription was made (a catch-up returns only what came after it).
     let start = wharf_shared::now_ms() + 1;
-    for i in 0..n {
-        let created_ms = start + i as i64;
-        let mut id = [0u8; 12];
-        id[..4].copy_from_slice(&((created_ms / 1000) as u32).to_be_bytes());
-        id[4..8].copy_from_slice(&0x7e57_0000u32.to_be_bytes());
-        id[8..].copy_from_slice(&i.to_be_bytes());
-        let message = Message {
-            id: MessageId(id),
-            topic: "b/1".into(),
-            payload: i.to_be_bytes().to_vec(),
-            qos: Qos::AtLeastOnce,
-            retain: false,
-            client_id: "pub".into(),
-            host: "host-a".into(),
-            created_ms,
-        };
-        link.feed(EdgeFrame::Request {
-            id: 100 + i as u64,
-            request: Request::Persist(message),
-        })
-        .await
-        .expect("persist");
-    }
-    let catch_up = |since_ms| EdgeFrame::Request {
-        id: 1,
-        request: Request::CatchUp {
-            client_id: "late".into(),
-            since_ms: Some(since_ms),
-            other_hosts_only: false,
-        },
-    };
+    let n = persists_for(kind);
+    persist_many(&mut link, "b/1", n, start, false).await;
     // From the last message's time: the first page is the one that must wait for the writes.
-    let last = start + n as i64 - 1;
-    link.send(catch_up(last)).await.expect("catch-up");
-
-    let mut found = std::collections::HashSet::new();
-    let mut persisted = 0;
-    loop {
-        let frame = tokio::time::timeout(wharf_tests::PATIENCE, link.next())
-            .await
-            .expect("worker answers")
-            .expect("frame")
-            .expect("decodes");
-        match frame {
-            WorkerFrame::Reply { id: 1, reply } => {
-                let Reply::Messages {
-                    messages,
-                    next_since_ms,
-                } = reply
-                else {
-                    panic!("catch-up: {reply:?}")
-                };
-                found.extend(messages.iter().map(|m| m.id));
-                match next_since_ms {
-                    Some(next) => link.send(catch_up(next)).await.expect("next page"),
-                    None => break,
-                }
-            }
-            WorkerFrame::Reply { reply, .. } => {
-                assert_eq!(reply, Reply::Persisted);
-                persisted += 1;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
+    let catch_up = Request::CatchUp {
+        client_id: "late".into(),
+        since_ms: Some(start + n as i64 - 1),
+        other_hosts_only: false,
+    };
+    link.send(EdgeFrame::Request {
+        id: 2,
+        request: catch_up,
+    })
+    .await
+    .expect("catch-up");
+    match reply_to(&mut link, 2).await {
+        Reply::Messages { messages, .. } => assert_eq!(
+            messages
+                .iter()
+                .map(|m| m.payload.clone())
+                .collect::<Vec<_>>(),
+            vec![(n - 1).to_be_bytes().to_vec()],
+            "the catch-up missed the last message persisted before it"
+        ),
+        other => panic!("catch-up: {other:?}"),
     }
-    assert_eq!(
-        found.len(),
-        1,
-        "the catch-up missed the last message persisted before it ({persisted} persist replies before it ended)"
-    );
 }
 
-on_both_backends!(catch_up_sees_every_persist_sent_before_it);
+/// Likewise a new subscription's retained message: one this edge received just before the
+/// SUBSCRIBE may have been routed before the session subscribed, and the reply is then its only
+/// way to the session.
+async fn subscribe_sees_a_retained_message_persisted_before_it(kind: Kind) {
+    use futures::SinkExt;
+    use wharf_shared::{EdgeFrame, Qos, Reply, Request, Subscription};
+    let stack = Stack::new(kind).await;
+    let mut link = raw_link(&stack).await;
+    let n = persists_for(kind);
+    persist_many(&mut link, "r/1", n, wharf_shared::now_ms(), true).await;
+    let subscribe = Request::Subscribe {
+        client_id: "new".into(),
+        subscriptions: vec![Subscription {
+            filter: "r/#".into(),
+            qos: Qos::AtLeastOnce,
+        }],
+    };
+    link.send(EdgeFrame::Request {
+        id: 1,
+        request: subscribe,
+    })
+    .await
+    .expect("subscribe");
+    match reply_to(&mut link, 1).await {
+        Reply::Messages { messages, .. } => assert_eq!(
+            messages
+                .iter()
+                .map(|m| m.payload.clone())
+                .collect::<Vec<_>>(),
+            vec![(n - 1).to_be_bytes().to_vec()],
+            "the retained message persisted before the SUBSCRIBE is missing"
+        ),
+        other => panic!("subscribe: {other:?}"),
+    }
+}
+
+on_both_backends!(
+    catch_up_sees_every_persist_sent_before_it,
+    subscribe_sees_a_retained_message_persisted_before_it,
+);
