@@ -6,7 +6,7 @@
 //!
 //! Both retry a store that is unavailable with backoff, up to a time limit.
 
-use crate::store::{DeliveryRow, Store, StoreError, WriteBatch};
+use crate::store::{Deliveries, Store, StoreError, WriteBatch};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
@@ -226,7 +226,7 @@ async fn recorded<S: Store>(store: &S, keys: Vec<(String, u16)>) -> Result<Recor
 }
 
 pub enum RecordCommand {
-    Rows(Vec<DeliveryRow>),
+    Rows(Deliveries),
     Barrier(oneshot::Sender<()>),
 }
 
@@ -348,23 +348,33 @@ pub async fn recorder<S: Store>(
 ) {
     let mut received = Vec::with_capacity(64);
     while commands.next_batch(&mut received, 1024).await {
-        let mut rows = Vec::new();
+        let mut chunks = vec![Vec::new()];
+        let mut in_chunk = 0;
         let mut barriers = Vec::new();
         for command in received.drain(..) {
             match command {
-                RecordCommand::Rows(r) => rows.extend(r),
+                RecordCommand::Rows(deliveries) => {
+                    // Whole notices per write, about `max_batch` records each.
+                    if in_chunk >= max_batch.max(1) {
+                        chunks.push(Vec::new());
+                        in_chunk = 0;
+                    }
+                    in_chunk += deliveries.records.len();
+                    chunks.last_mut().expect("one").push(deliveries);
+                }
                 RecordCommand::Barrier(tx) => barriers.push(tx),
             }
         }
-        for chunk in rows.chunks(max_batch.max(1)) {
-            let chunk = chunk.to_vec();
+        for chunk in chunks.into_iter().filter(|c| !c.is_empty()) {
+            let records: usize = chunk.iter().map(|d| d.records.len()).sum();
+            let chunk = Arc::new(chunk);
             if let Err(e) = retry(limit, "record deliveries", || {
                 store.record_delivered(chunk.clone())
             })
             .await
             {
                 // A lost record means a possible duplicate delivery later, never a loss.
-                tracing::error!(error = %e, records = chunk.len(), "delivery records not written");
+                tracing::error!(error = %e, records, "delivery records not written");
             }
         }
         for tx in barriers {

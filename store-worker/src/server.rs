@@ -7,7 +7,7 @@
 //! delivery records go to the shared batching tasks in [`crate::pipeline`].
 
 use crate::pipeline::{Job, PersistJob, RecordCommand};
-use crate::store::{self, DeliveryRow, Store, StoreError};
+use crate::store::{self, Deliveries, Store, StoreError};
 use futures::{SinkExt, StreamExt};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -200,17 +200,17 @@ async fn connection<S: Store>(
                 client_id,
                 messages,
             }) => {
-                let created_ms = now_ms();
-                let rows = messages
-                    .into_iter()
-                    .map(|record| DeliveryRow {
-                        client_id: client_id.clone(),
-                        host: edge.host.clone(),
-                        record,
-                        created_ms,
-                    })
-                    .collect();
-                shared.record.send(RecordCommand::Rows(rows)).await.is_ok()
+                let deliveries = Deliveries {
+                    client_id,
+                    host: edge_host.clone(),
+                    created_ms: now_ms(),
+                    records: messages,
+                };
+                shared
+                    .record
+                    .send(RecordCommand::Rows(deliveries))
+                    .await
+                    .is_ok()
             }
         };
         if !sent {
@@ -353,11 +353,11 @@ async fn handle<S: Store>(
             topic,
             released,
         } => {
-            let row = released.then(|| DeliveryRow {
+            let row = released.then(|| Deliveries {
                 client_id: client_id.clone(),
-                host: edge_host.to_owned(),
-                record: wharf_shared::DeliveredRecord { message_id, topic },
+                host: edge_host.into(),
                 created_ms: now_ms(),
+                records: vec![wharf_shared::DeliveredRecord { message_id, topic }],
             });
             crate::pipeline::retry(limit, "track QoS 2", || {
                 store.track_qos2_out(&client_id, pkid, message_id, row.clone())

@@ -62,13 +62,14 @@ pub struct WriteBatch {
     pub record_qos2: Vec<(String, u16, MessageId)>,
 }
 
-/// One `publishedMessage` record to write.
+/// `publishedMessage` records of one client, as one notice from an edge carried them: one
+/// document (or row) per record, with the client, host and time shared.
 #[derive(Debug, Clone)]
-pub struct DeliveryRow {
+pub struct Deliveries {
     pub client_id: String,
-    pub host: String,
-    pub record: DeliveredRecord,
+    pub host: std::sync::Arc<str>,
     pub created_ms: i64,
+    pub records: Vec<DeliveredRecord>,
 }
 
 /// The primitive operations a backend provides. Every write is durable when it returns `Ok`.
@@ -87,9 +88,10 @@ pub trait Store: Send + Sync + 'static {
         keys: Vec<(String, u16)>,
     ) -> impl Future<Output = Result<std::collections::HashMap<(String, u16), MessageId>, StoreError>>
            + Send;
+    /// Written without waiting for the disk: a lost record costs a duplicate delivery.
     fn record_delivered(
         &self,
-        rows: Vec<DeliveryRow>,
+        batch: std::sync::Arc<Vec<Deliveries>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn subscriptions(
         &self,
@@ -131,7 +133,7 @@ pub trait Store: Send + Sync + 'static {
         client_id: &str,
         pkid: u16,
         message_id: MessageId,
-        released: Option<DeliveryRow>,
+        released: Option<Deliveries>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Forgets one QoS 2 delivery (PUBCOMP), or all of a client's (`None`, clean session).
     fn forget_qos2_out(

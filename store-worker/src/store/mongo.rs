@@ -12,7 +12,7 @@
 //! Indexes are made at start-up with fixed names; a TTL that differs is changed with collMod.
 
 use super::{
-    DeliveryRow, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
+    Deliveries, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
     PUBLISHED_TTL_SECS,
 };
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -207,20 +207,25 @@ fn topic_condition(field: &str, prefixes: &Option<Vec<String>>) -> Option<Docume
 impl MongoStore {
     /// `publishedMessage` records; `relaxed`: with the write concern for what nobody waits
     /// for (see the field), else the collection's durable one.
-    async fn insert_records(&self, rows: &[DeliveryRow], relaxed: bool) -> Result<(), StoreError> {
-        let docs: Vec<Document> = rows
+    async fn insert_records(&self, batch: &[Deliveries], relaxed: bool) -> Result<(), StoreError> {
+        let docs: Vec<Document> = batch
             .iter()
-            .map(|r| {
-                doc! {
-                    "_id": ObjectId::new(),
-                    "clientId": &r.client_id,
-                    "topic": &r.record.topic,
-                    "messageId": oid(&r.record.message_id),
-                    "host": &r.host,
-                    "created": DateTime::from_millis(r.created_ms),
-                }
+            .flat_map(|d| {
+                d.records.iter().map(move |r| {
+                    doc! {
+                        "_id": ObjectId::new(),
+                        "clientId": &d.client_id,
+                        "topic": &r.topic,
+                        "messageId": oid(&r.message_id),
+                        "host": &*d.host,
+                        "created": DateTime::from_millis(d.created_ms),
+                    }
+                })
             })
             .collect();
+        if docs.is_empty() {
+            return Ok(());
+        }
         let mut insert = self.published.insert_many(docs).ordered(false);
         if relaxed {
             insert = insert.write_concern(self.relaxed.clone());
@@ -487,7 +492,7 @@ impl Store for MongoStore {
         client_id: &str,
         pkid: u16,
         message_id: MessageId,
-        released: Option<DeliveryRow>,
+        released: Option<Deliveries>,
     ) -> Result<(), StoreError> {
         // The delivery record first: a crash in between leaves a PUBREL owed and the message
         // delivered, never a message lost.
@@ -571,8 +576,11 @@ impl Store for MongoStore {
             .collect())
     }
 
-    async fn record_delivered(&self, rows: Vec<DeliveryRow>) -> Result<(), StoreError> {
-        self.insert_records(&rows, true).await
+    async fn record_delivered(
+        &self,
+        batch: std::sync::Arc<Vec<Deliveries>>,
+    ) -> Result<(), StoreError> {
+        self.insert_records(&batch, true).await
     }
 
     async fn subscriptions(&self, client_id: &str) -> Result<Vec<StoredSubscription>, StoreError> {

@@ -4,7 +4,7 @@
 //! the next durable commit. Calls run on the blocking pool; a batch is one transaction (group
 //! commit). Expired rows are purged every minute with the same TTLs as the MongoDB indexes.
 
-use super::{DeliveryRow, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS};
+use super::{Deliveries, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
 use std::path::Path;
@@ -274,7 +274,7 @@ impl Store for SqliteStore {
         client_id: &str,
         pkid: u16,
         message_id: MessageId,
-        released: Option<DeliveryRow>,
+        released: Option<Deliveries>,
     ) -> Result<(), StoreError> {
         let client_id = client_id.to_owned();
         self.with(move |c| {
@@ -284,8 +284,10 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![client_id, pkid, &message_id.0[..], released.is_some(), crate::server::now_ms()],
             )?;
-            if let Some(r) = released {
-                tx.execute(RECORD_DELIVERY, params![&r.record.message_id.0[..], r.client_id, r.created_ms])?;
+            if let Some(d) = released {
+                for r in &d.records {
+                    tx.execute(RECORD_DELIVERY, params![&r.message_id.0[..], d.client_id, d.created_ms])?;
+                }
             }
             tx.commit()
         })
@@ -362,7 +364,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_delivered(&self, rows: Vec<DeliveryRow>) -> Result<(), StoreError> {
+    async fn record_delivered(&self, batch: Arc<Vec<Deliveries>>) -> Result<(), StoreError> {
         // A record lost to a power cut means one duplicate delivery later, never a loss: not
         // worth an fsync per batch.
         self.with(move |c| {
@@ -370,12 +372,14 @@ impl Store for SqliteStore {
                 let tx = c.transaction()?;
                 {
                     let mut insert = tx.prepare_cached(RECORD_DELIVERY)?;
-                    for r in &rows {
-                        insert.execute(params![
-                            &r.record.message_id.0[..],
-                            r.client_id,
-                            r.created_ms
-                        ])?;
+                    for d in batch.iter() {
+                        for r in &d.records {
+                            insert.execute(params![
+                                &r.message_id.0[..],
+                                d.client_id,
+                                d.created_ms
+                            ])?;
+                        }
                     }
                 }
                 tx.commit()
@@ -717,15 +721,15 @@ mod tests {
         }
     }
 
-    fn delivery(client_id: &str, id: MessageId, created_ms: i64) -> DeliveryRow {
-        DeliveryRow {
+    fn delivery(client_id: &str, id: MessageId, created_ms: i64) -> Deliveries {
+        Deliveries {
             client_id: client_id.into(),
             host: "h".into(),
-            record: wharf_shared::DeliveredRecord {
+            created_ms,
+            records: vec![wharf_shared::DeliveredRecord {
                 message_id: id,
                 topic: "t".into(),
-            },
-            created_ms,
+            }],
         }
     }
 
@@ -740,7 +744,10 @@ mod tests {
         // A message created just inside the TTL, delivered long ago: stays.
         let kept = at(2, now - ttl + 1000, Qos::AtMostOnce).id;
         store
-            .record_delivered(vec![delivery("a", expired, now), delivery("a", kept, 0)])
+            .record_delivered(Arc::new(vec![
+                delivery("a", expired, now),
+                delivery("a", kept, 0),
+            ]))
             .await
             .expect("record");
         assert_eq!(store.purge_expired(now).await.expect("purge"), (0, 1));
