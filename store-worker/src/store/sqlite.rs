@@ -17,7 +17,20 @@ PRAGMA synchronous = FULL;
 ";
 
 /// The layout `SCHEMA` creates; older files are brought to it by [`migrate`].
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
+
+/// A delivery notice with at least this many records is stored as record blocks (one row per
+/// block); smaller ones (a fan-out's one message per subscriber) as a row per record, which
+/// costs one B-tree insert instead of a block's three.
+const RECORD_BLOCK_MIN: usize = 8;
+
+/// Most seconds between the first and last message id of a record block (ids begin with their
+/// creation second): a lookup of ids from second s reads the client's blocks that begin from
+/// s - RECORD_BLOCK_SPAN_SECS on.
+const RECORD_BLOCK_SPAN_SECS: u32 = 2;
+
+/// Most ids in a record block.
+const RECORD_BLOCK_IDS: usize = 4096;
 
 /// Most milliseconds between the oldest and newest message of a block: a catch-up from time t
 /// starts at the blocks whose oldest message is from t - BLOCK_SPAN_MS.
@@ -46,6 +59,12 @@ CREATE TABLE IF NOT EXISTS published_message (
     message_id BLOB NOT NULL, client_id TEXT NOT NULL, created INTEGER NOT NULL,
     PRIMARY KEY (message_id, client_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS delivery_block (
+    seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL, first BLOB NOT NULL, last BLOB NOT NULL,
+    ids BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_block_client ON delivery_block (client_id, first);
+CREATE INDEX IF NOT EXISTS delivery_block_last ON delivery_block (last);
 CREATE TABLE IF NOT EXISTS qos2_inflight (
     client_id TEXT NOT NULL, pkid INTEGER NOT NULL, message_id BLOB NOT NULL,
     created INTEGER NOT NULL, PRIMARY KEY (client_id, pkid)
@@ -63,7 +82,8 @@ CREATE TABLE IF NOT EXISTS retained (
 /// Older layouts, by `PRAGMA user_version`: 0 kept a row per message keyed by id with a second
 /// B-tree on (created, id), and delivery records keyed (client_id, message_id) with a second
 /// B-tree on created; 2 and 3 kept a row per message keyed (created, id), 3 had today's
-/// records. Their rows move to the current tables in one transaction.
+/// records. Their rows move to the current tables in one transaction. 4 lacked record blocks
+/// (its record rows stay where they are).
 fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
@@ -140,6 +160,34 @@ fn insert_blocks(
         for m in block.iter().filter(|m| m.qos == Qos::ExactlyOnce) {
             index.execute(params![&m.id.0[..], seq])?;
         }
+    }
+    Ok(())
+}
+
+/// Writes one client's delivery records as blocks of ids (sorted, concatenated), each within
+/// [`RECORD_BLOCK_SPAN_SECS`] and [`RECORD_BLOCK_IDS`].
+fn insert_record_blocks(
+    tx: &rusqlite::Transaction<'_>,
+    client_id: &str,
+    mut ids: Vec<MessageId>,
+) -> rusqlite::Result<()> {
+    ids.sort_unstable();
+    ids.dedup();
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO delivery_block (client_id, first, last, ids) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut rest = &ids[..];
+    while let Some(first) = rest.first() {
+        let len = rest
+            .iter()
+            .take(RECORD_BLOCK_IDS)
+            .take_while(|id| id.timestamp_secs() - first.timestamp_secs() <= RECORD_BLOCK_SPAN_SECS)
+            .count();
+        let (block, after) = rest.split_at(len);
+        rest = after;
+        let data: Vec<u8> = block.iter().flat_map(|id| id.0).collect();
+        let last = block.last().unwrap_or(first);
+        insert.execute(params![client_id, &first.0[..], &last.0[..], data])?;
     }
     Ok(())
 }
@@ -245,6 +293,9 @@ impl SqliteStore {
             )?;
             let records = c.execute(
                 "DELETE FROM published_message WHERE message_id < ?1",
+                [&id_time_prefix(message_cutoff)[..]],
+            )? + c.execute(
+                "DELETE FROM delivery_block WHERE last < ?1",
                 [&id_time_prefix(message_cutoff)[..]],
             )?;
             Ok((blocks, records))
@@ -373,6 +424,11 @@ impl Store for SqliteStore {
                 {
                     let mut insert = tx.prepare_cached(RECORD_DELIVERY)?;
                     for d in batch.iter() {
+                        if d.records.len() >= RECORD_BLOCK_MIN {
+                            let ids = d.records.iter().map(|r| r.message_id).collect();
+                            insert_record_blocks(&tx, &d.client_id, ids)?;
+                            continue;
+                        }
                         for r in &d.records {
                             insert.execute(params![
                                 &r.message_id.0[..],
@@ -520,11 +576,36 @@ impl Store for SqliteStore {
     ) -> Result<HashSet<MessageId>, StoreError> {
         let client_id = client_id.to_owned();
         self.with(move |c| {
+            let (Some(low), Some(high)) = (ids.iter().min(), ids.iter().max()) else {
+                return Ok(HashSet::new());
+            };
+            // Blocks that can hold an id in [low, high] begin at most the span before low.
+            let from = low.timestamp_secs().saturating_sub(RECORD_BLOCK_SPAN_SECS);
+            let mut blocks = c.prepare_cached(
+                "SELECT ids FROM delivery_block
+                 WHERE client_id = ?1 AND first >= ?2 AND first <= ?3 AND last >= ?4",
+            )?;
+            let mut in_blocks = HashSet::new();
+            let rows = blocks.query_map(
+                params![client_id, &from.to_be_bytes()[..], &high.0[..], &low.0[..]],
+                |r| r.get::<_, Vec<u8>>(0),
+            )?;
+            for data in rows {
+                in_blocks.extend(data?.chunks_exact(12).map(|id| {
+                    let mut bytes = [0u8; 12];
+                    bytes.copy_from_slice(id);
+                    MessageId(bytes)
+                }));
+            }
             let mut stmt = c.prepare_cached(
                 "SELECT 1 FROM published_message WHERE message_id = ?2 AND client_id = ?1",
             )?;
             let mut out = HashSet::new();
             for id in ids {
+                if in_blocks.contains(&id) {
+                    out.insert(id);
+                    continue;
+                }
                 if stmt
                     .query_row(params![client_id, &id.0[..]], |_| Ok(()))
                     .optional()?
@@ -756,6 +837,80 @@ mod tests {
             .await
             .expect("read");
         assert_eq!(left, HashSet::from([kept]));
+    }
+
+    /// A notice's records go to blocks or rows by their number; lookups find both, whatever the
+    /// spread of the ids, and the purge drops a block with its newest message.
+    #[tokio::test]
+    async fn delivery_records_in_blocks_and_rows_are_found_and_purged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let now = 40 * 24 * 3600 * 1000;
+        let id = |n: u32, ms: i64| at(n, ms, Qos::AtMostOnce).id;
+        let notice = |client: &str, ids: &[MessageId]| Deliveries {
+            client_id: client.into(),
+            host: "h".into(),
+            created_ms: now,
+            records: ids
+                .iter()
+                .map(|&message_id| wharf_shared::DeliveredRecord {
+                    message_id,
+                    topic: "t".into(),
+                })
+                .collect(),
+        };
+        // A catch-up's worth for "a": ids one second apart over 40 s (several blocks), in no
+        // particular order, one twice; a small notice (rows); another client's big notice.
+        let spread: Vec<MessageId> = (0..40u32)
+            .rev()
+            .map(|n| id(n, now - 60_000 + n as i64 * 1000))
+            .chain([id(7, now - 60_000 + 7_000)])
+            .collect();
+        let few = [id(100, now - 5_000), id(101, now - 4_000)];
+        let other: Vec<MessageId> = (200..220u32).map(|n| id(n, now - 3_000)).collect();
+        store
+            .record_delivered(Arc::new(vec![
+                notice("a", &spread),
+                notice("a", &few),
+                notice("b", &other),
+            ]))
+            .await
+            .expect("record");
+        let blocks = read_i64(&store, "SELECT count(*) FROM delivery_block");
+        assert!(blocks > 2, "spread over blocks, got {blocks}");
+        assert_eq!(
+            read_i64(&store, "SELECT count(*) FROM published_message"),
+            2
+        );
+
+        let mut asked: Vec<MessageId> = (0..45u32)
+            .map(|n| id(n, now - 60_000 + n as i64 * 1000))
+            .collect();
+        asked.extend(few);
+        asked.extend(&other[..3]);
+        asked.push(id(102, now - 4_000));
+        let mut expected: HashSet<MessageId> = spread.iter().copied().collect();
+        expected.extend(few);
+        let found = store
+            .delivered_among("a", asked.clone())
+            .await
+            .expect("read");
+        assert_eq!(found, expected);
+        // One id at a time, too: a lookup whose range starts inside a block.
+        for &one in &asked {
+            let found = store.delivered_among("a", vec![one]).await.expect("read");
+            assert_eq!(found.contains(&one), expected.contains(&one), "{one}");
+        }
+        // Purged once their newest message is past the TTL.
+        let ttl = MESSAGE_TTL_SECS as i64 * 1000;
+        store
+            .purge_expired(now - 60_000 + 20_500 + ttl)
+            .await
+            .expect("purge");
+        let found = store.delivered_among("a", asked).await.expect("read");
+        assert!(found.contains(&spread[0]), "the newest stays");
+        assert!(!found.contains(&id(0, now - 60_000)), "the oldest went");
+        assert!(found.contains(&few[0]));
     }
 
     fn at(n: u32, created_ms: i64, qos: Qos) -> Message {
