@@ -108,7 +108,7 @@ impl Broker {
     pub async fn publish_detached(self: Arc<Self>, message: Message) {
         let message = Arc::new(message);
         if message.qos == Qos::AtMostOnce {
-            self.link.notify_store(&message).await;
+            self.link.notify_store(std::slice::from_ref(&message)).await;
             self.route(&message);
             return;
         }

@@ -482,24 +482,62 @@ impl Connection {
     /// Handles every complete packet in the read buffer; `Ok(false)` after DISCONNECT.
     async fn decode_all(&mut self) -> Result<bool, SessionError> {
         let max = self.broker.config.limits.max_packet_size;
-        while let Some(packet) = v4::decode(&mut self.read_buf, max)? {
-            if !self.handle(packet).await? {
-                return Ok(false);
+        // The QoS 0 PUBLISHes of this read, up to the next packet of another kind: stored in
+        // one notice, then routed (see `publish_qos0`). A local, not a field: this future is
+        // boxed, the connection's task is not.
+        let mut qos0 = Vec::new();
+        let result = loop {
+            let packet = match v4::decode(&mut self.read_buf, max) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => break Ok(true),
+                Err(e) => break Err(e.into()),
+            };
+            if !matches!(&packet, Inbound::Publish(p) if p.qos == Qos::AtMostOnce) {
+                // Everything else keeps its order with the messages before it.
+                self.publish_qos0(&mut qos0).await;
             }
-        }
+            match self.handle(packet, &mut qos0).await {
+                Ok(true) => {}
+                other => break other,
+            }
+        };
+        self.publish_qos0(&mut qos0).await;
         if self.read_buf.is_empty() {
             // Nothing left over: give the buffer back (the next read allocates
             // `read_chunk` again), so that a connection waiting for its client holds none.
             self.read_buf = BytesMut::new();
         }
-        Ok(true)
+        result
     }
 
-    async fn handle(&mut self, packet: Inbound) -> Result<bool, SessionError> {
+    /// Stores QoS 0 messages in one notice, then routes them. In that order: a catch-up that
+    /// runs after a message was routed finds it stored (the worker's barrier), and the task
+    /// woken last runs next (tokio's LIFO slot), which should be the subscriber's, not the
+    /// link's (measured: p50 94 vs 115 us at 20k msg/s).
+    async fn publish_qos0(&mut self, messages: &mut Vec<Arc<Message>>) {
+        if messages.is_empty() {
+            return;
+        }
+        self.broker.link.notify_store(messages).await;
+        for message in messages.drain(..) {
+            self.broker.route(&message);
+        }
+        self.start_catch_up(true).await;
+    }
+
+    async fn handle(
+        &mut self,
+        packet: Inbound,
+        qos0: &mut Vec<Arc<Message>>,
+    ) -> Result<bool, SessionError> {
         match packet {
             Inbound::Publish(p) => {
-                self.publish(p).await?;
-                self.start_catch_up(true).await;
+                let qos = p.qos;
+                self.publish(p, qos0).await?;
+                // QoS 0: once their notice is sent (`publish_qos0`).
+                if qos != Qos::AtMostOnce {
+                    self.start_catch_up(true).await;
+                }
             }
             Inbound::PubAck(pkid) => self.out.puback(pkid),
             Inbound::PubRec(pkid) => self.out.pubrec(pkid),
@@ -535,7 +573,11 @@ impl Connection {
         Ok(true)
     }
 
-    async fn publish(&mut self, p: PublishIn) -> Result<(), SessionError> {
+    async fn publish(
+        &mut self,
+        p: PublishIn,
+        qos0: &mut Vec<Arc<Message>>,
+    ) -> Result<(), SessionError> {
         if !topic::valid_topic_name(&p.topic) {
             return Err(SessionError::Protocol("invalid topic name in PUBLISH"));
         }
@@ -553,10 +595,7 @@ impl Connection {
             p.retain,
         ));
         if p.qos == Qos::AtMostOnce {
-            // Routed last: the task woken last runs next (tokio's LIFO slot), and that should
-            // be the subscriber's, not the link's (measured: p50 94 vs 115 us at 20k msg/s).
-            self.broker.link.notify_store(&message).await;
-            self.broker.route(&message);
+            qos0.push(message);
             return Ok(());
         }
         let started = Instant::now();

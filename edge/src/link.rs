@@ -185,9 +185,9 @@ impl Link {
         self.notify_encoded(encode_body(&EdgeFrame::Notice(notice)))
     }
 
-    /// `notify(Notice::Store(message))` without copying the message.
-    pub fn notify_store(&self, message: &Message) -> MaybeWaiting<'_, ()> {
-        self.notify_encoded(encode_store_notice(message))
+    /// `notify(Notice::Store(messages))` without copying the messages.
+    pub fn notify_store(&self, messages: &[Arc<Message>]) -> MaybeWaiting<'_, ()> {
+        self.notify_encoded(encode_store_notice(messages))
     }
 
     fn notify_encoded(

@@ -42,10 +42,11 @@ enum EdgeFrameRef<'a> {
     Notice(NoticeRef<'a>),
 }
 
-/// `Notice::Store` by reference (same bytes as the owned notice).
+/// `Notice::Store` by reference (same bytes as the owned notice: a slice encodes like a
+/// `Vec`, an `Arc` like what it holds).
 #[derive(bincode::Encode)]
 enum NoticeRef<'a> {
-    Store(&'a crate::wire::Message),
+    Store(&'a [std::sync::Arc<crate::wire::Message>]),
 }
 
 /// The body of `EdgeFrame::Request { id, request }`.
@@ -53,9 +54,11 @@ pub fn encode_request(id: u64, request: &crate::wire::Request) -> Result<Vec<u8>
     encode_body(&EdgeFrameRef::Request { id, request })
 }
 
-/// `EdgeFrame::Notice(Notice::Store(message))` without copying the message.
-pub fn encode_store_notice(message: &crate::wire::Message) -> Result<Vec<u8>, CodecError> {
-    encode_body(&EdgeFrameRef::Notice(NoticeRef::Store(message)))
+/// `EdgeFrame::Notice(Notice::Store(messages))` without copying the messages.
+pub fn encode_store_notice(
+    messages: &[std::sync::Arc<crate::wire::Message>],
+) -> Result<Vec<u8>, CodecError> {
+    encode_body(&EdgeFrameRef::Notice(NoticeRef::Store(messages)))
 }
 
 /// Decodes one frame body; the whole body must be one message.
@@ -188,7 +191,7 @@ mod tests {
             instance: "i".into(),
         });
         codec.encode(hello, &mut buf).expect("encode");
-        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 4, 2, b'h', b'1', 1, b'i']);
+        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 5, 2, b'h', b'1', 1, b'i']);
 
         buf.clear();
         let persist = EdgeFrame::Request {
@@ -237,12 +240,17 @@ mod tests {
             .expect("encode");
             assert_eq!(encode_request(id, &request).expect("encode"), owned);
         }
-        let message = sample_message();
-        let owned = encode_body(&EdgeFrame::Notice(crate::wire::Notice::Store(
-            message.clone(),
-        )))
-        .expect("encode");
-        assert_eq!(encode_store_notice(&message).expect("encode"), owned);
+        let mut second = sample_message();
+        second.topic = "another/topic".into();
+        for messages in [vec![sample_message()], vec![sample_message(), second]] {
+            let owned = encode_body(&EdgeFrame::Notice(crate::wire::Notice::Store(
+                messages.clone(),
+            )))
+            .expect("encode");
+            let shared: Vec<std::sync::Arc<_>> =
+                messages.into_iter().map(std::sync::Arc::new).collect();
+            assert_eq!(encode_store_notice(&shared).expect("encode"), owned);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Most messages the worker puts in one reply; the edge asks again from `next_since_ms`.
 pub const MAX_MESSAGES_PER_REPLY: usize = 500;
@@ -194,8 +194,8 @@ pub enum Request {
 /// acknowledged message.
 #[derive(Encode, Decode, Clone, PartialEq, Debug)]
 pub enum Notice {
-    /// Store a QoS 0 message; nobody waits for it.
-    Store(Message),
+    /// Store QoS 0 messages (those of one read from one client, in order); nobody waits.
+    Store(Vec<Message>),
     /// These messages reached the client (QoS 0 written, QoS 1/2 acknowledged): the seed's
     /// `mqtt.publishedMessage` records.
     Delivered {

@@ -24,6 +24,8 @@ pub type ReplyTo = (mpsc::Sender<WorkerFrame>, u64);
 /// What goes through the persister, in the order the edges sent it.
 pub enum Job {
     Store(Message),
+    /// QoS 0 messages of one notice: one job, however many.
+    StoreMany(Vec<Message>),
     /// A QoS 2 message with its publisher's packet id (exactly once across reconnects).
     Qos2 {
         message: Message,
@@ -165,6 +167,10 @@ fn plan(jobs: impl IntoIterator<Item = Job>, mut recorded: Recorded) -> (WriteBa
         replies.push(match job {
             Job::Store(m) => {
                 batch.messages.push(m);
+                Reply::Persisted
+            }
+            Job::StoreMany(ms) => {
+                batch.messages.extend(ms);
                 Reply::Persisted
             }
             Job::Qos2 { mut message, pkid } => {

@@ -188,10 +188,10 @@ async fn connection<S: Store>(
                     lanes[lane].send((id, request)).await.is_ok()
                 }
             },
-            EdgeFrame::Notice(Notice::Store(message)) => shared
+            EdgeFrame::Notice(Notice::Store(messages)) => shared
                 .persist
                 .send(PersistJob {
-                    job: Job::Store(message),
+                    job: Job::StoreMany(messages),
                     reply: None,
                 })
                 .await

@@ -30,6 +30,8 @@ pub struct MockStore {
     pub qos2_out: BTreeMap<(String, u16), (MessageId, bool)>,
     /// Every request seen, for assertions on what the edge asked.
     pub requests: Vec<Request>,
+    /// How many messages each QoS 0 store notice carried.
+    pub store_notices: Vec<usize>,
 }
 
 /// Knobs a test turns.
@@ -192,7 +194,12 @@ async fn serve(
 fn notice(store: &Mutex<MockStore>, notice: Notice) {
     let mut store = store.lock().expect("lock");
     match notice {
-        Notice::Store(m) => store_message(&mut store, m),
+        Notice::Store(messages) => {
+            store.store_notices.push(messages.len());
+            for m in messages {
+                store_message(&mut store, m);
+            }
+        }
         Notice::Delivered {
             client_id,
             messages,

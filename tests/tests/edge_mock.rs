@@ -403,6 +403,46 @@ async fn qos1_is_routed_at_once_and_acknowledged_once_stored() {
     assert_eq!(s.worker.stored_payloads("early").len(), 1);
 }
 
+/// The QoS 0 PUBLISHes of one read go to the store in one notice, and keep their order with
+/// the other packets of the read: a QoS 1 PUBLISH (routed at once) between them stays between
+/// them, for the subscribers and in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_publishes_of_one_read_are_stored_together_in_order() {
+    let s = setup().await;
+    let addr = s.edge.local_addr;
+    let mut sub = Client::connect(addr, "sub", true).await;
+    sub.subscribe("b/#", QoS::AtLeastOnce).await;
+    let mut raw = Raw::session(addr, "batch", true).await;
+    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
+    for n in 0..50 {
+        let payload = format!("before-{n:02}");
+        bytes.extend(raw::publish_bytes("b/t", 0, 0, false, payload.as_bytes()));
+        expected.push(payload);
+    }
+    bytes.extend(raw::publish_bytes("b/t", 1, 7, false, b"qos1"));
+    bytes.extend(raw::publish_bytes("b/t", 0, 0, false, b"after"));
+    expected.extend(["qos1".to_owned(), "after".to_owned()]);
+    raw.send(&bytes).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.pkid == 7));
+    assert_eq!(payloads(&sub.publishes(52).await), expected);
+    sub.assert_no_publish(QUIET).await;
+    let stored: Vec<String> = s
+        .worker
+        .stored_payloads("b/t")
+        .into_iter()
+        .map(|p| String::from_utf8(p).expect("utf-8"))
+        .collect();
+    assert_eq!(stored, expected);
+    let notices = s.worker.store.lock().expect("lock").store_notices.clone();
+    assert_eq!(notices.iter().sum::<usize>(), 51);
+    assert!(
+        notices.len() <= 10,
+        "51 messages in a few reads went out as {} notices",
+        notices.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_persist_is_never_acknowledged() {
     let s = setup().await;
