@@ -114,7 +114,7 @@ impl Broker {
         }
         let result = match self
             .link
-            .request(Request::Persist((*message).clone()), Policy::Hold)
+            .request(Request::Persist(vec![(*message).clone()]), Policy::Hold)
             .await
         {
             Ok(rx) => rx.await.unwrap_or(Err(crate::link::LinkError::Closed)),

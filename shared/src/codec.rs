@@ -158,7 +158,7 @@ mod tests {
     fn frames_round_trip_split_at_every_byte() {
         roundtrip(EdgeFrame::Request {
             id: 7,
-            request: Request::Persist(sample_message()),
+            request: Request::Persist(vec![sample_message()]),
         });
         roundtrip(WorkerFrame::Reply {
             id: 9,
@@ -196,12 +196,13 @@ mod tests {
         buf.clear();
         let persist = EdgeFrame::Request {
             id: 300,
-            request: Request::Persist(sample_message()),
+            request: Request::Persist(vec![sample_message()]),
         };
         codec.encode(persist, &mut buf).expect("encode");
         let expected: Vec<u8> = [
-            &[0u8, 0, 0, 45][..],
-            &[1, 251, 44, 1, 1],
+            &[0u8, 0, 0, 46][..],
+            // Request, id 300 (varint marker 251 + u16), Persist, one message.
+            &[1, 251, 44, 1, 1, 1],
             &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
             &[3, b'a', b'/', b'b'],
             &[5, b'1', b'.', b'5', b',', b'2'],
@@ -231,7 +232,7 @@ mod tests {
 
     #[test]
     fn request_by_reference_encodes_like_the_owned_frame() {
-        let request = Request::Persist(sample_message());
+        let request = Request::Persist(vec![sample_message()]);
         for id in [0u64, 250, 251, 70_000, u64::MAX] {
             let owned = encode_body(&EdgeFrame::Request {
                 id,

@@ -142,8 +142,9 @@ pub enum Request {
         client_id: String,
         clean_session: bool,
     },
-    /// Store a message durably. Reply `Persisted` once it is durable, or `Failed`.
-    Persist(Message),
+    /// Store messages durably (the QoS 1 messages of one read from one client, in order). One
+    /// reply for all: `Persisted` once they are durable, or `Failed`.
+    Persist(Vec<Message>),
     /// Store a QoS 2 message together with its publisher's packet id, which stays recorded
     /// until `ReleaseQos2`. If the id is still recorded (a PUBLISH re-sent after a crash or
     /// reconnect), nothing is stored and the reply is `AlreadyStored`; else `Persisted`.

@@ -23,23 +23,14 @@ pub type ReplyTo = (mpsc::Sender<WorkerFrame>, u64);
 
 /// What goes through the persister, in the order the edges sent it.
 pub enum Job {
-    Store(Message),
-    /// QoS 0 messages of one notice: one job, however many.
+    /// The messages of one notice (QoS 0) or persist request (QoS 1): one job, one reply.
     StoreMany(Vec<Message>),
     /// A QoS 2 message with its publisher's packet id (exactly once across reconnects).
-    Qos2 {
-        message: Message,
-        pkid: u16,
-    },
+    Qos2 { message: Message, pkid: u16 },
     /// PUBREL: the packet id may be used for a new message again.
-    Release {
-        client_id: String,
-        pkid: u16,
-    },
+    Release { client_id: String, pkid: u16 },
     /// A clean session starts or ends: its packet ids are forgotten.
-    Clear {
-        client_id: String,
-    },
+    Clear { client_id: String },
     /// Answered once everything queued before it has been written (or has failed), so that a
     /// query after it sees every message its edge sent before asking: the edge routes a QoS 1
     /// message to its live sessions before the store has it.
@@ -165,10 +156,6 @@ fn plan(jobs: impl IntoIterator<Item = Job>, mut recorded: Recorded) -> (WriteBa
     let mut replies = Vec::new();
     for job in jobs {
         replies.push(match job {
-            Job::Store(m) => {
-                batch.messages.push(m);
-                Reply::Persisted
-            }
             Job::StoreMany(ms) => {
                 batch.messages.extend(ms);
                 Reply::Persisted

@@ -247,7 +247,7 @@ enum Route {
 
 fn route(request: Request) -> Route {
     match request {
-        Request::Persist(message) => Route::Persister(Job::Store(message)),
+        Request::Persist(messages) => Route::Persister(Job::StoreMany(messages)),
         Request::PersistQos2 { message, pkid } => Route::Persister(Job::Qos2 { message, pkid }),
         Request::ReleaseQos2 { client_id, pkid } => {
             Route::Persister(Job::Release { client_id, pkid })
@@ -280,7 +280,8 @@ fn client_of(request: &Request) -> &str {
         | Request::Disconnect { client_id, .. }
         | Request::TrackQos2Out { client_id, .. }
         | Request::ForgetQos2Out { client_id, .. } => client_id,
-        Request::Persist(m) | Request::PersistQos2 { message: m, .. } => &m.client_id,
+        Request::Persist(messages) => messages.first().map_or("", |m| &m.client_id),
+        Request::PersistQos2 { message, .. } => &message.client_id,
         Request::ReleaseQos2 { client_id, .. } => client_id,
     }
 }

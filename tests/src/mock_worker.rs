@@ -310,8 +310,10 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                 outbound_qos2,
             }
         }
-        Request::Persist(m) => {
-            store_message(&mut store, m);
+        Request::Persist(messages) => {
+            for m in messages {
+                store_message(&mut store, m);
+            }
             Reply::Persisted
         }
         Request::PersistQos2 { message, pkid } => {

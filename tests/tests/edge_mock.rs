@@ -403,11 +403,11 @@ async fn qos1_is_routed_at_once_and_acknowledged_once_stored() {
     assert_eq!(s.worker.stored_payloads("early").len(), 1);
 }
 
-/// The QoS 0 PUBLISHes of one read go to the store in one notice, and keep their order with
-/// the other packets of the read: a QoS 1 PUBLISH (routed at once) between them stays between
-/// them, for the subscribers and in the store.
+/// Consecutive QoS 0 PUBLISHes of one read go to the store in one notice, consecutive QoS 1
+/// ones in one persist request (acknowledged in order once it is answered), and each batch
+/// keeps its order with the packets around it, for the subscribers and in the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos0_publishes_of_one_read_are_stored_together_in_order() {
+async fn publishes_of_one_read_are_stored_together_in_order() {
     let s = setup().await;
     let addr = s.edge.local_addr;
     let mut sub = Client::connect(addr, "sub", true).await;
@@ -420,12 +420,24 @@ async fn qos0_publishes_of_one_read_are_stored_together_in_order() {
         bytes.extend(raw::publish_bytes("b/t", 0, 0, false, payload.as_bytes()));
         expected.push(payload);
     }
-    bytes.extend(raw::publish_bytes("b/t", 1, 7, false, b"qos1"));
+    for pkid in 7..12u16 {
+        let payload = format!("qos1-{pkid}");
+        bytes.extend(raw::publish_bytes(
+            "b/t",
+            1,
+            pkid,
+            false,
+            payload.as_bytes(),
+        ));
+        expected.push(payload);
+    }
     bytes.extend(raw::publish_bytes("b/t", 0, 0, false, b"after"));
-    expected.extend(["qos1".to_owned(), "after".to_owned()]);
+    expected.push("after".to_owned());
     raw.send(&bytes).await;
-    assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.pkid == 7));
-    assert_eq!(payloads(&sub.publishes(52).await), expected);
+    for pkid in 7..12u16 {
+        assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.pkid == pkid));
+    }
+    assert_eq!(payloads(&sub.publishes(56).await), expected);
     sub.assert_no_publish(QUIET).await;
     let stored: Vec<String> = s
         .worker
@@ -434,13 +446,23 @@ async fn qos0_publishes_of_one_read_are_stored_together_in_order() {
         .map(|p| String::from_utf8(p).expect("utf-8"))
         .collect();
     assert_eq!(stored, expected);
-    let notices = s.worker.store.lock().expect("lock").store_notices.clone();
-    assert_eq!(notices.iter().sum::<usize>(), 51);
+    let store = s.worker.store.lock().expect("lock");
+    assert_eq!(store.store_notices.iter().sum::<usize>(), 51);
     assert!(
-        notices.len() <= 10,
+        store.store_notices.len() <= 10,
         "51 messages in a few reads went out as {} notices",
-        notices.len()
+        store.store_notices.len()
     );
+    let persists: Vec<usize> = store
+        .requests
+        .iter()
+        .filter_map(|r| match r {
+            wharf_shared::Request::Persist(messages) => Some(messages.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(persists.iter().sum::<usize>(), 5);
+    assert!(persists.len() <= 2, "5 QoS 1 messages in {persists:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

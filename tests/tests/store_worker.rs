@@ -512,7 +512,7 @@ async fn persist_many(link: &mut RawLink, topic: &str, n: u32, start_ms: i64, re
         };
         link.feed(EdgeFrame::Request {
             id: 1_000 + i as u64,
-            request: Request::Persist(message),
+            request: Request::Persist(vec![message]),
         })
         .await
         .expect("persist");
