@@ -71,6 +71,8 @@ pub struct Link {
     tx: mpsc::Sender<Command>,
     up: watch::Receiver<bool>,
     hold: Arc<Semaphore>,
+    /// The pool's size: no request takes more.
+    max_held: u32,
 }
 
 /// Where and who: the worker socket and this edge's identity in the handshake.
@@ -102,9 +104,22 @@ impl Link {
             tx,
             up: up_rx,
             hold: Arc::new(Semaphore::new(config.max_held)),
+            max_held: u32::try_from(config.max_held).unwrap_or(u32::MAX),
         };
         let task = tokio::spawn(run(config, deliveries, rx, up, shutdown));
         (link, task)
+    }
+
+    /// Permits a held request takes: one per message it persists (the pool bounds the
+    /// publishes waiting for the worker), never more than the pool.
+    fn permits(&self, request: &Request) -> u32 {
+        let messages = match request {
+            Request::Persist(messages) => messages.len(),
+            _ => 1,
+        };
+        u32::try_from(messages.max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.max_held)
     }
 
     /// Whether the worker handshake has completed and the socket is open.
@@ -125,7 +140,11 @@ impl Link {
     ) -> MaybeWaiting<'_, Result<ReplyRx, LinkError>> {
         if policy == Policy::Hold || self.is_up() {
             let permit = match policy {
-                Policy::Hold => self.hold.clone().try_acquire_owned().ok(),
+                Policy::Hold => self
+                    .hold
+                    .clone()
+                    .try_acquire_many_owned(self.permits(&request))
+                    .ok(),
                 Policy::FailFast => None,
             };
             if policy == Policy::FailFast || permit.is_some() {
@@ -162,7 +181,7 @@ impl Link {
             Policy::Hold => Some(
                 self.hold
                     .clone()
-                    .acquire_owned()
+                    .acquire_many_owned(self.permits(&request))
                     .await
                     .map_err(|_| LinkError::Closed)?,
             ),
@@ -521,5 +540,58 @@ async fn send(state: &mut State, command: Command, writer: &mut Writer) -> Resul
                 .map_err(|e| format!("write: {e}"))?;
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wharf_shared::{MessageId, Qos};
+
+    fn persist(messages: usize) -> Request {
+        let message = Message {
+            id: MessageId([1; 12]),
+            topic: "t".into(),
+            payload: vec![1],
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            client_id: "c".into(),
+            host: "h".into(),
+            created_ms: 0,
+        };
+        Request::Persist(vec![message; messages])
+    }
+
+    /// The pool of held requests counts messages: a persist of several takes a permit for
+    /// each, and one larger than the pool takes the whole pool instead of waiting forever.
+    #[tokio::test]
+    async fn held_persists_take_a_permit_per_message() {
+        let (deliveries, _rx) = mpsc::channel(1);
+        let config = LinkConfig {
+            socket: "/nonexistent/wharf-link-test.sock".into(),
+            host: "h".into(),
+            instance: "i".into(),
+            max_held: 3,
+        };
+        // The worker never answers: what is held stays held.
+        let (link, _task) = Link::spawn(config, deliveries, CancellationToken::new());
+        let patience = Duration::from_millis(200);
+        let held = |n| tokio::time::timeout(patience, link.request(persist(n), Policy::Hold));
+        assert!(held(2).await.is_ok(), "two of three permits");
+        assert!(held(2).await.is_err(), "two more wait: one is left");
+        assert!(held(1).await.is_ok(), "the last one");
+        assert!(held(1).await.is_err(), "the pool is empty");
+
+        let (deliveries, _rx) = mpsc::channel(1);
+        let config = LinkConfig {
+            socket: "/nonexistent/wharf-link-test.sock".into(),
+            host: "h".into(),
+            instance: "i".into(),
+            max_held: 3,
+        };
+        let (link, _task) = Link::spawn(config, deliveries, CancellationToken::new());
+        let held = |n| tokio::time::timeout(patience, link.request(persist(n), Policy::Hold));
+        assert!(held(5).await.is_ok(), "more than the pool takes all of it");
+        assert!(held(1).await.is_err());
     }
 }
