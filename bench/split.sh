@@ -20,5 +20,5 @@ kill $ep $wp; wait 2>/dev/null || true; rm -rf "$w"
 echo "$out" | python3 -c "
 import json, sys
 d = json.loads(sys.stdin.read()); r = d['received']; tick = 1e6 / $(getconf CLK_TCK)
-print('msg/s', d['msgs_per_sec'], 'p50_us', d['p50_us'], 'p99_us', d['p99_us'],
+print('msg/s', d['msgs_per_sec'], 'lost', d['lost'], 'p50_us', d['p50_us'], 'p99_us', d['p99_us'],
       'worker_us/msg %.2f edge_us/msg %.2f' % (($w1 - $w0) * tick / r, ($e1 - $e0) * tick / r))"
