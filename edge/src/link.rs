@@ -562,34 +562,31 @@ mod tests {
         Request::Persist(vec![message; messages])
     }
 
-    /// The pool of held requests counts messages: a persist of several takes a permit for
-    /// each, and one larger than the pool takes the whole pool instead of waiting forever.
-    #[tokio::test]
-    async fn held_persists_take_a_permit_per_message() {
+    /// A link to a worker that never answers: what is held stays held.
+    fn away(max_held: usize) -> Link {
         let (deliveries, _rx) = mpsc::channel(1);
         let config = LinkConfig {
             socket: "/nonexistent/wharf-link-test.sock".into(),
             host: "h".into(),
             instance: "i".into(),
-            max_held: 3,
+            max_held,
         };
-        // The worker never answers: what is held stays held.
-        let (link, _task) = Link::spawn(config, deliveries, CancellationToken::new());
+        Link::spawn(config, deliveries, CancellationToken::new()).0
+    }
+
+    /// The pool of held requests counts messages: a persist of several takes a permit for
+    /// each, and one larger than the pool takes the whole pool instead of waiting forever.
+    #[tokio::test]
+    async fn held_persists_take_a_permit_per_message() {
         let patience = Duration::from_millis(200);
+        let link = away(3);
         let held = |n| tokio::time::timeout(patience, link.request(persist(n), Policy::Hold));
         assert!(held(2).await.is_ok(), "two of three permits");
         assert!(held(2).await.is_err(), "two more wait: one is left");
         assert!(held(1).await.is_ok(), "the last one");
         assert!(held(1).await.is_err(), "the pool is empty");
 
-        let (deliveries, _rx) = mpsc::channel(1);
-        let config = LinkConfig {
-            socket: "/nonexistent/wharf-link-test.sock".into(),
-            host: "h".into(),
-            instance: "i".into(),
-            max_held: 3,
-        };
-        let (link, _task) = Link::spawn(config, deliveries, CancellationToken::new());
+        let link = away(3);
         let held = |n| tokio::time::timeout(patience, link.request(persist(n), Policy::Hold));
         assert!(held(5).await.is_ok(), "more than the pool takes all of it");
         assert!(held(1).await.is_err());

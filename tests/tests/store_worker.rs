@@ -526,91 +526,66 @@ fn persists_for(kind: Kind) -> u32 {
     }
 }
 
+/// Sends `request` as request `id` and returns the payloads of its `Messages` reply.
+async fn payloads_of(link: &mut RawLink, id: u64, request: wharf_shared::Request) -> Vec<Vec<u8>> {
+    use futures::SinkExt;
+    use wharf_shared::{EdgeFrame, Reply};
+    link.send(EdgeFrame::Request { id, request })
+        .await
+        .expect("send");
+    match reply_to(link, id).await {
+        Reply::Messages { messages, .. } => messages.into_iter().map(|m| m.payload).collect(),
+        other => panic!("request {id}: {other:?}"),
+    }
+}
+
+fn subscribe_request(client_id: &str, filter: &str) -> wharf_shared::Request {
+    wharf_shared::Request::Subscribe {
+        client_id: client_id.into(),
+        subscriptions: vec![wharf_shared::Subscription {
+            filter: filter.into(),
+            qos: wharf_shared::Qos::AtLeastOnce,
+        }],
+    }
+}
+
 /// The edge routes QoS 0 and 1 messages to its live sessions before the worker has stored
 /// them, so a catch-up (a session that lagged, or attached meanwhile) must see every persist
 /// its edge sent before asking.
 async fn catch_up_sees_every_persist_sent_before_it(kind: Kind) {
-    use futures::SinkExt;
-    use wharf_shared::{EdgeFrame, Qos, Reply, Request, Subscription};
     let stack = Stack::new(kind).await;
     let mut link = raw_link(&stack).await;
-    let subscribe = Request::Subscribe {
-        client_id: "late".into(),
-        subscriptions: vec![Subscription {
-            filter: "b/#".into(),
-            qos: Qos::AtLeastOnce,
-        }],
-    };
-    link.send(EdgeFrame::Request {
-        id: 1,
-        request: subscribe,
-    })
-    .await
-    .expect("subscribe");
-    reply_to(&mut link, 1).await;
+    payloads_of(&mut link, 1, subscribe_request("late", "b/#")).await;
     // After the subscription was made (a catch-up returns only what came after it).
     let start = wharf_shared::now_ms() + 1;
     let n = persists_for(kind);
     persist_many(&mut link, "b/1", n, start, false).await;
     // From the last message's time: the first page is the one that must wait for the writes.
-    let catch_up = Request::CatchUp {
+    let catch_up = wharf_shared::Request::CatchUp {
         client_id: "late".into(),
         since_ms: Some(start + n as i64 - 1),
         other_hosts_only: false,
     };
-    link.send(EdgeFrame::Request {
-        id: 2,
-        request: catch_up,
-    })
-    .await
-    .expect("catch-up");
-    match reply_to(&mut link, 2).await {
-        Reply::Messages { messages, .. } => assert_eq!(
-            messages
-                .iter()
-                .map(|m| m.payload.clone())
-                .collect::<Vec<_>>(),
-            vec![(n - 1).to_be_bytes().to_vec()],
-            "the catch-up missed the last message persisted before it"
-        ),
-        other => panic!("catch-up: {other:?}"),
-    }
+    assert_eq!(
+        payloads_of(&mut link, 2, catch_up).await,
+        vec![(n - 1).to_be_bytes().to_vec()],
+        "the catch-up missed the last message persisted before it"
+    );
 }
 
 /// Likewise a new subscription's retained message: one this edge received just before the
 /// SUBSCRIBE may have been routed before the session subscribed, and the reply is then its only
 /// way to the session.
 async fn subscribe_sees_a_retained_message_persisted_before_it(kind: Kind) {
-    use futures::SinkExt;
-    use wharf_shared::{EdgeFrame, Qos, Reply, Request, Subscription};
     let stack = Stack::new(kind).await;
     let mut link = raw_link(&stack).await;
     let n = persists_for(kind);
     persist_many(&mut link, "r/1", n, wharf_shared::now_ms(), true).await;
-    let subscribe = Request::Subscribe {
-        client_id: "new".into(),
-        subscriptions: vec![Subscription {
-            filter: "r/#".into(),
-            qos: Qos::AtLeastOnce,
-        }],
-    };
-    link.send(EdgeFrame::Request {
-        id: 1,
-        request: subscribe,
-    })
-    .await
-    .expect("subscribe");
-    match reply_to(&mut link, 1).await {
-        Reply::Messages { messages, .. } => assert_eq!(
-            messages
-                .iter()
-                .map(|m| m.payload.clone())
-                .collect::<Vec<_>>(),
-            vec![(n - 1).to_be_bytes().to_vec()],
-            "the retained message persisted before the SUBSCRIBE is missing"
-        ),
-        other => panic!("subscribe: {other:?}"),
-    }
+    assert_eq!(
+        payloads_of(&mut link, 1, subscribe_request("new", "r/#")).await,
+        vec![(n - 1).to_be_bytes().to_vec()],
+        "the retained message persisted before the SUBSCRIBE is missing"
+    );
 }
 
 on_both_backends!(
