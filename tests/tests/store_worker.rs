@@ -588,7 +588,58 @@ async fn subscribe_sees_a_retained_message_persisted_before_it(kind: Kind) {
     );
 }
 
+/// End to end with the real worker: QoS 1 messages are routed before they are stored, and a
+/// subscriber whose queue overflows fetches the rest from the store, while later ones are
+/// still being written. A raw subscriber with a tiny queue and window reads while 300 messages
+/// are published without waiting: every message arrives, in publish order.
+async fn a_lagging_subscriber_gets_every_qos1_message_in_order(kind: Kind) {
+    let mut stack = Stack::new(kind).await;
+    stack.stop_edge().await;
+    let mut config = edge_config(&stack.socket, "host-a");
+    config.limits.max_queued = 4;
+    config.limits.max_inflight = 2;
+    config.limits.write_high_water = 256;
+    stack.edge = Some(start_edge(config).await);
+    let addr = stack.addr();
+    let mut slow = wharf_tests::raw::Raw::session(addr, "slow", true).await;
+    slow.send(&wharf_tests::raw::subscribe_bytes(1, &[("lag/#", 1)]))
+        .await;
+    assert!(matches!(
+        slow.recv().await,
+        Some(rumqttc::mqttbytes::v4::Packet::SubAck(_))
+    ));
+    let mut publisher = Client::connect(addr, "pub", true).await;
+    let sent: Vec<String> = (0..300).map(|i| format!("{i:03}")).collect();
+    let publishing = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            publisher
+                .publish_many_acked("lag/1", QoS::AtLeastOnce, sent)
+                .await
+        }
+    });
+    let mut firsts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    while firsts.len() < sent.len() {
+        match slow.recv().await {
+            Some(rumqttc::mqttbytes::v4::Packet::Publish(p)) => {
+                let text = String::from_utf8_lossy(&p.payload).into_owned();
+                if seen.insert(text.clone()) {
+                    firsts.push(text);
+                }
+                slow.send(&[0x40, 2, (p.pkid >> 8) as u8, p.pkid as u8])
+                    .await;
+            }
+            Some(_) => {}
+            None => panic!("{kind:?}: only {} of 300 arrived", firsts.len()),
+        }
+    }
+    publishing.await.expect("publisher");
+    assert_eq!(firsts, sent, "{kind:?}: out of order");
+}
+
 on_both_backends!(
+    a_lagging_subscriber_gets_every_qos1_message_in_order,
     catch_up_sees_every_persist_sent_before_it,
     subscribe_sees_a_retained_message_persisted_before_it,
 );
