@@ -620,7 +620,7 @@ impl Connection {
             Inbound::PubRel(pkid) => {
                 self.out.state.release_inbound_qos2(pkid);
                 let release = Request::ReleaseQos2 {
-                    client_id: self.out.state.client_id.to_string(),
+                    client_id: String::from(&*self.out.state.client_id),
                     pkid,
                 };
                 // Held and re-sent by the link, in order with the persists.
@@ -723,7 +723,7 @@ impl Connection {
             Ok(None)
         } else {
             let request = Request::Subscribe {
-                client_id: self.out.state.client_id.to_string(),
+                client_id: String::from(&*self.out.state.client_id),
                 subscriptions: accepted
                     .iter()
                     .map(|(filter, qos)| wharf_shared::Subscription {
@@ -765,7 +765,7 @@ impl Connection {
                 .unsubscribe(&self.out.state.client_id, filter);
         }
         let request = Request::Unsubscribe {
-            client_id: self.out.state.client_id.to_string(),
+            client_id: String::from(&*self.out.state.client_id),
             filters,
         };
         // Held and re-sent by the link; the UNSUBACK need not wait for it.

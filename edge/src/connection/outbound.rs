@@ -366,7 +366,7 @@ impl Outbound {
     pub fn pubcomp(&mut self, pkid: u16) {
         if self.state.pubcomp(pkid) && self.durable_qos2 {
             self.requests.push(Request::ForgetQos2Out {
-                client_id: self.state.client_id.to_string(),
+                client_id: String::from(&*self.state.client_id),
                 pkid,
             });
         }
@@ -374,7 +374,7 @@ impl Outbound {
 
     fn track(&self, pkid: u16, message: &Message, released: bool) -> Request {
         Request::TrackQos2Out {
-            client_id: self.state.client_id.to_string(),
+            client_id: String::from(&*self.state.client_id),
             pkid,
             message_id: message.id,
             topic: message.topic.clone(),
@@ -399,7 +399,7 @@ impl Outbound {
             return None;
         }
         Some(Notice::Delivered {
-            client_id: self.state.client_id.to_string(),
+            client_id: String::from(&*self.state.client_id),
             messages: std::mem::take(&mut self.delivered),
         })
     }
@@ -410,24 +410,26 @@ impl Outbound {
         if self.catch_up.is_some() || self.state.subscriptions.is_empty() {
             return None;
         }
-        let client_id = self.state.client_id.to_string();
         if let Some(since) = self.store_since {
             if self.backlog.is_empty() && self.stalled.is_none() {
                 self.open_window();
                 self.catch_up = Some((CatchUpKind::Store, Instant::now()));
                 return Some(Request::CatchUp {
-                    client_id,
+                    client_id: String::from(&*self.state.client_id),
                     since_ms: Some(since),
                     other_hosts_only: false,
                 });
             }
             return None;
         }
+        if !seed {
+            return None;
+        }
         let interval = self.broker.config.limits.catch_up_interval;
         let due = self
             .last_seed_catch_up
             .is_none_or(|t| t.elapsed() >= interval);
-        if seed && due {
+        if due {
             self.last_seed_catch_up = Some(Instant::now());
             self.open_window();
             self.catch_up = Some((
@@ -437,7 +439,7 @@ impl Outbound {
                 Instant::now(),
             ));
             return Some(Request::CatchUp {
-                client_id,
+                client_id: String::from(&*self.state.client_id),
                 since_ms: Some(self.watermark_ms),
                 other_hosts_only: true,
             });
