@@ -86,6 +86,15 @@ impl<T> BatchQueue<T> {
         }
         Ok(())
     }
+
+    /// Queues the barrier `make` builds around a reply channel and waits until the task
+    /// answers it, or is gone.
+    pub async fn barrier(&self, make: impl FnOnce(oneshot::Sender<()>) -> T) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(make(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
 }
 
 impl<T> BatchRx<T> {
@@ -121,15 +130,18 @@ pub fn persist_queue(capacity: usize) -> (PersistQueue, BatchRx<PersistJob>) {
 }
 
 /// Waits until everything the persister had queued when this was called is written.
-pub async fn persisted(queue: &PersistQueue) {
-    let (tx, rx) = oneshot::channel();
-    let barrier = PersistJob {
-        job: Job::Barrier(tx),
-        reply: None,
-    };
-    if queue.send(barrier).await.is_ok() {
-        let _ = rx.await;
-    }
+pub async fn persists_written(queue: &PersistQueue) {
+    queue
+        .barrier(|tx| PersistJob {
+            job: Job::Barrier(tx),
+            reply: None,
+        })
+        .await;
+}
+
+/// Waits until every delivery record the recorder had queued when this was called is written.
+pub async fn records_written(queue: &RecordQueue) {
+    queue.barrier(RecordCommand::Barrier).await;
 }
 
 /// The recorder's queue: a barrier is waited for.

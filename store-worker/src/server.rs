@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -312,14 +312,6 @@ async fn lane<S: Store>(
     }
 }
 
-/// Waits until every delivery record received before now is written.
-async fn barrier<S>(shared: &Shared<S>) {
-    let (tx, rx) = oneshot::channel();
-    if shared.record.send(RecordCommand::Barrier(tx)).await.is_ok() {
-        let _ = rx.await;
-    }
-}
-
 async fn handle<S: Store>(
     shared: &Shared<S>,
     request: Request,
@@ -375,8 +367,8 @@ async fn handle<S: Store>(
         }
         Request::Disconnect { .. } => Reply::Done,
         Request::Connect { client_id, .. } => {
-            crate::pipeline::persisted(&shared.persist).await;
-            barrier(shared).await;
+            crate::pipeline::persists_written(&shared.persist).await;
+            crate::pipeline::records_written(&shared.record).await;
             let subscriptions =
                 crate::pipeline::retry(limit, "session", || store.subscriptions(&client_id))
                     .await?;
@@ -415,7 +407,7 @@ async fn handle<S: Store>(
             // A retained message this edge received before the SUBSCRIBE is stored first: it
             // may have been routed before this session was subscribed (QoS 0 and 1 are routed
             // before they are stored), and this reply is then its only way in.
-            crate::pipeline::persisted(&shared.persist).await;
+            crate::pipeline::persists_written(&shared.persist).await;
             let messages =
                 crate::pipeline::retry(limit, "retained", || store::retained_for(store, &filters))
                     .await?;
@@ -440,9 +432,9 @@ async fn handle<S: Store>(
             // edge routes QoS 1 messages before they are stored). Other hosts' messages reach
             // this edge only once stored.
             if !other_hosts_only {
-                crate::pipeline::persisted(&shared.persist).await;
+                crate::pipeline::persists_written(&shared.persist).await;
             }
-            barrier(shared).await;
+            crate::pipeline::records_written(&shared.record).await;
             let not_host = other_hosts_only.then_some(edge_host);
             let (messages, next_since_ms) = crate::pipeline::retry(limit, "catch-up", || {
                 store::undelivered(store, &client_id, since_ms, not_host)
