@@ -143,19 +143,13 @@ fn insert_blocks(
         tx.prepare_cached("INSERT INTO message_block (oldest, newest, data) VALUES (?1, ?2, ?3)")?;
     let mut index =
         tx.prepare_cached("INSERT OR IGNORE INTO qos2_message (id, block) VALUES (?1, ?2)")?;
-    let mut rest = &messages[..];
-    while let Some(first) = rest.first() {
-        let len = rest
-            .iter()
-            .take(BLOCK_MESSAGES)
-            .take_while(|m| m.created_ms - first.created_ms <= BLOCK_SPAN_MS)
-            .count();
-        let (block, after) = rest.split_at(len);
-        rest = after;
+    for block in spans(&messages, BLOCK_MESSAGES, |first, m| {
+        m.created_ms - first.created_ms <= BLOCK_SPAN_MS
+    }) {
+        let (first, newest) = (block[0].created_ms, block[block.len() - 1].created_ms);
         let data = wharf_shared::codec::encode_body(&block)
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let newest = block.last().map_or(first.created_ms, |m| m.created_ms);
-        insert.execute(params![first.created_ms, newest, data])?;
+        insert.execute(params![first, newest, data])?;
         let seq = tx.last_insert_rowid();
         for m in block.iter().filter(|m| m.qos == Qos::ExactlyOnce) {
             index.execute(params![&m.id.0[..], seq])?;
@@ -176,18 +170,47 @@ fn insert_record_blocks(
     let mut insert = tx.prepare_cached(
         "INSERT INTO delivery_block (client_id, first, last, ids) VALUES (?1, ?2, ?3, ?4)",
     )?;
-    let mut rest = &ids[..];
-    while let Some(first) = rest.first() {
+    for block in spans(&ids, RECORD_BLOCK_IDS, |first, id| {
+        id.timestamp_secs() - first.timestamp_secs() <= RECORD_BLOCK_SPAN_SECS
+    }) {
+        let (first, last) = (&block[0], &block[block.len() - 1]);
+        let data: Vec<u8> = block.iter().flat_map(|id| id.0).collect();
+        insert.execute(params![client_id, &first.0[..], &last.0[..], data])?;
+    }
+    Ok(())
+}
+
+/// Splits sorted `items` into runs of at most `max`, each holding what is `within` reach of
+/// its first item; none is empty.
+fn spans<'a, T>(
+    items: &'a [T],
+    max: usize,
+    within: impl Fn(&T, &T) -> bool + 'a,
+) -> impl Iterator<Item = &'a [T]> + 'a {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        let first = rest.first()?;
         let len = rest
             .iter()
-            .take(RECORD_BLOCK_IDS)
-            .take_while(|id| id.timestamp_secs() - first.timestamp_secs() <= RECORD_BLOCK_SPAN_SECS)
+            .take(max.max(1))
+            .take_while(|item| within(first, item))
             .count();
-        let (block, after) = rest.split_at(len);
+        let (span, after) = rest.split_at(len);
         rest = after;
-        let data: Vec<u8> = block.iter().flat_map(|id| id.0).collect();
-        let last = block.last().unwrap_or(first);
-        insert.execute(params![client_id, &first.0[..], &last.0[..], data])?;
+        Some(span)
+    })
+}
+
+/// Writes one notice's delivery records: as blocks of ids when it has [`RECORD_BLOCK_MIN`] or
+/// more, else a row each.
+fn insert_deliveries(tx: &rusqlite::Transaction<'_>, d: &Deliveries) -> rusqlite::Result<()> {
+    if d.records.len() >= RECORD_BLOCK_MIN {
+        let ids = d.records.iter().map(|r| r.message_id).collect();
+        return insert_record_blocks(tx, &d.client_id, ids);
+    }
+    let mut insert = tx.prepare_cached(RECORD_DELIVERY)?;
+    for r in &d.records {
+        insert.execute(params![&r.message_id.0[..], d.client_id, d.created_ms])?;
     }
     Ok(())
 }
@@ -211,10 +234,10 @@ fn qos_of(value: i64) -> Qos {
     Qos::from_u8(value as u8).unwrap_or(Qos::AtMostOnce)
 }
 
-fn id_of(bytes: Vec<u8>) -> MessageId {
+fn id_of(bytes: &[u8]) -> MessageId {
     let mut id = [0u8; 12];
     if bytes.len() == 12 {
-        id.copy_from_slice(&bytes);
+        id.copy_from_slice(bytes);
     }
     MessageId(id)
 }
@@ -235,7 +258,7 @@ const MESSAGE_COLUMNS: &str = "id, topic, data, qos, retain, client_id, host, cr
 
 fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     Ok(Message {
-        id: id_of(row.get(0)?),
+        id: id_of(&row.get::<_, Vec<u8>>(0)?),
         topic: row.get(1)?,
         payload: row.get(2)?,
         qos: qos_of(row.get(3)?),
@@ -336,9 +359,7 @@ impl Store for SqliteStore {
                 params![client_id, pkid, &message_id.0[..], released.is_some(), crate::server::now_ms()],
             )?;
             if let Some(d) = released {
-                for r in &d.records {
-                    tx.execute(RECORD_DELIVERY, params![&r.message_id.0[..], d.client_id, d.created_ms])?;
-                }
+                insert_deliveries(&tx, &d)?;
             }
             tx.commit()
         })
@@ -369,7 +390,7 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(
                 "SELECT pkid, message_id, released FROM qos2_outbound WHERE client_id = ?1 ORDER BY created",
             )?;
-            let rows = stmt.query_map([client_id], |r| Ok((r.get(0)?, id_of(r.get(1)?), r.get(2)?)))?;
+            let rows = stmt.query_map([client_id], |r| Ok((r.get(0)?, id_of(&r.get::<_, Vec<u8>>(1)?), r.get(2)?)))?;
             rows.collect()
         })
         .await
@@ -407,7 +428,7 @@ impl Store for SqliteStore {
                     .query_row(params![key.0, key.1], |r| r.get(0))
                     .optional()?;
                 if let Some(id) = id {
-                    out.insert(key, id_of(id));
+                    out.insert(key, id_of(&id));
                 }
             }
             Ok(out)
@@ -421,22 +442,8 @@ impl Store for SqliteStore {
         self.with(move |c| {
             without_fsync(c, |c| {
                 let tx = c.transaction()?;
-                {
-                    let mut insert = tx.prepare_cached(RECORD_DELIVERY)?;
-                    for d in batch.iter() {
-                        if d.records.len() >= RECORD_BLOCK_MIN {
-                            let ids = d.records.iter().map(|r| r.message_id).collect();
-                            insert_record_blocks(&tx, &d.client_id, ids)?;
-                            continue;
-                        }
-                        for r in &d.records {
-                            insert.execute(params![
-                                &r.message_id.0[..],
-                                d.client_id,
-                                d.created_ms
-                            ])?;
-                        }
-                    }
+                for d in batch.iter() {
+                    insert_deliveries(&tx, d)?;
                 }
                 tx.commit()
             })
@@ -591,11 +598,7 @@ impl Store for SqliteStore {
                 |r| r.get::<_, Vec<u8>>(0),
             )?;
             for data in rows {
-                in_blocks.extend(data?.chunks_exact(12).map(|id| {
-                    let mut bytes = [0u8; 12];
-                    bytes.copy_from_slice(id);
-                    MessageId(bytes)
-                }));
+                in_blocks.extend(data?.chunks_exact(12).map(id_of));
             }
             let mut stmt = c.prepare_cached(
                 "SELECT 1 FROM published_message WHERE message_id = ?2 AND client_id = ?1",
