@@ -587,11 +587,10 @@ impl Connection {
                 .await?;
             let pkids = std::mem::take(&mut batch.pkids);
             let weight = pkids.len();
-            let persist_seconds = self.broker.metrics.persist_seconds.clone();
+            let reply = self.persist_reply(Ok(rx), started);
             self.ops.push_weighted(
                 Box::pin(async move {
-                    let result = reply_of(Ok(rx)).await;
-                    persist_seconds.record(started.elapsed().as_secs_f64());
+                    let result = reply.await;
                     Op::PersistedMany { pkids, result }
                 }),
                 weight,
@@ -687,10 +686,9 @@ impl Connection {
         };
         let rx = self.broker.link.request(request, Policy::Hold).await;
         let pkid = p.pkid;
-        let persist_seconds = self.broker.metrics.persist_seconds.clone();
+        let reply = self.persist_reply(rx, started);
         self.ops.push_back(Box::pin(async move {
-            let result = reply_of(rx).await;
-            persist_seconds.record(started.elapsed().as_secs_f64());
+            let result = reply.await;
             Op::PersistedQos2 {
                 pkid,
                 message,
@@ -698,6 +696,21 @@ impl Connection {
             }
         }));
         Ok(())
+    }
+
+    /// The worker's reply to a persist request sent at `started`, timed into
+    /// `wharf_edge_persist_seconds`.
+    fn persist_reply(
+        &self,
+        rx: Result<crate::link::ReplyRx, LinkError>,
+        started: Instant,
+    ) -> impl Future<Output = Result<Reply, LinkError>> + Send + 'static {
+        let persist_seconds = self.broker.metrics.persist_seconds.clone();
+        async move {
+            let result = reply_of(rx).await;
+            persist_seconds.record(started.elapsed().as_secs_f64());
+            result
+        }
     }
 
     async fn subscribe(
