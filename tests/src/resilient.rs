@@ -154,9 +154,10 @@ pub async fn collect(
     let mut got = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut unreleased: HashSet<u16> = HashSet::new();
-    // QoS 2 arrivals per payload (connection, packet id, DUP flag, whether counted), and
-    // releases per packet id: printed for a payload counted twice.
-    let mut arrivals: HashMap<String, Vec<String>> = HashMap::new();
+    // QoS 2 arrivals per payload, and the connections that saw each packet id released:
+    // printed for a payload counted twice.
+    let mut arrivals: HashMap<String, Vec<Arrival>> = HashMap::new();
+    let mut releases: HashMap<u16, Vec<usize>> = HashMap::new();
     let mut attempt = 0;
     while tokio::time::Instant::now() < deadline && !expected.is_subset(&seen) {
         let addr = addrs[attempt % addrs.len()];
@@ -182,10 +183,12 @@ pub async fn collect(
                             if counted {
                                 got.push(text.clone());
                             }
-                            arrivals.entry(text.clone()).or_default().push(format!(
-                                "connection {attempt}: pkid {} dup {} counted {counted}",
-                                p.pkid, p.dup
-                            ));
+                            arrivals.entry(text.clone()).or_default().push(Arrival {
+                                connection: attempt,
+                                pkid: p.pkid,
+                                dup: p.dup,
+                                counted,
+                            });
                             c.send(&ack(0x50, p.pkid)).await
                         }
                         _ => {
@@ -200,10 +203,7 @@ pub async fn collect(
                 }
                 Packet::PubRel(r) => {
                     unreleased.remove(&r.pkid);
-                    arrivals
-                        .entry(format!("pkid {}", r.pkid))
-                        .or_default()
-                        .push(format!("connection {attempt}: PUBREL"));
+                    releases.entry(r.pkid).or_default().push(attempt);
                     if !c.send(&ack(0x70, r.pkid)).await {
                         break;
                     }
@@ -212,18 +212,24 @@ pub async fn collect(
             }
         }
     }
-    for (text, events) in &arrivals {
-        if events
-            .iter()
-            .filter(|e| e.ends_with("counted true"))
-            .count()
-            > 1
-        {
-            println!("{id}: {text} counted twice: {events:?}");
-            for pkid in events.iter().filter_map(|e| e.split(' ').nth(3)) {
-                println!("  pkid {pkid}: {:?}", arrivals.get(&format!("pkid {pkid}")));
+    for (text, seen) in &arrivals {
+        if seen.iter().filter(|a| a.counted).count() > 1 {
+            println!("{id}: {text} counted twice: {seen:?}");
+            for a in seen {
+                let released = releases.get(&a.pkid);
+                println!("  pkid {}: released on connections {released:?}", a.pkid);
             }
         }
     }
     got
+}
+
+/// One QoS 2 PUBLISH as a subscriber received it.
+#[derive(Debug)]
+#[allow(dead_code)] // `connection` and `dup` are read through Debug, in the report above
+struct Arrival {
+    connection: usize,
+    pkid: u16,
+    dup: bool,
+    counted: bool,
 }
