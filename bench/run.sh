@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"
 DURATION="${DURATION:-3}"
-SCENARIOS="${SCENARIOS:-qos0 qos1 lat0 lat1 fanin fanout idle catchup}"
+SCENARIOS="${SCENARIOS:-qos0 qos1 lat0 lat1 fanin fanout idle catchup sync}"
 BROKERS="${BROKERS:-wharf mosquitto rumqttd}"
 IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-20000}"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
@@ -27,21 +27,25 @@ fi
 cargo build --release --locked -p wharf-bench -p wharf-edge -p wharf-store-worker
 bench=target/release/wharf-bench
 work=$(mktemp -d)
+# Wharf's data on the repository's disk, not in /tmp (a tmpfs on some machines, where an fsync
+# costs nothing); sockets and logs stay in /tmp (a socket path is limited to 108 bytes).
+mkdir -p target
+data=$(mktemp -d -p "$PWD/target" bench-data.XXXXXX)
 pids=""
 stop() {
   for p in ${pids//,/ }; do kill -TERM "$p" 2>/dev/null || true; done
   for p in ${pids//,/ }; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
   pids=""
 }
-trap 'stop; rm -rf "$work"' EXIT
+trap 'stop; rm -rf "$work" "$data"' EXIT
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 start() { # broker -> sets port and pids
   case "$1" in
     wharf)
-      rm -rf "$work/wharf"; mkdir -p "$work/wharf"
-      target/release/store-worker --socket "$work/wharf/w.sock" --data-dir "$work/wharf/data" --host bench 2>"$work/worker.log" &
+      rm -rf "$work/wharf" "$data/wharf"; mkdir -p "$work/wharf"
+      target/release/store-worker --socket "$work/wharf/w.sock" --data-dir "$data/wharf" --host bench 2>"$work/worker.log" &
       local w=$!
       # One runtime thread for the edge (WHARF_EDGE_THREADS): on a 2-core machine shared with
       # the worker and the load generator it measured better than one per core (BENCHMARKS.md).
@@ -71,6 +75,8 @@ for broker in $BROKERS; do
     for run in $(seq "$RUNS"); do
       case "$scenario" in
         catchup) [ "$broker" = wharf ] && [ "$run" = 1 ] && "$bench" catchup | tee -a "$out"; continue ;;
+        # The disk under Wharf's data directory: what one durable acknowledgement costs.
+        sync) [ "$broker" = wharf ] && [ "$run" = 1 ] && "$bench" sync --dir "$data" | tee -a "$out"; continue ;;
       esac
       # A fresh broker for every run, so that no run inherits another's state.
       start "$broker"

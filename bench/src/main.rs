@@ -6,12 +6,14 @@
 //! - [`load`]: publishers and subscribers, throughput, loss, latency (send time in the payload).
 //! - [`idle`]: many idle connections from several loopback source addresses; broker RSS.
 //! - [`catchup`]: the store's catch-up and session-restore query times against history size.
+//! - [`sync`]: what a durable acknowledgement costs on a disk (synced writes, store commits).
 //! - [`proc_stats`]: CPU seconds and RSS of broker processes from /proc.
 
 mod catchup;
 mod idle;
 mod load;
 mod proc_stats;
+mod sync;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +32,8 @@ enum Command {
     Idle(idle::IdleArgs),
     /// Store query times against history size (embedded store).
     Catchup(catchup::CatchupArgs),
+    /// Synced-write and store-commit latency of a disk: the floor under durable acknowledgements.
+    Sync(sync::SyncArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
             Command::Load(a) => load::run(a).await,
             Command::Idle(a) => idle::run(a).await,
             Command::Catchup(a) => catchup::run(a).await,
+            Command::Sync(a) => sync::run(a).await,
         }
     })?;
     println!("{line}");

@@ -1,0 +1,167 @@
+//! What a durable acknowledgement costs on a disk: the latency of one synced write, under every
+//! QoS 1 PUBACK and QoS 2 PUBREC the embedded store allows. Three measurements in `--dir`:
+//! - overwrite: a preallocated file rewritten in place, then `fdatasync` (the least any log
+//!   can do per acknowledgement);
+//! - append: a growing file, then `fdatasync` (the file's size changes too);
+//! - commit: the embedded store's own durable write of a batch of `--batch` messages (one
+//!   SQLite transaction in WAL mode with synchronous=FULL), as the persister makes it.
+//!
+//! With a publisher's window of W messages, each acknowledged only after a commit and commits
+//! one at a time, a message waits for its own commit plus, on average, half of the one under
+//! way when it arrived: at best W / (1.5 x commit) messages per second (BENCHMARKS.md).
+
+use clap::Args;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use wharf_shared::{Message, MessageId, Qos};
+use wharf_store_worker::store::sqlite::SqliteStore;
+use wharf_store_worker::store::{Store, WriteBatch};
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// A directory on the disk to measure (where the data directory lives); a scratch
+    /// directory is made in it and removed afterwards.
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Bytes per synced write (overwrite and append).
+    #[arg(long, default_value_t = 16 * 1024)]
+    bytes: usize,
+    /// Messages (100-byte payloads) per store commit.
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Synced writes and commits measured, each.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+}
+
+/// Size of the preallocated file the overwrites cycle through.
+const OVERWRITE_SPAN: u64 = 4 << 20;
+
+pub async fn run(args: SyncArgs) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        args.count > 0 && args.batch > 0 && args.bytes > 0,
+        "nothing to measure"
+    );
+    let scratch = args
+        .dir
+        .join(format!("wharf-bench-sync-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let result = measure(&args, &scratch).await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (overwrite, append, commit) = result?;
+    Ok(format!(
+        concat!(
+            "{{\"scenario\":\"sync\",\"dir\":{:?},\"bytes\":{},\"batch\":{},\"count\":{},",
+            "\"overwrite_p50_us\":{:.0},\"overwrite_p99_us\":{:.0},",
+            "\"append_p50_us\":{:.0},\"append_p99_us\":{:.0},",
+            "\"commit_p50_us\":{:.0},\"commit_p99_us\":{:.0}}}"
+        ),
+        args.dir.display().to_string(),
+        args.bytes,
+        args.batch,
+        args.count,
+        overwrite.0,
+        overwrite.1,
+        append.0,
+        append.1,
+        commit.0,
+        commit.1
+    ))
+}
+
+type Percentiles = (f64, f64);
+
+async fn measure(
+    args: &SyncArgs,
+    scratch: &std::path::Path,
+) -> anyhow::Result<(Percentiles, Percentiles, Percentiles)> {
+    let (bytes, count) = (args.bytes, args.count);
+    let dir = scratch.to_owned();
+    let (overwrite, append) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let data = vec![0x5a_u8; bytes];
+        let span = OVERWRITE_SPAN.max(bytes as u64 * 2);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.join("overwrite"))?;
+        file.write_all_at(&vec![0; span as usize], 0)?;
+        file.sync_all()?;
+        let mut offset = 0;
+        let overwrite = timed(count, || {
+            file.write_all_at(&data, offset)?;
+            offset = (offset + bytes as u64) % (span - bytes as u64);
+            file.sync_data()
+        })?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(dir.join("append"))?;
+        let mut end = 0;
+        let append = timed(count, || {
+            file.write_all_at(&data, end)?;
+            end += bytes as u64;
+            file.sync_data()
+        })?;
+        Ok((overwrite, append))
+    })
+    .await??;
+
+    let store = SqliteStore::open(&scratch.join("store"))?;
+    let started_ms = wharf_store_worker::server::now_ms();
+    let mut times = Vec::with_capacity(count);
+    for n in 0..count {
+        let messages = (0..args.batch)
+            .map(|i| message(n * args.batch + i, started_ms))
+            .collect();
+        let batch = Arc::new(WriteBatch {
+            messages,
+            ..WriteBatch::default()
+        });
+        let started = Instant::now();
+        store.write(batch).await?;
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((overwrite, append, percentiles(times)))
+}
+
+/// Runs `op` `count` times; the p50 and p99 of its microseconds.
+fn timed(
+    count: usize,
+    mut op: impl FnMut() -> std::io::Result<()>,
+) -> std::io::Result<Percentiles> {
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        op()?;
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(percentiles(times))
+}
+
+fn percentiles(mut times: Vec<f64>) -> Percentiles {
+    times.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+fn message(n: usize, created_ms: i64) -> Message {
+    let mut id = [0u8; 12];
+    id[..8].copy_from_slice(&(created_ms as u64).to_be_bytes());
+    id[8..].copy_from_slice(&(n as u32).to_be_bytes());
+    Message {
+        id: MessageId(id),
+        topic: "bench/t".to_owned(),
+        payload: vec![0x5a; 100],
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        client_id: "bench-pub-0".into(),
+        host: "bench".into(),
+        created_ms,
+    }
+}
