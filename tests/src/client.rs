@@ -225,14 +225,18 @@ impl Client {
         out
     }
 
+    /// The next PUBLISH, if one arrives within `quiet`.
+    pub async fn publish_within(&mut self, quiet: Duration) -> Option<Publish> {
+        self.next_matching_within(quiet, |p| match p {
+            Packet::Publish(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await
+    }
+
     /// Asserts that no PUBLISH arrives within `quiet` (used after all expected ones).
     pub async fn assert_no_publish(&mut self, quiet: Duration) {
-        let extra = self
-            .next_matching_within(quiet, |p| match p {
-                Packet::Publish(p) => Some(p.clone()),
-                _ => None,
-            })
-            .await;
+        let extra = self.publish_within(quiet).await;
         assert!(extra.is_none(), "unexpected message: {extra:?}");
     }
 

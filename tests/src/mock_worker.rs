@@ -34,6 +34,34 @@ pub struct MockStore {
     pub store_notices: Vec<usize>,
 }
 
+impl MockStore {
+    /// What the mock holds and was asked, in order, with times: for a failing test's message.
+    pub fn describe(&self) -> String {
+        let mut out = String::from("stored messages:\n");
+        for m in &self.messages {
+            out += &format!(
+                "  {} {} {:?} retain={} created_ms={}\n",
+                m.id,
+                m.topic,
+                String::from_utf8_lossy(&m.payload),
+                m.retain,
+                m.created_ms
+            );
+        }
+        out += "subscriptions (client, filter, created_ms):\n";
+        for (client, filters) in &self.subscriptions {
+            for (filter, (_, created)) in filters {
+                out += &format!("  {client} {filter} {created}\n");
+            }
+        }
+        out += "requests:\n";
+        for r in &self.requests {
+            out += &format!("  {r:?}\n");
+        }
+        out
+    }
+}
+
 /// Knobs a test turns.
 #[derive(Default, Clone)]
 pub struct Behaviour {

@@ -153,7 +153,13 @@ async fn retained_messages_are_set_replaced_and_cleared() {
         got.iter().all(|p| p.retain),
         "retained messages carry retain=1 on subscribe"
     );
-    sub.assert_no_publish(QUIET).await;
+    // Seen twice in 8 runs beside two CPU hogs (never since): the replaced "first" arrived here,
+    // not retained. Should it happen again, the mock's log (times of the messages and of the
+    // subscription, every request) says how.
+    if let Some(extra) = sub.publish_within(QUIET).await {
+        let log = s.worker.store.lock().expect("lock").describe();
+        panic!("unexpected message: {extra:?}\n{log}");
+    }
 
     // An empty retained payload clears it; it is still delivered to current subscribers.
     publisher
