@@ -33,9 +33,13 @@ pub struct SyncArgs {
     /// Messages (100-byte payloads) per store commit.
     #[arg(long, default_value_t = 50)]
     batch: usize,
-    /// Synced writes and commits measured, each.
+    /// Synced writes and commits measured, each (commits: per store).
     #[arg(long, default_value_t = 1000)]
     count: usize,
+    /// Stores (separate files) committing at the same time: whether this disk overlaps
+    /// synced commits to different files.
+    #[arg(long, default_value_t = 1)]
+    stores: usize,
 }
 
 /// Size of the preallocated file the overwrites cycle through.
@@ -52,24 +56,26 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<String> {
     std::fs::create_dir_all(&scratch)?;
     let result = measure(&args, &scratch).await;
     let _ = std::fs::remove_dir_all(&scratch);
-    let (overwrite, append, commit) = result?;
+    let (overwrite, append, commit, commits_per_sec) = result?;
     Ok(format!(
         concat!(
-            "{{\"scenario\":\"sync\",\"dir\":{:?},\"bytes\":{},\"batch\":{},\"count\":{},",
+            "{{\"scenario\":\"sync\",\"dir\":{:?},\"bytes\":{},\"batch\":{},\"count\":{},\"stores\":{},",
             "\"overwrite_p50_us\":{:.0},\"overwrite_p99_us\":{:.0},",
             "\"append_p50_us\":{:.0},\"append_p99_us\":{:.0},",
-            "\"commit_p50_us\":{:.0},\"commit_p99_us\":{:.0}}}"
+            "\"commit_p50_us\":{:.0},\"commit_p99_us\":{:.0},\"commits_per_sec\":{:.0}}}"
         ),
         args.dir.display().to_string(),
         args.bytes,
         args.batch,
         args.count,
+        args.stores,
         overwrite.0,
         overwrite.1,
         append.0,
         append.1,
         commit.0,
-        commit.1
+        commit.1,
+        commits_per_sec
     ))
 }
 
@@ -78,7 +84,7 @@ type Percentiles = (f64, f64);
 async fn measure(
     args: &SyncArgs,
     scratch: &std::path::Path,
-) -> anyhow::Result<(Percentiles, Percentiles, Percentiles)> {
+) -> anyhow::Result<(Percentiles, Percentiles, Percentiles, f64)> {
     let (bytes, count) = (args.bytes, args.count);
     let dir = scratch.to_owned();
     let (overwrite, append) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -113,22 +119,36 @@ async fn measure(
     })
     .await??;
 
-    let store = SqliteStore::open(&scratch.join("store"))?;
+    // `stores` stores (files) committing at once, each from its own task.
     let started_ms = wharf_store_worker::server::now_ms();
-    let mut times = Vec::with_capacity(count);
-    for n in 0..count {
-        let messages = (0..args.batch)
-            .map(|i| message(n * args.batch + i, started_ms))
-            .collect();
-        let batch = Arc::new(WriteBatch {
-            messages,
-            ..WriteBatch::default()
-        });
-        let started = Instant::now();
-        store.write(batch).await?;
-        times.push(started.elapsed().as_secs_f64() * 1e6);
+    let began = Instant::now();
+    let mut tasks = Vec::with_capacity(args.stores);
+    for s in 0..args.stores {
+        let store = SqliteStore::open(&scratch.join(format!("store-{s}")))?;
+        let batch_len = args.batch;
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::with_capacity(count);
+            for n in 0..count {
+                let messages = (0..batch_len)
+                    .map(|i| message((s * count + n) * batch_len + i, started_ms))
+                    .collect();
+                let batch = Arc::new(WriteBatch {
+                    messages,
+                    ..WriteBatch::default()
+                });
+                let started = Instant::now();
+                store.write(batch).await?;
+                times.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+            Ok::<_, wharf_store_worker::store::StoreError>(times)
+        }));
     }
-    Ok((overwrite, append, percentiles(times)))
+    let mut times = Vec::with_capacity(count * args.stores);
+    for task in tasks {
+        times.extend(task.await??);
+    }
+    let commits_per_sec = times.len() as f64 / began.elapsed().as_secs_f64();
+    Ok((overwrite, append, percentiles(times), commits_per_sec))
 }
 
 /// Runs `op` `count` times; the p50 and p99 of its microseconds.
@@ -181,10 +201,16 @@ mod tests {
             bytes: 4096,
             batch: 5,
             count: 20,
+            stores: 2,
         })
         .await
         .expect("sync");
-        for key in ["overwrite_p50_us", "append_p50_us", "commit_p50_us"] {
+        for key in [
+            "overwrite_p50_us",
+            "append_p50_us",
+            "commit_p50_us",
+            "commits_per_sec",
+        ] {
             let at = line.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;
             let value: f64 = line[at..]
                 .split([',', '}'])
