@@ -4,7 +4,9 @@
 //!   can do per acknowledgement);
 //! - append: a growing file, then `fdatasync` (the file's size changes too);
 //! - commit: the embedded store's own durable write of a batch of `--batch` messages (one
-//!   SQLite transaction in WAL mode with synchronous=FULL), as the persister makes it.
+//!   SQLite transaction in WAL mode with synchronous=FULL), as the persister makes it; with
+//!   `--stores N`, N stores (files) commit at the same time, each from its own task, and the
+//!   commits per second of all of them together say whether the disk overlaps their syncs.
 //!
 //! With a publisher's window of W messages, each acknowledged only after a commit, and commits
 //! one at a time and back to back, a message that arrives while one commit runs waits for it to
@@ -47,7 +49,7 @@ const OVERWRITE_SPAN: u64 = 4 << 20;
 
 pub async fn run(args: SyncArgs) -> anyhow::Result<String> {
     anyhow::ensure!(
-        args.count > 0 && args.batch > 0 && args.bytes > 0,
+        args.count > 0 && args.batch > 0 && args.bytes > 0 && args.stores > 0,
         "nothing to measure"
     );
     let scratch = args
