@@ -23,7 +23,8 @@ pub struct CatchupArgs {
     repeat: usize,
 }
 
-fn message(n: usize, created_ms: i64, topic: &str) -> Message {
+/// Message `n` of a history, created at `created_ms` (its id begins with that time).
+pub(crate) fn message(n: usize, created_ms: i64, topic: &str) -> Message {
     let mut id = [0u8; 12];
     id[..8].copy_from_slice(&(created_ms as u64).to_be_bytes());
     id[8..].copy_from_slice(&(n as u32).to_be_bytes());

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use wharf_shared::{Message, MessageId, Qos};
+use wharf_shared::Message;
 use wharf_store_worker::store::sqlite::SqliteStore;
 use wharf_store_worker::store::{Store, WriteBatch};
 
@@ -173,19 +173,13 @@ fn percentiles(mut times: Vec<f64>) -> Percentiles {
     (at(0.5), at(0.99))
 }
 
+/// A 100-byte QoS 1 message, as the QoS 1 benchmark publishes.
 fn message(n: usize, created_ms: i64) -> Message {
-    let mut id = [0u8; 12];
-    id[..8].copy_from_slice(&(created_ms as u64).to_be_bytes());
-    id[8..].copy_from_slice(&(n as u32).to_be_bytes());
     Message {
-        id: MessageId(id),
-        topic: "bench/t".to_owned(),
         payload: vec![0x5a; 100],
-        qos: Qos::AtLeastOnce,
-        retain: false,
         client_id: "bench-pub-0".into(),
         host: "bench".into(),
-        created_ms,
+        ..crate::catchup::message(n, created_ms, "bench/t")
     }
 }
 
