@@ -50,7 +50,8 @@ async fn median_ms(
     let mut found = 0;
     for _ in 0..repeat {
         let started = Instant::now();
-        let (messages, _) = undelivered(store, client, since, None).await?;
+        let (messages, _) =
+            undelivered(store, client, since.map(wharf_shared::Cursor::since), None).await?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         found = messages.len();
     }

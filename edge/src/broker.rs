@@ -5,6 +5,7 @@ use crate::ids;
 use crate::link::{Link, Policy};
 use crate::registry::Registry;
 use crate::router::Router;
+use crate::transit::InTransit;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use wharf_shared::{Message, Qos, Reply, Request};
@@ -15,6 +16,8 @@ pub struct Broker {
     pub registry: Registry,
     pub link: Link,
     pub metrics: HotMetrics,
+    /// QoS 1/2 messages made and not yet routed (see [`InTransit`]).
+    pub in_transit: Arc<InTransit>,
     next_connection_id: AtomicU64,
 }
 
@@ -62,6 +65,7 @@ impl Broker {
             registry: Registry::default(),
             link,
             metrics: HotMetrics::register(),
+            in_transit: Arc::default(),
             next_connection_id: AtomicU64::new(1),
         }
     }
@@ -107,6 +111,8 @@ impl Broker {
     /// Publishes a will (or any message not tied to a live connection): persist, then route.
     pub async fn publish_detached(self: Arc<Self>, message: Message) {
         let message = Arc::new(message);
+        let _in_transit =
+            (message.qos != Qos::AtMostOnce).then(|| self.in_transit.enter(message.created_ms));
         if message.qos == Qos::AtMostOnce {
             self.link.notify_store(std::slice::from_ref(&message)).await;
             self.route(&message);

@@ -81,6 +81,8 @@ enum Op {
         pkid: u16,
         message: Arc<Message>,
         result: Result<Reply, LinkError>,
+        /// Released once the message is routed (or given up).
+        in_transit: crate::transit::InTransitGuard,
     },
     Subscribed {
         pkid: u16,
@@ -97,6 +99,8 @@ struct Batch {
     messages: Vec<Arc<Message>>,
     /// QoS 1: the packet ids to acknowledge once stored; empty for QoS 0.
     pkids: Vec<u16>,
+    /// QoS 1: the batch is in transit until it is routed.
+    in_transit: Option<crate::transit::InTransitGuard>,
 }
 
 impl Batch {
@@ -345,7 +349,7 @@ impl Connection {
             read_chunk: MIN_READ,
         };
         conn.out
-            .resume(hs.undelivered, hs.next_since_ms, hs.connect_started_ms);
+            .resume(hs.undelivered, hs.next, hs.connect_started_ms);
         (conn, hs.takeover_rx)
     }
 
@@ -599,6 +603,7 @@ impl Connection {
         for message in batch.messages.drain(..) {
             self.broker.route(&message);
         }
+        batch.in_transit = None;
         self.start_catch_up(true).await;
         Ok(())
     }
@@ -670,6 +675,9 @@ impl Connection {
                 return Ok(());
             }
             Qos::AtLeastOnce => {
+                if batch.in_transit.is_none() {
+                    batch.in_transit = Some(self.broker.in_transit.enter(message.created_ms));
+                }
                 batch.messages.push(message);
                 batch.pkids.push(p.pkid);
                 return Ok(());
@@ -680,6 +688,7 @@ impl Connection {
         // message. The packet id goes with it, so that a re-sent PUBLISH is recognised even
         // after this edge restarts.
         let started = Instant::now();
+        let in_transit = self.broker.in_transit.enter(message.created_ms);
         let request = Request::PersistQos2 {
             message: (*message).clone(),
             pkid: p.pkid,
@@ -693,6 +702,7 @@ impl Connection {
                 pkid,
                 message,
                 result,
+                in_transit,
             }
         }));
         Ok(())
@@ -755,7 +765,7 @@ impl Connection {
             let result = match rx {
                 Ok(None) => Ok(Reply::Messages {
                     messages: Vec::new(),
-                    next_since_ms: None,
+                    next: None,
                 }),
                 Ok(Some(rx)) => reply_of(Ok(rx)).await,
                 Err(e) => Err(e),
@@ -805,6 +815,7 @@ impl Connection {
                 pkid,
                 message,
                 result,
+                in_transit: _in_transit,
             } => match result {
                 Ok(reply @ (Reply::Persisted | Reply::AlreadyStored)) => {
                     // Already stored: a re-sent PUBLISH, routed the first time.

@@ -32,6 +32,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod transit;
 pub use wharf_shared::topic;
 
 pub use config::{EdgeConfig, Limits};

@@ -38,8 +38,12 @@ pub struct SessionTx {
     queue: Mutex<VecDeque<Delivery>>,
     capacity: usize,
     ready: Notify,
-    /// `created_ms` of the oldest QoS 1/2 message that did not fit in the queue, or 0. The
-    /// session fetches such messages from the store once it has caught up.
+    /// `created_ms` of the oldest QoS 1/2 message left to the store since the marker was last
+    /// taken ([`NOT_LAGGING`] if none). The session fetches such messages from the store once
+    /// it has caught up. The oldest, not the first: messages reach the router in the order
+    /// their publishers handed them to the link, not in the order they were created (one
+    /// publisher's batch can wait for the link while another's is routed), and a catch-up
+    /// from the first one left out would skip an older one left out after it.
     lagging_since: AtomicI64,
     /// [`Signals`] raised and not yet taken.
     signals: AtomicU8,
@@ -79,7 +83,7 @@ impl SessionTx {
             queue: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             ready: Notify::new(),
-            lagging_since: AtomicI64::new(0),
+            lagging_since: AtomicI64::new(NOT_LAGGING),
             signals: AtomicU8::new(0),
             silence_limit_ms: silence_limit.map_or(0, |d| d.as_millis().max(1) as u64),
             last_heard_ms: AtomicU64::new(crate::keepalive::now_ms()),
@@ -155,12 +159,25 @@ impl SessionTx {
 
     /// Takes the lag marker, if any.
     pub fn take_lag(&self) -> Option<i64> {
-        match self.lagging_since.swap(0, Ordering::AcqRel) {
-            0 => None,
+        match self.lagging_since.swap(NOT_LAGGING, Ordering::AcqRel) {
+            NOT_LAGGING => None,
             since => Some(since),
         }
     }
+
+    fn lagging(&self) -> bool {
+        self.lagging_since.load(Ordering::Acquire) != NOT_LAGGING
+    }
+
+    /// Leaves `message` to the store: the session fetches it once it has caught up.
+    fn defer(&self, message: &Message) {
+        self.lagging_since
+            .fetch_min(message.created_ms, Ordering::AcqRel);
+    }
 }
+
+/// [`SessionTx::lagging_since`] when nothing was left to the store.
+const NOT_LAGGING: i64 = i64::MAX;
 
 /// What happened to a routed message, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -353,8 +370,8 @@ impl Router {
             };
             // A lagging session takes QoS 1/2 from the store until it has caught up, so that
             // nothing newer overtakes what is waiting there.
-            if delivery.qos != Qos::AtMostOnce && session.lagging_since.load(Ordering::Acquire) != 0
-            {
+            if delivery.qos != Qos::AtMostOnce && session.lagging() {
+                session.defer(&delivery.message);
                 offer.deferred += 1;
                 continue;
             }
@@ -362,12 +379,7 @@ impl Router {
                 Ok(()) => offer.queued += 1,
                 Err(d) if d.qos == Qos::AtMostOnce => offer.dropped += 1,
                 Err(d) => {
-                    let _ = session.lagging_since.compare_exchange(
-                        0,
-                        d.message.created_ms.max(1),
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
+                    session.defer(&d.message);
                     offer.deferred += 1;
                 }
             }
@@ -481,6 +493,26 @@ mod tests {
         assert_eq!(router.route(&message("t", Qos::AtLeastOnce)).deferred, 1);
         let sessions = &router.read().sessions;
         assert_eq!(sessions.get("a").and_then(|s| s.take_lag()), Some(1));
+    }
+
+    #[test]
+    fn the_lag_marker_is_the_oldest_message_left_out_not_the_first() {
+        let router = Router::default();
+        let (a, rx) = session(&router, "a", 1);
+        router.subscribe(&a, "t", Qos::AtLeastOnce);
+        let at = |created_ms| {
+            let mut m = (*message("t", Qos::AtLeastOnce)).clone();
+            m.created_ms = created_ms;
+            Arc::new(m)
+        };
+        assert_eq!(router.route(&at(100)).queued, 1);
+        // Left out in the order they are routed, created in another order (a publisher's
+        // batch waited for the link while another's went ahead).
+        assert_eq!(router.route(&at(300)).deferred, 1);
+        assert_eq!(router.route(&at(200)).deferred, 1);
+        assert_eq!(router.route(&at(400)).deferred, 1);
+        assert_eq!(rx.take_lag(), Some(200));
+        assert_eq!(rx.take_lag(), None);
     }
 
     /// A router with session "a" subscribed to "t", and a task waiting on its queue.

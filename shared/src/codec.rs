@@ -169,7 +169,7 @@ mod tests {
                     qos: Qos::ExactlyOnce,
                 }],
                 undelivered: vec![sample_message()],
-                next_since_ms: Some(5),
+                next: Some(Cursor::since(5)),
                 outbound_qos2: vec![OutboundQos2 {
                     pkid: 3,
                     message: sample_message(),
@@ -191,7 +191,7 @@ mod tests {
             instance: "i".into(),
         });
         codec.encode(hello, &mut buf).expect("encode");
-        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 5, 2, b'h', b'1', 1, b'i']);
+        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 6, 2, b'h', b'1', 1, b'i']);
 
         buf.clear();
         let persist = EdgeFrame::Request {

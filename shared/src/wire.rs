@@ -9,9 +9,9 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
-/// Most messages the worker puts in one reply; the edge asks again from `next_since_ms`.
+/// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 500;
 
 /// A message's identity: the 12 bytes of the MongoDB ObjectId that is its `_id`.
@@ -42,6 +42,43 @@ impl fmt::Debug for MessageId {
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())
+    }
+}
+
+impl MessageId {
+    /// Below every id a broker makes (ids begin with their creation second).
+    pub const MIN: MessageId = MessageId([0; 12]);
+}
+
+/// A position in the order in which catch-ups read stored messages: by creation time, then
+/// by id. A catch-up returns the messages strictly after it, so paging neither skips a
+/// millisecond that holds more than a page nor reads a message twice.
+#[derive(Encode, Decode, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Cursor {
+    pub created_ms: i64,
+    pub id: MessageId,
+}
+
+impl Cursor {
+    /// Just before every message created at or after `ms`.
+    pub fn since(ms: i64) -> Cursor {
+        Cursor {
+            created_ms: ms,
+            id: MessageId::MIN,
+        }
+    }
+
+    /// The position of `message`: a catch-up from here continues after it.
+    pub fn of(message: &Message) -> Cursor {
+        Cursor {
+            created_ms: message.created_ms,
+            id: message.id,
+        }
+    }
+
+    /// Whether `message` comes after this position.
+    pub fn precedes(&self, message: &Message) -> bool {
+        (message.created_ms, message.id) > (self.created_ms, self.id)
     }
 }
 
@@ -175,12 +212,12 @@ pub enum Request {
         client_id: String,
         filters: Vec<String>,
     },
-    /// Messages on the client's subscriptions, stored since `since_ms` (or since each
-    /// subscription was made), not yet delivered to it, oldest first. `other_hosts_only` is
-    /// the seed's catch-up on PINGREQ/PUBLISH. Reply [`Reply::Messages`].
+    /// Messages on the client's subscriptions after `after` (and since each subscription
+    /// was made), not yet delivered to it, oldest first. `other_hosts_only` is the seed's
+    /// catch-up on PINGREQ/PUBLISH. Reply [`Reply::Messages`].
     CatchUp {
         client_id: String,
-        since_ms: Option<i64>,
+        after: Option<Cursor>,
         other_hosts_only: bool,
     },
     /// A client's connection ended; with a clean session its subscriptions are dropped.
@@ -225,16 +262,16 @@ pub enum Reply {
         present: bool,
         subscriptions: Vec<Subscription>,
         undelivered: Vec<Message>,
-        /// More undelivered messages may wait from this time on: ask with `CatchUp`.
-        next_since_ms: Option<i64>,
+        /// More undelivered messages may wait after this position: ask with `CatchUp`.
+        next: Option<Cursor>,
         /// QoS 2 deliveries to this client that were under way.
         outbound_qos2: Vec<OutboundQos2>,
     },
     Messages {
         messages: Vec<Message>,
-        /// More may wait from this time on (a page ended); `None` when this was all. The
-        /// worker makes sure it moves forward, so paging ends.
-        next_since_ms: Option<i64>,
+        /// More may wait after this position (a page ended); `None` when this was all. It is
+        /// the last message read, so paging moves forward and ends.
+        next: Option<Cursor>,
     },
     /// The request could not be carried out; `retryable` when the store may recover.
     Failed {

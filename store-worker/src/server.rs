@@ -372,7 +372,7 @@ async fn handle<S: Store>(
             let subscriptions =
                 crate::pipeline::retry(limit, "session", || store.subscriptions(&client_id))
                     .await?;
-            let (undelivered, next_since_ms) = crate::pipeline::retry(limit, "session", || {
+            let (undelivered, next) = crate::pipeline::retry(limit, "session", || {
                 store::undelivered(store, &client_id, None, None)
             })
             .await?;
@@ -390,7 +390,7 @@ async fn handle<S: Store>(
                     })
                     .collect(),
                 undelivered,
-                next_since_ms,
+                next,
                 outbound_qos2,
             }
         }
@@ -413,7 +413,7 @@ async fn handle<S: Store>(
                     .await?;
             Reply::Messages {
                 messages,
-                next_since_ms: None,
+                next: None,
             }
         }
         Request::Unsubscribe { client_id, filters } => {
@@ -425,7 +425,7 @@ async fn handle<S: Store>(
         }
         Request::CatchUp {
             client_id,
-            since_ms,
+            after,
             other_hosts_only,
         } => {
             // What this edge routed before asking is in the store when the query runs (the
@@ -436,16 +436,13 @@ async fn handle<S: Store>(
             }
             crate::pipeline::records_written(&shared.record).await;
             let not_host = other_hosts_only.then_some(edge_host);
-            let (messages, next_since_ms) = crate::pipeline::retry(limit, "catch-up", || {
-                store::undelivered(store, &client_id, since_ms, not_host)
+            let (messages, next) = crate::pipeline::retry(limit, "catch-up", || {
+                store::undelivered(store, &client_id, after, not_host)
             })
             .await?;
             metrics::histogram!("wharf_worker_catch_up_seconds")
                 .record(started.elapsed().as_secs_f64());
-            Reply::Messages {
-                messages,
-                next_since_ms,
-            }
+            Reply::Messages { messages, next }
         }
         Request::Persist(_) | Request::PersistQos2 { .. } | Request::ReleaseQos2 { .. } => {
             return Err(StoreError::Failed("persister request on a lane".into()))

@@ -7,6 +7,7 @@
 //! - [`client`]: a rumqttc client that reports every packet it receives.
 //! - [`raw`]: hand-written bytes, for malformed input and exact packet checks.
 //! - [`resilient`]: byte-level clients that survive broker crashes as MQTT requires.
+//! - [`fleet`]: many publishers flat out and lagging subscribers, checked by message identity.
 //! - [`etcd`]: an etcd server per test (Debian's `etcd-server`).
 //! - [`mongo`]: a SecantusDB (MongoDB wire) server per test.
 //! - [`process`]: the real binaries as child processes (broker hosts to kill).
@@ -15,6 +16,7 @@
 pub mod certs;
 pub mod client;
 pub mod etcd;
+pub mod fleet;
 pub mod mock_worker;
 pub mod mongo;
 pub mod process;

@@ -12,8 +12,8 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use wharf_shared::now_ms;
 use wharf_shared::{
-    EdgeFrame, FrameCodec, Hello, Message, MessageId, Notice, Qos, Reply, Request, Subscription,
-    WorkerFrame, MAX_MESSAGES_PER_REPLY, PROTOCOL_VERSION,
+    Cursor, EdgeFrame, FrameCodec, Hello, Message, MessageId, Notice, Qos, Reply, Request,
+    Subscription, WorkerFrame, MAX_MESSAGES_PER_REPLY, PROTOCOL_VERSION,
 };
 
 /// What the mock has stored; tests read it directly.
@@ -260,9 +260,9 @@ fn matches(topic: &str, filter: &str) -> bool {
 fn undelivered(
     store: &MockStore,
     client: &str,
-    since: Option<i64>,
+    after: Option<Cursor>,
     other_host: Option<&str>,
-) -> (Vec<Message>, Option<i64>) {
+) -> (Vec<Message>, Option<Cursor>) {
     let Some(subs) = store.subscriptions.get(client) else {
         return (Vec::new(), None);
     };
@@ -270,7 +270,7 @@ fn undelivered(
         .messages
         .iter()
         .filter(|m| other_host.is_none_or(|h| m.host != h))
-        .filter(|m| since.is_none_or(|s| m.created_ms >= s))
+        .filter(|m| after.is_none_or(|a| a.precedes(m)))
         .filter(|m| !store.delivered.contains(&(client.to_owned(), m.id)))
         .filter(|m| {
             subs.iter()
@@ -279,8 +279,10 @@ fn undelivered(
         .cloned()
         .collect();
     out.sort_by_key(|m| (m.created_ms, m.id));
-    let next = (out.len() > MAX_MESSAGES_PER_REPLY).then(|| out[MAX_MESSAGES_PER_REPLY].created_ms);
     out.truncate(MAX_MESSAGES_PER_REPLY);
+    let next = (out.len() == MAX_MESSAGES_PER_REPLY)
+        .then(|| out.last().map(Cursor::of))
+        .flatten();
     (out, next)
 }
 
@@ -316,7 +318,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                         .collect()
                 })
                 .unwrap_or_default();
-            let (undelivered, next_since_ms) = undelivered(&store, &client_id, None, None);
+            let (undelivered, next) = undelivered(&store, &client_id, None, None);
             let outbound_qos2 = store
                 .qos2_out
                 .iter()
@@ -334,7 +336,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                 present,
                 subscriptions,
                 undelivered,
-                next_since_ms,
+                next,
                 outbound_qos2,
             }
         }
@@ -392,7 +394,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                 .collect();
             Reply::Messages {
                 messages,
-                next_since_ms: None,
+                next: None,
             }
         }
         Request::Unsubscribe { client_id, filters } => {
@@ -405,15 +407,12 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
         }
         Request::CatchUp {
             client_id,
-            since_ms,
+            after,
             other_hosts_only,
         } => {
             let other = other_hosts_only.then_some(edge_host);
-            let (messages, next_since_ms) = undelivered(&store, &client_id, since_ms, other);
-            Reply::Messages {
-                messages,
-                next_since_ms,
-            }
+            let (messages, next) = undelivered(&store, &client_id, after, other);
+            Reply::Messages { messages, next }
         }
     }
 }

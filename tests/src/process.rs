@@ -48,6 +48,7 @@ pub struct BrokerHost {
     dir: PathBuf,
     mongodb_uri: Option<String>,
     worker_args: Vec<String>,
+    edge_args: Vec<String>,
     worker: Option<Child>,
     edge: Option<Child>,
 }
@@ -75,6 +76,17 @@ impl BrokerHost {
         mongodb_uri: Option<String>,
         worker_args: &[&str],
     ) -> BrokerHost {
+        Self::start_with_args(dir, name, mongodb_uri, worker_args, &[]).await
+    }
+
+    /// Like `start`, with extra store-worker and edge flags.
+    pub async fn start_with_args(
+        dir: &Path,
+        name: &str,
+        mongodb_uri: Option<String>,
+        worker_args: &[&str],
+        edge_args: &[&str],
+    ) -> BrokerHost {
         let mut host = BrokerHost {
             name: name.to_owned(),
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
@@ -83,6 +95,7 @@ impl BrokerHost {
             dir: dir.join(name),
             mongodb_uri,
             worker_args: worker_args.iter().map(|a| a.to_string()).collect(),
+            edge_args: edge_args.iter().map(|a| a.to_string()).collect(),
             worker: None,
             edge: None,
         };
@@ -140,6 +153,7 @@ impl BrokerHost {
                 "--worker-socket",
             ])
             .arg(self.socket())
+            .args(&self.edge_args)
             .env("RUST_LOG", "info")
             .stdout(self.log("edge"))
             .stderr(self.log("edge"))

@@ -563,7 +563,7 @@ async fn catch_up_sees_every_persist_sent_before_it(kind: Kind) {
     // From the last message's time: the first page is the one that must wait for the writes.
     let catch_up = wharf_shared::Request::CatchUp {
         client_id: "late".into(),
-        since_ms: Some(start + n as i64 - 1),
+        after: Some(wharf_shared::Cursor::since(start + n as i64 - 1)),
         other_hosts_only: false,
     };
     assert_eq!(

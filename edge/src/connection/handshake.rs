@@ -33,7 +33,7 @@ pub struct Handshake {
     pub session_tx: Arc<SessionTx>,
     pub takeover_rx: oneshot::Receiver<oneshot::Sender<Option<SessionState>>>,
     pub undelivered: Vec<Message>,
-    pub next_since_ms: Option<i64>,
+    pub next: Option<wharf_shared::Cursor>,
     pub connect_started_ms: i64,
     /// CONNACK and anything else to send first.
     pub write_buf: BytesMut,
@@ -148,7 +148,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
     };
     let connect_started_ms = ids::now_ms();
     let mut undelivered = Vec::new();
-    let mut next_since_ms = None;
+    let mut next = None;
     let (state, present) = if connect.clean_session {
         let request = Request::Connect {
             client_id: client_id.to_string(),
@@ -164,9 +164,9 @@ async fn start_session<W: AsyncWrite + Unpin>(
         (SessionState::new(client_id.clone()), false)
     } else {
         match fetch_session(broker, &client_id).await {
-            Ok((present, subscriptions, messages, next_since, outbound)) => {
+            Ok((present, subscriptions, messages, next_page, outbound)) => {
                 undelivered = messages;
-                next_since_ms = next_since;
+                next = next_page;
                 let mut state = match prior {
                     // Parked on this edge: its own state is the freshest.
                     Some(state) => state,
@@ -218,7 +218,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
         session_tx,
         takeover_rx,
         undelivered,
-        next_since_ms,
+        next,
         connect_started_ms,
         write_buf,
     })))
@@ -242,7 +242,7 @@ type StoredSession = (
     bool,
     Vec<wharf_shared::Subscription>,
     Vec<Message>,
-    Option<i64>,
+    Option<wharf_shared::Cursor>,
     Vec<wharf_shared::OutboundQos2>,
 );
 
@@ -261,15 +261,9 @@ async fn fetch_session(broker: &Broker, client_id: &str) -> Result<StoredSession
             present,
             subscriptions,
             undelivered,
-            next_since_ms,
+            next,
             outbound_qos2,
-        } => Ok((
-            present,
-            subscriptions,
-            undelivered,
-            next_since_ms,
-            outbound_qos2,
-        )),
+        } => Ok((present, subscriptions, undelivered, next, outbound_qos2)),
         other => Err(SessionError::Store(format!("connect: {other:?}"))),
     }
 }

@@ -16,7 +16,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use wharf_shared::{DeliveredRecord, Message, MessageId, Notice, Qos, Reply, Request};
+use wharf_shared::{Cursor, DeliveredRecord, Message, MessageId, Notice, Qos, Reply, Request};
 
 /// Clock skew allowed between hosts when asking the store for "messages since".
 const SKEW_MS: i64 = 2_000;
@@ -136,8 +136,9 @@ pub struct Outbound {
     stalled: Option<Delivery>,
     dedupe: Dedupe,
     delivered: Vec<DeliveredRecord>,
-    /// Undelivered messages wait in the store from this time on.
-    store_since: Option<i64>,
+    /// Undelivered messages wait in the store after this position. While it is set, live
+    /// messages wait in the queue: the store's go first.
+    store_after: Option<Cursor>,
     /// Other hosts' messages before this time have been asked for.
     watermark_ms: i64,
     catch_up: Option<(CatchUpKind, Instant)>,
@@ -168,7 +169,7 @@ impl Outbound {
             stalled: None,
             dedupe: Dedupe::default(),
             delivered: Vec::new(),
-            store_since: None,
+            store_after: None,
             watermark_ms: 0,
             catch_up: None,
             last_seed_catch_up: None,
@@ -180,7 +181,7 @@ impl Outbound {
 
     /// After CONNACK: re-send what was inflight, ask the store again for the QoS 2 steps it
     /// had not answered, then queue what the store kept.
-    pub fn resume(&mut self, undelivered: Vec<Message>, next_since: Option<i64>, started_ms: i64) {
+    pub fn resume(&mut self, undelivered: Vec<Message>, next: Option<Cursor>, started_ms: i64) {
         let inflight: Vec<MessageId> = self.state.inflight_ids().collect();
         self.dedupe.open(inflight.into_iter());
         for resend in self.state.resend() {
@@ -197,7 +198,8 @@ impl Outbound {
         self.watermark_ms = started_ms - SKEW_MS;
         // Page on if the store has more; otherwise ask once more for what arrived while the
         // router registration was under way.
-        self.store_since = Some(next_since.unwrap_or(started_ms - SKEW_MS));
+        let after = next.unwrap_or(Cursor::since(started_ms - SKEW_MS));
+        self.store_after = Some(after.min(self.in_transit_start()));
     }
 
     /// Queues messages from the store that this session has not seen in this window.
@@ -249,10 +251,12 @@ impl Outbound {
         }
     }
 
-    /// A store fetch is under way: live messages wait behind it, so that older stored ones
-    /// go first.
+    /// A store fetch is under way, or the store has more pages for this session: live
+    /// messages wait behind them, so that older stored ones go first. (Taking from the queue
+    /// between two pages let a publisher's newer live messages overtake its older stored
+    /// ones.)
     fn fetching(&self) -> bool {
-        matches!(self.catch_up, Some((CatchUpKind::Store, _)))
+        self.store_after.is_some() || matches!(self.catch_up, Some((CatchUpKind::Store, _)))
     }
 
     /// Whether the run loop should take the next message off the router queue.
@@ -305,7 +309,7 @@ impl Outbound {
                     Some(d) => d,
                     None => {
                         if let Some(since) = self.session_tx.take_lag() {
-                            self.lagged(since);
+                            self.lagged(Cursor::since(since).min(self.in_transit_start()));
                         }
                         break;
                     }
@@ -318,8 +322,19 @@ impl Outbound {
         }
     }
 
-    fn lagged(&mut self, since: i64) {
-        self.store_since = Some(self.store_since.map_or(since, |s| s.min(since)));
+    /// Where a store fetch must start at the latest so that a message still in transit on this
+    /// edge (made before, routed after this moment, to the live queue) is fetched from the
+    /// store too, before the later messages of its publisher (see [`crate::transit`]).
+    fn in_transit_start(&self) -> Cursor {
+        self.broker
+            .in_transit
+            .oldest()
+            .map_or(Cursor::since(i64::MAX), Cursor::since)
+    }
+
+    /// Messages after `since` were left to the store (or may be there).
+    fn lagged(&mut self, since: Cursor) {
+        self.store_after = Some(self.store_after.map_or(since, |s| s.min(since)));
     }
 
     fn encode(&mut self, d: &Delivery, pkid: u16, dup: bool) {
@@ -407,16 +422,20 @@ impl Outbound {
     /// The next catch-up to ask the store for, if one is due. `seed` marks a PINGREQ or
     /// PUBLISH, the seed's trigger for other hosts' messages.
     pub fn next_catch_up(&mut self, seed: bool) -> Option<Request> {
+        if self.state.subscriptions.is_empty() {
+            // Nothing to fetch: nothing holds the queue back either.
+            self.store_after = None;
+        }
         if self.catch_up.is_some() || self.state.subscriptions.is_empty() {
             return None;
         }
-        if let Some(since) = self.store_since {
+        if let Some(after) = self.store_after {
             if self.backlog.is_empty() && self.stalled.is_none() {
                 self.open_window();
                 self.catch_up = Some((CatchUpKind::Store, Instant::now()));
                 return Some(Request::CatchUp {
                     client_id: String::from(&*self.state.client_id),
-                    since_ms: Some(since),
+                    after: Some(after),
                     other_hosts_only: false,
                 });
             }
@@ -440,7 +459,7 @@ impl Outbound {
             ));
             return Some(Request::CatchUp {
                 client_id: String::from(&*self.state.client_id),
-                since_ms: Some(self.watermark_ms),
+                after: Some(Cursor::since(self.watermark_ms)),
                 other_hosts_only: true,
             });
         }
@@ -464,11 +483,8 @@ impl Outbound {
             return;
         };
         metrics::histogram!("wharf_edge_catch_up_seconds").record(started.elapsed().as_secs_f64());
-        let (messages, next_since) = match reply {
-            Ok(Reply::Messages {
-                messages,
-                next_since_ms,
-            }) => (messages, next_since_ms),
+        let (messages, next) = match reply {
+            Ok(Reply::Messages { messages, next }) => (messages, next),
             other => {
                 tracing::debug!(client_id = %self.state.client_id, reply = ?other, "catch-up failed");
                 return;
@@ -480,13 +496,37 @@ impl Outbound {
             .increment((self.backlog.len() - before) as u64);
         match kind {
             // The worker's cursor always moves forward, so paging ends.
-            CatchUpKind::Store => self.store_since = next_since,
-            CatchUpKind::Seed { watermark } => {
-                self.watermark_ms = watermark;
-                if let Some(since) = next_since {
-                    self.lagged(since);
+            CatchUpKind::Store => {
+                self.store_after = next;
+                if next.is_none() {
+                    self.merge_queue();
                 }
             }
+            CatchUpKind::Seed { watermark } => {
+                self.watermark_ms = watermark;
+                if let Some(next) = next {
+                    self.lagged(next);
+                }
+            }
+        }
+    }
+
+    /// The store has given everything it had: what waits in the live queue joins the
+    /// messages fetched, in creation order. A message can reach this edge's queue after later
+    /// ones of its publisher were fetched from the store (it was still on its way from another
+    /// host when the store was asked); each publisher's messages are made in order, so sorting
+    /// by creation puts it back before them, whichever way each came.
+    fn merge_queue(&mut self) {
+        let before = self.backlog.len();
+        while let Some(d) = self.session_tx.try_pop() {
+            if self.dedupe.first_time(d.message.id) {
+                self.backlog.push_back(d);
+            }
+        }
+        if self.backlog.len() > before {
+            self.backlog
+                .make_contiguous()
+                .sort_by_key(|d| (d.message.created_ms, d.message.id));
         }
     }
 

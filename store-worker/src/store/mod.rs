@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use wharf_shared::topic;
 use wharf_shared::{
-    DeliveredRecord, Message, MessageId, Qos, Subscription, MAX_MESSAGES_PER_REPLY,
+    Cursor, DeliveredRecord, Message, MessageId, Qos, Subscription, MAX_MESSAGES_PER_REPLY,
 };
 
 /// Messages kept for 30 days, delivery records for 7 (the seed's TTLs).
@@ -115,13 +115,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         prefixes: Option<Vec<String>>,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
-    /// Messages with `created >= since_ms`, oldest first (by created, then id), at most
-    /// `limit`, not from `not_host`, with topics starting with one of `prefixes` (all with
-    /// `None`). Backed by an index on `created`: its cost follows the new messages, not the
-    /// history.
-    fn messages_since(
+    /// Messages after `after` in (created, id) order, oldest first, at most `limit`, not
+    /// from `not_host`, with topics starting with one of `prefixes` (all with `None`). Backed
+    /// by an index on `created`: its cost follows the new messages, not the history.
+    fn messages_after(
         &self,
-        since_ms: i64,
+        after: Cursor,
         not_host: Option<String>,
         prefixes: Option<Vec<String>>,
         limit: usize,
@@ -196,35 +195,39 @@ pub fn prefixes<'a>(filters: impl Iterator<Item = &'a str>) -> Option<Vec<String
     Some(out)
 }
 
-/// Messages on the client's subscriptions stored since `since_ms` (and since each
+/// Messages on the client's subscriptions stored after `after` (and since each
 /// subscription was made), without a delivery record for the client, oldest first. Returns at
-/// most `MAX_MESSAGES_PER_REPLY` and where to continue if there may be more.
+/// most `MAX_MESSAGES_PER_REPLY` and, if there may be more, the position of the last message
+/// read: the next page starts strictly after it, so no message is read twice or skipped,
+/// however many share a millisecond.
 pub async fn undelivered<S: Store>(
     store: &S,
     client_id: &str,
-    since_ms: Option<i64>,
+    after: Option<Cursor>,
     not_host: Option<&str>,
-) -> Result<(Vec<Message>, Option<i64>), StoreError> {
+) -> Result<(Vec<Message>, Option<Cursor>), StoreError> {
     let subscriptions = store.subscriptions(client_id).await?;
     let Some(oldest) = subscriptions.iter().map(|s| s.created_ms).min() else {
         return Ok((Vec::new(), None));
     };
     let prefixes = prefixes(subscriptions.iter().map(|s| s.filter.as_str()));
-    let mut lower = since_ms.map_or(oldest, |s| s.max(oldest));
+    let mut position = after.map_or(Cursor::since(oldest), |a| a.max(Cursor::since(oldest)));
     let mut out = Vec::new();
     for _ in 0..MAX_PAGES_PER_QUERY {
         let page = store
-            .messages_since(
-                lower,
+            .messages_after(
+                position,
                 not_host.map(str::to_owned),
                 prefixes.clone(),
-                MAX_MESSAGES_PER_REPLY + 1,
+                MAX_MESSAGES_PER_REPLY,
             )
             .await?;
-        let next = page.get(MAX_MESSAGES_PER_REPLY).map(|m| m.created_ms);
+        let full = page.len() >= MAX_MESSAGES_PER_REPLY;
+        if let Some(last) = page.last() {
+            position = Cursor::of(last);
+        }
         let wanted: Vec<Message> = page
             .into_iter()
-            .take(MAX_MESSAGES_PER_REPLY)
             .filter(|m| {
                 subscriptions
                     .iter()
@@ -239,16 +242,14 @@ pub async fn undelivered<S: Store>(
                 .await?
         };
         out.extend(wanted.into_iter().filter(|m| !delivered.contains(&m.id)));
-        let Some(next) = next else {
+        if !full {
             return Ok((out, None));
-        };
-        // Always move forward, even through a millisecond with more than a page of messages.
-        lower = if next > lower { next } else { lower + 1 };
+        }
         if !out.is_empty() {
             break;
         }
     }
-    Ok((out, Some(lower)))
+    Ok((out, Some(position)))
 }
 
 /// The client's QoS 2 deliveries under way, with their messages (those past the TTL dropped).

@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use wharf_shared::{Message, MessageId, Qos, Subscription};
+use wharf_shared::{Cursor, Message, MessageId, Qos, Subscription};
 
 /// Duplicate key: the document is already there (a re-sent message or record).
 const DUPLICATE_KEY: i32 = 11000;
@@ -648,26 +648,44 @@ impl Store for MongoStore {
             .collect())
     }
 
-    async fn messages_since(
+    async fn messages_after(
         &self,
-        since_ms: i64,
+        after: Cursor,
         not_host: Option<String>,
         prefixes: Option<Vec<String>>,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let mut filter = doc! { "created": { "$gte": DateTime::from_millis(since_ms) } };
+        let mut filter = doc! {};
         if let Some(host) = not_host {
             filter.insert("host", doc! { "$ne": host });
         }
         if let Some(topics) = topic_condition("topic", &prefixes) {
             filter.extend(topics);
         }
-        let docs = all(self
+        // Two plain range scans of the `created_id` index rather than one `$or`, so that any
+        // server walks the index in order: the rest of the cursor's millisecond, then what
+        // comes after it.
+        let created = DateTime::from_millis(after.created_ms);
+        let mut same_ms = filter.clone();
+        same_ms.insert("created", created);
+        same_ms.insert("_id", doc! { "$gt": oid(&after.id) });
+        let mut docs = all(self
             .messages
-            .find(filter)
+            .find(same_ms)
             .sort(doc! { "created": 1, "_id": 1 })
             .limit(limit as i64))
         .await?;
+        if docs.len() < limit {
+            filter.insert("created", doc! { "$gt": created });
+            docs.extend(
+                all(self
+                    .messages
+                    .find(filter)
+                    .sort(doc! { "created": 1, "_id": 1 })
+                    .limit((limit - docs.len()) as i64))
+                .await?,
+            );
+        }
         Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
     }
 
@@ -767,18 +785,30 @@ impl Follower<'_> {
         self.sink.send(fresh).await.map_err(|_| Stopped)
     }
 
-    /// Everything from other hosts since the watermark (less the lateness allowance).
+    /// Everything from other hosts since the watermark (less the lateness allowance), page
+    /// by page: a busy window holds more than one page.
     async fn sweep(&mut self) -> Result<(), Stopped> {
-        let since = self.watermark_ms - LATE_MS;
-        match self
-            .store
-            .messages_since(since, Some(self.own_host.clone()), None, 10_000)
-            .await
-        {
-            Ok(messages) => self.send(messages).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "polling for other hosts' messages failed");
-                Ok(())
+        const PAGE: usize = 10_000;
+        let mut after = Cursor::since(self.watermark_ms - LATE_MS);
+        loop {
+            let page = match self
+                .store
+                .messages_after(after, Some(self.own_host.clone()), None, PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "polling for other hosts' messages failed");
+                    return Ok(());
+                }
+            };
+            let full = page.len() >= PAGE;
+            if let Some(last) = page.last() {
+                after = Cursor::of(last);
+            }
+            self.send(page).await?;
+            if !full {
+                return Ok(());
             }
         }
     }

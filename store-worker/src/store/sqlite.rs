@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use wharf_shared::{Message, MessageId, Qos, Subscription};
+use wharf_shared::{Cursor, Message, MessageId, Qos, Subscription};
 
 const PRAGMAS: &str = "
 PRAGMA journal_mode = WAL;
@@ -530,9 +530,9 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn messages_since(
+    async fn messages_after(
         &self,
-        since_ms: i64,
+        after: Cursor,
         not_host: Option<String>,
         _prefixes: Option<Vec<String>>,
         limit: usize,
@@ -550,7 +550,7 @@ impl Store for SqliteStore {
             let mut found: Vec<Message> = Vec::new();
             // A message written twice (a persist re-sent across a worker restart) once.
             let mut ids = HashSet::new();
-            let mut rows = heads.query([since_ms.saturating_sub(BLOCK_SPAN_MS)])?;
+            let mut rows = heads.query([after.created_ms.saturating_sub(BLOCK_SPAN_MS)])?;
             while let Some(row) = rows.next()? {
                 let (seq, oldest): (i64, i64) = (row.get(0)?, row.get(1)?);
                 if found.len() >= limit {
@@ -566,7 +566,7 @@ impl Store for SqliteStore {
                 found.extend(
                     decode_block(&data)?
                         .into_iter()
-                        .filter(|m| m.created_ms >= since_ms && m.host != host && ids.insert(m.id)),
+                        .filter(|m| after.precedes(m) && m.host != host && ids.insert(m.id)),
                 );
             }
             found.sort_by_key(|m| (m.created_ms, m.id));
@@ -749,7 +749,10 @@ mod tests {
             ..Default::default()
         };
         store.write(Arc::new(durable)).await.expect("write");
-        let stored = store.messages_since(0, None, None, 10).await.expect("read");
+        let stored = store
+            .messages_after(Cursor::since(0), None, None, 10)
+            .await
+            .expect("read");
         assert_eq!(stored.len(), 3);
     }
 
@@ -789,7 +792,10 @@ mod tests {
         for _ in 0..2 {
             // Opening twice: the second open finds the current version and leaves it alone.
             let store = SqliteStore::open(dir.path()).expect("open");
-            let stored = store.messages_since(0, None, None, 10).await.expect("read");
+            let stored = store
+                .messages_after(Cursor::since(0), None, None, 10)
+                .await
+                .expect("read");
             let order: Vec<u8> = stored.iter().map(|m| m.payload[0]).collect();
             assert_eq!(order, vec![3, 2, 1], "oldest first");
             let by_id = store
@@ -932,6 +938,64 @@ mod tests {
         }
     }
 
+    /// More messages in one millisecond than a page holds, some written after later ones
+    /// (publishers whose writes overtook each other): paging with the cursor returns every
+    /// one, once, in (created, id) order. A cursor of milliseconds skipped the rest of such a
+    /// millisecond.
+    #[tokio::test]
+    async fn a_millisecond_with_more_than_a_page_is_paged_whole() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let busy = 2_000_000;
+        let sub = wharf_shared::Subscription {
+            filter: "t/#".into(),
+            qos: Qos::AtLeastOnce,
+        };
+        store
+            .upsert_subscriptions("s", vec![sub], busy - 1_000)
+            .await
+            .expect("subscribe");
+        let mut expected = Vec::new();
+        for batch in 0..6u32 {
+            // Odd batches carry a later millisecond first, then more of the busy one.
+            let mut messages: Vec<Message> = (0..260)
+                .map(|i| at(batch * 1_000 + i, busy, Qos::AtLeastOnce))
+                .collect();
+            if batch % 2 == 1 {
+                messages.push(at(
+                    batch * 1_000 + 999,
+                    busy + 1 + batch as i64,
+                    Qos::AtLeastOnce,
+                ));
+            }
+            expected.extend(messages.iter().cloned());
+            let write = WriteBatch {
+                messages,
+                ..Default::default()
+            };
+            store.write(Arc::new(write)).await.expect("write");
+        }
+        expected.sort_by_key(|m| (m.created_ms, m.id));
+        let mut got: Vec<MessageId> = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let (page, next) = super::super::undelivered(&store, "s", after, None)
+                .await
+                .expect("page");
+            got.extend(page.iter().map(|m| m.id));
+            pages += 1;
+            assert!(pages < 100, "paging does not end");
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let want: Vec<MessageId> = expected.iter().map(|m| m.id).collect();
+        assert_eq!(got.len(), want.len(), "every message once");
+        assert_eq!(got, want, "in (created, id) order");
+    }
+
     #[tokio::test]
     async fn catch_up_pages_come_in_creation_order_across_blocks() {
         let dir = tempfile::tempdir().expect("dir");
@@ -980,7 +1044,7 @@ mod tests {
                         .map(|m| m.id)
                         .collect();
                     let got: Vec<MessageId> = store
-                        .messages_since(since, not_host.clone(), None, limit)
+                        .messages_after(Cursor::since(since), not_host.clone(), None, limit)
                         .await
                         .expect("page")
                         .iter()
@@ -1013,7 +1077,10 @@ mod tests {
             .expect("by id");
         assert_eq!(found.len(), 1, "only QoS 2 messages are looked up by id");
         assert_eq!(found[0].payload, m.payload);
-        let all = store.messages_since(0, None, None, 10).await.expect("read");
+        let all = store
+            .messages_after(Cursor::since(0), None, None, 10)
+            .await
+            .expect("read");
         assert_eq!(all.iter().filter(|x| x.id == m.id).count(), 1);
         let blocks = read_i64(&store, "SELECT count(*) FROM message_block");
         assert_eq!(blocks, 2, "the second write stored only the QoS 1 message");
