@@ -5,6 +5,7 @@
 # then bench/report.py prints medians and ratios and draws the plots.
 #   bench/run.sh                 # everything
 #   RUNS=5 SCENARIOS="qos0 qos1" bench/run.sh
+#   RUNS=3 DURATION=10 SCENARIOS="qos1x8to1 qos1x8to8" bench/run.sh   # several publishers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"
@@ -83,6 +84,10 @@ for broker in $BROKERS; do
       case "$scenario" in
         qos0) load "$broker" qos0 --qos 0 ;;
         qos1) load "$broker" qos1 --qos 1 ;;
+        # Several publishers at once (issue 15): eight QoS 1 publishers flat out to one topic,
+        # read by one subscriber and by eight; loss is counted by message identity.
+        qos1x8to1) load "$broker" qos1x8to1 --qos 1 --publishers 8 ;;
+        qos1x8to8) load "$broker" qos1x8to8 --qos 1 --publishers 8 --subscribers 8 ;;
         # A 100 us pacing tick: two messages at a time, not bursts of 20 every millisecond.
         lat0) load "$broker" lat0 --qos 0 --rate 20000 --tick-us 100 ;;
         lat1) load "$broker" lat1 --qos 1 --rate 20000 --tick-us 100 ;;

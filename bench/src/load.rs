@@ -83,6 +83,50 @@ struct Stats {
     received: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
     last_receive_ns: AtomicU64,
+    /// Per subscriber (its own lock, uncontended), per publisher: which sequence numbers
+    /// arrived, a bit each.
+    seen: Vec<Mutex<Vec<Vec<u64>>>>,
+    duplicates: AtomicU64,
+}
+
+/// Bytes 0..8 of a payload: when it was sent (ns since the run's epoch); 8..12 the
+/// publisher's index; 12..20 its sequence number: the message's identity.
+const STAMP: usize = 20;
+
+fn stamp(payload: &mut [u8], sent_ns: u64, publisher: u32, seq: u64) {
+    payload[..8].copy_from_slice(&sent_ns.to_le_bytes());
+    payload[8..12].copy_from_slice(&publisher.to_le_bytes());
+    payload[12..20].copy_from_slice(&seq.to_le_bytes());
+}
+
+fn read_stamp(payload: &[u8]) -> Option<(u64, u32, u64)> {
+    let field = |r: std::ops::Range<usize>| payload.get(r);
+    let sent = u64::from_le_bytes(field(0..8)?.try_into().ok()?);
+    let publisher = u32::from_le_bytes(field(8..12)?.try_into().ok()?);
+    let seq = u64::from_le_bytes(field(12..20)?.try_into().ok()?);
+    Some((sent, publisher, seq))
+}
+
+/// Marks `seq` of `publisher` seen; false if it was already.
+fn mark(bits: &mut Vec<Vec<u64>>, publisher: u32, seq: u64) -> bool {
+    let p = publisher as usize;
+    if bits.len() <= p {
+        bits.resize_with(p + 1, Vec::new);
+    }
+    let words = &mut bits[p];
+    let (word, bit) = ((seq / 64) as usize, seq % 64);
+    if words.len() <= word {
+        words.resize(word + 1, 0);
+    }
+    let fresh = words[word] & (1 << bit) == 0;
+    words[word] |= 1 << bit;
+    fresh
+}
+
+fn has(bits: &[Vec<u64>], publisher: usize, seq: u64) -> bool {
+    bits.get(publisher)
+        .and_then(|w| w.get((seq / 64) as usize))
+        .is_some_and(|w| w & (1 << (seq % 64)) != 0)
 }
 
 async fn connect(o: MqttOptions, nagle: bool) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
@@ -100,7 +144,12 @@ async fn connect(o: MqttOptions, nagle: bool) -> anyhow::Result<(AsyncClient, ru
 
 /// Fixed rate: one OS thread sends what is due for every publisher each `--tick-us` (tokio's
 /// timer has a 1 ms resolution). Returns how many were sent.
-fn pace(clients: &[(AsyncClient, String)], args: &LoadArgs, epoch: Instant) -> u64 {
+fn pace(
+    clients: &[(AsyncClient, String)],
+    first: usize,
+    args: &LoadArgs,
+    epoch: Instant,
+) -> Vec<u64> {
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.duration);
     let tick = Duration::from_micros(args.tick_us.max(1));
@@ -117,8 +166,8 @@ fn pace(clients: &[(AsyncClient, String)], args: &LoadArgs, epoch: Instant) -> u
             // Publishers are spread evenly over a period, not all due at the same instant.
             let due = (args.rate as f64 * elapsed + i as f64 / spread) as u64;
             while *sent < due {
-                let stamp = epoch.elapsed().as_nanos() as u64;
-                payload[..8].copy_from_slice(&stamp.to_le_bytes());
+                let now = epoch.elapsed().as_nanos() as u64;
+                stamp(&mut payload, now, (first + i) as u32, *sent);
                 let publish =
                     client.try_publish(topic.clone(), qos(args.qos), false, payload.clone());
                 if publish.is_err() {
@@ -130,16 +179,21 @@ fn pace(clients: &[(AsyncClient, String)], args: &LoadArgs, epoch: Instant) -> u
         }
         std::thread::sleep(tick);
     }
-    sent.iter().sum()
+    sent
 }
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
-    anyhow::ensure!(args.payload >= 8, "--payload must be at least 8 bytes");
+    anyhow::ensure!(
+        args.payload >= STAMP,
+        "--payload must be at least {STAMP} bytes"
+    );
     let epoch = Instant::now();
     let stats = Arc::new(Stats {
         received: AtomicU64::new(0),
         latencies_us: Mutex::new(Vec::with_capacity(1 << 20)),
         last_receive_ns: AtomicU64::new(0),
+        seen: (0..args.subscribers).map(|_| Mutex::default()).collect(),
+        duplicates: AtomicU64::new(0),
     });
     let filter = if args.topic_per_publisher {
         "bench/#"
@@ -170,9 +224,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let now = epoch.elapsed().as_nanos() as u64;
-                        let mut sent = [0u8; 8];
-                        sent.copy_from_slice(&p.payload[..8]);
-                        let sent = u64::from_le_bytes(sent);
+                        let Some((sent, publisher, seq)) = read_stamp(&p.payload) else {
+                            continue;
+                        };
+                        if !mark(&mut stats.seen[s].lock().expect("lock"), publisher, seq) {
+                            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
                         local.push((now.saturating_sub(sent) / 1000) as u32);
                         stats.received.fetch_add(1, Ordering::Relaxed);
                         stats.last_receive_ns.fetch_max(now, Ordering::Relaxed);
@@ -193,11 +250,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     }
 
     let cpu_before = proc_stats::total_cpu(&args.pids);
-    let sent_total = Arc::new(AtomicU64::new(0));
     let started = epoch.elapsed();
+    // Acknowledgements (PUBACK, PUBCOMP) each publisher received.
+    let acks: Vec<Arc<AtomicU64>> = (0..args.publishers).map(|_| Arc::default()).collect();
+    let mut sent_by: Vec<u64> = vec![0; args.publishers];
     let mut pub_tasks = Vec::new();
     let mut paced = Vec::new();
-    for p in 0..args.publishers {
+    for (p, acked) in acks.iter().enumerate() {
         let (client, mut eventloop) = connect(
             options(&args, format!("bench-pub-{p}"), &args.broker)?,
             args.nagle,
@@ -209,13 +268,23 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
             "bench/t".to_owned()
         };
         // Drive the publisher's event loop (acks) in the background.
-        let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let acked = acked.clone();
+        let driver = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
         if args.rate > 0 {
             paced.push((client, topic, driver));
             continue;
         }
         let args = args.clone();
-        let sent_total = sent_total.clone();
         pub_tasks.push(tokio::spawn(async move {
             let until = Instant::now() + Duration::from_secs_f64(args.duration);
             let mut payload = vec![0u8; args.payload];
@@ -223,7 +292,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
             while Instant::now() < until {
                 for _ in 0..64 {
                     let now = epoch.elapsed().as_nanos() as u64;
-                    payload[..8].copy_from_slice(&now.to_le_bytes());
+                    stamp(&mut payload, now, p as u32, sent);
                     if client
                         .publish(topic.clone(), qos(args.qos), false, payload.clone())
                         .await
@@ -234,13 +303,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
                     sent += 1;
                 }
             }
-            sent_total.fetch_add(sent, Ordering::Relaxed);
-            (client, driver)
+            (p, sent, client, driver)
         }));
     }
     let mut publishers = Vec::new();
     for t in pub_tasks {
-        publishers.push(t.await?);
+        let (p, sent, client, driver) = t.await?;
+        sent_by[p] = sent;
+        publishers.push((client, driver));
     }
     if !paced.is_empty() {
         let clients: Vec<(AsyncClient, String)> = paced
@@ -248,12 +318,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
             .map(|(c, t, _)| (c.clone(), t.clone()))
             .collect();
         let pacing = args.clone();
-        let sent = tokio::task::spawn_blocking(move || pace(&clients, &pacing, epoch)).await?;
-        sent_total.fetch_add(sent, Ordering::Relaxed);
+        let sent = tokio::task::spawn_blocking(move || pace(&clients, 0, &pacing, epoch)).await?;
+        sent_by = sent;
         publishers.extend(paced.into_iter().map(|(c, _, d)| (c, d)));
     }
     let publish_secs = (epoch.elapsed() - started).as_secs_f64();
-    let sent = sent_total.load(Ordering::Relaxed);
+    let sent: u64 = sent_by.iter().sum();
     let expected = sent * args.subscribers as u64;
     // Drain: until everything arrived, or nothing arrived for 3 s.
     let mut last = u64::MAX;
@@ -272,6 +342,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu = proc_stats::total_cpu(&args.pids) - cpu_before;
+    // Publishers' acknowledgements: every publish of a run should have one by now.
+    let acked: Vec<u64> = acks.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    // Loss by identity: an acknowledged message (all of a publisher's, or as many of its
+    // first ones as were acknowledged: brokers acknowledge in order) some subscriber lacks.
+    let mut lost_by_id = 0u64;
+    for seen in &stats.seen {
+        let seen = seen.lock().expect("lock");
+        for (p, (&sent, &acked)) in sent_by.iter().zip(&acked).enumerate() {
+            let owed = if args.qos == 0 { sent } else { acked.min(sent) };
+            lost_by_id += (0..owed).filter(|&seq| !has(&seen, p, seq)).count() as u64;
+        }
+    }
+    let duplicates = stats.duplicates.load(Ordering::Relaxed);
     let rss = proc_stats::total_rss(&args.pids);
     let received = stats.received.load(Ordering::Relaxed);
     let end_ns = stats.last_receive_ns.load(Ordering::Relaxed);
@@ -297,7 +380,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     Ok(format!(
         concat!(
             "{{\"label\":\"{}\",\"scenario\":\"{}\",\"publishers\":{},\"subscribers\":{},\"qos\":{},",
-            "\"payload\":{},\"rate\":{},\"sent\":{},\"expected\":{},\"received\":{},\"lost\":{},",
+            "\"payload\":{},\"rate\":{},\"sent\":{},\"acked\":{},\"expected\":{},\"received\":{},\"lost\":{},",
+            "\"lost_by_id\":{},\"duplicates\":{},",
             "\"seconds\":{:.3},\"msgs_per_sec\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},",
             "\"cpu_seconds\":{:.3},\"cpu_us_per_msg\":{:.3},\"rss_kib\":{}}}"
         ),
@@ -309,9 +393,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         args.payload,
         args.rate,
         sent,
+        acked.iter().sum::<u64>(),
         expected,
         received,
         expected.saturating_sub(received),
+        lost_by_id,
+        duplicates,
         elapsed,
         received as f64 / elapsed,
         pct(0.5),
@@ -321,4 +408,24 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         if received > 0 { cpu * 1e6 / received as f64 } else { 0.0 },
         rss
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_carries_its_identity_and_repeats_are_recognised() {
+        let mut payload = vec![0u8; 100];
+        stamp(&mut payload, 123, 7, 70_000);
+        assert_eq!(read_stamp(&payload), Some((123, 7, 70_000)));
+        assert_eq!(read_stamp(&payload[..19]), None);
+        let mut bits = Vec::new();
+        assert!(mark(&mut bits, 7, 70_000));
+        assert!(!mark(&mut bits, 7, 70_000));
+        assert!(has(&bits, 7, 70_000));
+        assert!(!has(&bits, 7, 69_999));
+        assert!(!has(&bits, 3, 70_000));
+        assert!(!has(&bits, 9, 0));
+    }
 }
