@@ -10,6 +10,7 @@
 //! - [`fleet`]: many publishers flat out and lagging subscribers, checked by message identity.
 //! - [`etcd`]: an etcd server per test (Debian's `etcd-server`).
 //! - [`mongo`]: a SecantusDB (MongoDB wire) server per test.
+//! - [`stack`]: a worker and an edge in this process, on either backend, restartable.
 //! - [`process`]: the real binaries as child processes (broker hosts to kill).
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod mongo;
 pub mod process;
 pub mod raw;
 pub mod resilient;
+pub mod stack;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -4,84 +4,19 @@
 //! number), in order per publisher, on both backends and across two hosts.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 use tempfile::TempDir;
-use wharf_edge::Edge;
-use wharf_store_worker::store::mongo::Durability;
-use wharf_store_worker::{Backend, Worker, WorkerConfig};
 use wharf_tests::fleet::{check, complaints, Pace, Publisher, Subscriber};
+use wharf_tests::init_tracing;
 use wharf_tests::mongo::Secantus;
 use wharf_tests::process::BrokerHost;
-use wharf_tests::{edge_config, init_tracing, start_edge};
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Kind {
-    Embedded,
-    Mongo,
-}
-
-/// A worker and an edge in this process, with a small session queue so that subscribers lag.
-struct Stack {
-    _dir: TempDir,
-    _mongo: Option<Secantus>,
-    worker: Option<Worker>,
-    edge: Option<Edge>,
-}
-
-impl Stack {
-    async fn new(kind: Kind, max_queued: usize) -> Stack {
-        init_tracing();
-        let dir = TempDir::new().expect("temp dir");
-        let mongo = match kind {
-            Kind::Mongo => Some(Secantus::start(dir.path()).await),
-            Kind::Embedded => None,
-        };
-        let backend = match &mongo {
-            Some(m) => Backend::Mongo {
-                uri: m.uri(),
-                database: "mqtt".into(),
-                durability: Durability::default(),
-                change_streams: true,
-            },
-            None => Backend::Embedded {
-                data_dir: dir.path().join("data"),
-            },
-        };
-        let socket: PathBuf = dir.path().join("worker.sock");
-        let mut config = WorkerConfig::new(socket.clone(), "host-a".into(), backend);
-        config.retry_limit = Duration::from_secs(30);
-        let worker = Worker::start(config).await.expect("worker starts");
-        let mut edge = edge_config(&socket, "host-a");
-        edge.limits.max_queued = max_queued;
-        let edge = start_edge(edge).await;
-        Stack {
-            _dir: dir,
-            _mongo: mongo,
-            worker: Some(worker),
-            edge: Some(edge),
-        }
-    }
-
-    fn addr(&self) -> std::net::SocketAddr {
-        self.edge.as_ref().expect("edge").local_addr
-    }
-
-    async fn stop(mut self) {
-        if let Some(e) = self.edge.take() {
-            e.stop().await;
-        }
-        if let Some(w) = self.worker.take() {
-            w.stop().await;
-        }
-    }
-}
+use wharf_tests::stack::{Kind, Stack};
 
 /// Messages per publisher: the Python MongoDB-wire server takes about 18k documents a second.
 fn per_publisher(kind: Kind) -> u32 {
     match kind {
         Kind::Embedded => 10_000,
-        Kind::Mongo => 1_000,
+        Kind::Mongo => 500,
     }
 }
 
@@ -129,7 +64,12 @@ fn complete(acked: &HashMap<String, Vec<u32>>) -> impl Fn(&[(String, u32)]) -> b
 /// subscriber, a fast one, and a persistent one that drops its connection halfway and comes
 /// back. With a small session queue every one of them lags and is fed from the store.
 async fn eight_publishers_reach_lagging_subscribers(kind: Kind) {
-    let stack = Stack::new(kind, 64).await;
+    // A small session queue, so that every subscriber lags and is fed from the store.
+    let limits = wharf_edge::Limits {
+        max_queued: 64,
+        ..Default::default()
+    };
+    let stack = Stack::with_limits(kind, limits).await;
     let addr = stack.addr();
     let slow_pace = Pace {
         every: 200,

@@ -10,15 +10,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
-use tempfile::TempDir;
-use wharf_edge::Edge;
-use wharf_store_worker::store::mongo::Durability;
-use wharf_store_worker::{Backend, Worker, WorkerConfig};
 use wharf_tests::fleet::{check, complaints, Pace, Publisher, Subscriber};
-use wharf_tests::mongo::Secantus;
-use wharf_tests::{edge_config, init_tracing, start_edge};
+use wharf_tests::init_tracing;
+use wharf_tests::stack::{Kind, Stack};
 
 /// SplitMix64: small, and the same sequence everywhere for a seed.
 struct Rng(u64);
@@ -38,92 +33,6 @@ impl Rng {
 
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Kind {
-    Embedded,
-    Mongo,
-}
-
-struct Stack {
-    dir: TempDir,
-    mongo: Option<Secantus>,
-    socket: PathBuf,
-    max_queued: usize,
-    worker: Option<Worker>,
-    edge: Option<Edge>,
-}
-
-impl Stack {
-    async fn new(kind: Kind, max_queued: usize) -> Stack {
-        let dir = TempDir::new().expect("temp dir");
-        let mongo = match kind {
-            Kind::Mongo => Some(Secantus::start(dir.path()).await),
-            Kind::Embedded => None,
-        };
-        let mut stack = Stack {
-            socket: dir.path().join("worker.sock"),
-            dir,
-            mongo,
-            max_queued,
-            worker: None,
-            edge: None,
-        };
-        stack.start_worker().await;
-        stack.start_edge().await;
-        stack
-    }
-
-    async fn start_worker(&mut self) {
-        let backend = match &self.mongo {
-            Some(m) => Backend::Mongo {
-                uri: m.uri(),
-                database: "mqtt".into(),
-                durability: Durability::default(),
-                change_streams: true,
-            },
-            None => Backend::Embedded {
-                data_dir: self.dir.path().join("data"),
-            },
-        };
-        let mut config = WorkerConfig::new(self.socket.clone(), "host-a".into(), backend);
-        config.retry_limit = Duration::from_secs(30);
-        self.worker = Some(Worker::start(config).await.expect("worker starts"));
-    }
-
-    async fn start_edge(&mut self) {
-        let mut config = edge_config(&self.socket, "host-a");
-        config.limits.max_queued = self.max_queued;
-        self.edge = Some(start_edge(config).await);
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.edge.as_ref().expect("edge").local_addr
-    }
-
-    async fn restart_worker(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop().await;
-        }
-        self.start_worker().await;
-    }
-
-    async fn restart_edge(&mut self) {
-        if let Some(e) = self.edge.take() {
-            e.stop().await;
-        }
-        self.start_edge().await;
-    }
-
-    async fn stop(mut self) {
-        if let Some(e) = self.edge.take() {
-            e.stop().await;
-        }
-        if let Some(w) = self.worker.take() {
-            w.stop().await;
-        }
     }
 }
 
@@ -179,7 +88,11 @@ async fn run_seed(kind: Kind, seed: u64) {
     init_tracing();
     let mut rng = Rng(seed);
     let max_queued = [8, 32, 128][rng.below(3) as usize];
-    let mut stack = Stack::new(kind, max_queued).await;
+    let limits = wharf_edge::Limits {
+        max_queued,
+        ..Default::default()
+    };
+    let mut stack = Stack::with_limits(kind, limits).await;
     let per_burst = match kind {
         Kind::Embedded => 600,
         Kind::Mongo => 150,

@@ -4,102 +4,12 @@
 
 use mongodb::bson::{Bson, Document};
 use rumqttc::QoS;
-use std::path::PathBuf;
 use std::time::Duration;
 use tempfile::TempDir;
-use wharf_edge::Edge;
-use wharf_store_worker::store::mongo::Durability;
 use wharf_store_worker::{Backend, Worker, WorkerConfig};
 use wharf_tests::client::{payloads, Client};
-use wharf_tests::mongo::Secantus;
+use wharf_tests::stack::{Kind, Stack};
 use wharf_tests::{edge_config, init_tracing, start_edge};
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Kind {
-    Embedded,
-    Mongo,
-}
-
-struct Stack {
-    dir: TempDir,
-    socket: PathBuf,
-    mongo: Option<Secantus>,
-    worker: Option<Worker>,
-    edge: Option<Edge>,
-}
-
-impl Stack {
-    async fn new(kind: Kind) -> Stack {
-        init_tracing();
-        let dir = TempDir::new().expect("temp dir");
-        let mongo = match kind {
-            Kind::Mongo => Some(Secantus::start(dir.path()).await),
-            Kind::Embedded => None,
-        };
-        let mut stack = Stack {
-            socket: dir.path().join("worker.sock"),
-            dir,
-            mongo,
-            worker: None,
-            edge: None,
-        };
-        stack.start_worker().await;
-        stack.start_edge().await;
-        stack
-    }
-
-    fn worker_config(&self) -> WorkerConfig {
-        let backend = match &self.mongo {
-            Some(m) => Backend::Mongo {
-                uri: m.uri(),
-                database: "mqtt".into(),
-                durability: Durability::default(),
-                change_streams: true,
-            },
-            None => Backend::Embedded {
-                data_dir: self.dir.path().join("data"),
-            },
-        };
-        let mut config = WorkerConfig::new(self.socket.clone(), "host-a".into(), backend);
-        config.retry_limit = Duration::from_secs(30);
-        config
-    }
-
-    async fn start_worker(&mut self) {
-        let worker = Worker::start(self.worker_config())
-            .await
-            .expect("worker starts");
-        self.worker = Some(worker);
-    }
-
-    async fn stop_worker(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop().await;
-        }
-    }
-
-    async fn start_edge(&mut self) {
-        self.edge = Some(start_edge(edge_config(&self.socket, "host-a")).await);
-    }
-
-    async fn stop_edge(&mut self) {
-        if let Some(e) = self.edge.take() {
-            e.stop().await;
-        }
-    }
-
-    fn addr(&self) -> std::net::SocketAddr {
-        self.edge.as_ref().expect("edge running").local_addr
-    }
-
-    async fn db(&self) -> mongodb::Database {
-        let m = self.mongo.as_ref().expect("mongo stack");
-        mongodb::Client::with_uri_str(m.uri())
-            .await
-            .expect("client")
-            .database("mqtt")
-    }
-}
 
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
