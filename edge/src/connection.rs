@@ -15,7 +15,7 @@ use crate::link::{LinkError, Policy, ReplyRx};
 use crate::protocol::{v4, Inbound, PublishIn, Will};
 use crate::registry::Released;
 use crate::router::{Event, SessionTx, Signals};
-use crate::session::SessionState;
+use crate::session::{Ack, SessionState};
 use crate::topic;
 use bytes::{Buf, BytesMut};
 use futures::future::{BoxFuture, Either};
@@ -618,9 +618,18 @@ impl Connection {
                     self.start_catch_up(true).await;
                 }
             }
-            Inbound::PubAck(pkid) => self.out.puback(pkid),
-            Inbound::PubRec(pkid) => self.out.pubrec(pkid),
-            Inbound::PubComp(pkid) => self.out.pubcomp(pkid),
+            Inbound::PubAck(pkid) => {
+                self.check_ack(pkid, Ack::PubAck)?;
+                self.out.puback(pkid)
+            }
+            Inbound::PubRec(pkid) => {
+                self.check_ack(pkid, Ack::PubRec)?;
+                self.out.pubrec(pkid)
+            }
+            Inbound::PubComp(pkid) => {
+                self.check_ack(pkid, Ack::PubComp)?;
+                self.out.pubcomp(pkid)
+            }
             Inbound::PubRel(pkid) => {
                 self.out.state.release_inbound_qos2(pkid);
                 let release = Request::ReleaseQos2 {
@@ -650,6 +659,18 @@ impl Connection {
             Inbound::Connect(_) => return Err(SessionError::Protocol("second CONNECT")),
         }
         Ok(true)
+    }
+
+    /// An acknowledgement of the wrong kind for a message in flight closes the connection.
+    fn check_ack(&self, pkid: u16, ack: Ack) -> Result<(), SessionError> {
+        if self.out.state.ack_fits(pkid, ack) {
+            return Ok(());
+        }
+        Err(SessionError::Protocol(match ack {
+            Ack::PubAck => "PUBACK for a QoS 2 message",
+            Ack::PubRec => "PUBREC for a QoS 1 message",
+            Ack::PubComp => "PUBCOMP for a QoS 1 message",
+        }))
     }
 
     async fn publish(&mut self, p: PublishIn, batch: &mut Batch) -> Result<(), SessionError> {

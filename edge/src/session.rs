@@ -22,6 +22,14 @@ enum Stage {
     Released,
 }
 
+/// The acknowledgements a client sends for the server's PUBLISHes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    PubAck,
+    PubRec,
+    PubComp,
+}
+
 /// What to do about a PUBREC.
 #[derive(Debug)]
 pub enum PubRec {
@@ -169,6 +177,19 @@ impl SessionState {
         }
     }
 
+    /// Whether `ack` may answer `pkid`: not when the packet id is in flight at the other QoS
+    /// (PUBACK for a QoS 2 message, PUBREC or PUBCOMP for a QoS 1 one), a protocol error.
+    /// An id not in flight (a repeat, or one from before a takeover) is no error.
+    pub fn ack_fits(&self, pkid: u16, ack: Ack) -> bool {
+        let Some(i) = self.inflight.get(&pkid) else {
+            return true;
+        };
+        match ack {
+            Ack::PubAck => i.delivery.qos != Qos::ExactlyOnce,
+            Ack::PubRec | Ack::PubComp => i.delivery.qos != Qos::AtLeastOnce,
+        }
+    }
+
     /// PUBREC: moves a QoS 2 delivery towards release. With `durable`, the release waits for
     /// the store (see [`PubRec::Track`]).
     pub fn pubrec(&mut self, pkid: u16, durable: bool) -> PubRec {
@@ -294,6 +315,21 @@ mod tests {
         assert!(matches!(s.resend()[..], [Resend::PubRel(id)] if id == b));
         assert!(s.pubcomp(b));
         assert_eq!(s.inflight_len(), 0);
+    }
+
+    #[test]
+    fn an_acknowledgement_of_the_other_qos_does_not_fit() {
+        let mut s = SessionState::new("c".into());
+        let a = s.start(delivery(1, Qos::AtLeastOnce));
+        let b = s.start(delivery(2, Qos::ExactlyOnce));
+        assert!(s.ack_fits(a, Ack::PubAck));
+        assert!(!s.ack_fits(a, Ack::PubRec));
+        assert!(!s.ack_fits(a, Ack::PubComp));
+        assert!(!s.ack_fits(b, Ack::PubAck));
+        assert!(s.ack_fits(b, Ack::PubRec));
+        assert!(s.ack_fits(b, Ack::PubComp));
+        // Not in flight: a repeat, nothing to judge.
+        assert!(s.ack_fits(999, Ack::PubAck));
     }
 
     #[test]

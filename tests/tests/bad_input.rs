@@ -16,6 +16,10 @@
 //! | reserved packet type 15 | closed | same |
 //! | `#` not last, `+` inside a level | SUBACK 0x80 for that filter, the others granted | `edge_mock::bad_filters_get_suback_0x80_and_good_ones_work` |
 //! | CONNECT with protocol level 3 | CONNACK 1, closed | `edge_mock::connect_rules_and_return_codes` |
+//! | CONNECT of MQTT 5.0 or 3.1 (`MQIsdp`) | CONNACK 1, closed (mosquitto_pub says "unsupported protocol version") | `protocol_rules_of_3_1_1` below |
+//! | U+0000 in a client id, topic or filter | closed | same |
+//! | CONNECT field present without its flag, or flag without its field; will QoS/retain without a will | closed | same, and `protocol::v4` unit tests |
+//! | PUBACK for a QoS 2 message, PUBREC or PUBCOMP for a QoS 1 one | closed | same |
 //! | CONNECT reserved flag set, wrong protocol name | closed without CONNACK | same |
 //! | a 64 KB client id | CONNACK 2 (identifier rejected) | same |
 //! | empty client id without clean session | CONNACK 2 | same |
@@ -96,4 +100,81 @@ async fn connect_disconnect_loops_do_not_leak() {
         after < warm + 4 * 1024,
         "edge RSS grew from {warm} KiB to {after} KiB over 10,000 connects"
     );
+}
+
+/// MQTT 3.1.1 rules an independent suite checks: other protocol levels learn why they are
+/// refused; U+0000 and CONNECT flags that do not match the payload close the connection; an
+/// acknowledgement of the wrong kind is a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_rules_of_3_1_1() {
+    use rumqttc::mqttbytes::v4::ConnectReturnCode;
+    let (_dir, host) = BrokerHost::single().await;
+    let refused_version = |packet: Option<Packet>| matches!(packet, Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::RefusedProtocolVersion);
+    // MQTT 5.0 (a property length before the client id) and 3.1.
+    for (name, connect) in [
+        (
+            "5.0",
+            &[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 0][..],
+        ),
+        (
+            "3.1",
+            &[
+                0x10, 15, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60, 0, 1, b'a',
+            ][..],
+        ),
+    ] {
+        let mut raw = Raw::connect(host.addr).await;
+        raw.send(connect).await;
+        assert!(refused_version(raw.recv().await), "MQTT {name}: CONNACK 1");
+        raw.expect_closed().await;
+    }
+    // Closed without a CONNACK.
+    for (name, connect) in [
+        (
+            "U+0000 in the client id",
+            &[
+                0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 2, b'a', 0,
+            ][..],
+        ),
+        (
+            "a user name without its flag",
+            &[
+                0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 1, b'a', 0, 1, b'u',
+            ][..],
+        ),
+    ] {
+        let mut raw = Raw::connect(host.addr).await;
+        raw.send(connect).await;
+        let got = raw.recv().await;
+        assert!(got.is_none(), "{name}: closed without CONNACK, got {got:?}");
+    }
+    // U+0000 in a filter closes the session.
+    let mut raw = Raw::session(host.addr, "nul-filter", true).await;
+    raw.send(&[0x82, 7, 0, 1, 0, 2, b'a', 0, 1]).await;
+    assert!(
+        raw.recv().await.is_none(),
+        "no SUBACK for a filter with U+0000"
+    );
+
+    // PUBACK for a QoS 2 message, and PUBREC for a QoS 1 one.
+    for (sub_qos, wrong_ack) in [(2u8, 0x40u8), (1, 0x50)] {
+        let mut sub = Raw::session(host.addr, "wrong-ack", true).await;
+        sub.send(&raw::subscribe_bytes(1, &[("ack/t", sub_qos)]))
+            .await;
+        assert!(matches!(sub.recv().await, Some(Packet::SubAck(_))));
+        let mut publisher = Client::connect(host.addr, "ack-pub", true).await;
+        let qos = if sub_qos == 2 {
+            rumqttc::QoS::ExactlyOnce
+        } else {
+            rumqttc::QoS::AtLeastOnce
+        };
+        publisher.publish_acked("ack/t", qos, "m").await;
+        let Some(Packet::Publish(p)) = sub.recv().await else {
+            panic!("no PUBLISH at QoS {sub_qos}")
+        };
+        sub.send(&[wrong_ack, 2, (p.pkid >> 8) as u8, p.pkid as u8])
+            .await;
+        sub.expect_closed().await;
+        publisher.disconnect().await;
+    }
 }

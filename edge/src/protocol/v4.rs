@@ -27,7 +27,7 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Option<Inbou
     let frame_len = header.frame_length();
     check_fixed_header(buf[0])?;
     if buf[0] >> 4 == 1 {
-        check_connect_flags(&buf[..frame_len])?;
+        check_connect(&buf[..frame_len])?;
     }
     let packet = mb::read(buf, max_packet_size).map_err(map_error)?;
     convert(packet).map(Some)
@@ -65,25 +65,71 @@ fn check_fixed_header(byte1: u8) -> Result<(), DecodeError> {
     }
 }
 
-/// The CONNECT flags byte: reserved bit 0 must be 0, and a password needs a user name.
-fn check_connect_flags(frame: &[u8]) -> Result<(), DecodeError> {
+/// A CONNECT as MQTT 3.1.1 (3.1) fixes it, before its body is parsed: the protocol name and
+/// level first (another level gets CONNACK 1, as MQTT-3.1.2-2 asks, also for MQTT 5.0 and
+/// 3.1 clients, whose bodies differ), then the flags (reserved bit, password without user
+/// name, will QoS and retain without a will), then the payload: exactly the fields the flags
+/// announce, each a length and its bytes, filling the packet. A field present without its
+/// flag, or missing with it, is malformed.
+fn check_connect(frame: &[u8]) -> Result<(), DecodeError> {
+    let short = || DecodeError::Malformed("short CONNECT".into());
     let mut at = 1;
     while frame.get(at).is_some_and(|b| b & 0x80 != 0) {
         at += 1;
     }
     at += 1;
-    let name_len = match frame.get(at..at + 2) {
-        Some(len) => u16::from_be_bytes([len[0], len[1]]) as usize,
-        None => return Err(DecodeError::Malformed("short CONNECT".into())),
+    let field = |at: usize| -> Result<(&[u8], usize), DecodeError> {
+        let len = frame.get(at..at + 2).ok_or_else(short)?;
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        let bytes = frame.get(at + 2..at + 2 + len).ok_or_else(short)?;
+        Ok((bytes, at + 2 + len))
     };
-    let Some(&flags) = frame.get(at + 2 + name_len + 1) else {
-        return Err(DecodeError::Malformed("short CONNECT".into()));
-    };
+    let (name, next) = field(at)?;
+    let level = *frame.get(next).ok_or_else(short)?;
+    match name {
+        b"MQTT" if level == 4 => {}
+        b"MQTT" | b"MQIsdp" => return Err(DecodeError::UnsupportedProtocolLevel(level)),
+        _ => return Err(DecodeError::BadProtocolName),
+    }
+    let flags = *frame.get(next + 1).ok_or_else(short)?;
     if flags & 0x01 != 0 {
         return Err(DecodeError::Malformed("CONNECT reserved flag set".into()));
     }
     if flags & 0x40 != 0 && flags & 0x80 == 0 {
         return Err(DecodeError::Malformed("password without user name".into()));
+    }
+    let will = flags & 0x04 != 0;
+    if !will && flags & 0x38 != 0 {
+        return Err(DecodeError::Malformed(
+            "will QoS or retain set without a will".into(),
+        ));
+    }
+    if (flags >> 3) & 0b11 == 3 {
+        return Err(DecodeError::Malformed("will QoS 3".into()));
+    }
+    // Keep alive (2 bytes), then the payload.
+    let mut at = next + 4;
+    let fields = 1
+        + if will { 2 } else { 0 }
+        + usize::from(flags & 0x80 != 0)
+        + usize::from(flags & 0x40 != 0);
+    for _ in 0..fields {
+        at = field(at)?.1;
+    }
+    if at != frame.len() {
+        return Err(DecodeError::Malformed(format!(
+            "CONNECT has {} bytes after the fields its flags announce",
+            frame.len() - at
+        )));
+    }
+    Ok(())
+}
+
+/// MQTT-1.5.3-2: a string may not contain U+0000 (ill-formed UTF-8 is already refused by
+/// the parser); the connection is closed.
+fn no_null(s: &str) -> Result<(), DecodeError> {
+    if s.contains('\0') {
+        return Err(DecodeError::Malformed("U+0000 in a string".into()));
     }
     Ok(())
 }
@@ -98,20 +144,32 @@ fn qos(q: mqttbytes::QoS) -> Qos {
 
 fn convert(packet: mb::Packet) -> Result<Inbound, DecodeError> {
     Ok(match packet {
-        mb::Packet::Connect(c) => Inbound::Connect(Connect {
-            client_id: c.client_id,
-            clean_session: c.clean_session,
-            keep_alive: c.keep_alive,
-            will: c.last_will.map(|w| Will {
-                topic: w.topic,
-                payload: Bytes::copy_from_slice(&w.message),
-                qos: qos(w.qos),
-                retain: w.retain,
-            }),
-            username: c.login.map(|l| l.username).filter(|u| !u.is_empty()),
-        }),
+        mb::Packet::Connect(c) => {
+            no_null(&c.client_id)?;
+            if let Some(w) = &c.last_will {
+                no_null(&w.topic)?;
+            }
+            if let Some(l) = &c.login {
+                no_null(&l.username)?;
+            }
+            Inbound::Connect(Connect {
+                client_id: c.client_id,
+                clean_session: c.clean_session,
+                keep_alive: c.keep_alive,
+                will: c.last_will.map(|w| Will {
+                    topic: w.topic,
+                    payload: Bytes::copy_from_slice(&w.message),
+                    qos: qos(w.qos),
+                    retain: w.retain,
+                }),
+                username: c.login.map(|l| l.username).filter(|u| !u.is_empty()),
+            })
+        }
         mb::Packet::Publish(p) => Inbound::Publish(PublishIn {
-            topic: p.topic,
+            topic: {
+                no_null(&p.topic)?;
+                p.topic
+            },
             // Copied so that a queued message does not pin the connection's read buffer.
             payload: Bytes::copy_from_slice(&p.payload),
             qos: qos(p.qos),
@@ -127,6 +185,9 @@ fn convert(packet: mb::Packet) -> Result<Inbound, DecodeError> {
             if s.filters.is_empty() {
                 return Err(DecodeError::Malformed("SUBSCRIBE without filters".into()));
             }
+            for f in &s.filters {
+                no_null(&f.path)?;
+            }
             Inbound::Subscribe {
                 pkid: s.pkid,
                 filters: s
@@ -139,6 +200,9 @@ fn convert(packet: mb::Packet) -> Result<Inbound, DecodeError> {
         mb::Packet::Unsubscribe(u) => {
             if u.topics.is_empty() {
                 return Err(DecodeError::Malformed("UNSUBSCRIBE without filters".into()));
+            }
+            for t in &u.topics {
+                no_null(t)?;
             }
             Inbound::Unsubscribe {
                 pkid: u.pkid,
@@ -333,6 +397,46 @@ mod tests {
                 &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01],
             ),
             ("invalid utf-8 topic", &[0x30, 4, 0, 2, 0xc3, 0x28]),
+            ("U+0000 in a topic", &[0x30, 5, 0, 3, b'a', 0, b'b']),
+            ("U+0000 in a filter", &[0x82, 7, 0, 1, 0, 2, b'a', 0, 1]),
+            ("U+0000 in an unsubscribe", &[0xa2, 6, 0, 1, 0, 2, 0, b'a']),
+            (
+                "U+0000 in a client id",
+                &[
+                    0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 2, b'a', 0,
+                ],
+            ),
+            (
+                "a user name without its flag",
+                &[
+                    0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 1, b'a', 0, 1, b'u',
+                ],
+            ),
+            (
+                "the user name flag without a user name",
+                &[
+                    0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x82, 0, 60, 0, 1, b'a',
+                ],
+            ),
+            (
+                "will retain without a will",
+                &[
+                    0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x22, 0, 60, 0, 1, b'a',
+                ],
+            ),
+            (
+                "will QoS 3",
+                &[
+                    0x10, 18, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x1e, 0, 60, 0, 1, b'a', 0, 1, b't',
+                    0, 0,
+                ],
+            ),
+            (
+                "protocol name MQTX",
+                &[
+                    0x10, 13, 0, 4, b'M', b'Q', b'T', b'X', 4, 2, 0, 60, 0, 1, b'a',
+                ],
+            ),
         ];
         for (name, bytes) in cases {
             assert!(decode_all(bytes).is_err(), "{name} was accepted");
@@ -344,6 +448,25 @@ mod tests {
         // Declares 256 MB; only the header has arrived.
         let got = decode_all(&[0x30, 0xff, 0xff, 0xff, 0x7f]);
         assert!(matches!(got, Err(DecodeError::TooLarge { .. })), "{got:?}");
+    }
+
+    /// MQTT 5.0 and 3.1 clients learn from CONNACK 1 that the level is not served (their
+    /// CONNECT bodies differ from 3.1.1's, so the level is read before the body).
+    #[test]
+    fn other_protocol_levels_are_reported_before_their_bodies_are_parsed() {
+        // MQTT 5.0: a property length (0) before the client id.
+        let v5 = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 0];
+        assert_eq!(
+            decode_all(&v5),
+            Err(DecodeError::UnsupportedProtocolLevel(5))
+        );
+        let v31 = [
+            0x10, 15, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60, 0, 1, b'a',
+        ];
+        assert_eq!(
+            decode_all(&v31),
+            Err(DecodeError::UnsupportedProtocolLevel(3))
+        );
     }
 
     #[test]
