@@ -337,6 +337,8 @@ async fn handle<S: Store>(
                 store.forget_qos2_out(&client_id, None)
             })
             .await?;
+            crate::pipeline::retry(limit, "clear session", || store.drop_session(&client_id))
+                .await?;
             Reply::Done
         }
         Request::TrackQos2Out {
@@ -369,6 +371,10 @@ async fn handle<S: Store>(
         Request::Connect { client_id, .. } => {
             crate::pipeline::persists_written(&shared.persist).await;
             crate::pipeline::records_written(&shared.record).await;
+            let held = crate::pipeline::retry(limit, "session", || {
+                store.open_session(&client_id, edge_host, now_ms())
+            })
+            .await?;
             let subscriptions =
                 crate::pipeline::retry(limit, "session", || store.subscriptions(&client_id))
                     .await?;
@@ -381,7 +387,8 @@ async fn handle<S: Store>(
             })
             .await?;
             Reply::Session {
-                present: !subscriptions.is_empty(),
+                // A session from before session records existed is known by its subscriptions.
+                present: held || !subscriptions.is_empty(),
                 subscriptions: subscriptions
                     .into_iter()
                     .map(|s| wharf_shared::Subscription {

@@ -26,7 +26,36 @@ macro_rules! on_both_backends {
     )*};
 }
 
+/// MQTT-3.2.2-2: Session Present is 1 whenever the server holds a session for the client id,
+/// also one without subscriptions (a persistent publisher), across a restart of edge and
+/// worker; a clean session in between ends it (MQTT-3.2.2-1).
+async fn session_present_without_subscriptions(kind: Kind) {
+    let mut s = Stack::new(kind).await;
+    let first = Client::connect(s.addr(), "publisher-9", false).await;
+    assert!(!first.session_present, "a new session");
+    first.disconnect().await;
+    let again = Client::connect(s.addr(), "publisher-9", false).await;
+    assert!(again.session_present, "the session it left");
+    again.disconnect().await;
+    s.stop_edge().await;
+    s.restart_worker().await;
+    s.start_edge().await;
+    let after_restart = Client::connect(s.addr(), "publisher-9", false).await;
+    assert!(after_restart.session_present, "kept across a restart");
+    after_restart.disconnect().await;
+    let clean = Client::connect(s.addr(), "publisher-9", true).await;
+    assert!(!clean.session_present, "a clean session never has one");
+    clean.disconnect().await;
+    let fresh = Client::connect(s.addr(), "publisher-9", false).await;
+    assert!(
+        !fresh.session_present,
+        "the clean session ended the old one"
+    );
+    fresh.disconnect().await;
+}
+
 on_both_backends!(
+    session_present_without_subscriptions,
     offline_subscriber_gets_every_message_once,
     restarts_lose_nothing_acknowledged,
     long_absence_is_paged_in_order,

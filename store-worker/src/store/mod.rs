@@ -165,6 +165,19 @@ pub trait Store: Send + Sync + 'static {
         async {}
     }
 
+    /// Records that the client holds a persistent session, hosted by `host`; returns whether
+    /// it held one already (MQTT's Session Present, also for a session without
+    /// subscriptions).
+    fn open_session(
+        &self,
+        client_id: &str,
+        host: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Forgets the client's session record (a clean session starts or ends).
+    fn drop_session(&self, client_id: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Which of `ids` have a delivery record for the client.
     fn delivered_among(
         &self,

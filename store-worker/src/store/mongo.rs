@@ -38,6 +38,8 @@ pub struct MongoStore {
     retained: Collection<Document>,
     qos2: Collection<Document>,
     qos2_out: Collection<Document>,
+    /// `{_id: clientId, clientId, host, created, updated}`: one per persistent session.
+    sessions: Collection<Document>,
     change_streams: bool,
     /// For what nobody waits for (QoS 0 batches, delivery records): acknowledged by the
     /// primary, without waiting for the journal or the other members. A later durable write
@@ -288,6 +290,7 @@ impl MongoStore {
             retained: collection("retained"),
             qos2: collection("qos2Inflight"),
             qos2_out: collection("qos2Outbound"),
+            sessions: collection("session"),
             change_streams,
             relaxed: WriteConcern::builder()
                 .w(Acknowledgment::Nodes(1))
@@ -634,6 +637,38 @@ impl Store for MongoStore {
         };
         self.subscriptions
             .delete_many(filter)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn open_session(
+        &self,
+        client_id: &str,
+        host: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let now = DateTime::from_millis(now_ms);
+        // By `_id` (the client id): the one index every collection has.
+        let before = self
+            .sessions
+            .find_one_and_update(
+                doc! { "_id": client_id },
+                doc! {
+                    "$set": { "host": host, "updated": now },
+                    "$setOnInsert": { "clientId": client_id, "created": now },
+                },
+            )
+            .upsert(true)
+            .return_document(mongodb::options::ReturnDocument::Before)
+            .await
+            .map_err(classify)?;
+        Ok(before.is_some())
+    }
+
+    async fn drop_session(&self, client_id: &str) -> Result<(), StoreError> {
+        self.sessions
+            .delete_one(doc! { "_id": client_id })
             .await
             .map_err(classify)?;
         Ok(())

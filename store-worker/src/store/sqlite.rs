@@ -17,7 +17,7 @@ PRAGMA synchronous = FULL;
 ";
 
 /// The layout `SCHEMA` creates; older files are brought to it by [`migrate`].
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// A delivery notice with at least this many records is stored as record blocks (one row per
 /// block); smaller ones (a fan-out's one message per subscriber) as a row per record, which
@@ -73,6 +73,10 @@ CREATE TABLE IF NOT EXISTS qos2_outbound (
     client_id TEXT NOT NULL, pkid INTEGER NOT NULL, message_id BLOB NOT NULL,
     released INTEGER NOT NULL, created INTEGER NOT NULL, PRIMARY KEY (client_id, pkid)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session (
+    client_id TEXT PRIMARY KEY, host TEXT NOT NULL, created INTEGER NOT NULL,
+    updated INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS retained (
     topic TEXT PRIMARY KEY, id BLOB NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
     qos INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
@@ -83,7 +87,8 @@ CREATE TABLE IF NOT EXISTS retained (
 /// B-tree on (created, id), and delivery records keyed (client_id, message_id) with a second
 /// B-tree on created; 2 and 3 kept a row per message keyed (created, id), 3 had today's
 /// records. Their rows move to the current tables in one transaction. 4 lacked record blocks
-/// (its record rows stay where they are).
+/// (its record rows stay where they are); 5 lacked session records (a session with
+/// subscriptions is known by them, as it was then).
 fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
@@ -572,6 +577,38 @@ impl Store for SqliteStore {
             found.sort_by_key(|m| (m.created_ms, m.id));
             found.truncate(limit);
             Ok(found)
+        })
+        .await
+    }
+
+    async fn open_session(
+        &self,
+        client_id: &str,
+        host: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (client_id, host) = (client_id.to_owned(), host.to_owned());
+        self.with(move |c| {
+            let existed = c
+                .prepare_cached("SELECT 1 FROM session WHERE client_id = ?1")?
+                .exists([&client_id])?;
+            c.prepare_cached(
+                "INSERT INTO session (client_id, host, created, updated) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (client_id) DO UPDATE SET host = excluded.host,
+                 updated = excluded.updated",
+            )?
+            .execute(params![client_id, host, now_ms])?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn drop_session(&self, client_id: &str) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            c.prepare_cached("DELETE FROM session WHERE client_id = ?1")?
+                .execute([client_id])?;
+            Ok(())
         })
         .await
     }
