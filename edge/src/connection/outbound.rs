@@ -20,6 +20,9 @@ use wharf_shared::{Cursor, DeliveredRecord, Message, MessageId, Notice, Qos, Rep
 
 /// Clock skew allowed between hosts when asking the store for "messages since".
 const SKEW_MS: i64 = 2_000;
+/// A catch-up asks for the next page once the messages still to send from the last one are
+/// this few.
+const PREFETCH_BELOW: usize = wharf_shared::MAX_MESSAGES_PER_REPLY / 2;
 /// How long after a store fetch ids are remembered for deduplication.
 const DEDUPE_WINDOW: Duration = Duration::from_secs(10);
 /// Most ids remembered; past it the window stops growing.
@@ -430,7 +433,10 @@ impl Outbound {
             return None;
         }
         if let Some(after) = self.store_after {
-            if self.backlog.is_empty() && self.stalled.is_none() {
+            // The next page is asked for while the last half of this one is still being sent,
+            // so that the store's answer time is hidden behind the client's (the cursor is
+            // exact: the next page comes after this one whenever it is asked for).
+            if self.backlog.len() <= PREFETCH_BELOW {
                 self.open_window();
                 self.catch_up = Some((CatchUpKind::Store, Instant::now()));
                 return Some(Request::CatchUp {
