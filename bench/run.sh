@@ -6,9 +6,14 @@
 #   bench/run.sh                 # everything
 #   RUNS=5 SCENARIOS="qos0 qos1" bench/run.sh
 #   RUNS=3 DURATION=10 SCENARIOS="qos1x8to1 qos1x8to8" bench/run.sh   # several publishers
+#   WARM=1 RUNS=5 DURATION=30 SCENARIOS="qos0 qos1x8to8" bench/run.sh   # sustained, warm
+# WARM=1 keeps one broker instance for all runs of a scenario (each run meets the data and the
+# state the earlier ones left, as a broker in service does); without it every run gets a fresh
+# broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"
+WARM="${WARM:-0}"
 DURATION="${DURATION:-3}"
 SCENARIOS="${SCENARIOS:-qos0 qos1 lat0 lat1 fanin fanout idle catchup sync}"
 BROKERS="${BROKERS:-wharf mosquitto rumqttd}"
@@ -73,14 +78,15 @@ load() { # label scenario args...
 
 for broker in $BROKERS; do
   for scenario in $SCENARIOS; do
+    if [ "$WARM" = 1 ]; then start "$broker"; fi
     for run in $(seq "$RUNS"); do
       case "$scenario" in
         catchup) [ "$broker" = wharf ] && [ "$run" = 1 ] && "$bench" catchup | tee -a "$out"; continue ;;
         # The disk under Wharf's data directory: what one durable acknowledgement costs.
         sync) [ "$broker" = wharf ] && [ "$run" = 1 ] && "$bench" sync --dir "$data" | tee -a "$out"; continue ;;
       esac
-      # A fresh broker for every run, so that no run inherits another's state.
-      start "$broker"
+      # A fresh broker for every run, so that no run inherits another's state (unless WARM=1).
+      if [ "$WARM" != 1 ]; then start "$broker"; fi
       case "$scenario" in
         qos0) load "$broker" qos0 --qos 0 ;;
         qos1) load "$broker" qos1 --qos 1 ;;
@@ -95,8 +101,9 @@ for broker in $BROKERS; do
         fanout) load "$broker" fanout --qos 0 --subscribers 1000 --rate 20 ;;
         idle) "$bench" idle --broker "127.0.0.1:$port" --label "$broker" --connections "$IDLE_CONNECTIONS" --pids "$pids" | tee -a "$out" ;;
       esac
-      stop
+      if [ "$WARM" != 1 ]; then stop; fi
     done
+    if [ "$WARM" = 1 ]; then stop; fi
   done
 done
 echo "results: $out"
