@@ -76,6 +76,15 @@ impl Cursor {
         }
     }
 
+    /// Where the next page starts when `page` was a full one of `limit` messages read in
+    /// cursor order: after its last message. `None` when it was not full (nothing more).
+    pub fn after_full_page(page: &[Message], limit: usize) -> Option<Cursor> {
+        if page.len() < limit {
+            return None;
+        }
+        page.last().map(Cursor::of)
+    }
+
     /// Whether `message` comes after this position.
     pub fn precedes(&self, message: &Message) -> bool {
         (message.created_ms, message.id) > (self.created_ms, self.id)
@@ -278,4 +287,36 @@ pub enum Reply {
         reason: String,
         retryable: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(created_ms: i64, n: u8) -> Message {
+        Message {
+            id: MessageId([n; 12]),
+            topic: "t".into(),
+            payload: vec![],
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            client_id: "c".into(),
+            host: "h".into(),
+            created_ms,
+        }
+    }
+
+    #[test]
+    fn a_cursor_orders_by_creation_then_id_and_continues_after_a_full_page() {
+        let page = [at(5, 1), at(5, 2), at(6, 0)];
+        assert!(Cursor::since(5).precedes(&page[0]));
+        assert!(!Cursor::of(&page[1]).precedes(&page[0]));
+        assert!(Cursor::of(&page[1]).precedes(&page[2]));
+        assert_eq!(
+            Cursor::after_full_page(&page, 3),
+            Some(Cursor::of(&page[2]))
+        );
+        assert_eq!(Cursor::after_full_page(&page, 4), None);
+        assert_eq!(Cursor::after_full_page(&[], 1), None);
+    }
 }

@@ -280,9 +280,7 @@ fn undelivered(
         .collect();
     out.sort_by_key(|m| (m.created_ms, m.id));
     out.truncate(MAX_MESSAGES_PER_REPLY);
-    let next = (out.len() == MAX_MESSAGES_PER_REPLY)
-        .then(|| out.last().map(Cursor::of))
-        .flatten();
+    let next = Cursor::after_full_page(&out, MAX_MESSAGES_PER_REPLY);
     (out, next)
 }
 

@@ -235,10 +235,7 @@ pub async fn undelivered<S: Store>(
                 MAX_MESSAGES_PER_REPLY,
             )
             .await?;
-        let full = page.len() >= MAX_MESSAGES_PER_REPLY;
-        if let Some(last) = page.last() {
-            position = Cursor::of(last);
-        }
+        let next = Cursor::after_full_page(&page, MAX_MESSAGES_PER_REPLY);
         let wanted: Vec<Message> = page
             .into_iter()
             .filter(|m| {
@@ -255,9 +252,10 @@ pub async fn undelivered<S: Store>(
                 .await?
         };
         out.extend(wanted.into_iter().filter(|m| !delivered.contains(&m.id)));
-        if !full {
+        let Some(next) = next else {
             return Ok((out, None));
-        }
+        };
+        position = next;
         if !out.is_empty() {
             break;
         }

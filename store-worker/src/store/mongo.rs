@@ -837,13 +837,11 @@ impl Follower<'_> {
                     return Ok(());
                 }
             };
-            let full = page.len() >= PAGE;
-            if let Some(last) = page.last() {
-                after = Cursor::of(last);
-            }
+            let next = Cursor::after_full_page(&page, PAGE);
             self.send(page).await?;
-            if !full {
-                return Ok(());
+            match next {
+                Some(next) => after = next,
+                None => return Ok(()),
             }
         }
     }
