@@ -34,30 +34,22 @@ async fn connect(
     client_id: &str,
     clean: bool,
 ) -> std::io::Result<(TcpStream, BytesMut)> {
-    let mut stream = TcpStream::connect(addr).await?;
+    let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    stream
-        .write_all(&crate::raw::connect_bytes(client_id, clean, 30))
-        .await?;
-    let mut buf = BytesMut::new();
-    loop {
-        match Packet::read(&mut buf, 1 << 20) {
-            Ok(Packet::ConnAck(a)) if a.code == mqttbytes::v4::ConnectReturnCode::Success => {
-                return Ok((stream, buf))
-            }
-            Ok(other) => {
-                return Err(std::io::Error::other(format!(
-                    "{client_id}: expected CONNACK, got {other:?}"
-                )))
-            }
-            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(std::io::Error::other(format!("{e:?}"))),
+    let mut raw = crate::raw::Raw::from_stream(stream);
+    raw.send(&crate::raw::connect_bytes(client_id, clean, 30))
+        .await;
+    // Longer than the broker's session fetch (10 s), so that its answer is seen.
+    match raw.recv_within(PATIENCE * 3).await {
+        Some(Packet::ConnAck(a)) if a.code == mqttbytes::v4::ConnectReturnCode::Success => {
+            Ok(raw.into_parts())
         }
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(std::io::Error::other(format!(
-                "{client_id}: closed before CONNACK"
-            )));
-        }
+        Some(other) => Err(std::io::Error::other(format!(
+            "{client_id}: expected CONNACK, got {other:?}"
+        ))),
+        None => Err(std::io::Error::other(format!(
+            "{client_id}: closed before CONNACK"
+        ))),
     }
 }
 

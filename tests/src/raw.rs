@@ -74,6 +74,19 @@ impl Raw {
         raw
     }
 
+    /// A byte-level client over a stream the caller opened.
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The stream, and the bytes read from it that no packet has taken yet.
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         // The broker may already have closed the socket; the test checks that separately.
         let _ = self.stream.write_all(bytes).await;
