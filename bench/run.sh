@@ -7,13 +7,18 @@
 #   RUNS=5 SCENARIOS="qos0 qos1" bench/run.sh
 #   RUNS=3 DURATION=10 SCENARIOS="qos1x8to1 qos1x8to8" bench/run.sh   # several publishers
 #   WARM=1 RUNS=5 DURATION=30 SCENARIOS="qos0 qos1x8to8" bench/run.sh   # sustained, warm
+#   BACKEND=mongo BROKERS=wharf WARM=1 RUNS=5 SCENARIOS="catchup1 qos1x8to1" bench/run.sh
 # WARM=1 keeps one broker instance for all runs of a scenario (each run meets the data and the
 # state the earlier ones left, as a broker in service does); without it every run gets a fresh
-# broker.
+# broker. BACKEND=mongo stores Wharf's messages in MongoDB instead of the embedded store: on the
+# Rust build of SecantusDB (secantusd-rs, a MongoDB-wire server; installed here with cargo if
+# missing, which takes minutes), one instance for the whole run, so that its data grows from
+# run to run as a real database's does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"
 WARM="${WARM:-0}"
+BACKEND="${BACKEND:-embedded}"
 DURATION="${DURATION:-3}"
 SCENARIOS="${SCENARIOS:-qos0 qos1 lat0 lat1 fanin fanout idle catchup sync}"
 BROKERS="${BROKERS:-wharf mosquitto rumqttd}"
@@ -43,20 +48,38 @@ stop() {
   for p in ${pids//,/ }; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
   pids=""
 }
-trap 'stop; rm -rf "$work" "$data"' EXIT
+mongo_pid=""
+trap 'stop; [ -n "$mongo_pid" ] && kill "$mongo_pid" 2>/dev/null; rm -rf "$work" "$data"' EXIT
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+store_args=()
+if [ "$BACKEND" = mongo ]; then
+  secantus="${SECANTUSD:-$(command -v secantusd-rs || echo "$HOME/.cargo/bin/secantusd-rs")}"
+  if [ ! -x "$secantus" ]; then
+    command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
+    cargo install secantus-mdb --version 0.5.3-beta.196 --locked --ignore-rust-version
+    secantus="$HOME/.cargo/bin/secantusd-rs"
+  fi
+  mkdir -p "$data/mongo"
+  "$secantus" --host 127.0.0.1 --port 18857 --storage-path "$data/mongo" >"$work/secantus.log" 2>&1 &
+  mongo_pid=$!
+  wait_port 18857
+  store_args=(--mongodb-uri "mongodb://127.0.0.1:18857/?directConnection=true" --mongodb-database "bench$stamp")
+fi
 
 start() { # broker -> sets port and pids
   case "$1" in
     wharf)
       rm -rf "$work/wharf" "$data/wharf"; mkdir -p "$work/wharf"
-      target/release/store-worker --socket "$work/wharf/w.sock" --data-dir "$data/wharf" --host bench 2>"$work/worker.log" &
+      target/release/store-worker --socket "$work/wharf/w.sock" --data-dir "$data/wharf" --host bench "${store_args[@]}" 2>"$work/worker.log" &
       local w=$!
       # One runtime thread for the edge (WHARF_EDGE_THREADS): on a 2-core machine shared with
       # the worker and the load generator it measured better than one per core (BENCHMARKS.md).
       TOKIO_WORKER_THREADS="${WHARF_EDGE_THREADS:-1}" target/release/edge --listen 127.0.0.1:18851 --worker-socket "$work/wharf/w.sock" --host bench 2>"$work/edge.log" &
-      pids="$w,$!"; port=18851 ;;
+      pids="$w,$!"; port=18851
+      # The MongoDB server's CPU is part of what each message costs.
+      [ -n "$mongo_pid" ] && pids="$pids,$mongo_pid" ;;
     mosquitto)
       mosquitto -c bench/mosquitto.conf 2>"$work/mosquitto.log" &
       pids="$!"; port=18852 ;;
@@ -94,6 +117,9 @@ for broker in $BROKERS; do
         # read by one subscriber and by eight; loss is counted by message identity.
         qos1x8to1) load "$broker" qos1x8to1 --qos 1 --publishers 8 ;;
         qos1x8to8) load "$broker" qos1x8to8 --qos 1 --publishers 8 --subscribers 8 ;;
+        # A persistent session offline while eight QoS 1 publishers run, then back: how fast
+        # the broker hands over what it kept (catchup_msgs_per_sec), every message by identity.
+        catchup1) load "$broker" catchup1 --qos 1 --publishers 8 --subscribers 1 --offline ;;
         # A 100 us pacing tick: two messages at a time, not bursts of 20 every millisecond.
         lat0) load "$broker" lat0 --qos 0 --rate 20000 --tick-us 100 ;;
         lat1) load "$broker" lat1 --qos 1 --rate 20000 --tick-us 100 ;;

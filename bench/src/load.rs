@@ -58,6 +58,12 @@ pub struct LoadArgs {
     /// includes the queue behind the others of its burst.
     #[arg(long, default_value_t = 1000)]
     tick_us: u64,
+    /// Subscribers with persistent sessions that subscribe, go offline while the publishers
+    /// run, and come back once every publish was acknowledged: the run then measures how fast
+    /// the broker delivers what it queued for them (`catchup_msgs_per_sec`, from reconnect to
+    /// the last message).
+    #[arg(long)]
+    offline: bool,
 }
 
 fn qos(q: u8) -> QoS {
@@ -74,6 +80,7 @@ fn options(args: &LoadArgs, id: String, broker: &str) -> anyhow::Result<MqttOpti
         .ok_or_else(|| anyhow::anyhow!("--broker needs host:port"))?;
     let mut o = MqttOptions::new(id, host, port.parse()?);
     o.set_keep_alive(Duration::from_secs(60));
+    o.set_clean_session(!args.offline);
     o.set_inflight(args.inflight);
     o.set_max_packet_size(1 << 20, 1 << 20);
     Ok(o)
@@ -142,6 +149,45 @@ async fn connect(o: MqttOptions, nagle: bool) -> anyhow::Result<(AsyncClient, ru
     }
 }
 
+/// A subscriber's receive loop: marks each message's identity and records its latency.
+fn receive(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    stats: Arc<Stats>,
+    s: usize,
+    epoch: Instant,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut local = Vec::with_capacity(1 << 16);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    let Some((sent, publisher, seq)) = read_stamp(&p.payload) else {
+                        continue;
+                    };
+                    if !mark(&mut stats.seen[s].lock().expect("lock"), publisher, seq) {
+                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    local.push((now.saturating_sub(sent) / 1000) as u32);
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    stats.last_receive_ns.fetch_max(now, Ordering::Relaxed);
+                    if local.len() >= 1 << 16 {
+                        stats.latencies_us.lock().expect("lock").append(&mut local);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            if !local.is_empty() && stats.received.load(Ordering::Relaxed) % 4096 == 0 {
+                stats.latencies_us.lock().expect("lock").append(&mut local);
+            }
+        }
+        stats.latencies_us.lock().expect("lock").append(&mut local);
+        drop(client);
+    })
+}
+
 /// Fixed rate: one OS thread sends what is due for every publisher each `--tick-us` (tokio's
 /// timer has a 1 ms resolution). Returns how many were sent.
 fn pace(
@@ -200,53 +246,34 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     } else {
         "bench/t"
     };
+    let sub_options = |s: usize| {
+        options(
+            &args,
+            format!("bench-sub-{s}"),
+            args.sub_broker.as_deref().unwrap_or(&args.broker),
+        )
+    };
     let mut sub_tasks = Vec::new();
     for s in 0..args.subscribers {
-        let (client, mut eventloop) = connect(
-            options(
-                &args,
-                format!("bench-sub-{s}"),
-                args.sub_broker.as_deref().unwrap_or(&args.broker),
-            )?,
-            args.nagle,
-        )
-        .await?;
+        if args.offline {
+            // Start from an empty session: nothing a previous run left queued.
+            let mut clean = sub_options(s)?;
+            clean.set_clean_session(true);
+            drop(connect(clean, args.nagle).await?);
+        }
+        let (client, mut eventloop) = connect(sub_options(s)?, args.nagle).await?;
         client.subscribe(filter, qos(args.qos)).await?;
         loop {
             if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
                 break;
             }
         }
-        let stats = stats.clone();
-        sub_tasks.push(tokio::spawn(async move {
-            let mut local = Vec::with_capacity(1 << 16);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let now = epoch.elapsed().as_nanos() as u64;
-                        let Some((sent, publisher, seq)) = read_stamp(&p.payload) else {
-                            continue;
-                        };
-                        if !mark(&mut stats.seen[s].lock().expect("lock"), publisher, seq) {
-                            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
-                        local.push((now.saturating_sub(sent) / 1000) as u32);
-                        stats.received.fetch_add(1, Ordering::Relaxed);
-                        stats.last_receive_ns.fetch_max(now, Ordering::Relaxed);
-                        if local.len() >= 1 << 16 {
-                            stats.latencies_us.lock().expect("lock").append(&mut local);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-                if !local.is_empty() && stats.received.load(Ordering::Relaxed) % 4096 == 0 {
-                    stats.latencies_us.lock().expect("lock").append(&mut local);
-                }
-            }
-            stats.latencies_us.lock().expect("lock").append(&mut local);
-            drop(client);
-        }));
+        if args.offline {
+            client.disconnect().await?;
+            while eventloop.poll().await.is_ok() {}
+            continue;
+        }
+        sub_tasks.push(receive(client, eventloop, stats.clone(), s, epoch));
     }
 
     let cpu_before = proc_stats::total_cpu(&args.pids);
@@ -325,6 +352,21 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     let publish_secs = (epoch.elapsed() - started).as_secs_f64();
     let sent: u64 = sent_by.iter().sum();
     let expected = sent * args.subscribers as u64;
+    let mut back_ns = 0;
+    if args.offline {
+        // Every publish acknowledged (or 10 s), then the subscribers come back.
+        let waiting = Instant::now();
+        while acks.iter().map(|a| a.load(Ordering::Relaxed)).sum::<u64>() < sent
+            && waiting.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        back_ns = epoch.elapsed().as_nanos() as u64;
+        for s in 0..args.subscribers {
+            let (client, eventloop) = connect(sub_options(s)?, args.nagle).await?;
+            sub_tasks.push(receive(client, eventloop, stats.clone(), s, epoch));
+        }
+    }
     // Drain: until everything arrived, or nothing arrived for 3 s.
     let mut last = u64::MAX;
     let mut quiet_since = Instant::now();
@@ -361,6 +403,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     let elapsed = (end_ns as f64 / 1e9 - started.as_secs_f64())
         .max(publish_secs)
         .max(1e-9);
+    let catchup_msgs_per_sec = if args.offline && end_ns > back_ns {
+        received as f64 / ((end_ns - back_ns) as f64 / 1e9)
+    } else {
+        0.0
+    };
     for (client, driver) in publishers {
         let _ = client.disconnect().await;
         driver.abort();
@@ -383,7 +430,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
             "\"payload\":{},\"rate\":{},\"sent\":{},\"acked\":{},\"expected\":{},\"received\":{},\"lost\":{},",
             "\"lost_by_id\":{},\"duplicates\":{},",
             "\"seconds\":{:.3},\"msgs_per_sec\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},",
-            "\"cpu_seconds\":{:.3},\"cpu_us_per_msg\":{:.3},\"rss_kib\":{}}}"
+            "\"cpu_seconds\":{:.3},\"cpu_us_per_msg\":{:.3},\"rss_kib\":{},",
+            "\"catchup_msgs_per_sec\":{:.0}}}"
         ),
         args.label,
         args.scenario,
@@ -406,7 +454,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         pct(0.999),
         cpu,
         if received > 0 { cpu * 1e6 / received as f64 } else { 0.0 },
-        rss
+        rss,
+        catchup_msgs_per_sec
     ))
 }
 
