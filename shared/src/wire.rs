@@ -12,7 +12,12 @@ use std::fmt;
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
-pub const MAX_MESSAGES_PER_REPLY: usize = 500;
+pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
+
+/// Most payload and topic bytes in one page of stored messages (at least one message is always
+/// sent): a page of large messages stays well inside a frame, and inside the memory a lagging
+/// session may hold.
+pub const MAX_BYTES_PER_REPLY: usize = 4 << 20;
 
 /// A message's identity: the 12 bytes of the MongoDB ObjectId that is its `_id`.
 ///

@@ -7,9 +7,9 @@
 //! Both retry a store that is unavailable with backoff, up to a time limit.
 
 use crate::store::{Deliveries, Store, StoreError, WriteBatch};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
 use wharf_shared::MessageId;
@@ -35,6 +35,17 @@ pub enum Job {
     /// query after it sees every message its edge sent before asking: the edge routes a QoS 1
     /// message to its live sessions before the store has it.
     Barrier(oneshot::Sender<()>),
+}
+
+impl Job {
+    /// The creation time of the job's oldest message.
+    fn oldest(&self) -> Option<i64> {
+        match self {
+            Job::StoreMany(messages) => messages.iter().map(|m| m.created_ms).min(),
+            Job::Qos2 { message, .. } => Some(message.created_ms),
+            _ => None,
+        }
+    }
 }
 
 /// The queue of a batching task (persister, recorder). What nobody waits for (QoS 0 messages,
@@ -77,10 +88,10 @@ impl<T> BatchQueue<T> {
         )
     }
 
-    /// Queues an item; waits while the queue is full. `Err`: the task is gone.
-    pub async fn send(&self, item: T) -> Result<(), ()> {
+    /// Queues an item; waits while the queue is full. `Err` (with the item): the task is gone.
+    pub async fn send(&self, item: T) -> Result<(), T> {
         let waited = (self.waited)(&item);
-        self.tx.send(item).await.map_err(|_| ())?;
+        self.tx.send(item).await.map_err(|e| e.0)?;
         if waited {
             self.urgent.notify_one();
         }
@@ -119,36 +130,198 @@ impl<T> BatchRx<T> {
     }
 }
 
-pub type PersistQueue = BatchQueue<PersistJob>;
-pub type RecordQueue = BatchQueue<RecordCommand>;
+/// The creation times of messages the persister has accepted and not yet written (or given
+/// up on): every message an edge sent that was created before the oldest of them is in the
+/// store. A catch-up that reads only that far needs no barrier.
+#[derive(Default)]
+pub struct Unwritten(Mutex<BTreeMap<i64, usize>>);
+
+impl Unwritten {
+    fn add(&self, created_ms: i64) {
+        *self.0.lock().expect("lock").entry(created_ms).or_default() += 1;
+    }
+
+    fn remove(&self, created_ms: i64) {
+        let mut times = self.0.lock().expect("lock");
+        if let std::collections::btree_map::Entry::Occupied(mut e) = times.entry(created_ms) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    fn oldest(&self) -> Option<i64> {
+        self.0.lock().expect("lock").keys().next().copied()
+    }
+}
+
+/// The persister's queue, which knows how far the store is complete (see [`Unwritten`]).
+#[derive(Clone)]
+pub struct PersistQueue {
+    queue: BatchQueue<PersistJob>,
+    unwritten: Arc<Unwritten>,
+}
+
+pub struct PersistRx {
+    rx: BatchRx<PersistJob>,
+    unwritten: Arc<Unwritten>,
+}
 
 /// The persister's queue: a job with a reply is waited for, and so is a barrier.
-pub fn persist_queue(capacity: usize) -> (PersistQueue, BatchRx<PersistJob>) {
-    BatchQueue::new(capacity, |job| {
+pub fn persist_queue(capacity: usize) -> (PersistQueue, PersistRx) {
+    let (queue, rx) = BatchQueue::new(capacity, |job: &PersistJob| {
         job.reply.is_some() || matches!(job.job, Job::Barrier(_))
-    })
+    });
+    let unwritten = Arc::new(Unwritten::default());
+    (
+        PersistQueue {
+            queue,
+            unwritten: unwritten.clone(),
+        },
+        PersistRx { rx, unwritten },
+    )
+}
+
+impl PersistQueue {
+    /// Queues a job; waits while the queue is full. `Err`: the persister is gone.
+    pub async fn send(&self, job: PersistJob) -> Result<(), ()> {
+        let oldest = job.job.oldest();
+        if let Some(t) = oldest {
+            self.unwritten.add(t);
+        }
+        let sent = self.queue.send(job).await;
+        if let (Err(_), Some(t)) = (&sent, oldest) {
+            self.unwritten.remove(t);
+        }
+        sent.map_err(|_| ())
+    }
+
+    /// Waits until everything queued before this call is written.
+    pub async fn written(&self) {
+        self.queue
+            .barrier(|tx| PersistJob {
+                job: Job::Barrier(tx),
+                reply: None,
+            })
+            .await;
+    }
+
+    /// The creation time of the oldest message queued and not yet written; `None` when the
+    /// store holds everything queued so far.
+    pub fn oldest_unwritten(&self) -> Option<i64> {
+        self.unwritten.oldest()
+    }
 }
 
 /// Waits until everything the persister had queued when this was called is written.
 pub async fn persists_written(queue: &PersistQueue) {
-    queue
-        .barrier(|tx| PersistJob {
-            job: Job::Barrier(tx),
-            reply: None,
-        })
-        .await;
+    queue.written().await;
+}
+
+/// Delivery records the recorder has accepted and not yet written (or given up on), by
+/// client: a catch-up counts them as delivered along with those the store holds, instead of
+/// waiting for the recorder to write them.
+#[derive(Default)]
+pub struct PendingRecords(Mutex<HashMap<String, HashMap<MessageId, u32>>>);
+
+impl PendingRecords {
+    fn add(&self, deliveries: &Deliveries) {
+        let mut clients = self.0.lock().expect("lock");
+        let ids = clients.entry(deliveries.client_id.clone()).or_default();
+        for record in &deliveries.records {
+            *ids.entry(record.message_id).or_default() += 1;
+        }
+    }
+
+    fn remove(&self, deliveries: &Deliveries) {
+        let mut clients = self.0.lock().expect("lock");
+        let Some(ids) = clients.get_mut(&deliveries.client_id) else {
+            return;
+        };
+        for record in &deliveries.records {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = ids.entry(record.message_id)
+            {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+        if ids.is_empty() {
+            clients.remove(&deliveries.client_id);
+        }
+    }
+
+    fn of(&self, client_id: &str) -> HashSet<MessageId> {
+        self.0
+            .lock()
+            .expect("lock")
+            .get(client_id)
+            .map(|ids| ids.keys().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The recorder's queue, which knows the records not yet written (see [`PendingRecords`]).
+#[derive(Clone)]
+pub struct RecordQueue {
+    queue: BatchQueue<RecordCommand>,
+    pending: Arc<PendingRecords>,
+}
+
+pub struct RecordRx {
+    rx: BatchRx<RecordCommand>,
+    pending: Arc<PendingRecords>,
+}
+
+/// The recorder's queue: a barrier is waited for.
+pub fn record_queue(capacity: usize) -> (RecordQueue, RecordRx) {
+    let (queue, rx) = BatchQueue::new(capacity, |command| {
+        matches!(command, RecordCommand::Barrier(_))
+    });
+    let pending = Arc::new(PendingRecords::default());
+    (
+        RecordQueue {
+            queue,
+            pending: pending.clone(),
+        },
+        RecordRx { rx, pending },
+    )
+}
+
+impl RecordQueue {
+    /// Queues a client's delivery records; waits while the queue is full. `Err`: the recorder
+    /// is gone.
+    pub async fn send(&self, deliveries: Deliveries) -> Result<(), ()> {
+        self.pending.add(&deliveries);
+        match self.queue.send(RecordCommand::Rows(deliveries)).await {
+            Ok(()) => Ok(()),
+            Err(command) => {
+                if let RecordCommand::Rows(deliveries) = command {
+                    self.pending.remove(&deliveries);
+                }
+                Err(())
+            }
+        }
+    }
+
+    /// Waits until every record queued before this call is written.
+    pub async fn written(&self) {
+        self.queue.barrier(RecordCommand::Barrier).await;
+    }
+
+    /// The messages with a delivery record for the client that is queued and not yet
+    /// written. Taken before the store is asked, the two together miss no record sent before:
+    /// a record leaves this set only once it is written.
+    pub fn pending_for(&self, client_id: &str) -> HashSet<MessageId> {
+        self.pending.of(client_id)
+    }
 }
 
 /// Waits until every delivery record the recorder had queued when this was called is written.
 pub async fn records_written(queue: &RecordQueue) {
-    queue.barrier(RecordCommand::Barrier).await;
-}
-
-/// The recorder's queue: a barrier is waited for.
-pub fn record_queue(capacity: usize) -> (RecordQueue, BatchRx<RecordCommand>) {
-    BatchQueue::new(capacity, |command| {
-        matches!(command, RecordCommand::Barrier(_))
-    })
+    queue.written().await;
 }
 
 pub struct PersistJob {
@@ -265,12 +438,18 @@ where
 pub async fn persister<S: Store>(
     store: Arc<S>,
     edges: Arc<crate::fanout::Edges>,
-    mut jobs: BatchRx<PersistJob>,
+    jobs: PersistRx,
     max_batch: usize,
     limit: Duration,
 ) {
+    let PersistRx {
+        rx: mut jobs,
+        unwritten,
+    } = jobs;
     let mut batch = Vec::with_capacity(max_batch);
+    let mut accepted = Vec::with_capacity(max_batch);
     while jobs.next_batch(&mut batch, max_batch).await {
+        accepted.extend(batch.iter().filter_map(|j| j.job.oldest()));
         let started = Instant::now();
         let is_barrier = |j: &PersistJob| matches!(j.job, Job::Barrier(_));
         let mut barriers = Vec::new();
@@ -311,6 +490,10 @@ pub async fn persister<S: Store>(
         }
         .await;
         batch.clear();
+        // Written, or given up on: either way nothing more of these is coming.
+        for t in accepted.drain(..) {
+            unwritten.remove(t);
+        }
         metrics::histogram!("wharf_worker_persist_seconds").record(started.elapsed().as_secs_f64());
         let (stored, replies) = match result {
             Ok((messages, replies)) => (Some(messages), replies),
@@ -347,10 +530,14 @@ fn settle(barriers: Vec<PersistJob>) {
 
 pub async fn recorder<S: Store>(
     store: Arc<S>,
-    mut commands: BatchRx<RecordCommand>,
+    commands: RecordRx,
     max_batch: usize,
     limit: Duration,
 ) {
+    let RecordRx {
+        rx: mut commands,
+        pending,
+    } = commands;
     let mut received = Vec::with_capacity(64);
     while commands.next_batch(&mut received, 1024).await {
         let mut chunks = vec![Vec::new()];
@@ -380,6 +567,9 @@ pub async fn recorder<S: Store>(
             {
                 // A lost record means a possible duplicate delivery later, never a loss.
                 tracing::error!(error = %e, records, "delivery records not written");
+            }
+            for deliveries in chunk.iter() {
+                pending.remove(deliveries);
             }
         }
         for tx in barriers {

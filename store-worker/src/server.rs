@@ -6,7 +6,7 @@
 //! subscribe), while different clients' requests run concurrently. Persist requests and
 //! delivery records go to the shared batching tasks in [`crate::pipeline`].
 
-use crate::pipeline::{Job, PersistJob, RecordCommand};
+use crate::pipeline::{Job, PersistJob};
 use crate::store::{self, Deliveries, Store, StoreError};
 use futures::{SinkExt, StreamExt};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -206,11 +206,7 @@ async fn connection<S: Store>(
                     created_ms: now_ms(),
                     records: messages,
                 };
-                shared
-                    .record
-                    .send(RecordCommand::Rows(deliveries))
-                    .await
-                    .is_ok()
+                shared.record.send(deliveries).await.is_ok()
             }
         };
         if !sent {
@@ -435,18 +431,35 @@ async fn handle<S: Store>(
             after,
             other_hosts_only,
         } => {
-            // What this edge routed before asking is in the store when the query runs (the
-            // edge routes QoS 1 messages before they are stored). Other hosts' messages reach
-            // this edge only once stored.
-            if !other_hosts_only {
-                crate::pipeline::persists_written(&shared.persist).await;
-            }
-            crate::pipeline::records_written(&shared.record).await;
+            // What this edge routed before asking must be in the store when the query reaches
+            // it (the edge routes QoS 1 messages before they are stored). The store holds
+            // every message created before the oldest one still queued for writing: a page
+            // that ends before that horizon is read at once; only one that reaches it waits
+            // for the writes (a lagging session reads old pages without waiting for the
+            // persister, which a busy store makes slow). Other hosts' messages reach this
+            // edge only once stored.
+            // Delivery records this edge sent before asking count too: those written are in
+            // the store, the rest still in the recorder's hands (taken first, see
+            // `pending_for`), so the query need not wait for the recorder.
+            let pending = shared.record.pending_for(&client_id);
             let not_host = other_hosts_only.then_some(edge_host);
-            let (messages, next) = crate::pipeline::retry(limit, "catch-up", || {
-                store::undelivered(store, &client_id, after, not_host)
+            let horizon = if other_hosts_only {
+                None
+            } else {
+                shared.persist.oldest_unwritten()
+            };
+            let mut page = crate::pipeline::retry(limit, "catch-up", || {
+                store::undelivered_before(store, &client_id, after, not_host, horizon, &pending)
             })
             .await?;
+            if page.at_horizon && page.messages.is_empty() {
+                crate::pipeline::persists_written(&shared.persist).await;
+                page = crate::pipeline::retry(limit, "catch-up", || {
+                    store::undelivered_before(store, &client_id, after, not_host, None, &pending)
+                })
+                .await?;
+            }
+            let (messages, next) = (page.messages, page.next);
             metrics::histogram!("wharf_worker_catch_up_seconds")
                 .record(started.elapsed().as_secs_f64());
             Reply::Messages { messages, next }

@@ -10,7 +10,8 @@ use std::collections::HashSet;
 use std::future::Future;
 use wharf_shared::topic;
 use wharf_shared::{
-    Cursor, DeliveredRecord, Message, MessageId, Qos, Subscription, MAX_MESSAGES_PER_REPLY,
+    Cursor, DeliveredRecord, Message, MessageId, Qos, Subscription, MAX_BYTES_PER_REPLY,
+    MAX_MESSAGES_PER_REPLY,
 };
 
 /// Messages kept for 30 days, delivery records for 7 (the seed's TTLs).
@@ -219,15 +220,57 @@ pub async fn undelivered<S: Store>(
     after: Option<Cursor>,
     not_host: Option<&str>,
 ) -> Result<(Vec<Message>, Option<Cursor>), StoreError> {
+    let page = undelivered_before(store, client_id, after, not_host, None, &HashSet::new()).await?;
+    Ok((page.messages, page.next))
+}
+
+/// How many of `page`'s first messages fit in `budget` bytes of payload and topic; at least
+/// one, so that paging always moves on.
+fn fitting(page: &[Message], budget: usize) -> usize {
+    let mut used = 0;
+    page.iter()
+        .position(|m| {
+            used += m.payload.len() + m.topic.len();
+            used > budget
+        })
+        .map_or(page.len(), |over| over.max(1))
+}
+
+/// A page of [`undelivered_before`].
+#[derive(Debug)]
+pub struct Undelivered {
+    pub messages: Vec<Message>,
+    /// Where the next page starts; `None`: the store has nothing more.
+    pub next: Option<Cursor>,
+    /// The page stopped at the horizon: what comes after it may not be written yet.
+    pub at_horizon: bool,
+}
+
+/// [`undelivered`], reading only messages created before `horizon` (when given): the store
+/// is known to hold every message created before it, but not yet all of those after. A page
+/// that reaches the horizon says so (`at_horizon`) and never claims the store has no more.
+/// `pending`: messages delivered to the client whose records are not written yet.
+pub async fn undelivered_before<S: Store>(
+    store: &S,
+    client_id: &str,
+    after: Option<Cursor>,
+    not_host: Option<&str>,
+    horizon: Option<i64>,
+    pending: &HashSet<MessageId>,
+) -> Result<Undelivered, StoreError> {
     let subscriptions = store.subscriptions(client_id).await?;
     let Some(oldest) = subscriptions.iter().map(|s| s.created_ms).min() else {
-        return Ok((Vec::new(), None));
+        return Ok(Undelivered {
+            messages: Vec::new(),
+            next: None,
+            at_horizon: false,
+        });
     };
     let prefixes = prefixes(subscriptions.iter().map(|s| s.filter.as_str()));
     let mut position = after.map_or(Cursor::since(oldest), |a| a.max(Cursor::since(oldest)));
     let mut out = Vec::new();
     for _ in 0..MAX_PAGES_PER_QUERY {
-        let page = store
+        let mut page = store
             .messages_after(
                 position,
                 not_host.map(str::to_owned),
@@ -235,13 +278,24 @@ pub async fn undelivered<S: Store>(
                 MAX_MESSAGES_PER_REPLY,
             )
             .await?;
-        let next = Cursor::after_full_page(&page, MAX_MESSAGES_PER_REPLY);
+        let mut next = Cursor::after_full_page(&page, MAX_MESSAGES_PER_REPLY);
+        // Cut where the byte budget or the horizon ends the page, whichever comes first.
+        let fits = fitting(&page, MAX_BYTES_PER_REPLY);
+        let complete = horizon.map_or(page.len(), |h| page.partition_point(|m| m.created_ms < h));
+        let reaches_horizon = horizon.is_some() && (complete < page.len() || next.is_none());
+        let at_horizon = reaches_horizon && complete <= fits;
+        let keep = fits.min(complete);
+        if keep < page.len() || at_horizon {
+            page.truncate(keep);
+            next = Some(page.last().map_or(position, Cursor::of));
+        }
         let wanted: Vec<Message> = page
             .into_iter()
             .filter(|m| {
-                subscriptions
-                    .iter()
-                    .any(|s| m.created_ms >= s.created_ms && topic::matches(&m.topic, &s.filter))
+                !pending.contains(&m.id)
+                    && subscriptions.iter().any(|s| {
+                        m.created_ms >= s.created_ms && topic::matches(&m.topic, &s.filter)
+                    })
             })
             .collect();
         let delivered = if wanted.is_empty() {
@@ -253,14 +307,26 @@ pub async fn undelivered<S: Store>(
         };
         out.extend(wanted.into_iter().filter(|m| !delivered.contains(&m.id)));
         let Some(next) = next else {
-            return Ok((out, None));
+            return Ok(Undelivered {
+                messages: out,
+                next: None,
+                at_horizon,
+            });
         };
         position = next;
-        if !out.is_empty() {
-            break;
+        if !out.is_empty() || at_horizon {
+            return Ok(Undelivered {
+                messages: out,
+                next: Some(position),
+                at_horizon,
+            });
         }
     }
-    Ok((out, Some(position)))
+    Ok(Undelivered {
+        messages: out,
+        next: Some(position),
+        at_horizon: false,
+    })
 }
 
 /// The client's QoS 2 deliveries under way, with their messages (those past the TTL dropped).

@@ -995,12 +995,13 @@ mod tests {
         let mut expected = Vec::new();
         for batch in 0..6u32 {
             // Odd batches carry a later millisecond first, then more of the busy one.
-            let mut messages: Vec<Message> = (0..260)
-                .map(|i| at(batch * 1_000 + i, busy, Qos::AtLeastOnce))
+            let per_batch = wharf_shared::MAX_MESSAGES_PER_REPLY as u32 / 2 + 10;
+            let mut messages: Vec<Message> = (0..per_batch)
+                .map(|i| at(batch * 10_000 + i, busy, Qos::AtLeastOnce))
                 .collect();
             if batch % 2 == 1 {
                 messages.push(at(
-                    batch * 1_000 + 999,
+                    batch * 10_000 + 9_999,
                     busy + 1 + batch as i64,
                     Qos::AtLeastOnce,
                 ));
@@ -1031,6 +1032,86 @@ mod tests {
         let want: Vec<MessageId> = expected.iter().map(|m| m.id).collect();
         assert_eq!(got.len(), want.len(), "every message once");
         assert_eq!(got, want, "in (created, id) order");
+    }
+
+    /// Paging that may not read past a horizon (messages from it on may not be written yet)
+    /// stops there and says so, never claiming the store has no more; pages of large messages
+    /// are cut by bytes. Together the pages still hold every message once, in order.
+    #[tokio::test]
+    async fn pages_stop_at_the_horizon_and_at_the_byte_budget() {
+        use super::super::undelivered_before;
+        use wharf_shared::{MAX_BYTES_PER_REPLY, MAX_MESSAGES_PER_REPLY};
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let start = 3_000_000;
+        let sub = wharf_shared::Subscription {
+            filter: "t/#".into(),
+            qos: Qos::AtLeastOnce,
+        };
+        store
+            .upsert_subscriptions("s", vec![sub], start - 1)
+            .await
+            .expect("subscribe");
+        // A page and 700 small messages, one per millisecond, then 12 of 1 MiB.
+        let small = MAX_MESSAGES_PER_REPLY as u32 + 700;
+        let mut messages: Vec<Message> = (0..small)
+            .map(|n| at(n, start + n as i64, Qos::AtLeastOnce))
+            .collect();
+        for n in small..small + 12 {
+            let mut m = at(n, start + n as i64, Qos::AtLeastOnce);
+            m.payload = vec![n as u8; 1 << 20];
+            messages.push(m);
+        }
+        let write = WriteBatch {
+            messages: messages.clone(),
+            ..Default::default()
+        };
+        store.write(Arc::new(write)).await.expect("write");
+
+        let below = MAX_MESSAGES_PER_REPLY + 100;
+        let horizon = start + below as i64;
+        let (mut got, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let page = undelivered_before(&store, "s", after, None, Some(horizon), &HashSet::new())
+                .await
+                .expect("page");
+            assert!(
+                page.next.is_some(),
+                "a page below the horizon never ends paging"
+            );
+            assert!(page.messages.iter().all(|m| m.created_ms < horizon));
+            got.extend(page.messages.iter().map(|m| m.id));
+            after = page.next;
+            pages += 1;
+            if page.at_horizon {
+                assert_eq!(pages, 2, "a full page, then the rest up to the horizon");
+                break;
+            }
+            assert!(pages < 10, "paging does not reach the horizon");
+        }
+        assert_eq!(got.len(), below, "every message before the horizon");
+        let again = undelivered_before(&store, "s", after, None, Some(horizon), &HashSet::new())
+            .await
+            .expect("page");
+        assert!(again.at_horizon && again.messages.is_empty());
+
+        // Past the horizon (the writes done): the rest, with the large ones in pages of at
+        // most the byte budget.
+        loop {
+            let page = undelivered_before(&store, "s", after, None, None, &HashSet::new())
+                .await
+                .expect("page");
+            assert!(!page.at_horizon);
+            let bytes: usize = page.messages.iter().map(|m| m.payload.len()).sum();
+            assert!(bytes <= MAX_BYTES_PER_REPLY, "a page of {bytes} bytes");
+            got.extend(page.messages.iter().map(|m| m.id));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let want: Vec<MessageId> = messages.iter().map(|m| m.id).collect();
+        assert_eq!(got, want, "every message once, in order");
     }
 
     #[tokio::test]
