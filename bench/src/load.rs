@@ -140,6 +140,8 @@ async fn connect(o: MqttOptions, nagle: bool) -> anyhow::Result<(AsyncClient, ru
     let (client, mut eventloop) = AsyncClient::new(o, 10_000);
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(!nagle);
+    // A broker may take long to answer a returning session's CONNECT (it reads its backlog).
+    network.set_connection_timeout(60);
     eventloop.set_network_options(network);
     loop {
         match eventloop.poll().await? {
@@ -367,7 +369,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
             sub_tasks.push(receive(client, eventloop, stats.clone(), s, epoch));
         }
     }
-    // Drain: until everything arrived, or nothing arrived for 3 s.
+    // Drain: until everything arrived, or nothing arrived for 3 s (30 s for a returning
+    // session: a broker may be slow to start handing over its backlog).
+    let quiet = Duration::from_secs(if args.offline { 30 } else { 3 });
     let mut last = u64::MAX;
     let mut quiet_since = Instant::now();
     loop {
@@ -378,7 +382,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         if got != last {
             last = got;
             quiet_since = Instant::now();
-        } else if quiet_since.elapsed() > Duration::from_secs(3) {
+        } else if quiet_since.elapsed() > quiet {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

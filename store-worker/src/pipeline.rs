@@ -1,12 +1,13 @@
 //! The two batching tasks shared by every edge connection of a worker:
 //! - the persister groups concurrent persist requests into one write (group commit) and
 //!   replies to each once the write is durable;
-//! - the recorder groups delivery records, and answers a barrier once everything sent before
-//!   it is written, so that a catch-up query never returns what was just delivered.
+//! - the recorder groups delivery records; those it holds and has not written are known by
+//!   client, so that a catch-up query never returns what was just delivered.
 //!
 //! Both retry a store that is unavailable with backoff, up to a time limit.
 
 use crate::store::{Deliveries, Store, StoreError, WriteBatch};
+use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -266,20 +267,18 @@ impl PendingRecords {
 /// The recorder's queue, which knows the records not yet written (see [`PendingRecords`]).
 #[derive(Clone)]
 pub struct RecordQueue {
-    queue: BatchQueue<RecordCommand>,
+    queue: BatchQueue<Deliveries>,
     pending: Arc<PendingRecords>,
 }
 
 pub struct RecordRx {
-    rx: BatchRx<RecordCommand>,
+    rx: BatchRx<Deliveries>,
     pending: Arc<PendingRecords>,
 }
 
-/// The recorder's queue: a barrier is waited for.
+/// The recorder's queue: nobody waits for a record.
 pub fn record_queue(capacity: usize) -> (RecordQueue, RecordRx) {
-    let (queue, rx) = BatchQueue::new(capacity, |command| {
-        matches!(command, RecordCommand::Barrier(_))
-    });
+    let (queue, rx) = BatchQueue::new(capacity, |_: &Deliveries| false);
     let pending = Arc::new(PendingRecords::default());
     (
         RecordQueue {
@@ -295,20 +294,9 @@ impl RecordQueue {
     /// is gone.
     pub async fn send(&self, deliveries: Deliveries) -> Result<(), ()> {
         self.pending.add(&deliveries);
-        match self.queue.send(RecordCommand::Rows(deliveries)).await {
-            Ok(()) => Ok(()),
-            Err(command) => {
-                if let RecordCommand::Rows(deliveries) = command {
-                    self.pending.remove(&deliveries);
-                }
-                Err(())
-            }
-        }
-    }
-
-    /// Waits until every record queued before this call is written.
-    pub async fn written(&self) {
-        self.queue.barrier(RecordCommand::Barrier).await;
+        self.queue.send(deliveries).await.map_err(|deliveries| {
+            self.pending.remove(&deliveries);
+        })
     }
 
     /// The messages with a delivery record for the client that is queued and not yet
@@ -317,11 +305,6 @@ impl RecordQueue {
     pub fn pending_for(&self, client_id: &str) -> HashSet<MessageId> {
         self.pending.of(client_id)
     }
-}
-
-/// Waits until every delivery record the recorder had queued when this was called is written.
-pub async fn records_written(queue: &RecordQueue) {
-    queue.written().await;
 }
 
 pub struct PersistJob {
@@ -401,11 +384,6 @@ async fn recorded<S: Store>(store: &S, keys: Vec<(String, u16)>) -> Result<Recor
         .into_iter()
         .map(|(key, id)| (key, (id, stored.contains(&id))))
         .collect())
-}
-
-pub enum RecordCommand {
-    Rows(Deliveries),
-    Barrier(oneshot::Sender<()>),
 }
 
 /// Runs `op` until it succeeds, fails for good, or `limit` has passed.
@@ -528,53 +506,48 @@ fn settle(barriers: Vec<PersistJob>) {
     }
 }
 
-pub async fn recorder<S: Store>(
-    store: Arc<S>,
-    commands: RecordRx,
-    max_batch: usize,
-    limit: Duration,
-) {
-    let RecordRx {
-        rx: mut commands,
-        pending,
-    } = commands;
+/// Delivery record writes the recorder has under way at once.
+const RECORD_WRITES_AT_ONCE: usize = 4;
+
+pub async fn recorder<S: Store>(store: Arc<S>, queue: RecordRx, max_batch: usize, limit: Duration) {
+    let RecordRx { mut rx, pending } = queue;
     let mut received = Vec::with_capacity(64);
-    while commands.next_batch(&mut received, 1024).await {
+    while rx.next_batch(&mut received, 1024).await {
+        // Whole notices per write, about `max_batch` records each, up to
+        // `RECORD_WRITES_AT_ONCE` writes at a time: records are independent of each other, and
+        // a subscriber reading a backlog makes them as fast as the store can read messages.
         let mut chunks = vec![Vec::new()];
         let mut in_chunk = 0;
-        let mut barriers = Vec::new();
-        for command in received.drain(..) {
-            match command {
-                RecordCommand::Rows(deliveries) => {
-                    // Whole notices per write, about `max_batch` records each.
-                    if in_chunk >= max_batch.max(1) {
-                        chunks.push(Vec::new());
-                        in_chunk = 0;
-                    }
-                    in_chunk += deliveries.records.len();
-                    chunks.last_mut().expect("one").push(deliveries);
+        for deliveries in received.drain(..) {
+            if in_chunk >= max_batch.max(1) {
+                chunks.push(Vec::new());
+                in_chunk = 0;
+            }
+            in_chunk += deliveries.records.len();
+            chunks.last_mut().expect("one").push(deliveries);
+        }
+        let writes = chunks.into_iter().filter(|c| !c.is_empty()).map(|chunk| {
+            let (store, pending) = (&store, &pending);
+            async move {
+                let records: usize = chunk.iter().map(|d| d.records.len()).sum();
+                let chunk = Arc::new(chunk);
+                if let Err(e) = retry(limit, "record deliveries", || {
+                    store.record_delivered(chunk.clone())
+                })
+                .await
+                {
+                    // A lost record means a possible duplicate delivery later, never a loss.
+                    tracing::error!(error = %e, records, "delivery records not written");
                 }
-                RecordCommand::Barrier(tx) => barriers.push(tx),
+                for deliveries in chunk.iter() {
+                    pending.remove(deliveries);
+                }
             }
-        }
-        for chunk in chunks.into_iter().filter(|c| !c.is_empty()) {
-            let records: usize = chunk.iter().map(|d| d.records.len()).sum();
-            let chunk = Arc::new(chunk);
-            if let Err(e) = retry(limit, "record deliveries", || {
-                store.record_delivered(chunk.clone())
-            })
-            .await
-            {
-                // A lost record means a possible duplicate delivery later, never a loss.
-                tracing::error!(error = %e, records, "delivery records not written");
-            }
-            for deliveries in chunk.iter() {
-                pending.remove(deliveries);
-            }
-        }
-        for tx in barriers {
-            let _ = tx.send(());
-        }
+        });
+        futures::stream::iter(writes)
+            .buffer_unordered(RECORD_WRITES_AT_ONCE)
+            .collect::<()>()
+            .await;
     }
 }
 

@@ -365,8 +365,6 @@ async fn handle<S: Store>(
         }
         Request::Disconnect { .. } => Reply::Done,
         Request::Connect { client_id, .. } => {
-            crate::pipeline::persists_written(&shared.persist).await;
-            crate::pipeline::records_written(&shared.record).await;
             let held = crate::pipeline::retry(limit, "session", || {
                 store.open_session(&client_id, edge_host, now_ms())
             })
@@ -374,10 +372,8 @@ async fn handle<S: Store>(
             let subscriptions =
                 crate::pipeline::retry(limit, "session", || store.subscriptions(&client_id))
                     .await?;
-            let (undelivered, next) = crate::pipeline::retry(limit, "session", || {
-                store::undelivered(store, &client_id, None, None)
-            })
-            .await?;
+            let (undelivered, next) =
+                catch_up_page(shared, &client_id, None, false, edge_host).await?;
             let outbound_qos2 = crate::pipeline::retry(limit, "session", || {
                 store::outbound_qos2(store, &client_id)
             })
@@ -431,35 +427,8 @@ async fn handle<S: Store>(
             after,
             other_hosts_only,
         } => {
-            // What this edge routed before asking must be in the store when the query reaches
-            // it (the edge routes QoS 1 messages before they are stored). The store holds
-            // every message created before the oldest one still queued for writing: a page
-            // that ends before that horizon is read at once; only one that reaches it waits
-            // for the writes (a lagging session reads old pages without waiting for the
-            // persister, which a busy store makes slow). Other hosts' messages reach this
-            // edge only once stored.
-            // Delivery records this edge sent before asking count too: those written are in
-            // the store, the rest still in the recorder's hands (taken first, see
-            // `pending_for`), so the query need not wait for the recorder.
-            let pending = shared.record.pending_for(&client_id);
-            let not_host = other_hosts_only.then_some(edge_host);
-            let horizon = if other_hosts_only {
-                None
-            } else {
-                shared.persist.oldest_unwritten()
-            };
-            let mut page = crate::pipeline::retry(limit, "catch-up", || {
-                store::undelivered_before(store, &client_id, after, not_host, horizon, &pending)
-            })
-            .await?;
-            if page.at_horizon && page.messages.is_empty() {
-                crate::pipeline::persists_written(&shared.persist).await;
-                page = crate::pipeline::retry(limit, "catch-up", || {
-                    store::undelivered_before(store, &client_id, after, not_host, None, &pending)
-                })
-                .await?;
-            }
-            let (messages, next) = (page.messages, page.next);
+            let (messages, next) =
+                catch_up_page(shared, &client_id, after, other_hosts_only, edge_host).await?;
             metrics::histogram!("wharf_worker_catch_up_seconds")
                 .record(started.elapsed().as_secs_f64());
             Reply::Messages { messages, next }
@@ -469,4 +438,48 @@ async fn handle<S: Store>(
         }
     };
     Ok(reply)
+}
+
+/// A page of what the client still needs from the store, after `after` (from its oldest
+/// subscription with `None`), for a session's `Connect` or a `CatchUp`.
+///
+/// What this edge routed before asking must be in the store when the query reaches it (the
+/// edge routes QoS 0 and 1 messages before they are stored), and what it delivered before
+/// asking must not come back. Neither is waited for unless it must be (under load a barrier
+/// costs one or two store writes, most of a page's time):
+/// - delivery records still queued are taken from the recorder first
+///   ([`RecordQueue::pending_for`](crate::pipeline::RecordQueue::pending_for)) and count with
+///   those the store holds;
+/// - the store holds every message created before the oldest one still queued for writing
+///   (the horizon), so a page that ends before it is read at once; only a page that starts at
+///   the horizon waits for the persister's writes and is read again.
+///
+/// Other hosts' messages (`other_hosts_only`) reach this edge only once stored.
+async fn catch_up_page<S: Store>(
+    shared: &Shared<S>,
+    client_id: &str,
+    after: Option<wharf_shared::Cursor>,
+    other_hosts_only: bool,
+    edge_host: &str,
+) -> Result<(Vec<wharf_shared::Message>, Option<wharf_shared::Cursor>), StoreError> {
+    let (store, limit) = (&*shared.store, shared.retry_limit);
+    let pending = shared.record.pending_for(client_id);
+    let not_host = other_hosts_only.then_some(edge_host);
+    let horizon = if other_hosts_only {
+        None
+    } else {
+        shared.persist.oldest_unwritten()
+    };
+    let mut page = crate::pipeline::retry(limit, "catch-up", || {
+        store::undelivered_before(store, client_id, after, not_host, horizon, &pending)
+    })
+    .await?;
+    if page.at_horizon && page.messages.is_empty() {
+        crate::pipeline::persists_written(&shared.persist).await;
+        page = crate::pipeline::retry(limit, "catch-up", || {
+            store::undelivered_before(store, client_id, after, not_host, None, &pending)
+        })
+        .await?;
+    }
+    Ok((page.messages, page.next))
 }

@@ -698,7 +698,7 @@ impl Store for MongoStore {
         // reads its blocks, and the caller matches topics. A topic range (or regex) made the
         // MongoDB-wire test server pick the topic index and read every stored message of the
         // topic for each page (0.9 s for a 16 ms window, against 2.4 ms without it:
-        // BENCHMARKS.md, eleventh round).
+        // BENCHMARKS.md, tenth round).
         let mut filter = doc! {};
         if let Some(host) = not_host {
             filter.insert("host", doc! { "$ne": host });
