@@ -8,6 +8,7 @@
 #   RUNS=3 DURATION=10 SCENARIOS="qos1x8to1 qos1x8to8" bench/run.sh   # several publishers
 #   WARM=1 RUNS=5 DURATION=30 SCENARIOS="qos0 qos1x8to8" bench/run.sh   # sustained, warm
 #   BACKEND=mongo BROKERS=wharf WARM=1 RUNS=5 SCENARIOS="catchup1 qos1x8to1" bench/run.sh
+#   WHARF_EDGE_ARGS="--max-queued 1000000" WARM=1 RUNS=6 DURATION=2 SCENARIOS=qos0 bench/run.sh
 # WARM=1 keeps one broker instance for all runs of a scenario (each run meets the data and the
 # state the earlier ones left, as a broker in service does); without it every run gets a fresh
 # broker. BACKEND=mongo stores Wharf's messages in MongoDB instead of the embedded store: on the
@@ -49,7 +50,12 @@ stop() {
   pids=""
 }
 mongo_pid=""
-trap 'stop; [ -n "$mongo_pid" ] && kill "$mongo_pid" 2>/dev/null; rm -rf "$work" "$data"' EXIT
+stop_mongo() {
+  [ -n "$mongo_pid" ] || return 0
+  kill "$mongo_pid" 2>/dev/null || true
+  while kill -0 "$mongo_pid" 2>/dev/null; do sleep 0.1; done
+}
+trap 'stop; stop_mongo; rm -rf "$work" "$data"' EXIT
 
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
@@ -76,7 +82,7 @@ start() { # broker -> sets port and pids
       local w=$!
       # One runtime thread for the edge (WHARF_EDGE_THREADS): on a 2-core machine shared with
       # the worker and the load generator it measured better than one per core (BENCHMARKS.md).
-      TOKIO_WORKER_THREADS="${WHARF_EDGE_THREADS:-1}" target/release/edge --listen 127.0.0.1:18851 --worker-socket "$work/wharf/w.sock" --host bench 2>"$work/edge.log" &
+      TOKIO_WORKER_THREADS="${WHARF_EDGE_THREADS:-1}" target/release/edge --listen 127.0.0.1:18851 --worker-socket "$work/wharf/w.sock" --host bench ${WHARF_EDGE_ARGS:-} 2>"$work/edge.log" &
       pids="$w,$!"; port=18851
       # The MongoDB server's CPU is part of what each message costs.
       [ -n "$mongo_pid" ] && pids="$pids,$mongo_pid" ;;

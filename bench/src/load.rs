@@ -375,7 +375,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     let mut last = u64::MAX;
     let mut quiet_since = Instant::now();
     loop {
-        let got = stats.received.load(Ordering::Relaxed);
+        // Distinct messages: duplicates must not end the wait before every message came.
+        let got = stats.received.load(Ordering::Relaxed) - stats.duplicates.load(Ordering::Relaxed);
         if got >= expected {
             break;
         }

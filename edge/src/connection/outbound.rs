@@ -23,10 +23,14 @@ const SKEW_MS: i64 = 2_000;
 /// A catch-up asks for the next page once the messages still to send from the last one are
 /// this few.
 const PREFETCH_BELOW: usize = wharf_shared::MAX_MESSAGES_PER_REPLY / 2;
-/// How long after a store fetch ids are remembered for deduplication.
+/// How long after a store fetch ids are remembered for deduplication; while fetches go on, an
+/// id is remembered for at least this long after it was seen (two generations of ids, the
+/// older one forgotten each period), so a window kept open by a long catch-up does not grow
+/// without end.
 const DEDUPE_WINDOW: Duration = Duration::from_secs(10);
-/// Most ids remembered; past it the window stops growing.
-const DEDUPE_CAP: usize = 65_536;
+/// Most ids in one generation; past it the generation stops growing (a session taking more
+/// than 26,000 msg/s from the store).
+const DEDUPE_CAP: usize = 262_144;
 
 #[derive(Default)]
 struct Dedupe {
@@ -37,6 +41,10 @@ struct Dedupe {
 
 struct Window {
     ids: HashSet<MessageId, IdHasher>,
+    /// The generation before `ids`, forgotten when `ids` is `DEDUPE_WINDOW` old.
+    older: HashSet<MessageId, IdHasher>,
+    /// When `ids` began.
+    since: Instant,
     until: Instant,
     /// Calls since the clock was last read: the window's end is checked every
     /// `CLOCK_EVERY` calls, not for every message.
@@ -88,6 +96,8 @@ impl Dedupe {
         let window = self.window.get_or_insert_with(|| {
             Box::new(Window {
                 ids: HashSet::default(),
+                older: HashSet::default(),
+                since: Instant::now(),
                 until,
                 calls: 0,
             })
@@ -98,23 +108,39 @@ impl Dedupe {
         }
     }
 
+    /// Whether `id` was seen while the window is open (without remembering it).
+    fn seen(&self, id: &MessageId) -> bool {
+        self.window.as_ref().is_some_and(|w| w.contains(id))
+    }
+
     /// True when `id` is new (and remembers it while the window is open).
     fn first_time(&mut self, id: MessageId) -> bool {
         let Some(window) = self.window.as_mut() else {
             return true;
         };
         window.calls = window.calls.wrapping_add(1);
-        if window.calls % CLOCK_EVERY == 0 && Instant::now() >= window.until {
-            self.window = None;
-            return true;
+        if window.calls % CLOCK_EVERY == 0 {
+            let now = Instant::now();
+            if now >= window.until {
+                self.window = None;
+                return true;
+            }
+            if now >= window.since + DEDUPE_WINDOW {
+                window.older = std::mem::take(&mut window.ids);
+                window.since = now;
+            }
         }
-        let new = !window.ids.contains(&id);
+        let new = !window.contains(&id);
         window.insert(id);
         new
     }
 }
 
 impl Window {
+    fn contains(&self, id: &MessageId) -> bool {
+        self.ids.contains(id) || self.older.contains(id)
+    }
+
     fn insert(&mut self, id: MessageId) {
         if self.ids.len() < DEDUPE_CAP {
             self.ids.insert(id);
@@ -140,8 +166,14 @@ pub struct Outbound {
     dedupe: Dedupe,
     delivered: Vec<DeliveredRecord>,
     /// Undelivered messages wait in the store after this position. While it is set, live
-    /// messages wait in the queue: the store's go first.
+    /// messages wait (in `held`, then in the queue): the store's go first.
     store_after: Option<Cursor>,
+    /// Live messages taken off the queue while the store has pages for this session (at most
+    /// `max_queued`): each page that brings one of them again removes it here, and what is
+    /// left joins the backlog when the store has given everything. Checked against every page
+    /// while it waits, a message is never sent twice however long the catch-up lasts (a
+    /// dedupe window of recent ids forgot those fetched at its start).
+    held: Vec<Delivery>,
     /// Other hosts' messages before this time have been asked for.
     watermark_ms: i64,
     catch_up: Option<(CatchUpKind, Instant)>,
@@ -173,6 +205,7 @@ impl Outbound {
             dedupe: Dedupe::default(),
             delivered: Vec::new(),
             store_after: None,
+            held: Vec::new(),
             watermark_ms: 0,
             catch_up: None,
             last_seed_catch_up: None,
@@ -264,17 +297,43 @@ impl Outbound {
 
     /// Whether the run loop should take the next message off the router queue.
     pub fn wants_queue(&self) -> bool {
-        !self.fetching()
-            && self.stalled.is_none()
+        if self.fetching() {
+            return self.held.len() < self.broker.config.limits.max_queued;
+        }
+        self.stalled.is_none()
             && self.backlog.is_empty()
             && self.write_buf.len() < self.broker.config.limits.write_high_water
     }
 
     pub fn accept_live(&mut self, delivery: Delivery) {
+        if self.fetching() {
+            self.hold(delivery);
+            return;
+        }
         if !self.dedupe.first_time(delivery.message.id) {
             return;
         }
         self.push(delivery);
+    }
+
+    /// Keeps a live message while the store has pages (see `held`). It is not remembered as
+    /// seen: its stored copy, when a page brings it, is the one sent, in order.
+    fn hold(&mut self, delivery: Delivery) {
+        if !self.dedupe.seen(&delivery.message.id) {
+            self.held.push(delivery);
+        }
+    }
+
+    /// Takes live messages off the queue into `held` while the store has pages and there is
+    /// room, so that each is checked against the pages still to come.
+    fn hold_queued(&mut self) {
+        let room = self.broker.config.limits.max_queued;
+        while self.held.len() < room {
+            match self.session_tx.try_pop() {
+                Some(d) => self.hold(d),
+                None => break,
+            }
+        }
     }
 
     /// Sends `delivery` now, or parks it until the inflight window has room.
@@ -306,7 +365,10 @@ impl Outbound {
             };
             let next = match next {
                 Some(d) => d,
-                None if self.fetching() => break,
+                None if self.fetching() => {
+                    self.hold_queued();
+                    break;
+                }
                 None => match self.session_tx.try_pop() {
                     Some(d) if !self.dedupe.first_time(d.message.id) => continue,
                     Some(d) => d,
@@ -425,9 +487,9 @@ impl Outbound {
     /// The next catch-up to ask the store for, if one is due. `seed` marks a PINGREQ or
     /// PUBLISH, the seed's trigger for other hosts' messages.
     pub fn next_catch_up(&mut self, seed: bool) -> Option<Request> {
-        if self.state.subscriptions.is_empty() {
-            // Nothing to fetch: nothing holds the queue back either.
-            self.store_after = None;
+        if self.state.subscriptions.is_empty() && self.store_after.take().is_some() {
+            // Nothing to fetch: nothing holds the live messages back either.
+            self.merge_queue();
         }
         if self.catch_up.is_some() || self.state.subscriptions.is_empty() {
             return None;
@@ -496,6 +558,11 @@ impl Outbound {
                 return;
             }
         };
+        if !self.held.is_empty() && !messages.is_empty() {
+            // A held live message that this page brings again is sent from the page.
+            let fetched: HashSet<MessageId> = messages.iter().map(|m| m.id).collect();
+            self.held.retain(|d| !fetched.contains(&d.message.id));
+        }
         let before = self.backlog.len();
         self.stored(messages);
         metrics::counter!("wharf_edge_caught_up_messages_total")
@@ -524,6 +591,11 @@ impl Outbound {
     /// by creation puts it back before them, whichever way each came.
     fn merge_queue(&mut self) {
         let before = self.backlog.len();
+        for d in std::mem::take(&mut self.held) {
+            if self.dedupe.first_time(d.message.id) {
+                self.backlog.push_back(d);
+            }
+        }
         while let Some(d) = self.session_tx.try_pop() {
             if self.dedupe.first_time(d.message.id) {
                 self.backlog.push_back(d);
@@ -566,5 +638,40 @@ mod tests {
             assert!(!dedupe.first_time(id(n)), "{n}");
         }
         assert_eq!(dedupe.window.as_ref().map(|w| w.ids.len()), Some(9_999));
+    }
+
+    /// A window kept open by one fetch after another remembers each id for at least
+    /// `DEDUPE_WINDOW` after it was seen, and forgets it within two.
+    #[tokio::test]
+    async fn a_window_kept_open_forgets_old_ids_only() {
+        let mut dedupe = Dedupe::default();
+        dedupe.open(std::iter::empty());
+        for n in 0..100 {
+            assert!(dedupe.first_time(id(n)));
+        }
+        // The clock is read every CLOCK_EVERY calls; move the generation's start back
+        // instead of waiting.
+        let age = |dedupe: &mut Dedupe| {
+            let window = dedupe.window.as_mut().expect("open");
+            window.since -= DEDUPE_WINDOW;
+        };
+        let mut n = 100;
+        let mut more = |dedupe: &mut Dedupe| {
+            dedupe.open(std::iter::empty());
+            for _ in 0..CLOCK_EVERY {
+                assert!(dedupe.first_time(id(n)));
+                n += 1;
+            }
+        };
+        age(&mut dedupe);
+        more(&mut dedupe);
+        // A period on: the first ids are in the older generation, still known.
+        assert!(dedupe.seen(&id(0)) && dedupe.seen(&id(99)));
+        assert!(!dedupe.first_time(id(5)));
+        age(&mut dedupe);
+        more(&mut dedupe);
+        // Two periods on: forgotten; those of the last period are still known.
+        assert!(!dedupe.seen(&id(0)));
+        assert!(dedupe.seen(&id(150)));
     }
 }
