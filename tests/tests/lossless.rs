@@ -118,6 +118,40 @@ mod eight_publishers_reach_lagging_subscribers {
     }
 }
 
+/// A persistent session comes back to a backlog longer than the edge once remembered ids for
+/// (65,536) while publishers keep sending: the live messages that wait during its catch-up come
+/// again in the catch-up's last pages, and each must still be sent once. (Before the live
+/// messages were checked against every page, the session got its whole live queue twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_catch_up_under_live_traffic_sends_each_message_once() {
+    init_tracing();
+    let limits = wharf_edge::Limits {
+        max_queued: 1_000,
+        ..Default::default()
+    };
+    let stack = Stack::with_limits(Kind::Embedded, limits).await;
+    let addr = stack.addr();
+    let mut away = Subscriber::start(addr, "away", false, "fleet/+/t", 1, Pace::FULL_SPEED).await;
+    away.drop_connection();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let backlog: Vec<Publisher> = (0..4)
+        .map(|i| Publisher::new(format!("b{i}"), format!("fleet/b{i}/t"), 1))
+        .collect();
+    let mut acked = publish_all(vec![addr], backlog, 20_000).await;
+    let live: Vec<Publisher> = (0..4)
+        .map(|i| Publisher::new(format!("l{i}"), format!("fleet/l{i}/t"), 1))
+        .collect();
+    let publishing = tokio::spawn(publish_all(vec![addr], live, 8_000));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    away.connect(addr, false, None, Pace::FULL_SPEED).await;
+    acked.extend(publishing.await.expect("publishers"));
+    away.wait_for(Duration::from_secs(20), complete(&acked))
+        .await;
+    let failure = complaints("away", &check(&away.snapshot(), &acked), |_| false);
+    stack.stop().await;
+    assert!(failure.is_none(), "{}", failure.unwrap_or_default());
+}
+
 /// Two hosts on one MongoDB-wire server, four publishers on each, lagging subscribers on
 /// both (a small session queue): every acknowledged message reaches each, from both hosts,
 /// once. Order is checked for each host's own publishers; for the other host's it is only
