@@ -215,11 +215,6 @@ impl PersistQueue {
     }
 }
 
-/// Waits until everything the persister had queued when this was called is written.
-pub async fn persists_written(queue: &PersistQueue) {
-    queue.written().await;
-}
-
 /// Delivery records the recorder has accepted and not yet written (or given up on), by
 /// client: a catch-up counts them as delivered along with those the store holds, instead of
 /// waiting for the recorder to write them.

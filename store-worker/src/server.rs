@@ -406,7 +406,7 @@ async fn handle<S: Store>(
             // A retained message this edge received before the SUBSCRIBE is stored first: it
             // may have been routed before this session was subscribed (QoS 0 and 1 are routed
             // before they are stored), and this reply is then its only way in.
-            crate::pipeline::persists_written(&shared.persist).await;
+            shared.persist.written().await;
             let messages =
                 crate::pipeline::retry(limit, "retained", || store::retained_for(store, &filters))
                     .await?;
@@ -475,7 +475,7 @@ async fn catch_up_page<S: Store>(
     })
     .await?;
     if page.at_horizon && page.messages.is_empty() {
-        crate::pipeline::persists_written(&shared.persist).await;
+        shared.persist.written().await;
         page = crate::pipeline::retry(limit, "catch-up", || {
             store::undelivered_before(store, client_id, after, not_host, None, &pending)
         })
