@@ -215,7 +215,7 @@ async fn unwaited_writes_survive_a_worker_crash() {
     let stored = || async {
         let store = SqliteStore::open(&data).expect("open the embedded store");
         store
-            .messages_after(wharf_shared::Cursor::since(0), None, None, 10 * N)
+            .messages_after(wharf_shared::Cursor::since(0), None, 10 * N)
             .await
             .expect("query")
             .into_iter()

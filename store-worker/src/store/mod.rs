@@ -117,13 +117,13 @@ pub trait Store: Send + Sync + 'static {
         prefixes: Option<Vec<String>>,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
     /// Messages after `after` in (created, id) order, oldest first, at most `limit`, not
-    /// from `not_host`, with topics starting with one of `prefixes` (all with `None`). Backed
-    /// by an index on `created`: its cost follows the new messages, not the history.
+    /// from `not_host`, on every topic (the caller matches its subscriptions: both stores read
+    /// by time alone). Backed by an index on `created`: its cost follows the new messages, not
+    /// the history.
     fn messages_after(
         &self,
         after: Cursor,
         not_host: Option<String>,
-        prefixes: Option<Vec<String>>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
     /// Records a QoS 2 delivery under way to a persistent session (`released` carries the
@@ -266,7 +266,6 @@ pub async fn undelivered_before<S: Store>(
             at_horizon: false,
         });
     };
-    let prefixes = prefixes(subscriptions.iter().map(|s| s.filter.as_str()));
     let mut position = after.map_or(Cursor::since(oldest), |a| a.max(Cursor::since(oldest)));
     let mut out = Vec::new();
     for _ in 0..MAX_PAGES_PER_QUERY {
@@ -274,7 +273,6 @@ pub async fn undelivered_before<S: Store>(
             .messages_after(
                 position,
                 not_host.map(str::to_owned),
-                prefixes.clone(),
                 MAX_MESSAGES_PER_REPLY,
             )
             .await?;

@@ -691,7 +691,6 @@ impl Store for MongoStore {
         &self,
         after: Cursor,
         not_host: Option<String>,
-        _prefixes: Option<Vec<String>>,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         // No condition on the topic: the page is read by time alone, as the embedded store
@@ -741,30 +740,29 @@ impl Store for MongoStore {
                 .sort(sort.clone())
                 .limit(wanted as i64))
             .await?;
+            let found_here = found.len() as i64;
             let full = found.len() == wanted;
-            if let (true, Some(newest)) = (!last, found.last()) {
-                // Where a full window ended, its density is known up to its last message.
-                let span = if full {
-                    newest
-                        .get_datetime("created")
-                        .map_or(window, |t| (t.timestamp_millis() - low).max(1))
-                } else {
-                    window
-                };
-                let seen = found.len() as f64 / span as f64;
+            // Messages per millisecond in this window (up to its last message when the page
+            // filled): the next window, and the next page's first, are sized from it.
+            let span = match found.last() {
+                Some(newest) if full => newest
+                    .get_datetime("created")
+                    .map_or(window, |t| (t.timestamp_millis() - low).max(1)),
+                _ => window,
+            };
+            if !last && found_here > 0 {
+                let seen = found_here as f64 / span as f64;
                 self.density.store(seen.to_bits(), Relaxed);
             }
-            let found_here = found.len() as i64;
             docs.extend(found);
-            if last {
+            if full || last {
                 break;
             }
             low = high;
-            // The next window from the density of this one: a quarter more than should hold
-            // the rest of the page, at least twice this one, at most sixteen times (an empty
-            // one: four times).
+            // A quarter more than should hold the rest of the page, at least twice this
+            // window, at most sixteen times (after an empty one: four times).
             let rest = (limit - docs.len()) as i64;
-            let estimate = (rest * window * 5 / 4).checked_div(found_here);
+            let estimate = (rest * span * 5 / 4).checked_div(found_here);
             window = estimate.map_or(window.saturating_mul(4), |e| {
                 e.clamp(window.saturating_mul(2), window.saturating_mul(16))
             });
@@ -889,7 +887,7 @@ impl Follower<'_> {
         loop {
             let page = match self
                 .store
-                .messages_after(after, Some(self.own_host.clone()), None, PAGE)
+                .messages_after(after, Some(self.own_host.clone()), PAGE)
                 .await
             {
                 Ok(page) => page,

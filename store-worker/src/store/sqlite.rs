@@ -539,7 +539,6 @@ impl Store for SqliteStore {
         &self,
         after: Cursor,
         not_host: Option<String>,
-        _prefixes: Option<Vec<String>>,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         if limit == 0 {
@@ -787,7 +786,7 @@ mod tests {
         };
         store.write(Arc::new(durable)).await.expect("write");
         let stored = store
-            .messages_after(Cursor::since(0), None, None, 10)
+            .messages_after(Cursor::since(0), None, 10)
             .await
             .expect("read");
         assert_eq!(stored.len(), 3);
@@ -830,7 +829,7 @@ mod tests {
             // Opening twice: the second open finds the current version and leaves it alone.
             let store = SqliteStore::open(dir.path()).expect("open");
             let stored = store
-                .messages_after(Cursor::since(0), None, None, 10)
+                .messages_after(Cursor::since(0), None, 10)
                 .await
                 .expect("read");
             let order: Vec<u8> = stored.iter().map(|m| m.payload[0]).collect();
@@ -1162,7 +1161,7 @@ mod tests {
                         .map(|m| m.id)
                         .collect();
                     let got: Vec<MessageId> = store
-                        .messages_after(Cursor::since(since), not_host.clone(), None, limit)
+                        .messages_after(Cursor::since(since), not_host.clone(), limit)
                         .await
                         .expect("page")
                         .iter()
@@ -1196,7 +1195,7 @@ mod tests {
         assert_eq!(found.len(), 1, "only QoS 2 messages are looked up by id");
         assert_eq!(found[0].payload, m.payload);
         let all = store
-            .messages_after(Cursor::since(0), None, None, 10)
+            .messages_after(Cursor::since(0), None, 10)
             .await
             .expect("read");
         assert_eq!(all.iter().filter(|x| x.id == m.id).count(), 1);
