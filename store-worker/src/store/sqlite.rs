@@ -974,23 +974,29 @@ mod tests {
         }
     }
 
+    /// A new store in which client `s` subscribed to `t/#` at `since_ms`.
+    async fn subscribed_to_t(since_ms: i64) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let sub = wharf_shared::Subscription {
+            filter: "t/#".into(),
+            qos: Qos::AtLeastOnce,
+        };
+        store
+            .upsert_subscriptions("s", vec![sub], since_ms)
+            .await
+            .expect("subscribe");
+        (dir, store)
+    }
+
     /// More messages in one millisecond than a page holds, some written after later ones
     /// (publishers whose writes overtook each other): paging with the cursor returns every
     /// one, once, in (created, id) order. A cursor of milliseconds skipped the rest of such a
     /// millisecond.
     #[tokio::test]
     async fn a_millisecond_with_more_than_a_page_is_paged_whole() {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(dir.path()).expect("open");
         let busy = 2_000_000;
-        let sub = wharf_shared::Subscription {
-            filter: "t/#".into(),
-            qos: Qos::AtLeastOnce,
-        };
-        store
-            .upsert_subscriptions("s", vec![sub], busy - 1_000)
-            .await
-            .expect("subscribe");
+        let (_dir, store) = subscribed_to_t(busy - 1_000).await;
         let mut expected = Vec::new();
         for batch in 0..6u32 {
             // Odd batches carry a later millisecond first, then more of the busy one.
@@ -1040,17 +1046,8 @@ mod tests {
     async fn pages_stop_at_the_horizon_and_at_the_byte_budget() {
         use super::super::undelivered_before;
         use wharf_shared::{MAX_BYTES_PER_REPLY, MAX_MESSAGES_PER_REPLY};
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(dir.path()).expect("open");
         let start = 3_000_000;
-        let sub = wharf_shared::Subscription {
-            filter: "t/#".into(),
-            qos: Qos::AtLeastOnce,
-        };
-        store
-            .upsert_subscriptions("s", vec![sub], start - 1)
-            .await
-            .expect("subscribe");
+        let (_dir, store) = subscribed_to_t(start - 1).await;
         // A page and 700 small messages, one per millisecond, then 12 of 1 MiB.
         let small = MAX_MESSAGES_PER_REPLY as u32 + 700;
         let mut messages: Vec<Message> = (0..small)
