@@ -37,6 +37,7 @@ pub(crate) fn message(n: usize, created_ms: i64, topic: &str) -> Message {
         client_id: "sensor".into(),
         host: "h1".into(),
         created_ms,
+        properties: None,
     }
 }
 
@@ -90,6 +91,7 @@ async fn measure(history: usize, args: &CatchupArgs) -> anyhow::Result<String> {
     let subscription = Subscription {
         filter: "fleet/+/t".into(),
         qos: Qos::AtLeastOnce,
+        options: Default::default(),
     };
     store
         .upsert_subscriptions("device", vec![subscription], sub_created)

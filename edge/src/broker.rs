@@ -93,6 +93,7 @@ impl Broker {
             client_id: client_id.to_owned(),
             host: self.config.host.clone(),
             created_ms: now,
+            properties: None,
         }
     }
 

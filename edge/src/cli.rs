@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use wharf_shared::config::{parse, parse_bool, parse_secs, ConfigSource, Layers};
 
-/// Wharf edge: MQTT 3.1.1 sessions, backed by a store-worker.
+/// Wharf edge: MQTT 3.1, 3.1.1 and 5.0 sessions, backed by a store-worker.
 #[derive(Parser, Debug)]
 #[command(version, about, name = "edge")]
 pub struct Args {
@@ -63,6 +63,27 @@ pub struct Args {
     /// [etcd: maxHeldPersists].
     #[arg(long, env = "WHARF_MAX_HELD_PERSISTS", default_value_t = Limits::default().max_held_persists)]
     pub max_held_persists: usize,
+    /// MQTT 5.0 Receive Maximum: QoS 1/2 messages a 5.0 client may have unacknowledged
+    /// [etcd: receiveMaximum].
+    #[arg(long, env = "WHARF_RECEIVE_MAXIMUM", default_value_t = Limits::default().receive_maximum)]
+    pub receive_maximum: u16,
+    /// MQTT 5.0 Topic Alias Maximum: topic aliases a 5.0 client may set; 0 for none
+    /// [etcd: topicAliasMaximum].
+    #[arg(long, env = "WHARF_TOPIC_ALIAS_MAXIMUM", default_value_t = Limits::default().topic_alias_max)]
+    pub topic_alias_maximum: u16,
+    /// Topic aliases the server gives a 5.0 client that takes them; 0 for none
+    /// [etcd: topicAliasesOut].
+    #[arg(long, env = "WHARF_TOPIC_ALIASES_OUT", default_value_t = Limits::default().topic_alias_max_out)]
+    pub topic_aliases_out: u16,
+    /// Longest a session outlives its connection, in seconds, or "never" for no bound: caps
+    /// MQTT 5.0 Session Expiry Intervals and 3.1/3.1.1 persistent sessions
+    /// [etcd: maxSessionExpiry].
+    #[arg(long, env = "WHARF_MAX_SESSION_EXPIRY", default_value = "never")]
+    pub max_session_expiry: String,
+    /// MQTT 5.0 Server Keep Alive in seconds, replacing what 5.0 clients ask for; "off" lets
+    /// each client choose [etcd: serverKeepAlive].
+    #[arg(long, env = "WHARF_SERVER_KEEP_ALIVE", default_value = "off")]
+    pub server_keep_alive: String,
     /// Seconds a new connection has to send CONNECT (and finish TLS) [etcd: connectTimeout].
     #[arg(long, env = "WHARF_CONNECT_TIMEOUT", default_value_t = 10)]
     pub connect_timeout: u64,
@@ -84,6 +105,20 @@ fn listen_value(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigErro
 }
 
 const DEFAULT_TLS_LISTEN: &str = "0.0.0.0:8883";
+
+fn session_expiry_value(key: &str, value: &str) -> Result<u32, ConfigError> {
+    match value.trim() {
+        "never" => Ok(u32::MAX),
+        secs => parse(key, secs),
+    }
+}
+
+fn keep_alive_value(key: &str, value: &str) -> Result<Option<u16>, ConfigError> {
+    match value.trim() {
+        "off" | "" => Ok(None),
+        secs => parse(key, secs).map(Some),
+    }
+}
 
 /// The effective configuration: flags and environment over `source` over defaults.
 pub fn load(
@@ -150,6 +185,29 @@ pub fn load(
             "connectTimeout",
             Duration::from_secs(args.connect_timeout),
             parse_secs,
+        )?,
+        receive_maximum: layers.value("receive_maximum", "receiveMaximum", args.receive_maximum)?,
+        topic_alias_max: layers.value(
+            "topic_alias_maximum",
+            "topicAliasMaximum",
+            args.topic_alias_maximum,
+        )?,
+        topic_alias_max_out: layers.value(
+            "topic_aliases_out",
+            "topicAliasesOut",
+            args.topic_aliases_out,
+        )?,
+        max_session_expiry: layers.pick(
+            "max_session_expiry",
+            "maxSessionExpiry",
+            session_expiry_value("maxSessionExpiry", &args.max_session_expiry)?,
+            session_expiry_value,
+        )?,
+        server_keep_alive: layers.pick(
+            "server_keep_alive",
+            "serverKeepAlive",
+            keep_alive_value("serverKeepAlive", &args.server_keep_alive)?,
+            keep_alive_value,
         )?,
         ..defaults
     };

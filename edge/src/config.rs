@@ -44,6 +44,18 @@ pub struct Limits {
     pub catch_up_interval: Duration,
     /// Bytes waiting to be written to one client before the edge stops queueing more.
     pub write_high_water: usize,
+    /// 5.0 Receive Maximum: QoS 1/2 PUBLISHes a 5.0 client may have unanswered; more closes
+    /// the connection (0x93). 65,535 is not sent (the default).
+    pub receive_maximum: u16,
+    /// 5.0 Topic Alias Maximum: aliases a client may set; 0 accepts none.
+    pub topic_alias_max: u16,
+    /// Most topic aliases the server gives a 5.0 client (at most what it allows); 0 gives none.
+    pub topic_alias_max_out: u16,
+    /// Longest a session outlives its connection, in seconds (bounds 5.0 Session Expiry
+    /// Intervals and 3.1/3.1.1 persistent sessions); `u32::MAX`: no bound.
+    pub max_session_expiry: u32,
+    /// 5.0 Server Keep Alive: replaces the keepalive 5.0 clients ask for.
+    pub server_keep_alive: Option<u16>,
 }
 
 impl Default for Limits {
@@ -58,6 +70,11 @@ impl Default for Limits {
             max_held_persists: 10_000,
             catch_up_interval: Duration::from_secs(1),
             write_high_water: 64 * 1024,
+            receive_maximum: u16::MAX,
+            topic_alias_max: 10,
+            topic_alias_max_out: 10,
+            max_session_expiry: u32::MAX,
+            server_keep_alive: None,
         }
     }
 }
@@ -109,6 +126,12 @@ impl EdgeConfig {
             "max-pending-persists",
             l.max_pending_persists.to_string(),
             "must be at least 1 and at most max-held-persists",
+        )?;
+        check(
+            l.receive_maximum >= 1,
+            "receive-maximum",
+            l.receive_maximum.to_string(),
+            "must be at least 1",
         )?;
         check(
             !l.connect_timeout.is_zero(),

@@ -12,9 +12,9 @@ mod outbound;
 use crate::broker::Broker;
 use crate::keepalive;
 use crate::link::{LinkError, Policy, ReplyRx};
-use crate::protocol::{v4, Inbound, PublishIn, Will};
+use crate::protocol::{encode, reason, Inbound, PublishIn, SubscribeFilter, Version, Will};
 use crate::registry::Released;
-use crate::router::{Event, SessionTx, Signals};
+use crate::router::{Event, Grant, SessionTx, Signals};
 use crate::session::{Ack, SessionState};
 use crate::topic;
 use bytes::{Buf, BytesMut};
@@ -22,7 +22,7 @@ use futures::future::{BoxFuture, Either};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use outbound::Outbound;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -43,6 +43,9 @@ pub enum SessionError {
     Decode(#[from] crate::protocol::DecodeError),
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
+    /// A 5.0 rule broken, with the reason code the DISCONNECT gives.
+    #[error("{why}")]
+    Refused { reason: u8, why: &'static str },
     #[error("no packet within 1.5 x keepalive")]
     KeepAliveTimeout,
     #[error("no CONNECT within the connect timeout")]
@@ -51,6 +54,24 @@ pub enum SessionError {
     Store(String),
     #[error(transparent)]
     Link(#[from] LinkError),
+}
+
+impl SessionError {
+    /// The reason code of the DISCONNECT that tells a 5.0 client why it is closed; `None`
+    /// when the socket is gone.
+    fn disconnect_reason(&self) -> Option<u8> {
+        match self {
+            SessionError::Io(_) => None,
+            SessionError::Decode(e) => Some(e.reason()),
+            SessionError::Protocol(_) => Some(reason::PROTOCOL_ERROR),
+            SessionError::Refused { reason, .. } => Some(*reason),
+            SessionError::KeepAliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
+            SessionError::ConnectTimeout => None,
+            SessionError::Store(_) | SessionError::Link(_) => {
+                Some(reason::IMPLEMENTATION_SPECIFIC_ERROR)
+            }
+        }
+    }
 }
 
 /// How the run loop ended.
@@ -87,10 +108,13 @@ enum Op {
     Subscribed {
         pkid: u16,
         codes: Vec<u8>,
-        filters: Vec<(String, Qos)>,
+        filters: Vec<(String, Grant)>,
+        /// The new subscriptions that take retained messages now (5.0 Retain Handling).
+        retained_for: Vec<(String, Grant)>,
         result: Result<Reply, LinkError>,
     },
-    PubComp(u16),
+    /// PUBCOMP with its reason code.
+    PubComp(u16, u8),
 }
 
 /// Consecutive QoS 0 PUBLISHes, or QoS 1 ones, of one read, sent to the worker together.
@@ -228,22 +252,53 @@ pub fn serve<S: Transport, P: Send + 'static>(
                 }
             }
         };
-        tracing::debug!(%peer, client_id = %conn.out.state.client_id, clean = conn.clean, "session started");
+        tracing::debug!(%peer, client_id = %conn.out.state.client_id, protocol = conn.version.label(), session_expiry = conn.session_expiry, "session started");
         metrics::gauge!("wharf_edge_sessions").increment(1.0);
         let end = conn
             .run(&mut reader, &mut writer, &mut takeover_rx, &shutdown)
             .await;
+        if conn.version.is_v5() {
+            // 5.0 clients are told why the server closes (MQTT 5.0 3.14).
+            if let Some((code, why)) = end.disconnect_reason() {
+                let mut buf = BytesMut::new();
+                encode::disconnect(&mut buf, code, why.as_deref());
+                let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&buf)).await;
+            }
+        }
         Box::pin(conn.finish(end, &peer, &mut takeover_rx)).await;
         metrics::gauge!("wharf_edge_sessions").decrement(1.0);
         drop(permit);
     }
 }
 
+impl End {
+    /// The reason code (and Reason String) of the DISCONNECT a 5.0 client gets.
+    fn disconnect_reason(&self) -> Option<(u8, Option<String>)> {
+        match self {
+            End::Graceful => None,
+            End::TakenOver(_) => Some((reason::SESSION_TAKEN_OVER, None)),
+            End::Shutdown => Some((reason::SERVER_SHUTTING_DOWN, None)),
+            End::Error(e) => e
+                .disconnect_reason()
+                .map(|code| (code, Some(e.to_string()))),
+        }
+    }
+}
+
 struct Connection {
     broker: Arc<Broker>,
-    clean: bool,
+    version: Version,
+    /// The Session Expiry Interval in force (seconds): 0 ends the session with the
+    /// connection; `u32::MAX` never. 3.1/3.1.1: 0 for a clean session.
+    session_expiry: u32,
     /// Boxed: most clients have none, and this is part of every connection's task.
     will: Option<Box<Will>>,
+    /// 5.0 topic aliases the client set (boxed, only once it uses one: a pointer in every
+    /// connection's task instead of a map's 48 bytes).
+    #[allow(clippy::box_collection)]
+    topic_aliases: Option<Box<HashMap<u16, String>>>,
+    /// QoS 1/2 PUBLISHes not yet answered with PUBACK / PUBCOMP (5.0 Receive Maximum).
+    inbound_unacked: u32,
     connection_id: u64,
     out: Outbound,
     /// The outstanding catch-up query, if any.
@@ -338,10 +393,20 @@ impl Connection {
         }
         let mut conn = Connection {
             broker: broker.clone(),
-            clean: hs.clean,
+            version: hs.peer.version,
+            session_expiry: hs.session_expiry,
             will: hs.will.map(Box::new),
+            topic_aliases: None,
+            inbound_unacked: 0,
             connection_id: hs.connection_id,
-            out: Outbound::new(broker, hs.state, hs.session_tx, hs.write_buf, !hs.clean),
+            out: Outbound::new(
+                broker,
+                hs.state,
+                hs.session_tx,
+                hs.write_buf,
+                hs.session_expiry > 0,
+                hs.peer,
+            ),
             tracking: InOrder::default(),
             catch_up: None,
             ops: InOrder::default(),
@@ -542,7 +607,8 @@ impl Connection {
         // connection's task is not.
         let mut batch = Batch::default();
         let result = loop {
-            let packet = match v4::decode(&mut self.read_buf, max) {
+            let packet = match crate::protocol::decode(&mut self.read_buf, Some(self.version), max)
+            {
                 Ok(Some(packet)) => packet,
                 Ok(None) => break Ok(true),
                 Err(e) => break Err(e.into()),
@@ -618,47 +684,115 @@ impl Connection {
                     self.start_catch_up(true).await;
                 }
             }
-            Inbound::PubAck(pkid) => {
-                self.check_ack(pkid, Ack::PubAck)?;
-                self.out.puback(pkid)
+            Inbound::PubAck(ack) => {
+                self.check_ack(ack.pkid, Ack::PubAck)?;
+                self.out.puback(ack.pkid)
             }
-            Inbound::PubRec(pkid) => {
-                self.check_ack(pkid, Ack::PubRec)?;
-                self.out.pubrec(pkid)
+            Inbound::PubRec(ack) => {
+                self.check_ack(ack.pkid, Ack::PubRec)?;
+                if ack.reason >= 0x80 {
+                    self.out.pubrec_refused(ack.pkid)
+                } else {
+                    self.out.pubrec(ack.pkid)
+                }
             }
-            Inbound::PubComp(pkid) => {
-                self.check_ack(pkid, Ack::PubComp)?;
-                self.out.pubcomp(pkid)
+            Inbound::PubComp(ack) => {
+                self.check_ack(ack.pkid, Ack::PubComp)?;
+                self.out.pubcomp(ack.pkid)
             }
-            Inbound::PubRel(pkid) => {
-                self.out.state.release_inbound_qos2(pkid);
+            Inbound::PubRel(ack) => {
+                let pkid = ack.pkid;
+                let known = self.out.state.release_inbound_qos2(pkid);
+                if known {
+                    self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
+                }
                 let release = Request::ReleaseQos2 {
                     client_id: String::from(&*self.out.state.client_id),
                     pkid,
                 };
                 // Held and re-sent by the link, in order with the persists.
                 drop(self.broker.link.request(release, Policy::Hold).await?);
+                // 5.0: a PUBREL for an id this session does not hold is answered so.
+                let code = if known || !self.version.is_v5() {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
                 if self.ops.is_empty() {
-                    v4::encode_pubcomp(&mut self.out.write_buf, pkid);
+                    encode::pubcomp(&mut self.out.write_buf, self.version, pkid, code);
                 } else {
                     // Keep PUBCOMP behind the PUBRECs still waiting for the store.
                     self.ops
-                        .push_back(Box::pin(async move { Op::PubComp(pkid) }));
+                        .push_back(Box::pin(async move { Op::PubComp(pkid, code) }));
                 }
             }
-            Inbound::Subscribe { pkid, filters } => self.subscribe(pkid, filters).await?,
+            Inbound::Subscribe {
+                pkid,
+                filters,
+                identifier,
+            } => self.subscribe(pkid, filters, identifier).await?,
             Inbound::Unsubscribe { pkid, filters } => self.unsubscribe(pkid, filters).await?,
             Inbound::PingReq => {
-                v4::encode_pingresp(&mut self.out.write_buf);
+                encode::pingresp(&mut self.out.write_buf);
                 self.start_catch_up(true).await;
             }
-            Inbound::Disconnect => {
-                self.will = None;
+            Inbound::Disconnect {
+                reason: code,
+                session_expiry,
+            } => {
+                if let Some(expiry) = session_expiry {
+                    // MQTT-3.14.2-2: a session that was to end with the connection stays so.
+                    if self.session_expiry == 0 && expiry != 0 {
+                        return Err(SessionError::Refused {
+                            reason: reason::PROTOCOL_ERROR,
+                            why: "Session Expiry Interval set at DISCONNECT after 0 at CONNECT",
+                        });
+                    }
+                    self.session_expiry = expiry.min(self.broker.config.limits.max_session_expiry);
+                }
+                // 0x04: Disconnect with Will Message.
+                if code != reason::DISCONNECT_WITH_WILL {
+                    self.will = None;
+                }
                 return Ok(false);
+            }
+            Inbound::Auth { .. } => {
+                return Err(SessionError::Refused {
+                    reason: reason::PROTOCOL_ERROR,
+                    why: "AUTH without an authentication method",
+                })
             }
             Inbound::Connect(_) => return Err(SessionError::Protocol("second CONNECT")),
         }
         Ok(true)
+    }
+
+    /// The topic of a PUBLISH, through its 5.0 Topic Alias if it has one.
+    fn resolve_topic(&mut self, p: &mut PublishIn) -> Result<(), SessionError> {
+        let Some(alias) = p.topic_alias else {
+            return Ok(());
+        };
+        if alias == 0 || alias > self.broker.config.limits.topic_alias_max {
+            return Err(SessionError::Refused {
+                reason: reason::TOPIC_ALIAS_INVALID,
+                why: "topic alias 0 or above the Topic Alias Maximum",
+            });
+        }
+        let aliases = self.topic_aliases.get_or_insert_with(Box::default);
+        if p.topic.is_empty() {
+            match aliases.get(&alias) {
+                Some(topic) => p.topic = topic.clone(),
+                None => {
+                    return Err(SessionError::Refused {
+                        reason: reason::PROTOCOL_ERROR,
+                        why: "topic alias used before it was set",
+                    })
+                }
+            }
+        } else {
+            aliases.insert(alias, p.topic.clone());
+        }
+        Ok(())
     }
 
     /// An acknowledgement of the wrong kind for a message in flight closes the connection.
@@ -673,23 +807,68 @@ impl Connection {
         }))
     }
 
-    async fn publish(&mut self, p: PublishIn, batch: &mut Batch) -> Result<(), SessionError> {
+    async fn publish(&mut self, mut p: PublishIn, batch: &mut Batch) -> Result<(), SessionError> {
+        self.resolve_topic(&mut p)?;
         if !topic::valid_topic_name(&p.topic) {
-            return Err(SessionError::Protocol("invalid topic name in PUBLISH"));
+            return Err(SessionError::Refused {
+                reason: reason::TOPIC_NAME_INVALID,
+                why: "invalid topic name in PUBLISH",
+            });
         }
         self.broker.metrics.received(p.qos).increment(1);
         if p.qos == Qos::ExactlyOnce && self.out.state.has_inbound_qos2(p.pkid) {
             // A re-sent QoS 2 PUBLISH that was already stored and routed.
-            v4::encode_pubrec(&mut self.out.write_buf, p.pkid);
+            encode::pubrec(&mut self.out.write_buf, self.version, p.pkid, 0);
             return Ok(());
         }
-        let message = Arc::new(self.broker.message(
+        if p.qos != Qos::AtMostOnce && self.version.is_v5() {
+            self.inbound_unacked += 1;
+            if self.inbound_unacked > u32::from(self.broker.config.limits.receive_maximum) {
+                return Err(SessionError::Refused {
+                    reason: reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    why: "more QoS 1/2 messages unacknowledged than the Receive Maximum",
+                });
+            }
+        }
+        let utf8_claimed = p
+            .properties
+            .as_ref()
+            .is_some_and(|props| props.payload_format_indicator == Some(1));
+        if utf8_claimed && std::str::from_utf8(&p.payload).is_err() {
+            // MQTT 5.0 3.3.2.3.2: refused with "payload format invalid", not stored.
+            metrics::counter!("wharf_edge_payload_format_invalid_total").increment(1);
+            match p.qos {
+                Qos::AtMostOnce => {}
+                Qos::AtLeastOnce => {
+                    self.acknowledged(1);
+                    encode::puback(
+                        &mut self.out.write_buf,
+                        self.version,
+                        p.pkid,
+                        reason::PAYLOAD_FORMAT_INVALID,
+                    )
+                }
+                Qos::ExactlyOnce => {
+                    self.acknowledged(1);
+                    encode::pubrec(
+                        &mut self.out.write_buf,
+                        self.version,
+                        p.pkid,
+                        reason::PAYLOAD_FORMAT_INVALID,
+                    )
+                }
+            }
+            return Ok(());
+        }
+        let mut message = self.broker.message(
             &self.out.state.client_id,
             p.topic,
             &p.payload,
             p.qos,
             p.retain,
-        ));
+        );
+        message.properties = p.properties;
+        let message = Arc::new(message);
         match p.qos {
             Qos::AtMostOnce => {
                 batch.messages.push(message);
@@ -744,24 +923,53 @@ impl Connection {
         }
     }
 
+    /// QoS 1/2 PUBLISHes answered (PUBACK, or a QoS 2 flow completed or refused).
+    fn acknowledged(&mut self, n: usize) {
+        if self.version.is_v5() {
+            self.inbound_unacked = self.inbound_unacked.saturating_sub(n as u32);
+        }
+    }
+
     async fn subscribe(
         &mut self,
         pkid: u16,
-        filters: Vec<(String, Qos)>,
+        filters: Vec<SubscribeFilter>,
+        identifier: Option<u32>,
     ) -> Result<(), SessionError> {
+        let v5 = self.version.is_v5();
         let mut codes = Vec::with_capacity(filters.len());
         let mut accepted = Vec::new();
-        for (filter, qos) in filters {
-            if topic::valid_filter(&filter) {
-                codes.push(qos.as_u8());
-                self.out.state.subscriptions.insert(filter.clone(), qos);
-                self.broker
-                    .router
-                    .subscribe(&self.out.state.client_id, &filter, qos);
-                accepted.push((filter, qos));
-            } else {
-                codes.push(0x80);
+        let mut retained_for = Vec::new();
+        for f in filters {
+            if v5 && f.filter.starts_with("$share/") {
+                // Shared subscriptions are not served yet, and CONNACK says so.
+                codes.push(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+                continue;
             }
+            if !topic::valid_filter(&f.filter) {
+                codes.push(if v5 {
+                    reason::TOPIC_FILTER_INVALID
+                } else {
+                    0x80
+                });
+                continue;
+            }
+            let grant = Grant::with(f.qos, f.options(identifier));
+            codes.push(f.qos.as_u8());
+            let existed = self
+                .out
+                .state
+                .subscriptions
+                .insert(f.filter.clone(), grant)
+                .is_some();
+            self.broker
+                .router
+                .subscribe(&self.out.state.client_id, &f.filter, grant);
+            // Retain Handling: 0 always, 1 for a new subscription only, 2 never.
+            if f.retain_handling == 0 || (f.retain_handling == 1 && !existed) {
+                retained_for.push((f.filter.clone(), grant));
+            }
+            accepted.push((f.filter, grant));
         }
         let rx = if accepted.is_empty() {
             Ok(None)
@@ -770,9 +978,10 @@ impl Connection {
                 client_id: String::from(&*self.out.state.client_id),
                 subscriptions: accepted
                     .iter()
-                    .map(|(filter, qos)| wharf_shared::Subscription {
+                    .map(|(filter, grant)| wharf_shared::Subscription {
                         filter: filter.clone(),
-                        qos: *qos,
+                        qos: grant.qos,
+                        options: grant.options(),
                     })
                     .collect(),
             };
@@ -795,6 +1004,7 @@ impl Connection {
                 pkid,
                 codes,
                 filters: accepted,
+                retained_for,
                 result,
             }
         }));
@@ -802,11 +1012,17 @@ impl Connection {
     }
 
     async fn unsubscribe(&mut self, pkid: u16, filters: Vec<String>) -> Result<(), SessionError> {
+        let mut codes = Vec::with_capacity(filters.len());
         for filter in &filters {
-            self.out.state.subscriptions.remove(filter);
+            let existed = self.out.state.subscriptions.remove(filter).is_some();
             self.broker
                 .router
                 .unsubscribe(&self.out.state.client_id, filter);
+            codes.push(if existed {
+                reason::SUCCESS
+            } else {
+                reason::NO_SUBSCRIPTION_EXISTED
+            });
         }
         let request = Request::Unsubscribe {
             client_id: String::from(&*self.out.state.client_id),
@@ -814,7 +1030,7 @@ impl Connection {
         };
         // Held and re-sent by the link; the UNSUBACK need not wait for it.
         drop(self.broker.link.request(request, Policy::Hold).await?);
-        v4::encode_unsuback(&mut self.out.write_buf, pkid);
+        encode::unsuback(&mut self.out.write_buf, self.version, pkid, &codes);
         Ok(())
     }
 
@@ -823,8 +1039,9 @@ impl Connection {
         match op {
             Op::PersistedMany { pkids, result } => match result {
                 Ok(Reply::Persisted) => {
+                    self.acknowledged(pkids.len());
                     for pkid in pkids {
-                        v4::encode_puback(&mut self.out.write_buf, pkid);
+                        encode::puback(&mut self.out.write_buf, self.version, pkid, 0);
                     }
                     Ok(())
                 }
@@ -844,7 +1061,7 @@ impl Connection {
                         self.broker.route(&message);
                     }
                     self.out.state.accept_inbound_qos2(pkid);
-                    v4::encode_pubrec(&mut self.out.write_buf, pkid);
+                    encode::pubrec(&mut self.out.write_buf, self.version, pkid, 0);
                     Ok(())
                 }
                 // Not acknowledged: the client re-sends it on its next connection.
@@ -855,12 +1072,13 @@ impl Connection {
                 pkid,
                 mut codes,
                 filters,
+                retained_for,
                 result,
             } => {
                 match result {
                     Ok(Reply::Messages { messages, .. }) => {
-                        v4::encode_suback(&mut self.out.write_buf, pkid, &codes);
-                        self.out.retained(messages, &filters);
+                        encode::suback(&mut self.out.write_buf, self.version, pkid, &codes);
+                        self.out.retained(messages, &retained_for);
                     }
                     Ok(other) => {
                         tracing::warn!(client_id = %self.out.state.client_id, reply = ?other, "subscription not stored");
@@ -870,15 +1088,17 @@ impl Connection {
                                 .router
                                 .unsubscribe(&self.out.state.client_id, filter);
                         }
-                        codes.iter_mut().for_each(|c| *c = 0x80);
-                        v4::encode_suback(&mut self.out.write_buf, pkid, &codes);
+                        codes
+                            .iter_mut()
+                            .for_each(|c| *c = reason::UNSPECIFIED_ERROR);
+                        encode::suback(&mut self.out.write_buf, self.version, pkid, &codes);
                     }
                     Err(e) => return Err(e.into()),
                 }
                 Ok(())
             }
-            Op::PubComp(pkid) => {
-                v4::encode_pubcomp(&mut self.out.write_buf, pkid);
+            Op::PubComp(pkid, code) => {
+                encode::pubcomp(&mut self.out.write_buf, self.version, pkid, code);
                 Ok(())
             }
         }
@@ -907,24 +1127,27 @@ impl Connection {
                 tracing::info!(%peer, client_id = %client_id, "session taken over by a new connection")
             }
         }
-        // A broker shutdown is not the client's failure: no will then.
-        let ungraceful = !matches!(end, End::Graceful | End::Shutdown);
+        // A broker shutdown is not the client's failure: no will then. A DISCONNECT took the
+        // will away unless its reason asked for it (5.0 0x04).
+        let will = will.filter(|_| !matches!(end, End::Shutdown));
+        let persistent = self.session_expiry > 0;
         let state = self.out.into_state();
         match end {
             End::TakenOver(tx) => {
-                let _ = tx.send((!self.clean).then_some(state));
+                let _ = tx.send(persistent.then_some(state));
             }
             _ => {
-                let park = (!self.clean).then_some(state);
-                match self
-                    .broker
-                    .registry
-                    .release(&client_id, self.connection_id, park)
-                {
+                let park = persistent.then_some(state);
+                match self.broker.registry.release(
+                    &client_id,
+                    self.connection_id,
+                    park,
+                    self.session_expiry,
+                ) {
                     Released::Done => {
                         let request = Request::Disconnect {
                             client_id: client_id.to_string(),
-                            clean_session: self.clean,
+                            session_expiry: self.session_expiry,
                         };
                         if let Ok(rx) = self.broker.link.request(request, Policy::Hold).await {
                             drop(rx);
@@ -945,11 +1168,29 @@ impl Connection {
                 }
             }
         }
-        if let (true, Some(will)) = (ungraceful, will) {
-            let message =
+        if let Some(will) = will {
+            let mut message =
                 self.broker
                     .message(&client_id, will.topic, &will.payload, will.qos, will.retain);
-            tokio::spawn(self.broker.clone().publish_detached(message));
+            message.properties = will.properties;
+            // 5.0 Will Delay Interval: sent when it has passed, or when the session ends if
+            // that is sooner, unless the client has come back meanwhile.
+            let delay = will.delay_secs.min(self.session_expiry);
+            let broker = self.broker.clone();
+            let connection_id = self.connection_id;
+            tokio::spawn(async move {
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_secs(delay.into())).await;
+                    if broker.registry.resumed_after(&client_id, connection_id) {
+                        return;
+                    }
+                    // Stamped when it is sent, so that its expiry counts from then.
+                    let now = crate::ids::now_ms();
+                    message.id = crate::ids::next_message_id(now);
+                    message.created_ms = now;
+                }
+                broker.publish_detached(message).await;
+            });
         }
     }
 }

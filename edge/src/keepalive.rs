@@ -3,6 +3,7 @@
 //! whose client has been silent for longer than 1.5 x its keepalive. An idle connection then
 //! holds no timer entry (a `tokio::time::Sleep` is 112 bytes in every connection's task).
 
+use crate::registry::Registry;
 use crate::router::{Router, Signals};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -18,14 +19,27 @@ pub fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// Signals overdue sessions every [`SWEEP_EVERY`] until `shutdown`.
-pub async fn sweep(router: &Router, shutdown: &CancellationToken) {
+/// Parked sessions (whose clients are away) are checked for expiry every this many sweeps.
+const PARKED_EVERY: u32 = 10;
+
+/// Signals overdue sessions every [`SWEEP_EVERY`] until `shutdown`, and forgets parked
+/// sessions whose Session Expiry Interval has passed (the store forgets its copy too).
+pub async fn sweep(router: &Router, registry: &Registry, shutdown: &CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeps = 0u32;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
+        }
+        sweeps = sweeps.wrapping_add(1);
+        if sweeps % PARKED_EVERY == 0 {
+            let expired = registry.expire_parked(Instant::now());
+            if expired > 0 {
+                metrics::counter!("wharf_edge_parked_sessions_expired_total")
+                    .increment(expired as u64);
+            }
         }
         let now = now_ms();
         let mut expired = 0u64;

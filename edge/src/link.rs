@@ -558,6 +558,7 @@ mod tests {
             client_id: "c".into(),
             host: "h".into(),
             created_ms: 0,
+            properties: None,
         };
         Request::Persist(vec![message; messages])
     }

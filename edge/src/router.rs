@@ -10,15 +10,105 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
-use wharf_shared::{Message, Qos};
+use wharf_shared::{Message, Qos, Subscription, SubscriptionOptions};
 
 /// A message on its way to one session, at the QoS that session gets.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub message: Arc<Message>,
     pub qos: Qos,
-    /// Set only for retained messages sent because of a new subscription.
+    /// The RETAIN flag to send: retained messages sent because of a new subscription, and
+    /// (5.0 Retain As Published) retained messages as they were published.
     pub retain: bool,
+    /// 5.0 Subscription Identifiers of the subscriptions it matched (empty: none, and no
+    /// allocation).
+    pub subscription_ids: Box<[u32]>,
+}
+
+impl Delivery {
+    pub fn new(message: Arc<Message>, qos: Qos, retain: bool) -> Self {
+        Delivery {
+            message,
+            qos,
+            retain,
+            subscription_ids: Box::default(),
+        }
+    }
+}
+
+/// What one subscription grants its session: the QoS and the 5.0 options that act on every
+/// message (8 bytes, in every trie entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub qos: Qos,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// The Subscription Identifier; 0 for none (0 is not a valid identifier).
+    pub identifier: u32,
+}
+
+impl Grant {
+    /// A 3.1/3.1.1 subscription: a QoS and nothing else.
+    pub fn qos(qos: Qos) -> Grant {
+        Grant {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            identifier: 0,
+        }
+    }
+
+    pub fn with(qos: Qos, options: SubscriptionOptions) -> Grant {
+        Grant {
+            qos,
+            no_local: options.no_local,
+            retain_as_published: options.retain_as_published,
+            identifier: options.identifier.unwrap_or(0),
+        }
+    }
+
+    pub fn of(s: &Subscription) -> Grant {
+        Grant::with(s.qos, s.options)
+    }
+
+    pub fn options(&self) -> SubscriptionOptions {
+        SubscriptionOptions {
+            no_local: self.no_local,
+            retain_as_published: self.retain_as_published,
+            identifier: (self.identifier != 0).then_some(self.identifier),
+        }
+    }
+
+    /// Whether this subscription takes `message` for the session `client`: not its own
+    /// messages under No Local.
+    pub fn takes(&self, client: &str, message: &Message) -> bool {
+        !(self.no_local && message.client_id == client)
+    }
+}
+
+/// One delivery of `message` for all the subscriptions of one session that match it
+/// (MQTT 5.0 3.3.4: at the highest QoS granted, with every Subscription Identifier, and
+/// retained if any of them keeps the flag as published). `None` when none matched.
+pub fn combine(message: &Arc<Message>, grants: impl Iterator<Item = Grant>) -> Option<Delivery> {
+    let mut best: Option<Qos> = None;
+    let mut retain = false;
+    let mut ids: Vec<u32> = Vec::new();
+    for g in grants {
+        best = Some(best.map_or(g.qos, |q| q.max(g.qos)));
+        retain |= g.retain_as_published && message.retain;
+        if g.identifier != 0 {
+            ids.push(g.identifier);
+        }
+    }
+    let qos = best?.min(message.qos);
+    ids.sort_unstable();
+    ids.dedup();
+    Some(Delivery {
+        message: message.clone(),
+        qos,
+        retain,
+        subscription_ids: ids.into_boxed_slice(),
+    })
 }
 
 /// A queue above this many slots is given back when it empties, so that a burst does not
@@ -192,10 +282,10 @@ pub struct Offer {
 #[derive(Default)]
 struct Node {
     children: HashMap<String, Node>,
-    /// Sessions whose filter ends here, with their QoS.
-    here: HashMap<Arc<str>, Qos>,
+    /// Sessions whose filter ends here, with what it grants.
+    here: HashMap<Arc<str>, Grant>,
     /// Sessions with a `#` at this level.
-    multi: HashMap<Arc<str>, Qos>,
+    multi: HashMap<Arc<str>, Grant>,
 }
 
 impl Node {
@@ -203,19 +293,19 @@ impl Node {
         self.children.is_empty() && self.here.is_empty() && self.multi.is_empty()
     }
 
-    fn insert(&mut self, levels: &[&str], client: Arc<str>, qos: Qos) {
+    fn insert(&mut self, levels: &[&str], client: Arc<str>, grant: Grant) {
         match levels {
             [] => {
-                self.here.insert(client, qos);
+                self.here.insert(client, grant);
             }
             ["#"] => {
-                self.multi.insert(client, qos);
+                self.multi.insert(client, grant);
             }
             [first, rest @ ..] => self
                 .children
                 .entry((*first).to_owned())
                 .or_default()
-                .insert(rest, client, qos),
+                .insert(rest, client, grant),
         }
     }
 
@@ -241,7 +331,7 @@ impl Node {
         &'a self,
         levels: &[&str],
         first_level: bool,
-        out: &mut Vec<(&'a Arc<str>, Qos)>,
+        out: &mut Vec<(&'a Arc<str>, Grant)>,
     ) {
         // A topic starting with '$' is not matched by a leading wildcard (MQTT 4.7.2).
         let dollar = first_level && levels.first().is_some_and(|l| l.starts_with('$'));
@@ -266,16 +356,6 @@ impl Node {
 
 /// Most topic levels split on the stack when routing; deeper topics use a `Vec`.
 const STACK_LEVELS: usize = 16;
-
-/// One entry per session, at the highest QoS of its matching subscriptions.
-fn one_per_session(matched: &mut Vec<(&Arc<str>, Qos)>) {
-    if matched.len() < 2 {
-        return;
-    }
-    // Highest QoS first within each client, then keep the first of each client.
-    matched.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
-    matched.dedup_by(|later, first| later.0 == first.0);
-}
 
 #[derive(Default)]
 struct Inner {
@@ -327,9 +407,9 @@ impl Router {
         }
     }
 
-    pub fn subscribe(&self, client: &Arc<str>, filter: &str, qos: Qos) {
+    pub fn subscribe(&self, client: &Arc<str>, filter: &str, grant: Grant) {
         let levels: Vec<&str> = filter.split('/').collect();
-        self.write().root.insert(&levels, client.clone(), qos);
+        self.write().root.insert(&levels, client.clone(), grant);
     }
 
     pub fn unsubscribe(&self, client: &str, filter: &str) -> bool {
@@ -357,16 +437,31 @@ impl Router {
         let inner = self.read();
         let mut matched = Vec::new();
         inner.root.collect(levels, true, &mut matched);
-        one_per_session(&mut matched);
+        matched.retain(|(client, grant)| grant.takes(client, message));
+        if matched.len() > 1 {
+            matched.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        }
         let mut offer = Offer::default();
-        for (client, sub_qos) in matched {
-            let Some(session) = inner.sessions.get(client) else {
+        let mut rest = &matched[..];
+        while let Some(((client, first), after)) = rest.split_first() {
+            // A session's overlapping subscriptions are adjacent: one delivery for all.
+            let same = after.iter().take_while(|(c, _)| c == client).count();
+            let group = &rest[..=same];
+            rest = &after[same..];
+            let Some(session) = inner.sessions.get(*client) else {
                 continue;
             };
-            let delivery = Delivery {
-                message: message.clone(),
-                qos: sub_qos.min(message.qos),
-                retain: false,
+            let delivery = if group.len() == 1 && first.identifier == 0 {
+                Delivery::new(
+                    message.clone(),
+                    first.qos.min(message.qos),
+                    first.retain_as_published && message.retain,
+                )
+            } else {
+                match combine(message, group.iter().map(|(_, g)| *g)) {
+                    Some(d) => d,
+                    None => continue,
+                }
             };
             // A lagging session takes QoS 1/2 from the store until it has caught up, so that
             // nothing newer overtakes what is waiting there.
@@ -403,6 +498,7 @@ mod tests {
             client_id: "p".into(),
             host: "h".into(),
             created_ms: 1,
+            properties: None,
         })
     }
 
@@ -417,9 +513,9 @@ mod tests {
     fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
         let router = Router::default();
         let (a, rx) = session(&router, "a", 8);
-        router.subscribe(&a, "s/+", Qos::AtMostOnce);
-        router.subscribe(&a, "s/#", Qos::ExactlyOnce);
-        router.subscribe(&a, "s/t", Qos::AtLeastOnce);
+        router.subscribe(&a, "s/+", Grant::qos(Qos::AtMostOnce));
+        router.subscribe(&a, "s/#", Grant::qos(Qos::ExactlyOnce));
+        router.subscribe(&a, "s/t", Grant::qos(Qos::AtLeastOnce));
         assert_eq!(router.route(&message("s/t", Qos::ExactlyOnce)).queued, 1);
         assert_eq!(rx.try_pop().map(|d| d.qos), Some(Qos::ExactlyOnce));
         assert!(rx.try_pop().is_none());
@@ -435,15 +531,15 @@ mod tests {
             .map(|i| session(&router, &format!("s{i}"), 8))
             .collect();
         for (i, (client, _)) in sessions.iter().enumerate() {
-            router.subscribe(client, "a/#", Qos::AtMostOnce);
+            router.subscribe(client, "a/#", Grant::qos(Qos::AtMostOnce));
             router.subscribe(
                 client,
                 "a/+/c",
-                if i % 2 == 0 {
+                Grant::qos(if i % 2 == 0 {
                     Qos::AtLeastOnce
                 } else {
                     Qos::AtMostOnce
-                },
+                }),
             );
         }
         assert_eq!(router.route(&message("a/b/c", Qos::ExactlyOnce)).queued, 40);
@@ -458,8 +554,8 @@ mod tests {
         }
         // Deeper than the levels split on the stack.
         let deep = vec!["x"; 40].join("/");
-        router.subscribe(&sessions[0].0, "x/#", Qos::AtMostOnce);
-        router.subscribe(&sessions[0].0, &deep, Qos::AtMostOnce);
+        router.subscribe(&sessions[0].0, "x/#", Grant::qos(Qos::AtMostOnce));
+        router.subscribe(&sessions[0].0, &deep, Grant::qos(Qos::AtMostOnce));
         assert_eq!(router.route(&message(&deep, Qos::AtMostOnce)).queued, 1);
         // At the edge of the levels split on the stack.
         for levels in [STACK_LEVELS, STACK_LEVELS + 1] {
@@ -473,10 +569,10 @@ mod tests {
     fn dollar_topics_skip_leading_wildcards() {
         let router = Router::default();
         let (a, _rx) = session(&router, "a", 8);
-        router.subscribe(&a, "#", Qos::AtMostOnce);
-        router.subscribe(&a, "+/x", Qos::AtMostOnce);
+        router.subscribe(&a, "#", Grant::qos(Qos::AtMostOnce));
+        router.subscribe(&a, "+/x", Grant::qos(Qos::AtMostOnce));
         assert_eq!(router.route(&message("$SYS/x", Qos::AtMostOnce)).queued, 0);
-        router.subscribe(&a, "$SYS/#", Qos::AtMostOnce);
+        router.subscribe(&a, "$SYS/#", Grant::qos(Qos::AtMostOnce));
         assert_eq!(router.route(&message("$SYS/x", Qos::AtMostOnce)).queued, 1);
     }
 
@@ -484,7 +580,7 @@ mod tests {
     fn full_queue_drops_qos0_and_defers_qos1() {
         let router = Router::default();
         let (a, rx) = session(&router, "a", 1);
-        router.subscribe(&a, "t", Qos::ExactlyOnce);
+        router.subscribe(&a, "t", Grant::qos(Qos::ExactlyOnce));
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).queued, 1);
         assert_eq!(router.route(&message("t", Qos::AtMostOnce)).dropped, 1);
         assert_eq!(router.route(&message("t", Qos::AtLeastOnce)).deferred, 1);
@@ -499,7 +595,7 @@ mod tests {
     fn the_lag_marker_is_the_oldest_message_left_out_not_the_first() {
         let router = Router::default();
         let (a, rx) = session(&router, "a", 1);
-        router.subscribe(&a, "t", Qos::AtLeastOnce);
+        router.subscribe(&a, "t", Grant::qos(Qos::AtLeastOnce));
         let at = |created_ms| {
             let mut m = (*message("t", Qos::AtLeastOnce)).clone();
             m.created_ms = created_ms;
@@ -522,7 +618,7 @@ mod tests {
     ) -> (Router, Arc<SessionTx>, tokio::task::JoinHandle<Event>) {
         let router = Router::default();
         let (a, rx) = session(&router, "a", capacity);
-        router.subscribe(&a, "t", Qos::AtMostOnce);
+        router.subscribe(&a, "t", Grant::qos(Qos::AtMostOnce));
         let waiting = tokio::spawn({
             let rx = rx.clone();
             async move { rx.recv(deliveries).await }
@@ -586,11 +682,11 @@ mod tests {
     fn unsubscribe_and_detach_stop_delivery() {
         let router = Router::default();
         let (a, _rx) = session(&router, "a", 8);
-        router.subscribe(&a, "x/#", Qos::AtMostOnce);
+        router.subscribe(&a, "x/#", Grant::qos(Qos::AtMostOnce));
         assert!(router.unsubscribe("a", "x/#"));
         assert!(!router.unsubscribe("a", "x/#"));
         assert_eq!(router.route(&message("x/y", Qos::AtMostOnce)).queued, 0);
-        router.subscribe(&a, "x/#", Qos::AtMostOnce);
+        router.subscribe(&a, "x/#", Grant::qos(Qos::AtMostOnce));
         router.detach("a", 2, &["x/#".into()]);
         assert_eq!(router.route(&message("x/y", Qos::AtMostOnce)).queued, 1);
         router.detach("a", 1, &["x/#".into()]);

@@ -202,7 +202,7 @@ async fn run(
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     let sweeper = tokio::spawn({
         let (broker, shutdown) = (broker.clone(), shutdown.clone());
-        async move { keepalive::sweep(&broker.router, &shutdown).await }
+        async move { keepalive::sweep(&broker.router, &broker.registry, &shutdown).await }
     });
     let tracker = TaskTracker::new();
     let Listeners { plain, tls } = listeners;

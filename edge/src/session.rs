@@ -2,12 +2,13 @@
 //! the outbound inflight window with packet ids, and the inbound QoS 2 packet ids awaiting
 //! PUBREL. Pure data; the connection task drives it.
 
-use crate::router::Delivery;
+use crate::router::{combine, Delivery, Grant};
+use crate::topic;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
-use wharf_shared::{MessageId, Qos};
+use wharf_shared::{Message, MessageId, Qos};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -62,8 +63,8 @@ pub enum Resend {
 #[derive(Debug)]
 pub struct SessionState {
     pub client_id: Arc<str>,
-    /// Filter -> granted QoS.
-    pub subscriptions: BTreeMap<String, Qos>,
+    /// Filter -> what it grants.
+    pub subscriptions: BTreeMap<String, Grant>,
     inflight: HashMap<u16, Inflight, PkidHasher>,
     next_pkid: u16,
     next_seq: u64,
@@ -85,6 +86,21 @@ impl SessionState {
             next_seq: 0,
             inbound_qos2: HashSet::default(),
         }
+    }
+
+    /// The delivery of a message from the store to this session, if its subscriptions take
+    /// it (see [`crate::router::combine`]).
+    pub fn delivery_of(&self, message: &Arc<Message>) -> Option<Delivery> {
+        let client = &*self.client_id;
+        combine(
+            message,
+            self.subscriptions
+                .iter()
+                .filter(|(filter, grant)| {
+                    grant.takes(client, message) && topic::matches(&message.topic, filter)
+                })
+                .map(|(_, grant)| *grant),
+        )
     }
 
     pub fn inflight_len(&self) -> usize {
@@ -210,6 +226,17 @@ impl SessionState {
         }
     }
 
+    /// A 5.0 PUBREC with a failure reason: the client refused the QoS 2 message, which ends
+    /// its delivery (MQTT 5.0 4.3.3). Returns it if it was one in flight.
+    pub fn pubrec_refused(&mut self, pkid: u16) -> Option<Delivery> {
+        match self.inflight.get(&pkid) {
+            Some(i) if i.stage == Stage::Published && i.delivery.qos == Qos::ExactlyOnce => {
+                self.inflight.remove(&pkid).map(|i| i.delivery)
+            }
+            _ => None,
+        }
+    }
+
     /// PUBCOMP: ends a QoS 2 delivery.
     pub fn pubcomp(&mut self, pkid: u16) -> bool {
         match self.inflight.get(&pkid) {
@@ -275,7 +302,6 @@ impl SessionState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wharf_shared::Message;
 
     fn delivery(n: u8, qos: Qos) -> Delivery {
         Delivery {
@@ -288,9 +314,11 @@ mod tests {
                 client_id: "p".into(),
                 host: "h".into(),
                 created_ms: 0,
+                properties: None,
             }),
             qos,
             retain: false,
+            subscription_ids: Box::default(),
         }
     }
 

@@ -70,6 +70,52 @@ pub fn decode_body<T: bincode::Decode<()>>(body: &[u8]) -> Result<T, CodecError>
     Ok(item)
 }
 
+/// The first byte of a block of stored messages in the current layout. Blocks written before
+/// messages had properties begin with their message count, a bincode varint, whose first
+/// byte is never 255: the two layouts are told apart without a migration.
+const STORED_BLOCK_V2: u8 = 0xff;
+
+/// A message as blocks stored it before MQTT 5.0 properties (read only).
+#[derive(bincode::Decode)]
+struct MessageV1 {
+    id: crate::wire::MessageId,
+    topic: String,
+    payload: Vec<u8>,
+    qos: crate::wire::Qos,
+    retain: bool,
+    client_id: String,
+    host: String,
+    created_ms: i64,
+}
+
+/// Messages as the embedded store keeps them in one row.
+pub fn encode_stored_block(messages: &[&crate::wire::Message]) -> Result<Vec<u8>, CodecError> {
+    let mut out = vec![STORED_BLOCK_V2];
+    bincode::encode_into_std_write(messages, &mut out, config())?;
+    Ok(out)
+}
+
+/// A row of messages written by [`encode_stored_block`], or by an earlier version.
+pub fn decode_stored_block(data: &[u8]) -> Result<Vec<crate::wire::Message>, CodecError> {
+    match data.split_first() {
+        Some((&STORED_BLOCK_V2, body)) => decode_body(body),
+        _ => Ok(decode_body::<Vec<MessageV1>>(data)?
+            .into_iter()
+            .map(|m| crate::wire::Message {
+                id: m.id,
+                topic: m.topic,
+                payload: m.payload,
+                qos: m.qos,
+                retain: m.retain,
+                client_id: m.client_id,
+                host: m.host,
+                created_ms: m.created_ms,
+                properties: None,
+            })
+            .collect()),
+    }
+}
+
 /// Decodes `In` frames and encodes `Out` frames; holds no session state.
 pub struct FrameCodec<In, Out> {
     framing: LengthDelimitedCodec,
@@ -151,7 +197,54 @@ mod tests {
             client_id: "dev1".into(),
             host: "h".into(),
             created_ms: 1_700_000_000_000,
+            properties: None,
         }
+    }
+
+    /// Blocks the embedded store wrote before messages had properties still read, and the
+    /// new layout keeps the properties.
+    #[test]
+    fn stored_blocks_of_both_layouts_decode() {
+        #[derive(bincode::Encode)]
+        struct OldMessage {
+            id: MessageId,
+            topic: String,
+            payload: Vec<u8>,
+            qos: Qos,
+            retain: bool,
+            client_id: String,
+            host: String,
+            created_ms: i64,
+        }
+        let m = sample_message();
+        let old: Vec<OldMessage> = (0..300)
+            .map(|_| OldMessage {
+                id: m.id,
+                topic: m.topic.clone(),
+                payload: m.payload.clone(),
+                qos: m.qos,
+                retain: m.retain,
+                client_id: m.client_id.clone(),
+                host: m.host.clone(),
+                created_ms: m.created_ms,
+            })
+            .collect();
+        let old = encode_body(&old).expect("encode");
+        assert_ne!(old[0], STORED_BLOCK_V2);
+        let decoded = decode_stored_block(&old).expect("old layout");
+        assert_eq!(decoded.len(), 300);
+        assert_eq!(decoded[0], m);
+        let mut with = m.clone();
+        with.properties = Some(Box::new(Properties {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Properties::default()
+        }));
+        let new = encode_stored_block(&[&m, &with]).expect("encode");
+        assert_eq!(
+            decode_stored_block(&new).expect("new layout"),
+            vec![m, with]
+        );
     }
 
     #[test]
@@ -167,6 +260,11 @@ mod tests {
                 subscriptions: vec![Subscription {
                     filter: "a/#".into(),
                     qos: Qos::ExactlyOnce,
+                    options: SubscriptionOptions {
+                        no_local: true,
+                        retain_as_published: false,
+                        identifier: Some(7),
+                    },
                 }],
                 undelivered: vec![sample_message()],
                 next: Some(Cursor::since(5)),
@@ -191,7 +289,7 @@ mod tests {
             instance: "i".into(),
         });
         codec.encode(hello, &mut buf).expect("encode");
-        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 6, 2, b'h', b'1', 1, b'i']);
+        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 7, 2, b'h', b'1', 1, b'i']);
 
         buf.clear();
         let persist = EdgeFrame::Request {
@@ -200,7 +298,7 @@ mod tests {
         };
         codec.encode(persist, &mut buf).expect("encode");
         let expected: Vec<u8> = [
-            &[0u8, 0, 0, 46][..],
+            &[0u8, 0, 0, 47][..],
             // Request, id 300 (varint marker 251 + u16), Persist, one message.
             &[1, 251, 44, 1, 1, 1],
             &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
@@ -211,6 +309,8 @@ mod tests {
             &[1, b'h'],
             // created_ms zigzag-encoded as a varint: marker 253, then 8 bytes little-endian.
             &[253, 0, 0xd0, 0xca, 0x9f, 0x17, 0x03, 0, 0],
+            // No properties.
+            &[0],
         ]
         .concat();
         assert_eq!(&buf[..], &expected[..]);

@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -133,6 +133,44 @@ pub struct Message {
     pub host: String,
     /// Milliseconds since the Unix epoch when the edge received it.
     pub created_ms: i64,
+    /// MQTT 5.0 properties the publisher gave (`None` for MQTT 3.1/3.1.1 messages and 5.0
+    /// ones without any): forwarded to every subscriber as they came.
+    pub properties: Option<Box<Properties>>,
+}
+
+impl Message {
+    /// When the message expires (milliseconds since the Unix epoch), if its publisher set a
+    /// Message Expiry Interval.
+    pub fn expires_ms(&self) -> Option<i64> {
+        let secs = self.properties.as_ref()?.message_expiry_secs?;
+        Some(self.created_ms + i64::from(secs) * 1000)
+    }
+
+    /// Whether the message has expired at `now_ms`: it is then never delivered.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expires_ms().is_some_and(|at| now_ms >= at)
+    }
+}
+
+/// The MQTT 5.0 properties of an application message (MQTT 5.0, 3.3.2.3), kept with it
+/// through every path: live, stored, retained, will, other hosts. User properties keep their
+/// order (MQTT-3.3.2-18).
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug, Default)]
+pub struct Properties {
+    /// 0: unspecified bytes; 1: UTF-8 (checked when the message arrives).
+    pub payload_format_indicator: Option<u8>,
+    /// The Message Expiry Interval as published; forwarded minus the time the message waited.
+    pub message_expiry_secs: Option<u32>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Vec<u8>>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl Properties {
+    pub fn is_empty(&self) -> bool {
+        *self == Properties::default()
+    }
 }
 
 /// One subscription of one client (the seed's `mqtt.subscription` document).
@@ -140,6 +178,19 @@ pub struct Message {
 pub struct Subscription {
     pub filter: String,
     pub qos: Qos,
+    /// MQTT 5.0 subscription options (all off, and no identifier, for 3.1/3.1.1).
+    pub options: SubscriptionOptions,
+}
+
+/// The MQTT 5.0 subscription options that outlive the SUBSCRIBE (Retain Handling does not).
+#[derive(Encode, Decode, Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
+pub struct SubscriptionOptions {
+    /// Not sent the subscriber's own messages.
+    pub no_local: bool,
+    /// Messages keep their RETAIN flag as published.
+    pub retain_as_published: bool,
+    /// The Subscription Identifier (1..268,435,455), sent with every message it matches.
+    pub identifier: Option<u32>,
 }
 
 /// A QoS 2 delivery under way to a persistent session.
@@ -187,11 +238,14 @@ pub enum WorkerFrame {
 /// What the edge asks of the worker; each gets exactly one [`Reply`].
 #[derive(Encode, Decode, Clone, PartialEq, Debug)]
 pub enum Request {
-    /// A client connected. A clean session drops whatever was stored for it
-    /// (reply `Done`); a persistent one gets [`Reply::Session`].
+    /// A client connected. A clean start drops whatever was stored for it (reply `Done`;
+    /// with a `session_expiry` above 0 a new session is recorded); otherwise the stored
+    /// session comes back in [`Reply::Session`].
     Connect {
         client_id: String,
-        clean_session: bool,
+        clean_start: bool,
+        /// Seconds the session outlives its connection: 0 none, `u32::MAX` for ever.
+        session_expiry: u32,
     },
     /// Store messages durably (the QoS 1 messages of one read from one client, in order). One
     /// reply for all: `Persisted` once they are durable, or `Failed`.
@@ -234,11 +288,12 @@ pub enum Request {
         after: Option<Cursor>,
         other_hosts_only: bool,
     },
-    /// A client's connection ended; with a clean session its subscriptions are dropped.
-    /// Reply `Done`.
+    /// A client's connection ended. With a `session_expiry` of 0 the session ends now (its
+    /// subscriptions and QoS 2 state are dropped); otherwise it expires that many seconds
+    /// from now (`u32::MAX`: never) unless the client comes back. Reply `Done`.
     Disconnect {
         client_id: String,
-        clean_session: bool,
+        session_expiry: u32,
     },
 }
 
@@ -308,6 +363,7 @@ mod tests {
             client_id: "c".into(),
             host: "h".into(),
             created_ms,
+            properties: None,
         }
     }
 

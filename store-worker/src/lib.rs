@@ -110,6 +110,7 @@ impl Worker {
                 let store = Arc::new(SqliteStore::open(data_dir)?);
                 ready = ready_check(store.clone());
                 tokio::spawn(purge_expired(store.clone(), shutdown.clone()));
+                tokio::spawn(expire_sessions(store.clone(), shutdown.clone()));
                 let listener =
                     server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
                 tracing::info!(dir = %data_dir.display(), socket = %config.socket.display(), "worker ready (embedded store)");
@@ -125,6 +126,7 @@ impl Worker {
                     MongoStore::connect(uri, database, durability, *change_streams).await?,
                 );
                 ready = ready_check(store.clone());
+                tokio::spawn(expire_sessions(store.clone(), shutdown.clone()));
                 let listener =
                     server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
                 tracing::info!(database = %database, socket = %config.socket.display(), "worker ready (MongoDB)");
@@ -207,6 +209,59 @@ async fn run<S: Store>(
         tracing::warn!(grace = ?config.shutdown_grace, "worker shutdown grace ran out with writes pending");
     }
     tracing::info!("worker stopped");
+}
+
+/// How often sessions whose expiry has passed are looked for: a session outlives its Session
+/// Expiry Interval by at most this much.
+const SESSION_SWEEP: Duration = Duration::from_secs(5);
+
+/// Ends sessions whose client stayed away past their Session Expiry Interval: their
+/// subscriptions, QoS 2 state and session record go (their messages stay for other readers
+/// until the TTL). Every worker of a cluster sweeps; a session is dropped by the one whose
+/// conditional delete of its record succeeds, and not at all if its client came back.
+async fn expire_sessions<S: Store>(store: Arc<S>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(SESSION_SWEEP);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = server::now_ms();
+        let clients = match store.expired_sessions(now).await {
+            Ok(clients) => clients,
+            Err(e) => {
+                tracing::warn!(error = %e, "session expiry sweep failed");
+                continue;
+            }
+        };
+        for client_id in clients {
+            let ended = async {
+                if !store.drop_expired_session(&client_id, now).await? {
+                    return Ok(false);
+                }
+                store.remove_subscriptions(&client_id, None).await?;
+                store.forget_qos2_out(&client_id, None).await?;
+                let clear = store::WriteBatch {
+                    relaxed: true,
+                    clear_qos2: vec![client_id.clone()],
+                    ..store::WriteBatch::default()
+                };
+                store.write(Arc::new(clear)).await?;
+                Ok::<bool, store::StoreError>(true)
+            };
+            match ended.await {
+                Ok(true) => {
+                    tracing::info!(client_id = %client_id, "session expired");
+                    metrics::counter!("wharf_worker_sessions_expired_total").increment(1);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(client_id = %client_id, error = %e, "session expiry failed")
+                }
+            }
+        }
+    }
 }
 
 async fn purge_expired(store: Arc<SqliteStore>, shutdown: CancellationToken) {

@@ -563,6 +563,7 @@ mod tests {
                     client_id: client.into(),
                     host: "h".into(),
                     created_ms: 0,
+                    properties: None,
                 },
                 pkid,
             },

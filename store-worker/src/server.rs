@@ -252,19 +252,43 @@ fn route(request: Request) -> Route {
     }
 }
 
-/// The client of a clean-session connect or disconnect.
+/// The client of a connect that starts clean, or a disconnect that ends the session.
 fn clean_session_of(request: &Request) -> Option<String> {
     match request {
         Request::Connect {
             client_id,
-            clean_session: true,
+            clean_start: true,
+            ..
         }
         | Request::Disconnect {
             client_id,
-            clean_session: true,
+            session_expiry: 0,
         } => Some(client_id.clone()),
         _ => None,
     }
+}
+
+/// Forgets everything stored for a client's session but its messages' records: subscriptions,
+/// QoS 2 deliveries under way, the session record.
+pub async fn clear_session<S: Store>(
+    store: &S,
+    limit: std::time::Duration,
+    client_id: &str,
+) -> Result<(), StoreError> {
+    crate::pipeline::retry(limit, "clear session", || {
+        store.remove_subscriptions(client_id, None)
+    })
+    .await?;
+    crate::pipeline::retry(limit, "clear session", || {
+        store.forget_qos2_out(client_id, None)
+    })
+    .await?;
+    crate::pipeline::retry(limit, "clear session", || store.drop_session(client_id)).await
+}
+
+/// When a session whose client left now expires (`None`: never).
+fn expiry_time(now_ms: i64, session_expiry: u32) -> Option<i64> {
+    (session_expiry != u32::MAX).then(|| now_ms + i64::from(session_expiry) * 1000)
 }
 
 fn client_of(request: &Request) -> &str {
@@ -319,22 +343,36 @@ async fn handle<S: Store>(
     let reply = match request {
         Request::Connect {
             client_id,
-            clean_session: true,
-        }
-        | Request::Disconnect {
-            client_id,
-            clean_session: true,
+            clean_start: true,
+            session_expiry,
         } => {
-            crate::pipeline::retry(limit, "clear session", || {
-                store.remove_subscriptions(&client_id, None)
-            })
-            .await?;
-            crate::pipeline::retry(limit, "clear session", || {
-                store.forget_qos2_out(&client_id, None)
-            })
-            .await?;
-            crate::pipeline::retry(limit, "clear session", || store.drop_session(&client_id))
+            clear_session(store, limit, &client_id).await?;
+            if session_expiry > 0 {
+                // A new session that outlives this connection (MQTT 5.0 Clean Start with a
+                // Session Expiry Interval).
+                crate::pipeline::retry(limit, "session", || {
+                    store.open_session(&client_id, edge_host, now_ms())
+                })
                 .await?;
+            }
+            Reply::Done
+        }
+        Request::Disconnect {
+            client_id,
+            session_expiry: 0,
+        } => {
+            clear_session(store, limit, &client_id).await?;
+            Reply::Done
+        }
+        Request::Disconnect {
+            client_id,
+            session_expiry,
+        } => {
+            let expires = expiry_time(now_ms(), session_expiry);
+            crate::pipeline::retry(limit, "session", || {
+                store.close_session(&client_id, expires)
+            })
+            .await?;
             Reply::Done
         }
         Request::TrackQos2Out {
@@ -363,7 +401,6 @@ async fn handle<S: Store>(
             .await?;
             Reply::Done
         }
-        Request::Disconnect { .. } => Reply::Done,
         Request::Connect { client_id, .. } => {
             let held = crate::pipeline::retry(limit, "session", || {
                 store.open_session(&client_id, edge_host, now_ms())
@@ -386,6 +423,7 @@ async fn handle<S: Store>(
                     .map(|s| wharf_shared::Subscription {
                         filter: s.filter,
                         qos: s.qos,
+                        options: s.options,
                     })
                     .collect(),
                 undelivered,

@@ -16,12 +16,14 @@
 
 pub mod certs;
 pub mod client;
+pub mod client5;
 pub mod etcd;
 pub mod fleet;
 pub mod mock_worker;
 pub mod mongo;
 pub mod process;
 pub mod raw;
+pub mod raw5;
 pub mod resilient;
 pub mod stack;
 

@@ -290,11 +290,12 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
     match request {
         Request::Connect {
             client_id,
-            clean_session: true,
+            clean_start: true,
+            ..
         }
         | Request::Disconnect {
             client_id,
-            clean_session: true,
+            session_expiry: 0,
         } => {
             store.subscriptions.remove(&client_id);
             store.qos2.retain(|(c, _)| *c != client_id);
@@ -312,6 +313,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                         .map(|(f, (q, _))| Subscription {
                             filter: f.clone(),
                             qos: *q,
+                            options: Default::default(),
                         })
                         .collect()
                 })

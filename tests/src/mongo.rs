@@ -13,7 +13,7 @@ pub struct Secantus {
     child: Option<Child>,
 }
 
-fn venv() -> PathBuf {
+pub fn venv() -> PathBuf {
     std::env::var_os("WHARF_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"))

@@ -20,17 +20,14 @@ fn replay(target: &str, run: fn(&[u8])) {
 
 #[test]
 fn mqtt_decode_corpus() {
-    replay(
-        "mqtt_decode",
-        wharf_edge::protocol::v4::fuzzing::decode_bytes,
-    );
+    replay("mqtt_decode", wharf_edge::protocol::fuzzing::decode_bytes);
 }
 
 #[test]
 fn publish_round_trip_corpus() {
     replay(
         "publish_round_trip",
-        wharf_edge::protocol::v4::fuzzing::publish_round_trip,
+        wharf_edge::protocol::fuzzing::publish_round_trip,
     );
 }
 

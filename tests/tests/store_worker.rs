@@ -448,6 +448,7 @@ async fn persist_many(link: &mut RawLink, topic: &str, n: u32, start_ms: i64, re
             client_id: "pub".into(),
             host: "host-a".into(),
             created_ms,
+            properties: None,
         };
         link.feed(EdgeFrame::Request {
             id: 1_000 + i as u64,
@@ -484,6 +485,7 @@ fn subscribe_request(client_id: &str, filter: &str) -> wharf_shared::Request {
         subscriptions: vec![wharf_shared::Subscription {
             filter: filter.into(),
             qos: wharf_shared::Qos::AtLeastOnce,
+            options: Default::default(),
         }],
     }
 }

@@ -1,12 +1,14 @@
 //! The CONNECT phase: read CONNECT within the timeout, check it, take over an existing
 //! session with the same client id, fetch the stored session, answer with CONNACK.
 
+use super::outbound::Peer;
 use super::{session_queue, SessionError};
 use crate::broker::Broker;
 use crate::link::Policy;
-use crate::protocol::{v4, Connect, ConnectCode, DecodeError, Inbound, Will};
+use crate::protocol::encode::{self, ConnackProperties, Refusal};
+use crate::protocol::{Connect, DecodeError, Inbound, Version, Will};
 use crate::registry::Previous;
-use crate::router::{Delivery, SessionTx};
+use crate::router::{Delivery, Grant, SessionTx};
 use crate::session::SessionState;
 use crate::{ids, topic};
 use bytes::BytesMut;
@@ -27,7 +29,9 @@ const SESSION_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that has been accepted (CONNACK 0 written to the buffer).
 pub struct Handshake {
     pub state: SessionState,
-    pub clean: bool,
+    pub peer: Peer,
+    /// The Session Expiry Interval in force (0: the session ends with the connection).
+    pub session_expiry: u32,
     pub will: Option<Will>,
     pub connection_id: u64,
     pub session_tx: Arc<SessionTx>,
@@ -58,8 +62,10 @@ where
         r = tokio::time::timeout(limits.connect_timeout, read) => match r {
             Ok(Ok(c)) => c,
             Ok(Err(SessionError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
+                // In the 3.1.1 format: a client of an unknown level reads that one (MQTT-3.1.2-2).
                 tracing::info!(level, "unsupported protocol level");
-                refuse(writer, ConnectCode::UnacceptableProtocolVersion).await;
+                refuse(writer, Version::V3_1_1, Refusal::ProtocolVersion).await;
+                metrics::counter!("wharf_edge_connections_refused_total", "reason" => "protocol_version").increment(1);
                 return Ok(None);
             }
             Ok(Err(e)) => return Err(e),
@@ -67,15 +73,23 @@ where
         },
         _ = shutdown.cancelled() => return Ok(None),
     };
+    let version = connect.version;
     if let Some(will) = &connect.will {
         if !topic::valid_topic_name(&will.topic) {
             return Err(SessionError::Protocol("invalid will topic"));
         }
     }
+    if let Some(method) = &connect.auth_method {
+        // No enhanced authentication method is served (MQTT 5.0 4.12): say so. Methods plug in
+        // here, before the session starts.
+        tracing::info!(method = %method, "unsupported authentication method");
+        refuse(writer, version, Refusal::BadAuthenticationMethod).await;
+        return Ok(None);
+    }
     let client_id = match assign_client_id(&connect) {
         Some(id) => id,
         None => {
-            refuse(writer, ConnectCode::IdentifierRejected).await;
+            refuse(writer, version, Refusal::ClientIdentifier).await;
             return Ok(None);
         }
     };
@@ -83,7 +97,7 @@ where
         let required = broker.config.tls.as_ref().is_some_and(|t| t.cert_identity);
         if required && !identity.allows(&client_id) {
             tracing::warn!(client_id = %client_id, certificate = ?identity.names, "client id not in the client certificate");
-            refuse(writer, ConnectCode::NotAuthorized).await;
+            refuse(writer, version, Refusal::NotAuthorized).await;
             return Ok(None);
         }
     }
@@ -96,8 +110,8 @@ async fn read_connect<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Connect, SessionError> {
     loop {
-        match v4::decode(buf, max)? {
-            Some(Inbound::Connect(c)) => return Ok(c),
+        match crate::protocol::decode(buf, None, max)? {
+            Some(Inbound::Connect(c)) => return Ok(*c),
             Some(_) => return Err(SessionError::Protocol("first packet is not CONNECT")),
             None => {}
         }
@@ -108,13 +122,19 @@ async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
-/// The client id to use, or `None` when it must be rejected.
+/// The client id to use, or `None` when it must be rejected. An empty one is assigned for
+/// a 3.1.1 clean session and for any 5.0 session (whose CONNACK then names it); 3.1 has none.
 fn assign_client_id(connect: &Connect) -> Option<Arc<str>> {
     if connect.client_id.len() > MAX_CLIENT_ID_LEN {
         return None;
     }
     if connect.client_id.is_empty() {
-        if !connect.clean_session {
+        let allowed = match connect.version {
+            Version::V3_1 => false,
+            Version::V3_1_1 => connect.clean_start,
+            Version::V5 => true,
+        };
+        if !allowed {
             return None;
         }
         let id = ids::next_message_id(ids::now_ms());
@@ -123,9 +143,15 @@ fn assign_client_id(connect: &Connect) -> Option<Arc<str>> {
     Some(connect.client_id.as_str().into())
 }
 
-async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, code: ConnectCode) {
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, version: Version, refusal: Refusal) {
     let mut buf = BytesMut::new();
-    v4::encode_connack(&mut buf, code, false);
+    encode::connack(
+        &mut buf,
+        version,
+        false,
+        refusal.code(version),
+        &ConnackProperties::default(),
+    );
     let _ = writer.write_all(&buf).await;
     let _ = writer.shutdown().await;
 }
@@ -146,24 +172,37 @@ async fn start_session<W: AsyncWrite + Unpin>(
         Previous::Parked(state) => Some(*state),
         Previous::Connected(old) => take_over(old).await,
     };
+    let limits = &broker.config.limits;
+    let version = connect.version;
+    // 3.1/3.1.1: a clean session ends with its connection, a persistent one lasts as long as
+    // the server keeps sessions. 5.0: as the client asks, within the server's maximum.
+    let asked = match version {
+        Version::V5 => connect.session_expiry,
+        _ if connect.clean_start => 0,
+        _ => u32::MAX,
+    };
+    let session_expiry = asked.min(limits.max_session_expiry);
     let connect_started_ms = ids::now_ms();
     let mut undelivered = Vec::new();
     let mut next = None;
-    let (state, present) = if connect.clean_session {
+    let (state, present) = if connect.clean_start {
         let request = Request::Connect {
             client_id: client_id.to_string(),
-            clean_session: true,
+            clean_start: true,
+            session_expiry,
         };
         // Ordered before this session's own requests on the link; nobody waits for it.
         if let Err(e) = broker.link.request(request, Policy::Hold).await {
             // The link is closing: give the client id up rather than leave it claimed by a
             // connection that is gone.
-            broker.registry.release(&client_id, connection_id, prior);
+            broker
+                .registry
+                .release(&client_id, connection_id, prior, u32::MAX);
             return Err(e.into());
         }
         (SessionState::new(client_id.clone()), false)
     } else {
-        match fetch_session(broker, &client_id).await {
+        match fetch_session(broker, &client_id, session_expiry).await {
             Ok((present, subscriptions, messages, next_page, outbound)) => {
                 undelivered = messages;
                 next = next_page;
@@ -175,11 +214,11 @@ async fn start_session<W: AsyncWrite + Unpin>(
                     None => {
                         let mut state = SessionState::new(client_id.clone());
                         for o in outbound {
-                            let delivery = Delivery {
-                                message: Arc::new(o.message),
-                                qos: wharf_shared::Qos::ExactlyOnce,
-                                retain: false,
-                            };
+                            let delivery = Delivery::new(
+                                Arc::new(o.message),
+                                wharf_shared::Qos::ExactlyOnce,
+                                false,
+                            );
                             state.restore(o.pkid, delivery, o.released);
                         }
                         state
@@ -187,32 +226,61 @@ async fn start_session<W: AsyncWrite + Unpin>(
                 };
                 let had_state = !state.subscriptions.is_empty() || state.inflight_len() > 0;
                 for s in subscriptions {
-                    state.subscriptions.insert(s.filter, s.qos);
+                    let grant = Grant::of(&s);
+                    state.subscriptions.insert(s.filter, grant);
                 }
                 (state, present || had_state)
             }
             Err(e) => {
                 tracing::warn!(client_id = %client_id, error = %e, "stored session unavailable");
-                broker.registry.release(&client_id, connection_id, prior);
-                refuse(writer, ConnectCode::ServerUnavailable).await;
+                broker
+                    .registry
+                    .release(&client_id, connection_id, prior, u32::MAX);
+                refuse(writer, version, Refusal::ServerUnavailable).await;
                 return Ok(None);
             }
         }
     };
-    // The server closes a client silent for 1.5 x its keepalive (MQTT 3.1.1, 3.1.2.10).
+    // The server closes a client silent for 1.5 x its keepalive (MQTT 3.1.1, 3.1.2.10); a 5.0
+    // client uses the Server Keep Alive instead when the server sets one.
+    let server_keep_alive = limits.server_keep_alive.filter(|_| version.is_v5());
+    let keep_alive_secs = server_keep_alive.unwrap_or(connect.keep_alive);
     let keep_alive =
-        (connect.keep_alive > 0).then(|| Duration::from_millis(connect.keep_alive as u64 * 1500));
+        (keep_alive_secs > 0).then(|| Duration::from_millis(keep_alive_secs as u64 * 1500));
     let session_tx = session_queue(broker, connection_id, keep_alive);
     broker.router.attach(client_id.clone(), session_tx.clone());
-    for (filter, qos) in &state.subscriptions {
-        broker.router.subscribe(&client_id, filter, *qos);
+    for (filter, grant) in &state.subscriptions {
+        broker.router.subscribe(&client_id, filter, *grant);
     }
     let mut write_buf = BytesMut::new();
-    v4::encode_connack(&mut write_buf, ConnectCode::Accepted, present);
-    metrics::counter!("wharf_edge_connections_accepted_total").increment(1);
+    let props = ConnackProperties {
+        session_expiry: (version.is_v5() && session_expiry != asked).then_some(session_expiry),
+        receive_maximum: (limits.receive_maximum < u16::MAX).then_some(limits.receive_maximum),
+        max_packet_size: Some(limits.max_packet_size.min(u32::MAX as usize) as u32),
+        assigned_client_id: connect.client_id.is_empty().then(|| client_id.to_string()),
+        topic_alias_max: (limits.topic_alias_max > 0).then_some(limits.topic_alias_max),
+        // Shared subscriptions are not served yet.
+        shared_available: Some(false),
+        server_keep_alive,
+        ..ConnackProperties::default()
+    };
+    encode::connack(&mut write_buf, version, present, 0, &props);
+    metrics::counter!("wharf_edge_connections_accepted_total", "protocol" => version.label())
+        .increment(1);
+    let peer = if version.is_v5() {
+        Peer {
+            version,
+            receive_maximum: connect.receive_maximum,
+            max_packet_size: connect.max_packet_size,
+            topic_alias_max: connect.topic_alias_max.min(limits.topic_alias_max_out),
+        }
+    } else {
+        Peer::v3(version)
+    };
     Ok(Some(Box::new(Handshake {
         state,
-        clean: connect.clean_session,
+        peer,
+        session_expiry,
         will: connect.will,
         connection_id,
         session_tx,
@@ -246,10 +314,15 @@ type StoredSession = (
     Vec<wharf_shared::OutboundQos2>,
 );
 
-async fn fetch_session(broker: &Broker, client_id: &str) -> Result<StoredSession, SessionError> {
+async fn fetch_session(
+    broker: &Broker,
+    client_id: &str,
+    session_expiry: u32,
+) -> Result<StoredSession, SessionError> {
     let request = Request::Connect {
         client_id: client_id.to_owned(),
-        clean_session: false,
+        clean_start: false,
+        session_expiry,
     };
     let rx = broker.link.request(request, Policy::FailFast).await?;
     let reply = tokio::time::timeout(SESSION_FETCH_TIMEOUT, rx)

@@ -7,12 +7,13 @@
 
 use crate::broker::Broker;
 use crate::ids;
-use crate::protocol::v4::{self, PublishOut};
-use crate::router::{Delivery, SessionTx};
+use crate::protocol::encode::{self, PublishOut};
+use crate::protocol::Version;
+use crate::router::{combine, Delivery, Grant, SessionTx};
 use crate::session::{PubRec, Resend, SessionState};
 use crate::topic;
 use bytes::BytesMut;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -148,6 +149,52 @@ impl Window {
     }
 }
 
+/// What the client said it can take (MQTT 5.0 CONNECT; 3.1/3.1.1 clients take anything).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub version: Version,
+    /// Receive Maximum: QoS 1/2 deliveries in flight at once.
+    pub receive_maximum: u16,
+    /// Maximum Packet Size: a larger PUBLISH is not sent to it.
+    pub max_packet_size: Option<u32>,
+    /// Topic Alias Maximum: aliases the server may use towards it.
+    pub topic_alias_max: u16,
+}
+
+impl Peer {
+    pub fn v3(version: Version) -> Peer {
+        Peer {
+            version,
+            receive_maximum: u16::MAX,
+            max_packet_size: None,
+            topic_alias_max: 0,
+        }
+    }
+}
+
+/// Topic aliases this connection has given the client: the first `max` topics sent get one,
+/// and go by it from then on (an alias is never reassigned: a fleet's subscriber sees few
+/// topics, or many once each, and either way the first ones are as good a guess as any).
+struct Aliases {
+    max: u16,
+    given: HashMap<Arc<str>, u16>,
+}
+
+impl Aliases {
+    /// The topic to write and the alias to send with it.
+    fn alias<'a>(&mut self, topic: &'a str) -> (&'a str, Option<u16>) {
+        if let Some(&alias) = self.given.get(topic) {
+            return ("", Some(alias));
+        }
+        let next = self.given.len() as u16 + 1;
+        if next > self.max {
+            return (topic, None);
+        }
+        self.given.insert(topic.into(), next);
+        (topic, Some(next))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CatchUpKind {
     /// Everything undelivered since a time (resume gap, lag, more pages).
@@ -185,6 +232,11 @@ pub struct Outbound {
     pub requests: Vec<Request>,
     last_seed_catch_up: Option<Instant>,
     max_inflight: usize,
+    version: Version,
+    /// The client's Maximum Packet Size (`usize::MAX` without one).
+    max_packet_size: usize,
+    /// Boxed, and only for 5.0 clients that take aliases.
+    aliases: Option<Box<Aliases>>,
 }
 
 impl Outbound {
@@ -194,7 +246,9 @@ impl Outbound {
         session_tx: Arc<SessionTx>,
         write_buf: BytesMut,
         durable_qos2: bool,
+        peer: Peer,
     ) -> Self {
+        let limits = &broker.config.limits;
         Outbound {
             broker: broker.clone(),
             state,
@@ -211,7 +265,15 @@ impl Outbound {
             last_seed_catch_up: None,
             durable_qos2,
             requests: Vec::new(),
-            max_inflight: broker.config.limits.max_inflight as usize,
+            max_inflight: (limits.max_inflight as usize).min(peer.receive_maximum as usize),
+            version: peer.version,
+            max_packet_size: peer.max_packet_size.map_or(usize::MAX, |m| m as usize),
+            aliases: (peer.version.is_v5() && peer.topic_alias_max > 0).then(|| {
+                Box::new(Aliases {
+                    max: peer.topic_alias_max,
+                    given: HashMap::new(),
+                })
+            }),
         }
     }
 
@@ -223,7 +285,7 @@ impl Outbound {
         for resend in self.state.resend() {
             match resend {
                 Resend::Publish { pkid, delivery } => self.encode(&delivery, pkid, true),
-                Resend::PubRel(pkid) => v4::encode_pubrel(&mut self.write_buf, pkid),
+                Resend::PubRel(pkid) => encode::pubrel(&mut self.write_buf, self.version, pkid, 0),
             }
         }
         for (pkid, delivery, released) in self.state.untracked() {
@@ -244,45 +306,31 @@ impl Outbound {
             if !self.dedupe.first_time(message.id) {
                 continue;
             }
-            if let Some(granted) = self.granted(&message.topic) {
-                tracing::trace!(client_id = %self.state.client_id, id = %message.id, topic = %message.topic, "queued from the store");
-                self.backlog.push_back(Delivery {
-                    qos: granted.min(message.qos),
-                    message: Arc::new(message),
-                    retain: false,
-                });
+            if let Some(delivery) = self.state.delivery_of(&Arc::new(message)) {
+                tracing::trace!(client_id = %self.state.client_id, id = %delivery.message.id, "queued from the store");
+                self.backlog.push_back(delivery);
             }
         }
-    }
-
-    fn granted(&self, topic_name: &str) -> Option<Qos> {
-        self.state
-            .subscriptions
-            .iter()
-            .filter(|(filter, _)| topic::matches(topic_name, filter))
-            .map(|(_, qos)| *qos)
-            .max()
     }
 
     /// Retained messages for new subscriptions, flagged as retained. They are sent even if
     /// seen before (a new subscription re-sends them), and remembered so that a catch-up
     /// that also finds them does not send them twice.
-    pub fn retained(&mut self, messages: Vec<Message>, filters: &[(String, Qos)]) {
+    /// `filters`: the new subscriptions that take retained messages (5.0 Retain Handling).
+    pub fn retained(&mut self, messages: Vec<Message>, filters: &[(String, Grant)]) {
         if !messages.is_empty() {
             self.dedupe.open(messages.iter().map(|m| m.id));
         }
         for message in messages {
-            let granted = filters
+            let message = Arc::new(message);
+            let grants = filters
                 .iter()
                 .filter(|(f, _)| topic::matches(&message.topic, f))
-                .map(|(_, q)| *q)
-                .max();
-            if let Some(granted) = granted {
-                self.backlog.push_back(Delivery {
-                    qos: granted.min(message.qos),
-                    message: Arc::new(message),
-                    retain: true,
-                });
+                .map(|(_, g)| *g);
+            if let Some(mut delivery) = combine(&message, grants) {
+                // Retained because of a new subscription: flagged so, whatever the options.
+                delivery.retain = true;
+                self.backlog.push_back(delivery);
             }
         }
     }
@@ -338,6 +386,9 @@ impl Outbound {
 
     /// Sends `delivery` now, or parks it until the inflight window has room.
     fn push(&mut self, delivery: Delivery) {
+        if !self.sendable(&delivery) {
+            return;
+        }
         if delivery.qos == Qos::AtMostOnce {
             self.encode(&delivery, 0, false);
             self.record(&delivery.message);
@@ -402,18 +453,63 @@ impl Outbound {
         self.store_after = Some(self.store_after.map_or(since, |s| s.min(since)));
     }
 
+    /// Whether a delivery may still go to this client: not once its message has expired
+    /// (5.0 Message Expiry Interval), nor when it is larger than the client's Maximum Packet
+    /// Size, which MQTT 5.0 (3.1.2.11.4) treats as if it had been sent: it is recorded as
+    /// delivered, so that no catch-up brings it again.
+    fn sendable(&mut self, d: &Delivery) -> bool {
+        if d.message.expired(ids::now_ms()) {
+            metrics::counter!("wharf_edge_expired_messages_total").increment(1);
+            return false;
+        }
+        if self.max_packet_size != usize::MAX
+            && encode::publish_len(
+                self.version,
+                &self.publish_out(d, 0, false, d.message.topic.as_str(), None),
+            ) > self.max_packet_size
+        {
+            metrics::counter!("wharf_edge_too_large_for_client_total").increment(1);
+            self.record(&d.message);
+            return false;
+        }
+        true
+    }
+
+    fn publish_out<'a>(
+        &self,
+        d: &'a Delivery,
+        pkid: u16,
+        dup: bool,
+        topic: &'a str,
+        topic_alias: Option<u16>,
+    ) -> PublishOut<'a> {
+        let message_expiry = d.message.expires_ms().map(|at| {
+            // What is left, rounded up; at least a second for a message already on its way.
+            ((at - ids::now_ms()).max(1) as u64)
+                .div_ceil(1000)
+                .min(u32::MAX as u64) as u32
+        });
+        PublishOut {
+            topic,
+            payload: &d.message.payload,
+            qos: d.qos,
+            pkid,
+            retain: d.retain,
+            dup,
+            properties: d.message.properties.as_deref(),
+            message_expiry,
+            topic_alias,
+            subscription_ids: &d.subscription_ids,
+        }
+    }
+
     fn encode(&mut self, d: &Delivery, pkid: u16, dup: bool) {
-        v4::encode_publish(
-            &mut self.write_buf,
-            &PublishOut {
-                topic: &d.message.topic,
-                payload: &d.message.payload,
-                qos: d.qos,
-                pkid,
-                retain: d.retain,
-                dup,
-            },
-        );
+        let (topic, alias) = match self.aliases.as_mut() {
+            Some(aliases) => aliases.alias(&d.message.topic),
+            None => (d.message.topic.as_str(), None),
+        };
+        let out = self.publish_out(d, pkid, dup, topic, alias);
+        encode::publish(&mut self.write_buf, self.version, &out);
         self.broker.metrics.sent(d.qos).increment(1);
     }
 
@@ -434,12 +530,25 @@ impl Outbound {
         match self.state.pubrec(pkid, self.durable_qos2) {
             PubRec::Deliver(d) => {
                 self.record(&d.message);
-                v4::encode_pubrel(&mut self.write_buf, pkid);
+                encode::pubrel(&mut self.write_buf, self.version, pkid, 0);
             }
             // The delivery record goes with the tracking write; PUBREL once it is durable.
             PubRec::Track(d) => self.requests.push(self.track(pkid, &d.message, true)),
-            PubRec::PubRel => v4::encode_pubrel(&mut self.write_buf, pkid),
+            PubRec::PubRel => encode::pubrel(&mut self.write_buf, self.version, pkid, 0),
             PubRec::Wait => {}
+        }
+    }
+
+    /// A 5.0 PUBREC with a failure reason code.
+    pub fn pubrec_refused(&mut self, pkid: u16) {
+        if let Some(d) = self.state.pubrec_refused(pkid) {
+            self.record(&d.message);
+            if self.durable_qos2 {
+                self.requests.push(Request::ForgetQos2Out {
+                    client_id: String::from(&*self.state.client_id),
+                    pkid,
+                });
+            }
         }
     }
 
@@ -466,7 +575,7 @@ impl Outbound {
     pub fn tracked(&mut self, pkid: u16, released: bool) {
         if released {
             if self.state.release_tracked(pkid) {
-                v4::encode_pubrel(&mut self.write_buf, pkid);
+                encode::pubrel(&mut self.write_buf, self.version, pkid, 0);
             }
         } else if let Some(d) = self.state.tracked(pkid) {
             self.encode(&d, pkid, false);

@@ -10,8 +10,8 @@ use std::collections::HashSet;
 use std::future::Future;
 use wharf_shared::topic;
 use wharf_shared::{
-    Cursor, DeliveredRecord, Message, MessageId, Qos, Subscription, MAX_BYTES_PER_REPLY,
-    MAX_MESSAGES_PER_REPLY,
+    Cursor, DeliveredRecord, Message, MessageId, Qos, Subscription, SubscriptionOptions,
+    MAX_BYTES_PER_REPLY, MAX_MESSAGES_PER_REPLY,
 };
 
 /// Messages kept for 30 days, delivery records for 7 (the seed's TTLs).
@@ -43,6 +43,7 @@ pub struct StoredSubscription {
     pub filter: String,
     pub qos: Qos,
     pub created_ms: i64,
+    pub options: SubscriptionOptions,
 }
 
 /// One group-committed write, applied in this order: forget the packet ids of clients in
@@ -179,6 +180,28 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets the client's session record (a clean session starts or ends).
     fn drop_session(&self, client_id: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// The client disconnected: its session expires at `expires_ms` (`None`: never) unless it
+    /// comes back first ([`Store::open_session`] clears it).
+    fn close_session(
+        &self,
+        client_id: &str,
+        expires_ms: Option<i64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Clients whose sessions had expired at `now_ms` (at most 1,000 at a time).
+    fn expired_sessions(
+        &self,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Forgets the client's session record if it has still expired at `now_ms` (the client did
+    /// not come back meanwhile); returns whether it did, and the caller then drops the rest.
+    fn drop_expired_session(
+        &self,
+        client_id: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Which of `ids` have a delivery record for the client.
     fn delivered_among(
         &self,
@@ -287,10 +310,12 @@ pub async fn undelivered_before<S: Store>(
             page.truncate(keep);
             next = Some(page.last().map_or(position, Cursor::of));
         }
+        let now = wharf_shared::now_ms();
         let wanted: Vec<Message> = page
             .into_iter()
             .filter(|m| {
                 !pending.contains(&m.id)
+                    && !m.expired(now)
                     && subscriptions.iter().any(|s| {
                         m.created_ms >= s.created_ms && topic::matches(&m.topic, &s.filter)
                     })
@@ -360,9 +385,10 @@ pub async fn retained_for<S: Store>(
     let candidates = store
         .retained(prefixes(filters.iter().map(String::as_str)))
         .await?;
+    let now = wharf_shared::now_ms();
     Ok(candidates
         .into_iter()
-        .filter(|m| filters.iter().any(|f| topic::matches(&m.topic, f)))
+        .filter(|m| !m.expired(now) && filters.iter().any(|f| topic::matches(&m.topic, f)))
         .collect())
 }
 

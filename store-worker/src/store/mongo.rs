@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use wharf_shared::{Cursor, Message, MessageId, Qos, Subscription};
+use wharf_shared::{
+    Cursor, Message, MessageId, Properties, Qos, Subscription, SubscriptionOptions,
+};
 
 /// Duplicate key: the document is already there (a re-sent message or record).
 const DUPLICATE_KEY: i32 = 11000;
@@ -39,7 +41,8 @@ pub struct MongoStore {
     retained: Collection<Document>,
     qos2: Collection<Document>,
     qos2_out: Collection<Document>,
-    /// `{_id: clientId, clientId, host, created, updated}`: one per persistent session.
+    /// `{_id: clientId, clientId, host, created, updated, expiresAt?}`: one per persistent
+    /// session; `expiresAt` is set while its client is away and the session can expire.
     sessions: Collection<Document>,
     change_streams: bool,
     /// For what nobody waits for (QoS 0 batches, delivery records): acknowledged by the
@@ -145,7 +148,7 @@ fn payload_of(data: Option<&Bson>) -> Vec<u8> {
 }
 
 fn message_doc(m: &Message) -> Document {
-    doc! {
+    let mut d = doc! {
         "_id": oid(&m.id),
         "topic": &m.topic,
         "data": data_of(&m.payload),
@@ -154,7 +157,88 @@ fn message_doc(m: &Message) -> Document {
         "retain": m.retain,
         "created": DateTime::from_millis(m.created_ms),
         "host": &m.host,
+    };
+    // MQTT 5.0 messages only: the seed's shape stays as it was for the others.
+    if let Some(p) = &m.properties {
+        d.insert("properties", properties_doc(p));
     }
+    if let Some(at) = m.expires_ms() {
+        d.insert("expiresAt", DateTime::from_millis(at));
+    }
+    d
+}
+
+/// A message's MQTT 5.0 properties, as the optional `properties` field (README, "Stored
+/// documents"): only the properties the publisher set.
+fn properties_doc(p: &Properties) -> Document {
+    let mut d = Document::new();
+    if let Some(v) = p.payload_format_indicator {
+        d.insert("payloadFormatIndicator", i32::from(v));
+    }
+    if let Some(v) = p.message_expiry_secs {
+        d.insert("messageExpiryInterval", i64::from(v));
+    }
+    if let Some(v) = &p.content_type {
+        d.insert("contentType", v);
+    }
+    if let Some(v) = &p.response_topic {
+        d.insert("responseTopic", v);
+    }
+    if let Some(v) = &p.correlation_data {
+        d.insert(
+            "correlationData",
+            Binary {
+                subtype: BinarySubtype::Generic,
+                bytes: v.clone(),
+            },
+        );
+    }
+    if !p.user_properties.is_empty() {
+        let list: Vec<Bson> = p
+            .user_properties
+            .iter()
+            .map(|(k, v)| Bson::Document(doc! { "key": k, "value": v }))
+            .collect();
+        d.insert("userProperties", list);
+    }
+    d
+}
+
+fn properties_of(d: &Document) -> Option<Box<Properties>> {
+    let p = d.get_document("properties").ok()?;
+    let number = |key: &str| match p.get(key) {
+        Some(Bson::Int32(v)) => Some(i64::from(*v)),
+        Some(Bson::Int64(v)) => Some(*v),
+        Some(Bson::Double(v)) => Some(*v as i64),
+        _ => None,
+    };
+    let text = |key: &str| p.get_str(key).ok().map(str::to_owned);
+    let props = Properties {
+        payload_format_indicator: number("payloadFormatIndicator").map(|v| v as u8),
+        message_expiry_secs: number("messageExpiryInterval").map(|v| v as u32),
+        content_type: text("contentType"),
+        response_topic: text("responseTopic"),
+        correlation_data: match p.get("correlationData") {
+            Some(Bson::Binary(b)) => Some(b.bytes.clone()),
+            Some(Bson::String(s)) => Some(s.as_bytes().to_vec()),
+            _ => None,
+        },
+        user_properties: p
+            .get_array("userProperties")
+            .map(|list| {
+                list.iter()
+                    .filter_map(|item| {
+                        let item = item.as_document()?;
+                        Some((
+                            item.get_str("key").ok()?.to_owned(),
+                            item.get_str("value").ok()?.to_owned(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    (!props.is_empty()).then(|| Box::new(props))
 }
 
 fn message_of(d: &Document, id_field: &str) -> Option<Message> {
@@ -170,6 +254,7 @@ fn message_of(d: &Document, id_field: &str) -> Option<Message> {
             .get_datetime("created")
             .map(|t| t.timestamp_millis())
             .unwrap_or(0),
+        properties: properties_of(d),
     })
 }
 
@@ -352,6 +437,8 @@ impl MongoStore {
                 "clientId_pkid",
                 true,
             ),
+            // The session expiry sweep.
+            (&self.sessions, doc! { "expiresAt": 1 }, "expiresAt", false),
         ];
         for (collection, keys, name, unique) in indexes {
             let options = IndexOptions::builder()
@@ -603,6 +690,15 @@ impl Store for MongoStore {
                     filter: d.get_str("topic").ok()?.to_owned(),
                     qos: Qos::from_u8(d.get_i32("qos").ok()? as u8)?,
                     created_ms: d.get_datetime("created").ok()?.timestamp_millis(),
+                    options: SubscriptionOptions {
+                        no_local: d.get_bool("noLocal").unwrap_or(false),
+                        retain_as_published: d.get_bool("retainAsPublished").unwrap_or(false),
+                        identifier: d
+                            .get_i64("subscriptionId")
+                            .ok()
+                            .or_else(|| d.get_i32("subscriptionId").ok().map(i64::from))
+                            .map(|v| v as u32),
+                    },
                 })
             })
             .collect())
@@ -615,14 +711,36 @@ impl Store for MongoStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         for s in subscriptions {
+            // The MQTT 5.0 options are set only when on, so that 3.1.1 subscriptions keep the
+            // seed's shape (README, "Stored documents").
+            let mut set = doc! { "qos": s.qos.as_u8() as i32 };
+            let mut unset = Document::new();
+            let o = s.options;
+            for (field, on) in [
+                ("noLocal", o.no_local),
+                ("retainAsPublished", o.retain_as_published),
+            ] {
+                if on {
+                    set.insert(field, true);
+                } else {
+                    unset.insert(field, "");
+                }
+            }
+            match o.identifier {
+                Some(id) => {
+                    set.insert("subscriptionId", i64::from(id));
+                }
+                None => {
+                    unset.insert("subscriptionId", "");
+                }
+            }
+            let mut update = doc! {
+                "$set": set,
+                "$setOnInsert": { "_id": ObjectId::new(), "created": DateTime::from_millis(now_ms) },
+            };
+            update.insert("$unset", unset);
             self.subscriptions
-                .update_one(
-                    doc! { "clientId": client_id, "topic": &s.filter },
-                    doc! {
-                        "$set": { "qos": s.qos.as_u8() as i32 },
-                        "$setOnInsert": { "_id": ObjectId::new(), "created": DateTime::from_millis(now_ms) },
-                    },
-                )
+                .update_one(doc! { "clientId": client_id, "topic": &s.filter }, update)
                 .upsert(true)
                 .await
                 .map_err(classify)?;
@@ -661,6 +779,7 @@ impl Store for MongoStore {
                 doc! {
                     "$set": { "host": host, "updated": now },
                     "$setOnInsert": { "clientId": client_id, "created": now },
+                    "$unset": { "expiresAt": "" },
                 },
             )
             .upsert(true)
@@ -676,6 +795,47 @@ impl Store for MongoStore {
             .await
             .map_err(classify)?;
         Ok(())
+    }
+
+    async fn close_session(
+        &self,
+        client_id: &str,
+        expires_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let update = match expires_ms {
+            Some(at) => doc! { "$set": { "expiresAt": DateTime::from_millis(at) } },
+            None => doc! { "$unset": { "expiresAt": "" } },
+        };
+        self.sessions
+            .update_one(doc! { "_id": client_id }, update)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn expired_sessions(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        let docs = all(self
+            .sessions
+            .find(doc! { "expiresAt": { "$lte": DateTime::from_millis(now_ms) } })
+            .projection(doc! { "_id": 1 })
+            .limit(1000))
+        .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect())
+    }
+
+    async fn drop_expired_session(&self, client_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let deleted = self
+            .sessions
+            .delete_one(doc! {
+                "_id": client_id,
+                "expiresAt": { "$lte": DateTime::from_millis(now_ms) },
+            })
+            .await
+            .map_err(classify)?;
+        Ok(deleted.deleted_count == 1)
     }
 
     async fn retained(&self, prefixes: Option<Vec<String>>) -> Result<Vec<Message>, StoreError> {

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use wharf_shared::{Cursor, Message, MessageId, Qos, Subscription};
+use wharf_shared::{Cursor, Message, MessageId, Qos, Subscription, SubscriptionOptions};
 
 const PRAGMAS: &str = "
 PRAGMA journal_mode = WAL;
@@ -17,7 +17,7 @@ PRAGMA synchronous = FULL;
 ";
 
 /// The layout `SCHEMA` creates; older files are brought to it by [`migrate`].
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// A delivery notice with at least this many records is stored as record blocks (one row per
 /// block); smaller ones (a fan-out's one message per subscriber) as a row per record, which
@@ -53,6 +53,7 @@ CREATE INDEX IF NOT EXISTS message_block_oldest ON message_block (oldest);
 CREATE TABLE IF NOT EXISTS qos2_message (id BLOB PRIMARY KEY, block INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscription (
     client_id TEXT NOT NULL, topic TEXT NOT NULL, qos INTEGER NOT NULL, created INTEGER NOT NULL,
+    options INTEGER NOT NULL DEFAULT 0, identifier INTEGER,
     PRIMARY KEY (client_id, topic)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS published_message (
@@ -75,20 +76,36 @@ CREATE TABLE IF NOT EXISTS qos2_outbound (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS session (
     client_id TEXT PRIMARY KEY, host TEXT NOT NULL, created INTEGER NOT NULL,
-    updated INTEGER NOT NULL
+    updated INTEGER NOT NULL, expires INTEGER
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS session_expires ON session (expires) WHERE expires IS NOT NULL;
 CREATE TABLE IF NOT EXISTS retained (
     topic TEXT PRIMARY KEY, id BLOB NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
-    qos INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
+    qos INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL, properties BLOB
 ) WITHOUT ROWID;
 ";
+
+/// Columns added since a table was first made: (table, column, declaration). A file from
+/// before gets them when it is opened.
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+    ("subscription", "options", "INTEGER NOT NULL DEFAULT 0"),
+    ("subscription", "identifier", "INTEGER"),
+    ("session", "expires", "INTEGER"),
+    ("retained", "properties", "BLOB"),
+];
+
+/// Subscription option bits in `subscription.options`.
+const NO_LOCAL: i64 = 1;
+const RETAIN_AS_PUBLISHED: i64 = 2;
 
 /// Older layouts, by `PRAGMA user_version`: 0 kept a row per message keyed by id with a second
 /// B-tree on (created, id), and delivery records keyed (client_id, message_id) with a second
 /// B-tree on created; 2 and 3 kept a row per message keyed (created, id), 3 had today's
 /// records. Their rows move to the current tables in one transaction. 4 lacked record blocks
 /// (its record rows stay where they are); 5 lacked session records (a session with
-/// subscriptions is known by them, as it was then).
+/// subscriptions is known by them, as it was then); 6 lacked the MQTT 5.0 columns
+/// ([`ADDED_COLUMNS`]; its message blocks are read as they are, see
+/// `wharf_shared::codec::decode_stored_block`).
 fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
@@ -109,6 +126,20 @@ fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     }
     if old_records {
         tx.execute_batch("ALTER TABLE published_message RENAME TO published_message_old")?;
+    }
+    for (table, column, declaration) in ADDED_COLUMNS {
+        let has_table = exists(table)?;
+        let has_column = has_table
+            && tx
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))?
+                .exists([column])?;
+        if has_table && !has_column {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+            ))?;
+        }
     }
     tx.execute_batch(SCHEMA)?;
     if old_messages {
@@ -152,7 +183,7 @@ fn insert_blocks(
         m.created_ms - first.created_ms <= BLOCK_SPAN_MS
     }) {
         let (first, newest) = (block[0].created_ms, block[block.len() - 1].created_ms);
-        let data = wharf_shared::codec::encode_body(&block)
+        let data = wharf_shared::codec::encode_stored_block(block)
             .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         insert.execute(params![first, newest, data])?;
         let seq = tx.last_insert_rowid();
@@ -221,7 +252,7 @@ fn insert_deliveries(tx: &rusqlite::Transaction<'_>, d: &Deliveries) -> rusqlite
 }
 
 fn decode_block(data: &[u8]) -> rusqlite::Result<Vec<Message>> {
-    wharf_shared::codec::decode_body(data).map_err(|e| {
+    wharf_shared::codec::decode_stored_block(data).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
     })
 }
@@ -271,7 +302,25 @@ fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         client_id: row.get(5)?,
         host: row.get(6)?,
         created_ms: row.get(7)?,
+        properties: None,
     })
+}
+
+/// A `retained` row: [`message_row`]'s columns, then the properties.
+fn retained_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    let mut message = message_row(row)?;
+    if let Some(data) = row.get::<_, Option<Vec<u8>>>(8)? {
+        message.properties = Some(Box::new(wharf_shared::codec::decode_body(&data).map_err(
+            |e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    8,
+                    rusqlite::types::Type::Blob,
+                    Box::new(e),
+                )
+            },
+        )?));
+    }
+    Ok(message)
 }
 
 impl SqliteStore {
@@ -460,13 +509,20 @@ impl Store for SqliteStore {
         let client_id = client_id.to_owned();
         self.with(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT topic, qos, created FROM subscription WHERE client_id = ?1 ORDER BY topic",
+                "SELECT topic, qos, created, options, identifier FROM subscription
+                 WHERE client_id = ?1 ORDER BY topic",
             )?;
             let rows = stmt.query_map([client_id], |r| {
+                let options: i64 = r.get(3)?;
                 Ok(StoredSubscription {
                     filter: r.get(0)?,
                     qos: qos_of(r.get(1)?),
                     created_ms: r.get(2)?,
+                    options: SubscriptionOptions {
+                        no_local: options & NO_LOCAL != 0,
+                        retain_as_published: options & RETAIN_AS_PUBLISHED != 0,
+                        identifier: r.get::<_, Option<u32>>(4)?,
+                    },
                 })
             })?;
             rows.collect()
@@ -485,11 +541,27 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             {
                 let mut upsert = tx.prepare_cached(
-                    "INSERT INTO subscription (client_id, topic, qos, created) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (client_id, topic) DO UPDATE SET qos = excluded.qos",
+                    "INSERT INTO subscription (client_id, topic, qos, created, options, identifier)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (client_id, topic) DO UPDATE SET qos = excluded.qos,
+                     options = excluded.options, identifier = excluded.identifier",
                 )?;
                 for s in &subscriptions {
-                    upsert.execute(params![client_id, s.filter, s.qos.as_u8(), now_ms])?;
+                    let o = s.options;
+                    let options = if o.no_local { NO_LOCAL } else { 0 }
+                        | if o.retain_as_published {
+                            RETAIN_AS_PUBLISHED
+                        } else {
+                            0
+                        };
+                    upsert.execute(params![
+                        client_id,
+                        s.filter,
+                        s.qos.as_u8(),
+                        now_ms,
+                        options,
+                        o.identifier
+                    ])?;
                 }
             }
             tx.commit()
@@ -527,9 +599,10 @@ impl Store for SqliteStore {
     async fn retained(&self, _prefixes: Option<Vec<String>>) -> Result<Vec<Message>, StoreError> {
         self.with(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, topic, data, qos, 1, client_id, host, created FROM retained ORDER BY topic",
+                "SELECT id, topic, data, qos, 1, client_id, host, created, properties FROM retained
+                 ORDER BY topic",
             )?;
-            let rows = stmt.query_map([], message_row)?;
+            let rows = stmt.query_map([], retained_row)?;
             rows.collect()
         })
         .await
@@ -594,7 +667,7 @@ impl Store for SqliteStore {
             c.prepare_cached(
                 "INSERT INTO session (client_id, host, created, updated) VALUES (?1, ?2, ?3, ?3)
                  ON CONFLICT (client_id) DO UPDATE SET host = excluded.host,
-                 updated = excluded.updated",
+                 updated = excluded.updated, expires = NULL",
             )?
             .execute(params![client_id, host, now_ms])?;
             Ok(existed)
@@ -608,6 +681,46 @@ impl Store for SqliteStore {
             c.prepare_cached("DELETE FROM session WHERE client_id = ?1")?
                 .execute([client_id])?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn close_session(
+        &self,
+        client_id: &str,
+        expires_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            c.prepare_cached("UPDATE session SET expires = ?2 WHERE client_id = ?1")?
+                .execute(params![client_id, expires_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn expired_sessions(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT client_id FROM session WHERE expires IS NOT NULL AND expires <= ?1
+                 LIMIT 1000",
+            )?;
+            let rows = stmt.query_map([now_ms], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn drop_expired_session(&self, client_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let n = c
+                .prepare_cached(
+                    "DELETE FROM session WHERE client_id = ?1 AND expires IS NOT NULL
+                     AND expires <= ?2",
+                )?
+                .execute(params![client_id, now_ms])?;
+            Ok(n == 1)
         })
         .await
     }
@@ -703,11 +816,11 @@ fn write_batch(c: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<()> {
         // A retained value is only replaced or cleared by one at least as new: a message
         // re-sent after a newer one must not set its value again.
         let mut set_retained = tx.prepare_cached(
-            "INSERT INTO retained (topic, id, data, client_id, qos, created, host)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            "INSERT INTO retained (topic, id, data, client_id, qos, created, host, properties)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (topic) DO UPDATE SET id = excluded.id, data = excluded.data,
                  client_id = excluded.client_id, qos = excluded.qos, created = excluded.created,
-                 host = excluded.host
+                 host = excluded.host, properties = excluded.properties
              WHERE excluded.created >= retained.created",
         )?;
         let mut clear_retained =
@@ -716,6 +829,13 @@ fn write_batch(c: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<()> {
             if m.payload.is_empty() {
                 clear_retained.execute(params![m.topic, m.created_ms])?;
             } else {
+                let properties = match &m.properties {
+                    Some(p) => Some(
+                        wharf_shared::codec::encode_body(&**p)
+                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+                    ),
+                    None => None,
+                };
                 set_retained.execute(params![
                     m.topic,
                     &m.id.0[..],
@@ -723,7 +843,8 @@ fn write_batch(c: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<()> {
                     m.client_id,
                     m.qos.as_u8(),
                     m.created_ms,
-                    m.host
+                    m.host,
+                    properties
                 ])?;
             }
         }
@@ -754,6 +875,7 @@ mod tests {
             client_id: "c".into(),
             host: "h".into(),
             created_ms: 1,
+            properties: None,
         }
     }
 
@@ -971,6 +1093,7 @@ mod tests {
             client_id: "c".into(),
             host: if n % 5 == 0 { "other" } else { "h" }.into(),
             created_ms,
+            properties: None,
         }
     }
 
@@ -981,6 +1104,7 @@ mod tests {
         let sub = wharf_shared::Subscription {
             filter: "t/#".into(),
             qos: Qos::AtLeastOnce,
+            options: Default::default(),
         };
         store
             .upsert_subscriptions("s", vec![sub], since_ms)

@@ -1,0 +1,623 @@
+//! MQTT 5.0 and 3.1 against the real edge and worker, on both stores: rumqttc's 5.0 client for
+//! the features, and byte-level packets (`raw5`) for exact checks of what the broker sends.
+//! Messages are told apart by payload; properties are compared field by field.
+
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, PublishProperties, RetainForwardRule, SubscribeProperties,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use std::time::Duration;
+use wharf_edge::Limits;
+use wharf_tests::client5::{options, Client5};
+use wharf_tests::raw5::{self, Raw5};
+use wharf_tests::stack::{Kind, Stack};
+
+fn full_properties(expiry: u32) -> PublishProperties {
+    PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(expiry),
+        topic_alias: None,
+        response_topic: Some("reply/to/me".into()),
+        correlation_data: Some(vec![0u8, 1, 2, 255].into()),
+        // Order and repeated keys are kept (MQTT-3.3.2-18).
+        user_properties: vec![
+            ("b".into(), "2".into()),
+            ("a".into(), "1".into()),
+            ("b".into(), "3".into()),
+        ],
+        subscription_identifiers: Vec::new(),
+        content_type: Some("text/csv".into()),
+    }
+}
+
+/// The properties a subscriber got are the ones published, the expiry counted down.
+fn assert_same_properties(got: &Option<PublishProperties>, sent: &PublishProperties, what: &str) {
+    let got = got
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what}: no properties"));
+    assert_eq!(
+        got.payload_format_indicator, sent.payload_format_indicator,
+        "{what}"
+    );
+    assert_eq!(got.response_topic, sent.response_topic, "{what}");
+    assert_eq!(got.correlation_data, sent.correlation_data, "{what}");
+    assert_eq!(got.user_properties, sent.user_properties, "{what}");
+    assert_eq!(got.content_type, sent.content_type, "{what}");
+    let (left, set) = (
+        got.message_expiry_interval.expect("expiry forwarded"),
+        sent.message_expiry_interval.expect("expiry set"),
+    );
+    assert!(
+        left <= set && left + 30 >= set,
+        "{what}: expiry {left} of {set}"
+    );
+}
+
+/// Properties reach a live subscriber, a persistent session that was away (from the store,
+/// after a restart of edge and worker) and a new subscriber of the retained message.
+async fn properties_survive_every_path(kind: Kind) {
+    let mut stack = Stack::new(kind).await;
+    let addr = stack.addr();
+    let mut live = Client5::connect(options(addr, "live", true, None)).await;
+    live.subscribe_one("p/#", QoS::AtLeastOnce).await;
+    let mut away = Client5::connect(options(addr, "away", true, Some(3600))).await;
+    away.subscribe_one("p/#", QoS::ExactlyOnce).await;
+    away.disconnect().await;
+
+    let mut publisher = Client5::connect(options(addr, "pub5", true, None)).await;
+    let sent = full_properties(3600);
+    publisher
+        .publish_acked("p/1", QoS::AtLeastOnce, false, "1.5", sent.clone())
+        .await;
+    publisher
+        .publish_acked("p/2", QoS::ExactlyOnce, true, "2.5", sent.clone())
+        .await;
+    for payload in ["1.5", "2.5"] {
+        let p = live.next_publish().await;
+        assert_eq!(&p.payload[..], payload.as_bytes());
+        assert_same_properties(&p.properties, &sent, "live");
+    }
+    live.disconnect().await;
+    publisher.disconnect().await;
+
+    stack.restart_worker().await;
+    stack.restart_edge().await;
+    let addr = stack.addr();
+    let mut away = Client5::connect(options(addr, "away", false, Some(3600))).await;
+    assert!(away.session_present(), "the session outlived the restart");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let p = away.next_publish().await;
+        assert_same_properties(&p.properties, &sent, "from the store");
+        got.push(String::from_utf8(p.payload.to_vec()).expect("utf-8"));
+    }
+    got.sort();
+    assert_eq!(got, ["1.5", "2.5"]);
+    away.assert_no_publish(Duration::from_millis(500)).await;
+
+    let mut late = Client5::connect(options(addr, "late", true, None)).await;
+    late.subscribe_one("p/2", QoS::AtLeastOnce).await;
+    let p = late.next_publish().await;
+    assert!(p.retain, "a retained message is flagged so");
+    assert_same_properties(&p.properties, &sent, "retained");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_survive_every_path_embedded() {
+    properties_survive_every_path(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_survive_every_path_mongo() {
+    properties_survive_every_path(Kind::Mongo).await;
+}
+
+/// A session outlives its connection by its Session Expiry Interval, across a restart, and
+/// not longer: then its subscriptions and pending messages are gone from the store.
+async fn session_expiry_is_enforced(kind: Kind) {
+    let mut stack = Stack::new(kind).await;
+    let addr = stack.addr();
+    for (id, expiry) in [("short", 1), ("long", 3600)] {
+        let mut c = Client5::connect(options(addr, id, true, Some(expiry))).await;
+        c.subscribe_one("e/#", QoS::AtLeastOnce).await;
+        c.disconnect().await;
+    }
+    let mut publisher = Client5::connect(options(addr, "epub", true, None)).await;
+    publisher
+        .publish_acked(
+            "e/1",
+            QoS::AtLeastOnce,
+            false,
+            "x",
+            PublishProperties::default(),
+        )
+        .await;
+    publisher.disconnect().await;
+    // The store, not the edge's memory, must end the session.
+    stack.restart_edge().await;
+    let addr = stack.addr();
+    // Past the expiry and the worker's sweep (every 5 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut short = Client5::connect(options(addr, "short", false, Some(60))).await;
+    assert!(
+        !short.session_present(),
+        "an expired session is not present"
+    );
+    short.assert_no_publish(Duration::from_secs(1)).await;
+    let mut long = Client5::connect(options(addr, "long", false, Some(3600))).await;
+    assert!(long.session_present());
+    assert_eq!(&long.next_publish().await.payload[..], b"x");
+    if kind == Kind::Mongo {
+        use futures::TryStreamExt;
+        let db = stack.db().await;
+        let subs: Vec<mongodb::bson::Document> = db
+            .collection("subscription")
+            .find(mongodb::bson::doc! { "clientId": "short" })
+            .await
+            .expect("find")
+            .try_collect()
+            .await
+            .expect("collect");
+        assert!(
+            subs.is_empty(),
+            "an expired session's subscriptions stay: {subs:?}"
+        );
+    }
+    short.disconnect().await;
+    long.disconnect().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_is_enforced_embedded() {
+    session_expiry_is_enforced(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_is_enforced_mongo() {
+    session_expiry_is_enforced(Kind::Mongo).await;
+}
+
+/// An expired message is never delivered: not from the store, not as a retained message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_not_delivered() {
+    let stack = Stack::new(Kind::Embedded).await;
+    let addr = stack.addr();
+    let mut away = Client5::connect(options(addr, "exp-away", true, Some(600))).await;
+    away.subscribe_one("x/#", QoS::AtLeastOnce).await;
+    away.disconnect().await;
+    let mut publisher = Client5::connect(options(addr, "exp-pub", true, None)).await;
+    for (topic, expiry, retain) in [
+        ("x/short", 1, false),
+        ("x/long", 600, false),
+        ("x/r", 1, true),
+    ] {
+        let props = PublishProperties {
+            message_expiry_interval: Some(expiry),
+            ..PublishProperties::default()
+        };
+        publisher
+            .publish_acked(topic, QoS::AtLeastOnce, retain, topic, props)
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut away = Client5::connect(options(addr, "exp-away", false, Some(600))).await;
+    let p = away.next_publish().await;
+    assert_eq!(&p.payload[..], b"x/long");
+    let left = p.properties.and_then(|p| p.message_expiry_interval);
+    assert!(
+        left.is_some_and(|l| l <= 598),
+        "expiry counted down: {left:?}"
+    );
+    away.assert_no_publish(Duration::from_millis(500)).await;
+    let mut late = Client5::connect(options(addr, "exp-late", true, None)).await;
+    late.subscribe_one("x/r", QoS::AtLeastOnce).await;
+    late.assert_no_publish(Duration::from_millis(500)).await;
+    stack.stop().await;
+}
+
+/// No Local, Retain As Published, Retain Handling and Subscription Identifiers, live and for a
+/// persistent session resumed after a restart (the options are stored with the subscription).
+async fn subscription_options(kind: Kind) {
+    let mut stack = Stack::new(kind).await;
+    let addr = stack.addr();
+    let mut other = Client5::connect(options(addr, "opt-other", true, None)).await;
+    other
+        .publish_acked(
+            "o/r",
+            QoS::AtLeastOnce,
+            true,
+            "kept",
+            PublishProperties::default(),
+        )
+        .await;
+
+    let mut me = Client5::connect(options(addr, "opt-me", true, Some(3600))).await;
+    let mut no_local = Filter::new("o/#", QoS::AtLeastOnce);
+    no_local.nolocal = true;
+    no_local.preserve_retain = true;
+    no_local.retain_forward_rule = RetainForwardRule::Never;
+    let codes = me
+        .subscribe(
+            vec![no_local],
+            Some(SubscribeProperties {
+                id: Some(5),
+                user_properties: Vec::new(),
+            }),
+        )
+        .await;
+    assert_eq!(codes.len(), 1);
+    let mut second = Filter::new("o/+", QoS::AtMostOnce);
+    second.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+    me.subscribe(
+        vec![second.clone()],
+        Some(SubscribeProperties {
+            id: Some(7),
+            user_properties: Vec::new(),
+        }),
+    )
+    .await;
+    // Retain Handling 1 sent the retained message for the new subscription; 2 did not.
+    let p = me.next_publish().await;
+    assert!(p.retain && &p.payload[..] == b"kept");
+    assert_eq!(
+        p.properties.map(|p| p.subscription_identifiers),
+        Some(vec![7])
+    );
+    // Subscribing again with Retain Handling 1: not new, nothing sent.
+    me.subscribe(
+        vec![second],
+        Some(SubscribeProperties {
+            id: Some(7),
+            user_properties: Vec::new(),
+        }),
+    )
+    .await;
+    me.assert_no_publish(Duration::from_millis(300)).await;
+
+    // Its own message is not sent back (No Local on one subscription, but the other takes it).
+    me.publish_acked(
+        "o/mine",
+        QoS::AtLeastOnce,
+        false,
+        "mine",
+        PublishProperties::default(),
+    )
+    .await;
+    let p = me.next_publish().await;
+    assert_eq!(&p.payload[..], b"mine");
+    assert_eq!(
+        p.properties.map(|p| p.subscription_identifiers),
+        Some(vec![7]),
+        "only the subscription without No Local took it"
+    );
+    // Another client's retained message: both subscriptions, one PUBLISH with both ids, at the
+    // higher QoS, retained as published.
+    other
+        .publish_acked(
+            "o/live",
+            QoS::AtLeastOnce,
+            true,
+            "live",
+            PublishProperties::default(),
+        )
+        .await;
+    let p = me.next_publish().await;
+    assert_eq!(
+        (&p.payload[..], p.qos, p.retain),
+        (&b"live"[..], QoS::AtLeastOnce, true)
+    );
+    assert_eq!(
+        p.properties.map(|p| p.subscription_identifiers),
+        Some(vec![5, 7])
+    );
+    me.disconnect().await;
+
+    stack.restart_worker().await;
+    stack.restart_edge().await;
+    let addr = stack.addr();
+    let mut other = Client5::connect(options(addr, "opt-other", true, None)).await;
+    let mut me = Client5::connect(options(addr, "opt-me", false, Some(3600))).await;
+    assert!(me.session_present());
+    me.publish_acked(
+        "o/a/b",
+        QoS::AtLeastOnce,
+        false,
+        "own",
+        PublishProperties::default(),
+    )
+    .await;
+    other
+        .publish_acked(
+            "o/a/b",
+            QoS::AtLeastOnce,
+            false,
+            "theirs",
+            PublishProperties::default(),
+        )
+        .await;
+    let p = me.next_publish().await;
+    assert_eq!(&p.payload[..], b"theirs", "No Local survived the restart");
+    assert_eq!(
+        p.properties.map(|p| p.subscription_identifiers),
+        Some(vec![5]),
+        "the identifier survived the restart"
+    );
+    me.assert_no_publish(Duration::from_millis(300)).await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_options_embedded() {
+    subscription_options(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_options_mongo() {
+    subscription_options(Kind::Mongo).await;
+}
+
+fn limits() -> Limits {
+    Limits {
+        receive_maximum: 2,
+        topic_alias_max: 2,
+        server_keep_alive: Some(60),
+        ..Limits::default()
+    }
+}
+
+/// CONNACK says what the server allows (the paho suite's settings), and assigns an id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connack_advertises_the_limits_and_assigns_an_id() {
+    let stack = Stack::with_limits(Kind::Embedded, limits()).await;
+    let (_raw, connack) = Raw5::session(stack.addr(), &raw5::connect("", true, &[])).await;
+    let body = &connack.body;
+    assert_eq!(body[0], 0, "no session present");
+    let props = &body[3..];
+    let find = |id: u8| props.iter().position(|b| *b == id);
+    // Receive Maximum 2, Topic Alias Maximum 2, Server Keep Alive 60.
+    for (id, value) in [(0x21u8, 2u16), (0x22, 2), (0x13, 60)] {
+        let at = find(id).unwrap_or_else(|| panic!("property {id:#x} missing: {props:?}"));
+        assert_eq!(u16::from_be_bytes([props[at + 1], props[at + 2]]), value);
+    }
+    // An Assigned Client Identifier.
+    let at = find(0x12).expect("assigned client id");
+    let len = u16::from_be_bytes([props[at + 1], props[at + 2]]) as usize;
+    assert!(len > 0);
+    // Shared subscriptions are not served yet, and CONNACK says so.
+    let at = find(0x2a).expect("shared subscription available");
+    assert_eq!(props[at + 1], 0);
+    stack.stop().await;
+}
+
+/// Topic aliases from the client; an alias above the maximum closes with 0x94.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_aliases_from_the_client() {
+    let stack = Stack::with_limits(Kind::Embedded, limits()).await;
+    let addr = stack.addr();
+    let mut sub = Client5::connect(options(addr, "alias-sub", true, None)).await;
+    sub.subscribe_one("alias/#", QoS::AtMostOnce).await;
+    let (mut raw, _) = Raw5::session(addr, &raw5::connect("alias-pub", true, &[])).await;
+    raw.send(&raw5::publish(
+        "alias/long/topic",
+        0,
+        0,
+        &[0x23, 0, 1],
+        b"one",
+    ))
+    .await;
+    raw.send(&raw5::publish("", 0, 0, &[0x23, 0, 1], b"two"))
+        .await;
+    for payload in ["one", "two"] {
+        let p = sub.next_publish().await;
+        assert_eq!(
+            (&p.topic[..], &p.payload[..]),
+            (&b"alias/long/topic"[..], payload.as_bytes())
+        );
+    }
+    raw.send(&raw5::publish("alias/x", 0, 0, &[0x23, 0, 3], b"three"))
+        .await;
+    let frames = raw.until_closed().await;
+    let last = frames.last().expect("a DISCONNECT before the close");
+    assert_eq!((last.kind(), last.reason()), (14, 0x94));
+    stack.stop().await;
+}
+
+/// The client's Receive Maximum bounds what is in flight to it, its Maximum Packet Size what
+/// is sent to it at all; ours closes a client that exceeds it with 0x93.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_in_both_directions() {
+    let stack = Stack::with_limits(Kind::Embedded, limits()).await;
+    let addr = stack.addr();
+    // Receive Maximum 1, Maximum Packet Size 64.
+    let (mut sub, _) = Raw5::session(
+        addr,
+        &raw5::connect("flow-sub", true, &[0x21, 0, 1, 0x27, 0, 0, 0, 64]),
+    )
+    .await;
+    sub.send(&raw5::subscribe(1, &[], &[("flow/#", 1)])).await;
+    assert_eq!(sub.recv().await.map(|f| f.kind()), Some(9));
+    let mut publisher = Client5::connect(options(addr, "flow-pub", true, None)).await;
+    publisher
+        .publish_acked(
+            "flow/a",
+            QoS::AtLeastOnce,
+            false,
+            vec![b'x'; 200],
+            PublishProperties::default(),
+        )
+        .await;
+    for payload in ["1", "2", "3"] {
+        publisher
+            .publish_acked(
+                "flow/a",
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                PublishProperties::default(),
+            )
+            .await;
+    }
+    for payload in ["1", "2", "3"] {
+        let f = sub.recv().await.expect("a PUBLISH");
+        assert_eq!(
+            f.topic_and_payload(true).1,
+            payload.as_bytes(),
+            "the large one is skipped"
+        );
+        // The next one only after this one is acknowledged.
+        assert!(
+            sub.recv_within(Duration::from_millis(300)).await.is_none(),
+            "more than the Receive Maximum in flight"
+        );
+        sub.send(&raw5::puback(f.pkid())).await;
+    }
+    // Three QoS 1 PUBLISHes at once against our Receive Maximum of 2.
+    let (mut greedy, _) = Raw5::session(addr, &raw5::connect("greedy", true, &[])).await;
+    let mut burst = Vec::new();
+    for pkid in 1..=3u16 {
+        burst.extend(raw5::publish("flow/g", 1, pkid, &[], b"g"));
+    }
+    greedy.send(&burst).await;
+    let frames = greedy.until_closed().await;
+    let last = frames.last().expect("a DISCONNECT before the close");
+    assert_eq!((last.kind(), last.reason()), (14, 0x93), "{frames:?}");
+    stack.stop().await;
+}
+
+/// Reason codes where 5.0 packets carry them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reason_codes() {
+    let stack = Stack::new(Kind::Embedded).await;
+    let addr = stack.addr();
+    // An authentication method Wharf does not have: CONNACK 0x8C.
+    let mut raw = Raw5::connect(addr).await;
+    let mut method = vec![0x15];
+    method.extend(raw5::string("SCRAM-SHA-1"));
+    raw.send(&raw5::connect("auth", true, &method)).await;
+    let connack = raw.recv().await.expect("CONNACK");
+    assert_eq!((connack.kind(), connack.reason()), (2, 0x8c));
+
+    let (mut a, _) = Raw5::session(addr, &raw5::connect("codes", true, &[])).await;
+    // UNSUBSCRIBE of a filter never subscribed: 0x11; an invalid filter: 0x8F; a shared one
+    // (not served yet): 0x9E.
+    a.send(&raw5::subscribe(
+        1,
+        &[],
+        &[("c/#", 1), ("c/#/x", 1), ("$share/g/c", 1)],
+    ))
+    .await;
+    let suback = a.recv().await.expect("SUBACK");
+    assert_eq!(
+        (suback.kind(), &suback.body[2..]),
+        (9, &[0u8, 1, 0x8f, 0x9e][..])
+    );
+    a.send(&raw5::unsubscribe(2, &["c/#", "nothing"])).await;
+    let unsuback = a.recv().await.expect("UNSUBACK");
+    assert_eq!(
+        (unsuback.kind(), &unsuback.body[2..]),
+        (11, &[0u8, 0, 0x11][..])
+    );
+    // A payload that says it is UTF-8 and is not: PUBACK 0x99, not stored.
+    a.send(&raw5::publish("c/bad", 1, 9, &[0x01, 1], &[0xff, 0xfe]))
+        .await;
+    let puback = a.recv().await.expect("PUBACK");
+    assert_eq!((puback.kind(), &puback.body[..]), (4, &[0u8, 9, 0x99][..]));
+
+    // The same client id again: the first connection is told 0x8E.
+    let (_b, connack) = Raw5::session(addr, &raw5::connect("codes", true, &[])).await;
+    assert_eq!(connack.reason(), 0);
+    let frames = a.until_closed().await;
+    let last = frames.last().expect("DISCONNECT");
+    assert_eq!((last.kind(), last.reason()), (14, 0x8e));
+    stack.stop().await;
+}
+
+/// A will with a Will Delay Interval is not sent when the session resumes in time, and is
+/// sent when it does not; DISCONNECT 0x04 sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_delay_and_disconnect_with_will() {
+    let stack = Stack::new(Kind::Embedded).await;
+    let addr = stack.addr();
+    let mut watcher = Client5::connect(options(addr, "will-watch", true, None)).await;
+    watcher.subscribe_one("will/#", QoS::AtLeastOnce).await;
+    let will_connect = |id: &str, delay: u32| {
+        let mut body = raw5::string("MQTT");
+        // Will flag, will QoS 1, clean start.
+        body.extend_from_slice(&[5, 0x0e, 0, 60]);
+        body.extend(raw5::props(&[0x11, 0, 0, 0, 60]));
+        body.extend(raw5::string(id));
+        let mut will_props = vec![0x18];
+        will_props.extend_from_slice(&delay.to_be_bytes());
+        will_props.extend_from_slice(&[0x03]);
+        will_props.extend(raw5::string("text/plain"));
+        body.extend(raw5::props(&will_props));
+        body.extend(raw5::string(&format!("will/{id}")));
+        body.extend(raw5::string("gone"));
+        raw5::packet(0x10, &body)
+    };
+    // Dropped, and back within the delay: no will.
+    let (resumed, _) = Raw5::session(addr, &will_connect("comes-back", 2)).await;
+    drop(resumed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_back, _) = Raw5::session(
+        addr,
+        &raw5::connect("comes-back", false, &[0x11, 0, 0, 0, 60]),
+    )
+    .await;
+    // Dropped for good: the will after its delay, with its properties.
+    let (gone, _) = Raw5::session(addr, &will_connect("stays-away", 1)).await;
+    drop(gone);
+    let p = watcher.next_publish().await;
+    assert_eq!(&p.topic[..], b"will/stays-away");
+    assert_eq!(
+        p.properties.and_then(|p| p.content_type).as_deref(),
+        Some("text/plain")
+    );
+    watcher.assert_no_publish(Duration::from_secs(3)).await;
+    // DISCONNECT with reason 0x04 sends the will.
+    let (mut polite, _) = Raw5::session(addr, &will_connect("with-will", 0)).await;
+    polite.send(&[0xe0, 1, 0x04]).await;
+    let p = watcher.next_publish().await;
+    assert_eq!(&p.topic[..], b"will/with-will");
+    stack.stop().await;
+}
+
+/// MQTT 3.1 ("MQIsdp", level 3) clients connect, subscribe and publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_clients_are_served() {
+    let stack = Stack::new(Kind::Embedded).await;
+    let addr = stack.addr();
+    let mut sub = Raw5::connect(addr).await;
+    sub.send(&raw5::connect_v31("old-sub", true)).await;
+    let connack = sub.recv().await.expect("CONNACK");
+    assert_eq!((connack.byte1, &connack.body[..]), (0x20, &[0u8, 0][..]));
+    // 3.1.1's SUBSCRIBE layout is 3.1's: no properties.
+    let mut body = 1u16.to_be_bytes().to_vec();
+    body.extend(raw5::string("old/#"));
+    body.push(1);
+    sub.send(&raw5::packet(0x82, &body)).await;
+    let suback = sub.recv().await.expect("SUBACK");
+    assert_eq!((suback.kind(), &suback.body[..]), (9, &[0u8, 1, 1][..]));
+    let mut publisher = Raw5::connect(addr).await;
+    publisher.send(&raw5::connect_v31("old-pub", true)).await;
+    publisher.recv().await.expect("CONNACK");
+    let mut body = raw5::string("old/t");
+    body.extend_from_slice(&[0, 5]);
+    body.extend_from_slice(b"v31");
+    publisher.send(&raw5::packet(0x32, &body)).await;
+    let puback = publisher.recv().await.expect("PUBACK");
+    assert_eq!((puback.byte1, &puback.body[..]), (0x40, &[0u8, 5][..]));
+    let p = sub.recv().await.expect("PUBLISH");
+    assert_eq!(
+        p.topic_and_payload(false),
+        ("old/t".to_owned(), b"v31".to_vec())
+    );
+    // 3.1 has no empty client ids.
+    let mut nameless = Raw5::connect(addr).await;
+    nameless.send(&raw5::connect_v31("", true)).await;
+    let connack = nameless.recv().await.expect("CONNACK");
+    assert_eq!(&connack.body[..], &[0u8, 2]);
+    stack.stop().await;
+}
