@@ -63,8 +63,8 @@ pub struct Args {
     /// [etcd: maxHeldPersists].
     #[arg(long, env = "WHARF_MAX_HELD_PERSISTS", default_value_t = Limits::default().max_held_persists)]
     pub max_held_persists: usize,
-    /// MQTT 5.0 Receive Maximum: QoS 1/2 messages a 5.0 client may have unacknowledged
-    /// [etcd: receiveMaximum].
+    /// MQTT 5.0 Receive Maximum: QoS 2 messages a 5.0 client may have unreleased (QoS 1 ones
+    /// beyond it wait unread) [etcd: receiveMaximum].
     #[arg(long, env = "WHARF_RECEIVE_MAXIMUM", default_value_t = Limits::default().receive_maximum)]
     pub receive_maximum: u16,
     /// MQTT 5.0 Topic Alias Maximum: topic aliases a 5.0 client may set; 0 for none
@@ -80,8 +80,9 @@ pub struct Args {
     /// [etcd: maxSessionExpiry].
     #[arg(long, env = "WHARF_MAX_SESSION_EXPIRY", default_value = "never")]
     pub max_session_expiry: String,
-    /// MQTT 5.0 Server Keep Alive in seconds, replacing what 5.0 clients ask for; "off" lets
-    /// each client choose [etcd: serverKeepAlive].
+    /// MQTT 5.0 Server Keep Alive in seconds: the longest keepalive a 5.0 client may use (one
+    /// asking for more, or none, is told this); "off" lets each client choose
+    /// [etcd: serverKeepAlive].
     #[arg(long, env = "WHARF_SERVER_KEEP_ALIVE", default_value = "off")]
     pub server_keep_alive: String,
     /// Seconds a new connection has to send CONNECT (and finish TLS) [etcd: connectTimeout].

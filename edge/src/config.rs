@@ -44,8 +44,9 @@ pub struct Limits {
     pub catch_up_interval: Duration,
     /// Bytes waiting to be written to one client before the edge stops queueing more.
     pub write_high_water: usize,
-    /// 5.0 Receive Maximum: QoS 1/2 PUBLISHes a 5.0 client may have unanswered; more closes
-    /// the connection (0x93). 65,535 is not sent (the default).
+    /// 5.0 Receive Maximum: QoS 2 PUBLISHes a 5.0 client may have unreleased; more closes the
+    /// connection (0x93). QoS 1 is bounded by `max_pending_persists`. 65,535 is not sent (the
+    /// default).
     pub receive_maximum: u16,
     /// 5.0 Topic Alias Maximum: aliases a client may set; 0 accepts none.
     pub topic_alias_max: u16,
@@ -54,7 +55,8 @@ pub struct Limits {
     /// Longest a session outlives its connection, in seconds (bounds 5.0 Session Expiry
     /// Intervals and 3.1/3.1.1 persistent sessions); `u32::MAX`: no bound.
     pub max_session_expiry: u32,
-    /// 5.0 Server Keep Alive: replaces the keepalive 5.0 clients ask for.
+    /// 5.0 Server Keep Alive: the longest keepalive a 5.0 client may use; one asking for more,
+    /// or for none, is told to use this.
     pub server_keep_alive: Option<u16>,
 }
 

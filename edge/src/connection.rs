@@ -297,7 +297,8 @@ struct Connection {
     /// connection's task instead of a map's 48 bytes).
     #[allow(clippy::box_collection)]
     topic_aliases: Option<Box<HashMap<u16, String>>>,
-    /// QoS 1/2 PUBLISHes not yet answered with PUBACK / PUBCOMP (5.0 Receive Maximum).
+    /// QoS 2 PUBLISHes whose PUBCOMP has not been sent (5.0 Receive Maximum, see
+    /// [`Connection::publish`]).
     inbound_unacked: u32,
     connection_id: u64,
     out: Outbound,
@@ -821,12 +822,17 @@ impl Connection {
             encode::pubrec(&mut self.out.write_buf, self.version, p.pkid, 0);
             return Ok(());
         }
-        if p.qos != Qos::AtMostOnce && self.version.is_v5() {
+        // The 5.0 Receive Maximum counts QoS 2 messages until their PUBCOMP, as the paho
+        // reference broker does. QoS 1 ones are acknowledged once stored, a few milliseconds
+        // later, and clients (the paho suite's among them) send more than the maximum before
+        // those PUBACKs come: their flow is bounded by reading no more from a client with
+        // `max_pending_persists` unanswered, not by closing it.
+        if p.qos == Qos::ExactlyOnce && self.version.is_v5() {
             self.inbound_unacked += 1;
             if self.inbound_unacked > u32::from(self.broker.config.limits.receive_maximum) {
                 return Err(SessionError::Refused {
                     reason: reason::RECEIVE_MAXIMUM_EXCEEDED,
-                    why: "more QoS 1/2 messages unacknowledged than the Receive Maximum",
+                    why: "more QoS 2 messages unreleased than the Receive Maximum",
                 });
             }
         }
@@ -839,16 +845,14 @@ impl Connection {
             metrics::counter!("wharf_edge_payload_format_invalid_total").increment(1);
             match p.qos {
                 Qos::AtMostOnce => {}
-                Qos::AtLeastOnce => {
-                    self.acknowledged(1);
-                    encode::puback(
-                        &mut self.out.write_buf,
-                        self.version,
-                        p.pkid,
-                        reason::PAYLOAD_FORMAT_INVALID,
-                    )
-                }
+                Qos::AtLeastOnce => encode::puback(
+                    &mut self.out.write_buf,
+                    self.version,
+                    p.pkid,
+                    reason::PAYLOAD_FORMAT_INVALID,
+                ),
                 Qos::ExactlyOnce => {
+                    // A failed PUBREC ends the QoS 2 flow.
                     self.acknowledged(1);
                     encode::pubrec(
                         &mut self.out.write_buf,
@@ -923,7 +927,7 @@ impl Connection {
         }
     }
 
-    /// QoS 1/2 PUBLISHes answered (PUBACK, or a QoS 2 flow completed or refused).
+    /// QoS 2 flows ended (PUBCOMP, or a refusing PUBREC).
     fn acknowledged(&mut self, n: usize) {
         if self.version.is_v5() {
             self.inbound_unacked = self.inbound_unacked.saturating_sub(n as u32);
@@ -1039,7 +1043,6 @@ impl Connection {
         match op {
             Op::PersistedMany { pkids, result } => match result {
                 Ok(Reply::Persisted) => {
-                    self.acknowledged(pkids.len());
                     for pkid in pkids {
                         encode::puback(&mut self.out.write_buf, self.version, pkid, 0);
                     }

@@ -402,6 +402,24 @@ async fn handle<S: Store>(
             Reply::Done
         }
         Request::Connect { client_id, .. } => {
+            // A session that expired while its client was away ends now, whether or not the
+            // sweep (`expire_sessions`) got to it: the client starts a new one.
+            let now = now_ms();
+            let expired = crate::pipeline::retry(limit, "session", || {
+                store.drop_expired_session(&client_id, now)
+            })
+            .await?;
+            if expired {
+                clear_session(store, limit, &client_id).await?;
+                let clear = PersistJob {
+                    job: Job::Clear {
+                        client_id: client_id.clone(),
+                    },
+                    reply: None,
+                };
+                let _ = shared.persist.send(clear).await;
+                metrics::counter!("wharf_worker_sessions_expired_total").increment(1);
+            }
             let held = crate::pipeline::retry(limit, "session", || {
                 store.open_session(&client_id, edge_host, now_ms())
             })

@@ -40,10 +40,20 @@ pub fn props(props: &[u8]) -> Vec<u8> {
     v
 }
 
-/// A 5.0 CONNECT with the properties `p` (a list of property bytes).
+/// A 5.0 CONNECT with the properties `p` (a list of property bytes), keepalive 60 s.
 pub fn connect(client_id: &str, clean_start: bool, p: &[u8]) -> Vec<u8> {
+    connect_keep_alive(client_id, clean_start, 60, p)
+}
+
+pub fn connect_keep_alive(
+    client_id: &str,
+    clean_start: bool,
+    keep_alive: u16,
+    p: &[u8],
+) -> Vec<u8> {
     let mut body = string("MQTT");
-    body.extend_from_slice(&[5, if clean_start { 2 } else { 0 }, 0, 60]);
+    body.extend_from_slice(&[5, if clean_start { 2 } else { 0 }]);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
     body.extend(props(p));
     body.extend(string(client_id));
     packet(0x10, &body)

@@ -371,7 +371,9 @@ fn limits() -> Limits {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connack_advertises_the_limits_and_assigns_an_id() {
     let stack = Stack::with_limits(Kind::Embedded, limits()).await;
-    let (_raw, connack) = Raw5::session(stack.addr(), &raw5::connect("", true, &[])).await;
+    // Keepalive 120 s: more than the server allows.
+    let (_raw, connack) =
+        Raw5::session(stack.addr(), &raw5::connect_keep_alive("", true, 120, &[])).await;
     let body = &connack.body;
     assert_eq!(body[0], 0, "no session present");
     let props = &body[3..];
@@ -425,7 +427,7 @@ async fn topic_aliases_from_the_client() {
 }
 
 /// The client's Receive Maximum bounds what is in flight to it, its Maximum Packet Size what
-/// is sent to it at all; ours closes a client that exceeds it with 0x93.
+/// is sent to it at all; ours closes a client that exceeds it with QoS 2 messages (0x93).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_in_both_directions() {
     let stack = Stack::with_limits(Kind::Embedded, limits()).await;
@@ -473,11 +475,11 @@ async fn flow_control_in_both_directions() {
         );
         sub.send(&raw5::puback(f.pkid())).await;
     }
-    // Three QoS 1 PUBLISHes at once against our Receive Maximum of 2.
+    // Three QoS 2 PUBLISHes unreleased against our Receive Maximum of 2.
     let (mut greedy, _) = Raw5::session(addr, &raw5::connect("greedy", true, &[])).await;
     let mut burst = Vec::new();
     for pkid in 1..=3u16 {
-        burst.extend(raw5::publish("flow/g", 1, pkid, &[], b"g"));
+        burst.extend(raw5::publish("flow/g", 2, pkid, &[], b"g"));
     }
     greedy.send(&burst).await;
     let frames = greedy.until_closed().await;

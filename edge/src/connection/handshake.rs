@@ -241,9 +241,12 @@ async fn start_session<W: AsyncWrite + Unpin>(
             }
         }
     };
-    // The server closes a client silent for 1.5 x its keepalive (MQTT 3.1.1, 3.1.2.10); a 5.0
-    // client uses the Server Keep Alive instead when the server sets one.
-    let server_keep_alive = limits.server_keep_alive.filter(|_| version.is_v5());
+    // The server closes a client silent for 1.5 x its keepalive (MQTT 3.1.1, 3.1.2.10). The
+    // Server Keep Alive is the longest a 5.0 client may keep: one that asks for more, or for
+    // none, is told to use it (as Mosquitto's max_keepalive does).
+    let server_keep_alive = limits
+        .server_keep_alive
+        .filter(|max| version.is_v5() && (connect.keep_alive == 0 || connect.keep_alive > *max));
     let keep_alive_secs = server_keep_alive.unwrap_or(connect.keep_alive);
     let keep_alive =
         (keep_alive_secs > 0).then(|| Duration::from_millis(keep_alive_secs as u64 * 1500));
