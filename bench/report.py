@@ -22,7 +22,7 @@ def med(items, key):
     values = [i[key] for i in items if key in i]
     return statistics.median(values) if values else None
 
-brokers = ["wharf", "mosquitto", "rumqttd"]
+brokers = ["wharf-base", "wharf", "wharf5", "mosquitto", "rumqttd"]
 load_metrics = [("msgs_per_sec", "msg/s", True), ("lost", "lost", False),
                 ("lost_by_id", "acknowledged, not received (by identity)", False),
                 ("duplicates", "duplicates", False), ("p50_us", "p50 µs", False),
@@ -91,7 +91,7 @@ try:
 except ImportError:
     print("\n(matplotlib not installed: no plots)")
     sys.exit(0)
-colors = {"wharf": "#1f77b4", "mosquitto": "#2ca02c", "rumqttd": "#ff7f0e"}
+colors = {"wharf-base": "#7f7f7f", "wharf": "#1f77b4", "wharf5": "#9467bd", "mosquitto": "#2ca02c", "rumqttd": "#ff7f0e"}
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 for ax, s in zip(axes, ["qos0", "qos1"]):
     present = [b for b in brokers if groups.get((s, b))]

@@ -9,6 +9,10 @@
 #   WARM=1 RUNS=5 DURATION=30 SCENARIOS="qos0 qos1x8to8" bench/run.sh   # sustained, warm
 #   BACKEND=mongo BROKERS=wharf WARM=1 RUNS=5 SCENARIOS="catchup1 qos1x8to1" bench/run.sh
 #   WHARF_EDGE_ARGS="--max-queued 1000000" WARM=1 RUNS=6 DURATION=2 SCENARIOS=qos0 bench/run.sh
+#   BROKERS="wharf wharf5" RUNS=5 SCENARIOS="qos1 lat1 qos1x8to8" bench/run.sh   # MQTT 5.0 A/B
+# The broker "wharf5" is Wharf loaded by MQTT 5.0 clients (every other broker by 3.1.1 ones);
+# "wharf-base" is Wharf from the binaries in $WHARF_BASELINE (another build, for an A/B):
+#   WHARF_BASELINE=/tmp/old-target/release BROKERS="wharf-base wharf wharf5" bench/run.sh
 # WARM=1 keeps one broker instance for all runs of a scenario (each run meets the data and the
 # state the earlier ones left, as a broker in service does); without it every run gets a fresh
 # broker. BACKEND=mongo stores Wharf's messages in MongoDB instead of the embedded store: on the
@@ -76,13 +80,15 @@ fi
 
 start() { # broker -> sets port and pids
   case "$1" in
-    wharf)
+    wharf|wharf5|wharf-base)
+      local bin=target/release
+      [ "$1" = wharf-base ] && bin="${WHARF_BASELINE:?WHARF_BASELINE names the baseline build}"
       rm -rf "$work/wharf" "$data/wharf"; mkdir -p "$work/wharf"
-      target/release/store-worker --socket "$work/wharf/w.sock" --data-dir "$data/wharf" --host bench "${store_args[@]}" 2>"$work/worker.log" &
+      "$bin/store-worker" --socket "$work/wharf/w.sock" --data-dir "$data/wharf" --host bench "${store_args[@]}" 2>"$work/worker.log" &
       local w=$!
       # One runtime thread for the edge (WHARF_EDGE_THREADS): on a 2-core machine shared with
       # the worker and the load generator it measured better than one per core (BENCHMARKS.md).
-      TOKIO_WORKER_THREADS="${WHARF_EDGE_THREADS:-1}" target/release/edge --listen 127.0.0.1:18851 --worker-socket "$work/wharf/w.sock" --host bench ${WHARF_EDGE_ARGS:-} 2>"$work/edge.log" &
+      TOKIO_WORKER_THREADS="${WHARF_EDGE_THREADS:-1}" "$bin/edge" --listen 127.0.0.1:18851 --worker-socket "$work/wharf/w.sock" --host bench ${WHARF_EDGE_ARGS:-} 2>"$work/edge.log" &
       pids="$w,$!"; port=18851
       # The MongoDB server's CPU is part of what each message costs.
       [ -n "$mongo_pid" ] && pids="$pids,$mongo_pid" ;;
@@ -101,8 +107,9 @@ start() { # broker -> sets port and pids
 }
 
 load() { # label scenario args...
-  local label=$1 scenario=$2; shift 2
-  "$bench" load --broker "127.0.0.1:$port" --label "$label" --scenario "$scenario" --pids "$pids" --duration "$DURATION" "$@" | tee -a "$out"
+  local label=$1 scenario=$2 mqtt=4; shift 2
+  [ "$label" = wharf5 ] && mqtt=5
+  "$bench" load --broker "127.0.0.1:$port" --label "$label" --scenario "$scenario" --pids "$pids" --duration "$DURATION" --mqtt "$mqtt" "$@" | tee -a "$out"
 }
 
 for broker in $BROKERS; do

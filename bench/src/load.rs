@@ -3,9 +3,9 @@
 //! Throughput counts what the subscribers received; loss is expected minus received, so a
 //! broker that drops cannot look fast.
 
+use crate::mqtt::{self, Client, EventLoop, Incoming, QoS};
 use crate::proc_stats;
 use clap::Args;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,6 +64,9 @@ pub struct LoadArgs {
     /// the last message).
     #[arg(long)]
     offline: bool,
+    /// MQTT version of every client: 4 (3.1.1) or 5 (5.0).
+    #[arg(long, default_value_t = 4)]
+    mqtt: u8,
 }
 
 fn qos(q: u8) -> QoS {
@@ -74,16 +77,20 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-fn options(args: &LoadArgs, id: String, broker: &str) -> anyhow::Result<MqttOptions> {
+fn options(args: &LoadArgs, id: String, broker: &str) -> anyhow::Result<mqtt::Options> {
     let (host, port) = broker
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("--broker needs host:port"))?;
-    let mut o = MqttOptions::new(id, host, port.parse()?);
-    o.set_keep_alive(Duration::from_secs(60));
-    o.set_clean_session(!args.offline);
-    o.set_inflight(args.inflight);
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    Ok(o)
+    anyhow::ensure!(matches!(args.mqtt, 4 | 5), "--mqtt is 4 or 5");
+    Ok(mqtt::Options {
+        version: args.mqtt,
+        id,
+        host: host.to_owned(),
+        port: port.parse()?,
+        clean: !args.offline,
+        inflight: args.inflight,
+        nagle: args.nagle,
+    })
 }
 
 struct Stats {
@@ -136,25 +143,14 @@ fn has(bits: &[Vec<u64>], publisher: usize, seq: u64) -> bool {
         .is_some_and(|w| w & (1 << (seq % 64)) != 0)
 }
 
-async fn connect(o: MqttOptions, nagle: bool) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
-    let (client, mut eventloop) = AsyncClient::new(o, 10_000);
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_tcp_nodelay(!nagle);
-    // A broker may take long to answer a returning session's CONNECT (it reads its backlog).
-    network.set_connection_timeout(60);
-    eventloop.set_network_options(network);
-    loop {
-        match eventloop.poll().await? {
-            Event::Incoming(Packet::ConnAck(_)) => return Ok((client, eventloop)),
-            _ => continue,
-        }
-    }
+async fn connect(o: mqtt::Options) -> anyhow::Result<(Client, EventLoop)> {
+    mqtt::connect(&o).await
 }
 
 /// A subscriber's receive loop: marks each message's identity and records its latency.
 fn receive(
-    client: AsyncClient,
-    mut eventloop: rumqttc::EventLoop,
+    client: Client,
+    mut eventloop: EventLoop,
     stats: Arc<Stats>,
     s: usize,
     epoch: Instant,
@@ -163,9 +159,9 @@ fn receive(
         let mut local = Vec::with_capacity(1 << 16);
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                Ok(Incoming::Publish(payload)) => {
                     let now = epoch.elapsed().as_nanos() as u64;
-                    let Some((sent, publisher, seq)) = read_stamp(&p.payload) else {
+                    let Some((sent, publisher, seq)) = read_stamp(&payload) else {
                         continue;
                     };
                     if !mark(&mut stats.seen[s].lock().expect("lock"), publisher, seq) {
@@ -192,12 +188,7 @@ fn receive(
 
 /// Fixed rate: one OS thread sends what is due for every publisher each `--tick-us` (tokio's
 /// timer has a 1 ms resolution). Returns how many were sent.
-fn pace(
-    clients: &[(AsyncClient, String)],
-    first: usize,
-    args: &LoadArgs,
-    epoch: Instant,
-) -> Vec<u64> {
+fn pace(clients: &[(Client, String)], first: usize, args: &LoadArgs, epoch: Instant) -> Vec<u64> {
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.duration);
     let tick = Duration::from_micros(args.tick_us.max(1));
@@ -216,8 +207,7 @@ fn pace(
             while *sent < due {
                 let now = epoch.elapsed().as_nanos() as u64;
                 stamp(&mut payload, now, (first + i) as u32, *sent);
-                let publish =
-                    client.try_publish(topic.clone(), qos(args.qos), false, payload.clone());
+                let publish = client.try_publish(topic.clone(), qos(args.qos), payload.clone());
                 if publish.is_err() {
                     // The client's queue is full: the broker is not keeping up; try next tick.
                     break;
@@ -260,13 +250,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         if args.offline {
             // Start from an empty session: nothing a previous run left queued.
             let mut clean = sub_options(s)?;
-            clean.set_clean_session(true);
-            drop(connect(clean, args.nagle).await?);
+            clean.clean = true;
+            drop(connect(clean).await?);
         }
-        let (client, mut eventloop) = connect(sub_options(s)?, args.nagle).await?;
+        let (client, mut eventloop) = connect(sub_options(s)?).await?;
         client.subscribe(filter, qos(args.qos)).await?;
         loop {
-            if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
+            if let Incoming::SubAck = eventloop.poll().await? {
                 break;
             }
         }
@@ -286,11 +276,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     let mut pub_tasks = Vec::new();
     let mut paced = Vec::new();
     for (p, acked) in acks.iter().enumerate() {
-        let (client, mut eventloop) = connect(
-            options(&args, format!("bench-pub-{p}"), &args.broker)?,
-            args.nagle,
-        )
-        .await?;
+        let (client, mut eventloop) =
+            connect(options(&args, format!("bench-pub-{p}"), &args.broker)?).await?;
         let topic = if args.topic_per_publisher {
             format!("bench/{p}")
         } else {
@@ -301,7 +288,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         let driver = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
+                    Ok(Incoming::Completed) => {
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(_) => {}
@@ -323,7 +310,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
                     let now = epoch.elapsed().as_nanos() as u64;
                     stamp(&mut payload, now, p as u32, sent);
                     if client
-                        .publish(topic.clone(), qos(args.qos), false, payload.clone())
+                        .publish(topic.clone(), qos(args.qos), payload.clone())
                         .await
                         .is_err()
                     {
@@ -342,7 +329,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         publishers.push((client, driver));
     }
     if !paced.is_empty() {
-        let clients: Vec<(AsyncClient, String)> = paced
+        let clients: Vec<(Client, String)> = paced
             .iter()
             .map(|(c, t, _)| (c.clone(), t.clone()))
             .collect();
@@ -365,7 +352,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         }
         back_ns = epoch.elapsed().as_nanos() as u64;
         for s in 0..args.subscribers {
-            let (client, eventloop) = connect(sub_options(s)?, args.nagle).await?;
+            let (client, eventloop) = connect(sub_options(s)?).await?;
             sub_tasks.push(receive(client, eventloop, stats.clone(), s, epoch));
         }
     }

@@ -12,6 +12,7 @@
 mod catchup;
 mod idle;
 mod load;
+mod mqtt;
 mod proc_stats;
 mod sync;
 
