@@ -623,3 +623,54 @@ async fn mqtt_3_1_clients_are_served() {
     assert_eq!(&connack.body[..], &[0u8, 2]);
     stack.stop().await;
 }
+
+/// Topic aliases to the client: the first topics it is sent get one (up to what it allows),
+/// and go by the alias alone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_aliases_to_the_client() {
+    let stack = Stack::new(Kind::Embedded).await;
+    let addr = stack.addr();
+    // Topic Alias Maximum 2.
+    let (mut sub, _) = Raw5::session(addr, &raw5::connect("oa-sub", true, &[0x22, 0, 2])).await;
+    sub.send(&raw5::subscribe(1, &[], &[("oa/#", 0)])).await;
+    assert_eq!(sub.recv().await.map(|f| f.kind()), Some(9));
+    let mut publisher = Client5::connect(options(addr, "oa-pub", true, None)).await;
+    for topic in ["oa/1", "oa/2", "oa/3", "oa/1", "oa/2"] {
+        publisher
+            .publish_acked(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                topic,
+                PublishProperties::default(),
+            )
+            .await;
+    }
+    // (topic written, alias, payload): the payload names the real topic.
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let f = sub.recv().await.expect("a PUBLISH");
+        let (topic, payload) = f.topic_and_payload(true);
+        let len = u16::from_be_bytes([f.body[0], f.body[1]]) as usize;
+        let props = &f.body[2 + len + 1..2 + len + 1 + f.body[2 + len] as usize];
+        let alias = match props {
+            [0x23, hi, lo] => Some(u16::from_be_bytes([*hi, *lo])),
+            [] => None,
+            other => panic!("unexpected properties {other:?}"),
+        };
+        got.push((topic, alias, String::from_utf8(payload).expect("utf-8")));
+    }
+    let expected = [
+        ("oa/1", Some(1), "oa/1"),
+        ("oa/2", Some(2), "oa/2"),
+        ("oa/3", None, "oa/3"),
+        ("", Some(1), "oa/1"),
+        ("", Some(2), "oa/2"),
+    ];
+    let got: Vec<(&str, Option<u16>, &str)> = got
+        .iter()
+        .map(|(t, a, p)| (t.as_str(), *a, p.as_str()))
+        .collect();
+    assert_eq!(got, expected);
+    stack.stop().await;
+}

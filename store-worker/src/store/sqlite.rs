@@ -969,6 +969,123 @@ mod tests {
         }
     }
 
+    /// The tables of a version 6 file that version 7 changed.
+    const SCHEMA_V6_CHANGED: &str = "
+        CREATE TABLE subscription (
+            client_id TEXT NOT NULL, topic TEXT NOT NULL, qos INTEGER NOT NULL,
+            created INTEGER NOT NULL, PRIMARY KEY (client_id, topic)
+        ) WITHOUT ROWID;
+        CREATE TABLE session (
+            client_id TEXT PRIMARY KEY, host TEXT NOT NULL, created INTEGER NOT NULL,
+            updated INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE retained (
+            topic TEXT PRIMARY KEY, id BLOB NOT NULL, data BLOB NOT NULL, client_id TEXT NOT NULL,
+            qos INTEGER NOT NULL, created INTEGER NOT NULL, host TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE message_block (
+            seq INTEGER PRIMARY KEY, oldest INTEGER NOT NULL, newest INTEGER NOT NULL,
+            data BLOB NOT NULL
+        );
+        PRAGMA user_version = 6;";
+
+    /// A version 6 file (before MQTT 5.0) keeps its subscriptions, sessions, retained values
+    /// and message blocks, and takes 5.0 ones from then on.
+    #[tokio::test]
+    async fn a_version_6_file_gains_the_5_0_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().expect("dir");
+        let old = message(1);
+        {
+            let c = Connection::open(dir.path().join("wharf.db")).expect("open v6");
+            c.execute_batch(SCHEMA_V6_CHANGED).expect("v6 schema");
+            c.execute_batch(
+                "INSERT INTO subscription VALUES ('c', 'a/#', 1, 5);
+                 INSERT INTO session VALUES ('c', 'h', 5, 5);
+                 INSERT INTO retained VALUES ('r', x'000000000000000000000001', x'01', 'p', 1, 5, 'h');",
+            )
+            .expect("v6 rows");
+            // A block as version 6 wrote it: bincode of messages without properties.
+            let block = wharf_shared::codec::encode_body(&vec![(
+                old.id,
+                old.topic.clone(),
+                old.payload.clone(),
+                old.qos,
+                old.retain,
+                old.client_id.clone(),
+                old.host.clone(),
+                old.created_ms,
+            )])
+            .expect("encode");
+            c.execute(
+                "INSERT INTO message_block (oldest, newest, data) VALUES (?1, ?1, ?2)",
+                params![old.created_ms, block],
+            )
+            .expect("v6 block");
+        }
+        let store = SqliteStore::open(dir.path()).expect("open");
+        assert_eq!(read_i64(&store, "PRAGMA user_version"), SCHEMA_VERSION);
+        let subs = store.subscriptions("c").await.expect("subscriptions");
+        assert_eq!(
+            (subs[0].filter.as_str(), subs[0].options),
+            ("a/#", SubscriptionOptions::default())
+        );
+        assert!(store.open_session("c", "h", 6).await.expect("session"));
+        assert_eq!(
+            store.retained(None).await.expect("retained")[0].properties,
+            None
+        );
+        let mut new = message(2);
+        new.properties = Some(Box::new(wharf_shared::Properties {
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        }));
+        new.retain = true;
+        let batch = WriteBatch {
+            messages: vec![new.clone()],
+            ..WriteBatch::default()
+        };
+        store.write(Arc::new(batch)).await.expect("write");
+        let stored = store
+            .messages_after(Cursor::since(0), None, 10)
+            .await
+            .expect("read");
+        assert_eq!(stored, vec![old, new.clone()]);
+        let retained = store.retained(None).await.expect("retained");
+        assert!(retained.contains(&new), "{retained:?}");
+        let options = SubscriptionOptions {
+            no_local: true,
+            retain_as_published: false,
+            identifier: Some(7),
+        };
+        store
+            .upsert_subscriptions(
+                "c",
+                vec![Subscription {
+                    filter: "a/#".into(),
+                    qos: Qos::ExactlyOnce,
+                    options,
+                }],
+                7,
+            )
+            .await
+            .expect("upsert");
+        assert_eq!(
+            store.subscriptions("c").await.expect("subs")[0].options,
+            options
+        );
+        store.close_session("c", Some(8)).await.expect("close");
+        assert_eq!(
+            store.expired_sessions(7).await.expect("expired"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            store.expired_sessions(8).await.expect("expired"),
+            vec!["c".to_owned()]
+        );
+        assert!(store.drop_expired_session("c", 8).await.expect("drop"));
+        assert!(!store.drop_expired_session("c", 8).await.expect("drop"));
+    }
+
     fn delivery(client_id: &str, id: MessageId, created_ms: i64) -> Deliveries {
         Deliveries {
             client_id: client_id.into(),
