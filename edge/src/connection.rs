@@ -944,19 +944,29 @@ impl Connection {
         let mut codes = Vec::with_capacity(filters.len());
         let mut accepted = Vec::new();
         let mut retained_for = Vec::new();
+        let mut groups = Vec::new();
         for f in filters {
-            if v5 && f.filter.starts_with("$share/") {
-                // Shared subscriptions are not served yet, and CONNACK says so.
-                codes.push(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
-                continue;
-            }
-            if !topic::valid_filter(&f.filter) {
+            let shared = topic::shared(&f.filter);
+            let valid = match shared {
+                Some(_) => topic::valid_shared(&f.filter),
+                None => topic::valid_filter(&f.filter),
+            };
+            if !valid {
                 codes.push(if v5 {
                     reason::TOPIC_FILTER_INVALID
                 } else {
                     0x80
                 });
                 continue;
+            }
+            if let Some((_, inner)) = shared {
+                if f.no_local {
+                    return Err(SessionError::Refused {
+                        reason: reason::PROTOCOL_ERROR,
+                        why: "No Local on a shared subscription",
+                    });
+                }
+                groups.push((f.filter.clone(), inner.to_owned()));
             }
             let grant = Grant::with(f.qos, f.options(identifier));
             codes.push(f.qos.as_u8());
@@ -969,11 +979,27 @@ impl Connection {
             self.broker
                 .router
                 .subscribe(&self.out.state.client_id, &f.filter, grant);
-            // Retain Handling: 0 always, 1 for a new subscription only, 2 never.
-            if f.retain_handling == 0 || (f.retain_handling == 1 && !existed) {
+            // Retain Handling: 0 always, 1 for a new subscription only, 2 never; a shared
+            // subscription gets no retained messages (MQTT 5.0 4.8.2).
+            let retained = f.retain_handling == 0 || (f.retain_handling == 1 && !existed);
+            if retained && shared.is_none() {
                 retained_for.push((f.filter.clone(), grant));
             }
             accepted.push((f.filter, grant));
+        }
+        for (key, inner) in groups {
+            // The group is a session of its own in the store (client id: its key), subscribed
+            // to the filter: what it owes its members is stored, recorded and fetched as a
+            // session's is. Made once; a later member's request changes nothing.
+            let request = Request::Subscribe {
+                client_id: key,
+                subscriptions: vec![wharf_shared::Subscription {
+                    filter: inner,
+                    qos: Qos::ExactlyOnce,
+                    options: Default::default(),
+                }],
+            };
+            drop(self.broker.link.request(request, Policy::Hold).await?);
         }
         let rx = if accepted.is_empty() {
             Ok(None)
@@ -1107,6 +1133,21 @@ impl Connection {
         }
     }
 
+    /// Gives the shared-subscription deliveries this connection did not complete back to their
+    /// groups, to go to another member (fetched again from the store). A takeover keeps those
+    /// in flight: the new connection re-sends them.
+    fn return_group_deliveries(&mut self, taken_over: bool) {
+        let mut returned = self.out.take_group_deliveries(!taken_over);
+        while let Some(d) = self.out.session_tx.try_pop() {
+            if d.group.is_some() {
+                returned.push(d);
+            }
+        }
+        for d in &returned {
+            self.broker.router.group_returned(d);
+        }
+    }
+
     /// Ends the session: unregister, hand over or park the state, send the will if owed.
     /// `takeover_rx` outlives the run loop so that a connection claiming the client id while
     /// this one is ending still gets the session state.
@@ -1116,6 +1157,7 @@ impl Connection {
         self.broker
             .router
             .detach(&client_id, self.connection_id, &filters);
+        self.return_group_deliveries(matches!(end, End::TakenOver(_)));
         if let Some(waiting) = self.flush_delivered() {
             waiting.await;
         }
@@ -1148,6 +1190,26 @@ impl Connection {
                     self.session_expiry,
                 ) {
                     Released::Done => {
+                        if !persistent {
+                            // The session ends: it leaves its shared subscription groups (the
+                            // worker drops a group's own session with its last member).
+                            let shared: Vec<String> = filters
+                                .iter()
+                                .filter(|f| topic::shared(f).is_some())
+                                .cloned()
+                                .collect();
+                            if !shared.is_empty() {
+                                let request = Request::Unsubscribe {
+                                    client_id: client_id.to_string(),
+                                    filters: shared,
+                                };
+                                if let Ok(rx) =
+                                    self.broker.link.request(request, Policy::Hold).await
+                                {
+                                    drop(rx);
+                                }
+                            }
+                        }
                         let request = Request::Disconnect {
                             client_id: client_id.to_string(),
                             session_expiry: self.session_expiry,

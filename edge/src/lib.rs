@@ -9,8 +9,11 @@
 //! - [`connection`]: one task per client: CONNECT phase, the `select!` loop, teardown.
 //! - [`session`]: protocol state of a session (inflight window, packet ids, QoS 2), version
 //!   independent.
-//! - [`protocol`]: packets as the session sees them; `protocol::v4` is MQTT 3.1.1 framing.
-//! - [`router`]: subscription trie and per-session bounded queues (the local fast path).
+//! - [`protocol`]: packets as the session sees them, for MQTT 3.1, 3.1.1 and 5.0: decoding,
+//!   encoding, and every difference between the versions.
+//! - [`router`]: subscription trie, shared subscription groups and per-session bounded queues
+//!   (the local fast path).
+//! - [`groups`]: fetches what shared subscription groups are owed from the store.
 //! - [`keepalive`]: one sweep over all sessions instead of a timer per connection.
 //! - [`registry`]: client id -> connection or parked persistent session; takeover.
 //! - [`link`]: the store-worker socket: requests, replies, reconnects, held persists.
@@ -23,6 +26,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod groups;
 pub mod ids;
 pub mod keepalive;
 pub mod link;

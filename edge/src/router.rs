@@ -5,12 +5,12 @@
 //! its overlapping subscriptions) and offers the message to each session's bounded queue
 //! without waiting: a full queue never slows the publisher (see [`Offer`]).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
-use wharf_shared::{Message, Qos, Subscription, SubscriptionOptions};
+use wharf_shared::{topic, Message, MessageId, Qos, Subscription, SubscriptionOptions};
 
 /// A message on its way to one session, at the QoS that session gets.
 #[derive(Debug, Clone)]
@@ -23,6 +23,10 @@ pub struct Delivery {
     /// 5.0 Subscription Identifiers of the subscriptions it matched (empty: none, and no
     /// allocation).
     pub subscription_ids: Box<[u32]>,
+    /// The shared subscription group (`$share/{name}/{filter}`) it was given to this session
+    /// for: its delivery is recorded for the group, and goes back to the group if this session
+    /// ends before acknowledging it.
+    pub group: Option<Arc<str>>,
 }
 
 impl Delivery {
@@ -32,6 +36,7 @@ impl Delivery {
             qos,
             retain,
             subscription_ids: Box::default(),
+            group: None,
         }
     }
 }
@@ -108,7 +113,37 @@ pub fn combine(message: &Arc<Message>, grants: impl Iterator<Item = Grant>) -> O
         qos,
         retain,
         subscription_ids: ids.into_boxed_slice(),
+        group: None,
     })
+}
+
+/// A shared subscription group with members on this edge. Each message on its filter goes to
+/// one member (round robin, skipping members whose queue is full); a QoS 1/2 message that no
+/// member can take now, or that a member gave back unacknowledged, is fetched again from the
+/// store, where the group is a session of its own (client id: the group's key), by the edge's
+/// group task ([`crate::groups`]).
+struct Group {
+    filter: String,
+    members: Vec<(Arc<str>, Grant)>,
+    next: AtomicUsize,
+    /// `created_ms` of the oldest QoS 1/2 message the group still owes from the store
+    /// ([`NOT_LAGGING`] if none).
+    lagging_since: AtomicI64,
+    /// New on this edge: what the store holds for it is to be fetched.
+    fresh: AtomicBool,
+    /// QoS 1/2 messages given to a member and not yet acknowledged and recorded: a fetch
+    /// does not give them out again.
+    outstanding: Mutex<HashSet<MessageId>>,
+}
+
+impl Group {
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashSet<MessageId>> {
+        self.outstanding.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lag(&self, created_ms: i64) {
+        self.lagging_since.fetch_min(created_ms, Ordering::AcqRel);
+    }
 }
 
 /// A queue above this many slots is given back when it empties, so that a burst does not
@@ -361,6 +396,45 @@ const STACK_LEVELS: usize = 16;
 struct Inner {
     root: Node,
     sessions: HashMap<Arc<str>, Arc<SessionTx>>,
+    /// Shared subscription groups, by key (`$share/{name}/{filter}`).
+    groups: HashMap<Arc<str>, Group>,
+}
+
+impl Inner {
+    /// Gives `message` to one member of `group`; false when none could take it.
+    fn give(&self, key: &Arc<str>, group: &Group, message: &Arc<Message>) -> bool {
+        let n = group.members.len();
+        let start = group.next.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let (client, grant) = &group.members[(start + k) % n];
+            let Some(session) = self.sessions.get(client) else {
+                continue;
+            };
+            let qos = grant.qos.min(message.qos);
+            let delivery = Delivery {
+                message: message.clone(),
+                qos,
+                retain: grant.retain_as_published && message.retain,
+                subscription_ids: if grant.identifier == 0 {
+                    Box::default()
+                } else {
+                    Box::new([grant.identifier])
+                },
+                group: Some(key.clone()),
+            };
+            if qos != Qos::AtMostOnce {
+                group.outstanding().insert(message.id);
+            }
+            match session.offer(delivery) {
+                Ok(()) => return true,
+                Err(_) if qos != Qos::AtMostOnce => {
+                    group.outstanding().remove(&message.id);
+                }
+                Err(_) => {}
+            }
+        }
+        false
+    }
 }
 
 /// Subscriptions and queues of the sessions connected to this edge.
@@ -402,19 +476,130 @@ impl Router {
         }
         inner.sessions.remove(client);
         for filter in filters {
+            if topic::shared(filter).is_some() {
+                Self::leave(&mut inner, filter, client);
+                continue;
+            }
             let levels: Vec<&str> = filter.split('/').collect();
             inner.root.remove(&levels, client);
         }
     }
 
+    fn leave(inner: &mut Inner, key: &str, client: &str) -> bool {
+        let Some(group) = inner.groups.get_mut(key) else {
+            return false;
+        };
+        let before = group.members.len();
+        group.members.retain(|(c, _)| &**c != client);
+        let left = group.members.len() < before;
+        if group.members.is_empty() {
+            inner.groups.remove(key);
+        }
+        left
+    }
+
+    /// Subscribes a session; a `$share/{name}/{filter}` filter makes it a member of that
+    /// group (joining a group new on this edge marks its stored backlog to be fetched).
     pub fn subscribe(&self, client: &Arc<str>, filter: &str, grant: Grant) {
+        if let Some((_, inner_filter)) = topic::shared(filter) {
+            let mut inner = self.write();
+            let group = inner.groups.entry(filter.into()).or_insert_with(|| Group {
+                filter: inner_filter.to_owned(),
+                members: Vec::new(),
+                next: AtomicUsize::new(0),
+                lagging_since: AtomicI64::new(NOT_LAGGING),
+                fresh: AtomicBool::new(true),
+                outstanding: Mutex::default(),
+            });
+            match group.members.iter_mut().find(|(c, _)| c == client) {
+                Some(member) => member.1 = grant,
+                None => group.members.push((client.clone(), grant)),
+            }
+            return;
+        }
         let levels: Vec<&str> = filter.split('/').collect();
         self.write().root.insert(&levels, client.clone(), grant);
     }
 
     pub fn unsubscribe(&self, client: &str, filter: &str) -> bool {
+        if topic::shared(filter).is_some() {
+            return Self::leave(&mut self.write(), filter, client);
+        }
         let levels: Vec<&str> = filter.split('/').collect();
         self.write().root.remove(&levels, client)
+    }
+
+    /// A group delivery a member gave back (its session ended, or its connection did, before
+    /// the acknowledgement): the group fetches it again from the store for another member.
+    pub fn group_returned(&self, delivery: &Delivery) {
+        let Some(key) = &delivery.group else {
+            return;
+        };
+        if delivery.qos == Qos::AtMostOnce {
+            return;
+        }
+        let inner = self.read();
+        if let Some(group) = inner.groups.get(key) {
+            group.outstanding().remove(&delivery.message.id);
+            group.lag(delivery.message.created_ms);
+        }
+    }
+
+    /// Group deliveries acknowledged, whose records are on their way to the store.
+    pub fn group_done(&self, key: &str, ids: impl Iterator<Item = MessageId>) {
+        let inner = self.read();
+        if let Some(group) = inner.groups.get(key) {
+            let mut outstanding = group.outstanding();
+            for id in ids {
+                outstanding.remove(&id);
+            }
+        }
+    }
+
+    /// The groups whose stored messages are to be fetched, and from when (`None`: all it
+    /// holds, for a group new on this edge); the markers are taken.
+    pub fn group_fetches(&self) -> Vec<(Arc<str>, Option<i64>)> {
+        let inner = self.read();
+        let mut due = Vec::new();
+        for (key, group) in &inner.groups {
+            if group.fresh.swap(false, Ordering::AcqRel) {
+                group.lagging_since.store(NOT_LAGGING, Ordering::Release);
+                due.push((key.clone(), None));
+            } else {
+                match group.lagging_since.swap(NOT_LAGGING, Ordering::AcqRel) {
+                    NOT_LAGGING => {}
+                    since => due.push((key.clone(), Some(since))),
+                }
+            }
+        }
+        due
+    }
+
+    /// Messages of a group fetched from the store, oldest first: each goes to a member unless
+    /// one has it already. Stops at the first that no member can take and returns its creation
+    /// time (the group fetches again from there); `None` when all were given out or the group
+    /// is gone from this edge.
+    pub fn give_fetched(&self, key: &Arc<str>, messages: Vec<Message>) -> Option<i64> {
+        let inner = self.read();
+        let group = inner.groups.get(key)?;
+        for message in messages {
+            if group.outstanding().contains(&message.id) {
+                continue;
+            }
+            let created_ms = message.created_ms;
+            if !inner.give(key, group, &Arc::new(message)) {
+                group.lag(created_ms);
+                return Some(created_ms);
+            }
+        }
+        None
+    }
+
+    /// Marks a group to be fetched again from `since` (a fetch failed).
+    pub fn group_lag(&self, key: &str, since: i64) {
+        if let Some(group) = self.read().groups.get(key) {
+            group.lag(since);
+        }
     }
 
     /// Offers `message` to every connected session subscribed to its topic.
@@ -477,6 +662,20 @@ impl Router {
                     session.defer(&d.message);
                     offer.deferred += 1;
                 }
+            }
+        }
+        for (key, group) in &inner.groups {
+            if !topic::matches(&message.topic, &group.filter) {
+                continue;
+            }
+            if inner.give(key, group, message) {
+                offer.queued += 1;
+            } else if message.qos == Qos::AtMostOnce {
+                offer.dropped += 1;
+            } else {
+                // Fetched from the store once a member has room.
+                group.lag(message.created_ms);
+                offer.deferred += 1;
             }
         }
         offer
@@ -563,6 +762,42 @@ mod tests {
             let exact = router.route(&message(&topic, Qos::AtMostOnce));
             assert_eq!(exact.queued, 1, "{levels} levels");
         }
+    }
+
+    #[test]
+    fn a_shared_group_gives_each_message_to_one_member_with_room() {
+        let router = Router::default();
+        let (a, rx_a) = session(&router, "a", 1);
+        let (b, rx_b) = session(&router, "b", 8);
+        router.subscribe(&a, "$share/g/s/#", Grant::qos(Qos::AtLeastOnce));
+        router.subscribe(&b, "$share/g/s/#", Grant::qos(Qos::AtLeastOnce));
+        assert_eq!(
+            router.group_fetches().len(),
+            1,
+            "a new group fetches its backlog"
+        );
+        for _ in 0..4 {
+            assert_eq!(router.route(&message("s/x", Qos::AtLeastOnce)).queued, 1);
+        }
+        // "a" took one (its queue holds one); "b" the rest, each once.
+        let (from_a, from_b) = (
+            std::iter::from_fn(|| rx_a.try_pop()).count(),
+            std::iter::from_fn(|| rx_b.try_pop()).collect::<Vec<_>>(),
+        );
+        assert_eq!((from_a, from_b.len()), (1, 3));
+        assert!(from_b
+            .iter()
+            .all(|d| d.group.as_deref() == Some("$share/g/s/#")));
+        // Nobody with room: the group marks where to fetch from.
+        router.unsubscribe("b", "$share/g/s/#");
+        assert_eq!(router.route(&message("s/x", Qos::AtLeastOnce)).queued, 1);
+        assert_eq!(router.route(&message("s/x", Qos::AtLeastOnce)).deferred, 1);
+        assert_eq!(
+            router.group_fetches(),
+            vec![("$share/g/s/#".into(), Some(1))]
+        );
+        router.unsubscribe("a", "$share/g/s/#");
+        assert!(router.read().groups.is_empty());
     }
 
     #[test]

@@ -200,6 +200,7 @@ async fn run(
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let broker = Arc::new(Broker::new(config, link));
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
+    tokio::spawn(crate::groups::fetch_loop(broker.clone(), shutdown.clone()));
     let sweeper = tokio::spawn({
         let (broker, shutdown) = (broker.clone(), shutdown.clone());
         async move { keepalive::sweep(&broker.router, &broker.registry, &shutdown).await }

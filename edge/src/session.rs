@@ -226,6 +226,24 @@ impl SessionState {
         }
     }
 
+    /// Takes the shared-subscription deliveries this session has not completed and that the
+    /// client has not received for certain: QoS 1 and QoS 2 before PUBREC. They go back to
+    /// their group when the connection ends (a QoS 2 message past PUBREC is delivered, and
+    /// its release stays with the session).
+    pub fn take_group_unacked(&mut self) -> Vec<Delivery> {
+        let pkids: Vec<u16> = self
+            .in_order()
+            .filter(|(_, i)| {
+                i.delivery.group.is_some() && matches!(i.stage, Stage::Published | Stage::Tracking)
+            })
+            .map(|(pkid, _)| pkid)
+            .collect();
+        pkids
+            .into_iter()
+            .filter_map(|pkid| self.inflight.remove(&pkid).map(|i| i.delivery))
+            .collect()
+    }
+
     /// A 5.0 PUBREC with a failure reason: the client refused the QoS 2 message, which ends
     /// its delivery (MQTT 5.0 4.3.3). Returns it if it was one in flight.
     pub fn pubrec_refused(&mut self, pkid: u16) -> Option<Delivery> {
@@ -319,6 +337,7 @@ mod tests {
             qos,
             retain: false,
             subscription_ids: Box::default(),
+            group: None,
         }
     }
 

@@ -26,6 +26,24 @@ pub fn valid_filter(filter: &str) -> bool {
     })
 }
 
+/// A shared subscription's filter, `$share/{ShareName}/{filter}` (MQTT 5.0 4.8.2, also served
+/// to 3.1/3.1.1 clients): the share name and the filter. `None` for any other filter.
+pub fn shared(filter: &str) -> Option<(&str, &str)> {
+    let rest = filter.strip_prefix("$share/")?;
+    rest.split_once('/')
+}
+
+/// Whether a `$share/...` filter is well formed: a share name without `/`, `+` or `#`, and a
+/// valid filter after it.
+pub fn valid_shared(filter: &str) -> bool {
+    match shared(filter) {
+        Some((name, inner)) => {
+            !name.is_empty() && !name.contains(['+', '#']) && valid_filter(inner)
+        }
+        None => false,
+    }
+}
+
 /// Whether `topic` (a valid topic name) matches `filter` (a valid filter). Topics that start
 /// with `$` are not matched by a filter starting with a wildcard (4.7.2).
 pub fn matches(topic: &str, filter: &str) -> bool {
@@ -48,6 +66,24 @@ pub fn matches(topic: &str, filter: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_filters_name_their_group_and_filter() {
+        assert_eq!(shared("$share/g/a/#"), Some(("g", "a/#")));
+        assert_eq!(shared("a/#"), None);
+        assert!(valid_shared("$share/g/+"));
+        for bad in [
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "$share/g/a/#/b",
+            "$share/#/a",
+        ] {
+            assert!(!valid_shared(bad), "{bad}");
+        }
+        // A shared filter never matches a topic itself: sessions' catch-ups leave it alone.
+        assert!(!matches("a/b", "$share/g/a/b"));
+    }
 
     #[test]
     fn filters_are_validated() {

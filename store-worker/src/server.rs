@@ -286,6 +286,29 @@ pub async fn clear_session<S: Store>(
     crate::pipeline::retry(limit, "clear session", || store.drop_session(client_id)).await
 }
 
+/// A shared subscription group's own session (client id: the group's `$share/...` key) ends
+/// with its last member: of `filters`, a member's subscriptions just removed, the groups that
+/// no client subscribes to any more lose their subscription (their records expire with their
+/// TTL).
+pub async fn leave_groups<S: Store>(
+    store: &S,
+    limit: std::time::Duration,
+    filters: &[String],
+) -> Result<(), StoreError> {
+    for key in filters
+        .iter()
+        .filter(|f| wharf_shared::topic::shared(f).is_some())
+    {
+        let members =
+            crate::pipeline::retry(limit, "group members", || store.has_subscribers(key)).await?;
+        if !members {
+            crate::pipeline::retry(limit, "group", || store.remove_subscriptions(key, None))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// When a session whose client left now expires (`None`: never).
 fn expiry_time(now_ms: i64, session_expiry: u32) -> Option<i64> {
     (session_expiry != u32::MAX).then(|| now_ms + i64::from(session_expiry) * 1000)
@@ -476,6 +499,7 @@ async fn handle<S: Store>(
                 store.remove_subscriptions(&client_id, Some(filters.clone()))
             })
             .await?;
+            leave_groups(store, limit, &filters).await?;
             Reply::Done
         }
         Request::CatchUp {

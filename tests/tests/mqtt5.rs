@@ -387,9 +387,8 @@ async fn connack_advertises_the_limits_and_assigns_an_id() {
     let at = find(0x12).expect("assigned client id");
     let len = u16::from_be_bytes([props[at + 1], props[at + 2]]) as usize;
     assert!(len > 0);
-    // Shared subscriptions are not served yet, and CONNACK says so.
-    let at = find(0x2a).expect("shared subscription available");
-    assert_eq!(props[at + 1], 0);
+    // Shared subscriptions are served: Shared Subscription Available keeps its default (1).
+    assert_eq!(find(0x2a), None);
     stack.stop().await;
 }
 
@@ -502,19 +501,19 @@ async fn reason_codes() {
     assert_eq!((connack.kind(), connack.reason()), (2, 0x8c));
 
     let (mut a, _) = Raw5::session(addr, &raw5::connect("codes", true, &[])).await;
-    // UNSUBSCRIBE of a filter never subscribed: 0x11; an invalid filter: 0x8F; a shared one
-    // (not served yet): 0x9E.
+    // An invalid filter, and an invalid shared one: 0x8F.
     a.send(&raw5::subscribe(
         1,
         &[],
-        &[("c/#", 1), ("c/#/x", 1), ("$share/g/c", 1)],
+        &[("c/#", 1), ("c/#/x", 1), ("$share/g+/c", 1)],
     ))
     .await;
     let suback = a.recv().await.expect("SUBACK");
     assert_eq!(
         (suback.kind(), &suback.body[2..]),
-        (9, &[0u8, 1, 0x8f, 0x9e][..])
+        (9, &[0u8, 1, 0x8f, 0x8f][..])
     );
+    // UNSUBSCRIBE of a filter never subscribed: 0x11.
     a.send(&raw5::unsubscribe(2, &["c/#", "nothing"])).await;
     let unsuback = a.recv().await.expect("UNSUBACK");
     assert_eq!(
@@ -673,4 +672,171 @@ async fn topic_aliases_to_the_client() {
         .collect();
     assert_eq!(got, expected);
     stack.stop().await;
+}
+
+/// Everything the clients receive until `n` distinct payloads came (or 20 s), by client;
+/// fails on a payload that two of them (or one twice) got.
+async fn gather(
+    members: &mut [Client5],
+    v311: &mut wharf_tests::client::Client,
+    n: usize,
+) -> Vec<Vec<String>> {
+    let mut by_member = vec![Vec::new(); members.len() + 1];
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < n && tokio::time::Instant::now() < deadline {
+        let mut got = Vec::new();
+        for (i, m) in members.iter_mut().enumerate() {
+            while let Some(p) = m.publish_within(Duration::from_millis(20)).await {
+                got.push((i, p.payload.to_vec()));
+            }
+        }
+        while let Some(p) = v311.publish_within(Duration::from_millis(20)).await {
+            got.push((members.len(), p.payload.to_vec()));
+        }
+        for (i, payload) in got {
+            let payload = String::from_utf8(payload).expect("utf-8");
+            assert!(
+                seen.insert(payload.clone()),
+                "{payload} delivered twice in the group"
+            );
+            by_member[i].push(payload);
+        }
+    }
+    assert_eq!(seen.len(), n, "messages given to the group: {by_member:?}");
+    by_member
+}
+
+/// `$share/{group}/{filter}`: each message goes to exactly one member (a 3.1.1 member too),
+/// while an ordinary subscription to the same filter gets every message.
+async fn shared_subscription_gives_each_message_to_one_member(kind: Kind) {
+    let stack = Stack::new(kind).await;
+    let addr = stack.addr();
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let mut m = Client5::connect(options(addr, &format!("member-{i}"), true, None)).await;
+        let codes = m
+            .subscribe(vec![Filter::new("$share/g/s/#", QoS::AtLeastOnce)], None)
+            .await;
+        assert_eq!(format!("{codes:?}"), "[Success(AtLeastOnce)]");
+        members.push(m);
+    }
+    let mut v311 = wharf_tests::client::Client::connect(addr, "member-311", true).await;
+    v311.subscribe("$share/g/s/#", rumqttc::QoS::AtLeastOnce)
+        .await;
+    let mut everything = Client5::connect(options(addr, "everything", true, None)).await;
+    everything.subscribe_one("s/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client5::connect(options(addr, "share-pub", true, None)).await;
+    let n = 300;
+    for i in 0..n {
+        publisher
+            .publish_acked(
+                &format!("s/{}", i % 7),
+                QoS::AtLeastOnce,
+                false,
+                format!("m{i}"),
+                PublishProperties::default(),
+            )
+            .await;
+    }
+    let by_member = gather(&mut members, &mut v311, n).await;
+    for (i, got) in by_member.iter().enumerate() {
+        assert!(got.len() >= n / 8, "member {i} got {} of {n}", got.len());
+    }
+    let mut all = std::collections::HashSet::new();
+    while all.len() < n {
+        let p = everything.next_publish().await;
+        all.insert(p.payload.to_vec());
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_gives_each_message_to_one_member_embedded() {
+    shared_subscription_gives_each_message_to_one_member(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_gives_each_message_to_one_member_mongo() {
+    shared_subscription_gives_each_message_to_one_member(Kind::Mongo).await;
+}
+
+/// A member that leaves without acknowledging passes what it held to another member; a group
+/// whose members are all away (persistent sessions) keeps its messages in the store, across a
+/// restart of edge and worker, for the first member back.
+async fn a_shared_group_loses_nothing(kind: Kind) {
+    let mut stack = Stack::new(kind).await;
+    let addr = stack.addr();
+    // A member that never acknowledges (Receive Maximum 50), and one that does.
+    let (mut silent, _) = Raw5::session(addr, &raw5::connect("silent", true, &[0x21, 0, 50])).await;
+    silent
+        .send(&raw5::subscribe(1, &[], &[("$share/q/w/#", 1)]))
+        .await;
+    assert_eq!(silent.recv().await.map(|f| f.kind()), Some(9));
+    let mut worker = Client5::connect(options(addr, "worker", true, Some(600))).await;
+    worker.subscribe_one("$share/q/w/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client5::connect(options(addr, "q-pub", true, None)).await;
+    let n = 40;
+    for i in 0..n {
+        publisher
+            .publish_acked(
+                "w/job",
+                QoS::AtLeastOnce,
+                false,
+                format!("job{i}"),
+                PublishProperties::default(),
+            )
+            .await;
+    }
+    // The silent member got its share, unacknowledged; then it goes.
+    let mut held = 0;
+    while let Some(f) = silent.recv_within(Duration::from_millis(500)).await {
+        if f.kind() == 3 {
+            held += 1;
+        }
+    }
+    assert!(held > 0, "the silent member got nothing");
+    drop(silent);
+    let mut got = std::collections::HashSet::new();
+    while got.len() < n {
+        let p = worker.next_publish().await;
+        got.insert(p.payload.to_vec());
+    }
+    worker.disconnect().await;
+
+    // Every member away: the group keeps what is published, across a restart.
+    for i in 0..10 {
+        publisher
+            .publish_acked(
+                "w/later",
+                QoS::AtLeastOnce,
+                false,
+                format!("later{i}"),
+                PublishProperties::default(),
+            )
+            .await;
+    }
+    publisher.disconnect().await;
+    stack.restart_worker().await;
+    stack.restart_edge().await;
+    let mut worker = Client5::connect(options(stack.addr(), "worker", false, Some(600))).await;
+    assert!(worker.session_present());
+    let mut later = std::collections::HashSet::new();
+    while later.len() < 10 {
+        let p = worker.next_publish().await;
+        assert!(p.payload.starts_with(b"later"), "{:?}", p.payload);
+        later.insert(p.payload.to_vec());
+    }
+    worker.assert_no_publish(Duration::from_millis(500)).await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_loses_nothing_embedded() {
+    a_shared_group_loses_nothing(Kind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_loses_nothing_mongo() {
+    a_shared_group_loses_nothing(Kind::Mongo).await;
 }

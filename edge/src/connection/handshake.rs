@@ -125,7 +125,8 @@ async fn read_connect<R: AsyncRead + Unpin>(
 /// The client id to use, or `None` when it must be rejected. An empty one is assigned for
 /// a 3.1.1 clean session and for any 5.0 session (whose CONNACK then names it); 3.1 has none.
 fn assign_client_id(connect: &Connect) -> Option<Arc<str>> {
-    if connect.client_id.len() > MAX_CLIENT_ID_LEN {
+    // `$share/...` names the store's sessions of shared subscription groups.
+    if connect.client_id.len() > MAX_CLIENT_ID_LEN || connect.client_id.starts_with("$share/") {
         return None;
     }
     if connect.client_id.is_empty() {
@@ -262,8 +263,6 @@ async fn start_session<W: AsyncWrite + Unpin>(
         max_packet_size: Some(limits.max_packet_size.min(u32::MAX as usize) as u32),
         assigned_client_id: connect.client_id.is_empty().then(|| client_id.to_string()),
         topic_alias_max: (limits.topic_alias_max > 0).then_some(limits.topic_alias_max),
-        // Shared subscriptions are not served yet.
-        shared_available: Some(false),
         server_keep_alive,
         ..ConnackProperties::default()
     };

@@ -212,6 +212,8 @@ pub struct Outbound {
     stalled: Option<Delivery>,
     dedupe: Dedupe,
     delivered: Vec<DeliveredRecord>,
+    /// Records of deliveries made for shared subscription groups, by group.
+    group_delivered: Vec<(Arc<str>, DeliveredRecord)>,
     /// Undelivered messages wait in the store after this position. While it is set, live
     /// messages wait (in `held`, then in the queue): the store's go first.
     store_after: Option<Cursor>,
@@ -258,6 +260,7 @@ impl Outbound {
             stalled: None,
             dedupe: Dedupe::default(),
             delivered: Vec::new(),
+            group_delivered: Vec::new(),
             store_after: None,
             held: Vec::new(),
             watermark_ms: 0,
@@ -391,9 +394,11 @@ impl Outbound {
         }
         if delivery.qos == Qos::AtMostOnce {
             self.encode(&delivery, 0, false);
-            self.record(&delivery.message);
+            self.record(&delivery);
         } else if self.state.inflight_len() < self.max_inflight {
-            if delivery.qos == Qos::ExactlyOnce && self.durable_qos2 {
+            // A shared subscription's QoS 2 delivery is not tracked in the store for this
+            // session: if the session ends unacknowledged it goes back to its group instead.
+            if delivery.qos == Qos::ExactlyOnce && self.durable_qos2 && delivery.group.is_none() {
                 let pkid = self.state.start_tracked(delivery.clone());
                 self.requests
                     .push(self.track(pkid, &delivery.message, false));
@@ -469,7 +474,7 @@ impl Outbound {
             ) > self.max_packet_size
         {
             metrics::counter!("wharf_edge_too_large_for_client_total").increment(1);
-            self.record(&d.message);
+            self.record(d);
             return false;
         }
         true
@@ -513,7 +518,22 @@ impl Outbound {
         self.broker.metrics.sent(d.qos).increment(1);
     }
 
-    fn record(&mut self, message: &Message) {
+    /// The `publishedMessage` record of a delivery: for this client, or for the shared
+    /// subscription group it was given to this client for.
+    fn record(&mut self, d: &Delivery) {
+        let message = &d.message;
+        if let Some(group) = &d.group {
+            if d.qos != Qos::AtMostOnce {
+                self.group_delivered.push((
+                    group.clone(),
+                    DeliveredRecord {
+                        message_id: message.id,
+                        topic: message.topic.clone(),
+                    },
+                ));
+            }
+            return;
+        }
         self.delivered.push(DeliveredRecord {
             message_id: message.id,
             topic: message.topic.clone(),
@@ -522,14 +542,14 @@ impl Outbound {
 
     pub fn puback(&mut self, pkid: u16) {
         if let Some(d) = self.state.puback(pkid) {
-            self.record(&d.message);
+            self.record(&d);
         }
     }
 
     pub fn pubrec(&mut self, pkid: u16) {
         match self.state.pubrec(pkid, self.durable_qos2) {
             PubRec::Deliver(d) => {
-                self.record(&d.message);
+                self.record(&d);
                 encode::pubrel(&mut self.write_buf, self.version, pkid, 0);
             }
             // The delivery record goes with the tracking write; PUBREL once it is durable.
@@ -542,7 +562,7 @@ impl Outbound {
     /// A 5.0 PUBREC with a failure reason code.
     pub fn pubrec_refused(&mut self, pkid: u16) {
         if let Some(d) = self.state.pubrec_refused(pkid) {
-            self.record(&d.message);
+            self.record(&d);
             if self.durable_qos2 {
                 self.requests.push(Request::ForgetQos2Out {
                     client_id: String::from(&*self.state.client_id),
@@ -584,6 +604,22 @@ impl Outbound {
 
     /// The `publishedMessage` records gathered since the last call.
     pub fn take_delivered(&mut self) -> Option<Notice> {
+        if let Some((group, _)) = self.group_delivered.first() {
+            // One group's records at a time; the caller asks again.
+            let group = group.clone();
+            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.group_delivered)
+                .into_iter()
+                .partition(|(g, _)| *g == group);
+            self.group_delivered = rest;
+            let records: Vec<DeliveredRecord> = mine.into_iter().map(|(_, r)| r).collect();
+            self.broker
+                .router
+                .group_done(&group, records.iter().map(|r| r.message_id));
+            return Some(Notice::Delivered {
+                client_id: group.to_string(),
+                messages: records,
+            });
+        }
         if self.delivered.is_empty() {
             return None;
         }
@@ -715,6 +751,25 @@ impl Outbound {
                 .make_contiguous()
                 .sort_by_key(|d| (d.message.created_ms, d.message.id));
         }
+    }
+
+    /// The shared-subscription deliveries this session has not completed (unsent, or sent and
+    /// not acknowledged before PUBREC): the connection ends, they go back to their groups.
+    /// `with_inflight`: also those sent and not acknowledged (not when a takeover hands the
+    /// session on: the new connection re-sends them).
+    pub fn take_group_deliveries(&mut self, with_inflight: bool) -> Vec<Delivery> {
+        let mut out = if with_inflight {
+            self.state.take_group_unacked()
+        } else {
+            Vec::new()
+        };
+        let is_group = |d: &Delivery| d.group.is_some();
+        out.extend(self.stalled.take_if(|d| is_group(d)));
+        out.extend(self.backlog.iter().filter(|d| is_group(d)).cloned());
+        self.backlog.retain(|d| !is_group(d));
+        out.extend(self.held.iter().filter(|d| is_group(d)).cloned());
+        self.held.retain(|d| !is_group(d));
+        out
     }
 
     pub fn into_state(self) -> SessionState {

@@ -106,6 +106,12 @@ pub trait Store: Send + Sync + 'static {
         subscriptions: Vec<Subscription>,
         now_ms: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Whether any client subscribes to exactly `filter` (a shared subscription group's
+    /// `$share/...` filter: whether the group has members left).
+    fn has_subscribers(
+        &self,
+        filter: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Removes the named filters, or all of the client's with `None`.
     fn remove_subscriptions(
         &self,

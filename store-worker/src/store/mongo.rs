@@ -439,6 +439,8 @@ impl MongoStore {
             ),
             // The session expiry sweep.
             (&self.sessions, doc! { "expiresAt": 1 }, "expiresAt", false),
+            // Whether a shared subscription group has members left.
+            (&self.subscriptions, doc! { "topic": 1 }, "topic", false),
         ];
         for (collection, keys, name, unique) in indexes {
             let options = IndexOptions::builder()
@@ -746,6 +748,16 @@ impl Store for MongoStore {
                 .map_err(classify)?;
         }
         Ok(())
+    }
+
+    async fn has_subscribers(&self, filter: &str) -> Result<bool, StoreError> {
+        let found = self
+            .subscriptions
+            .find_one(doc! { "topic": filter })
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(classify)?;
+        Ok(found.is_some())
     }
 
     async fn remove_subscriptions(

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS subscription (
     options INTEGER NOT NULL DEFAULT 0, identifier INTEGER,
     PRIMARY KEY (client_id, topic)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS subscription_topic ON subscription (topic);
 CREATE TABLE IF NOT EXISTS published_message (
     message_id BLOB NOT NULL, client_id TEXT NOT NULL, created INTEGER NOT NULL,
     PRIMARY KEY (message_id, client_id)
@@ -565,6 +566,15 @@ impl Store for SqliteStore {
                 }
             }
             tx.commit()
+        })
+        .await
+    }
+
+    async fn has_subscribers(&self, filter: &str) -> Result<bool, StoreError> {
+        let filter = filter.to_owned();
+        self.with(move |c| {
+            c.prepare_cached("SELECT 1 FROM subscription WHERE topic = ?1 LIMIT 1")?
+                .exists([filter])
         })
         .await
     }
