@@ -207,12 +207,7 @@ fn connect(body: &[u8]) -> Result<Connect, DecodeError> {
 }
 
 fn connect_properties(r: &mut Reader<'_>, c: &mut Connect) -> Result<(), DecodeError> {
-    let mut seen = Seen::default();
-    while !r.is_empty() {
-        let pid = r.u8()?;
-        if pid != id::USER_PROPERTY {
-            seen.once(pid)?;
-        }
+    each_property(r, "CONNECT", |pid, r| {
         match pid {
             id::SESSION_EXPIRY_INTERVAL => c.session_expiry = r.u32()?,
             id::RECEIVE_MAXIMUM => {
@@ -236,9 +231,10 @@ fn connect_properties(r: &mut Reader<'_>, c: &mut Connect) -> Result<(), DecodeE
             id::USER_PROPERTY => c.user_properties.push((r.string()?, r.string()?)),
             id::AUTHENTICATION_METHOD => c.auth_method = Some(r.string()?),
             id::AUTHENTICATION_DATA => c.auth_data = Some(owned(r.binary()?)),
-            other => return Err(not_allowed(other, "CONNECT")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if c.auth_data.is_some() && c.auth_method.is_none() {
         return Err(DecodeError::Protocol(
             "Authentication Data without a method".into(),
@@ -276,21 +272,42 @@ fn boxed(p: Properties) -> Option<Box<Properties>> {
     (!p.is_empty()).then(|| Box::new(p))
 }
 
-fn will_properties(r: &mut Reader<'_>) -> Result<(u32, Option<Box<Properties>>), DecodeError> {
+/// Reads a property block: each property at most once (the User Property any number of times),
+/// each given to `take`, which returns false for one that `packet` may not carry. User
+/// Properties that `take` leaves are read and dropped.
+fn each_property(
+    r: &mut Reader<'_>,
+    packet: &str,
+    mut take: impl FnMut(u8, &mut Reader<'_>) -> Result<bool, DecodeError>,
+) -> Result<(), DecodeError> {
     let mut seen = Seen::default();
-    let mut p = Properties::default();
-    let mut delay = 0;
     while !r.is_empty() {
         let pid = r.u8()?;
         if pid != id::USER_PROPERTY {
             seen.once(pid)?;
         }
+        if take(pid, r)? {
+            continue;
+        }
+        if pid != id::USER_PROPERTY {
+            return Err(not_allowed(pid, packet));
+        }
+        r.string()?;
+        r.string()?;
+    }
+    Ok(())
+}
+
+fn will_properties(r: &mut Reader<'_>) -> Result<(u32, Option<Box<Properties>>), DecodeError> {
+    let mut p = Properties::default();
+    let mut delay = 0;
+    each_property(r, "the will properties", |pid, r| {
         if pid == id::WILL_DELAY_INTERVAL {
             delay = r.u32()?;
-        } else if !message_property(r, pid, &mut p)? {
-            return Err(not_allowed(pid, "the will properties"));
+            return Ok(true);
         }
-    }
+        message_property(r, pid, &mut p)
+    })?;
     Ok((delay, boxed(p)))
 }
 
@@ -312,23 +329,16 @@ fn publish(byte1: u8, r: &mut Reader<'_>, v5: bool) -> Result<PublishIn, DecodeE
     let mut topic_alias = None;
     let mut props = Properties::default();
     if v5 {
-        let mut pr = r.properties()?;
-        let mut seen = Seen::default();
-        while !pr.is_empty() {
-            let pid = pr.u8()?;
-            if pid != id::USER_PROPERTY {
-                seen.once(pid)?;
+        each_property(&mut r.properties()?, "PUBLISH", |pid, r| match pid {
+            id::TOPIC_ALIAS => {
+                topic_alias = Some(r.u16()?);
+                Ok(true)
             }
-            if pid == id::TOPIC_ALIAS {
-                topic_alias = Some(pr.u16()?);
-            } else if pid == id::SUBSCRIPTION_IDENTIFIER {
-                return Err(DecodeError::Protocol(
-                    "Subscription Identifier in a PUBLISH from a client".into(),
-                ));
-            } else if !message_property(&mut pr, pid, &mut props)? {
-                return Err(not_allowed(pid, "PUBLISH"));
-            }
-        }
+            id::SUBSCRIPTION_IDENTIFIER => Err(DecodeError::Protocol(
+                "Subscription Identifier in a PUBLISH from a client".into(),
+            )),
+            _ => message_property(r, pid, &mut props),
+        })?;
     }
     Ok(PublishIn {
         topic,
@@ -345,22 +355,13 @@ fn publish(byte1: u8, r: &mut Reader<'_>, v5: bool) -> Result<PublishIn, DecodeE
 
 /// Properties that only carry information for people (Reason String, User Property).
 fn informational(r: &mut Reader<'_>, packet: &str) -> Result<(), DecodeError> {
-    let mut seen = Seen::default();
-    while !r.is_empty() {
-        let pid = r.u8()?;
-        match pid {
-            id::REASON_STRING => {
-                seen.once(pid)?;
-                r.string()?;
-            }
-            id::USER_PROPERTY => {
-                r.string()?;
-                r.string()?;
-            }
-            other => return Err(not_allowed(other, packet)),
+    each_property(r, packet, |pid, r| {
+        if pid == id::REASON_STRING {
+            r.string()?;
+            return Ok(true);
         }
-    }
-    Ok(())
+        Ok(false)
+    })
 }
 
 fn ack(r: &mut Reader<'_>, v5: bool) -> Result<Ack, DecodeError> {
@@ -379,26 +380,17 @@ fn subscribe(r: &mut Reader<'_>, v5: bool) -> Result<Inbound, DecodeError> {
     let pkid = nonzero_pkid(r)?;
     let mut identifier = None;
     if v5 {
-        let mut pr = r.properties()?;
-        let mut seen = Seen::default();
-        while !pr.is_empty() {
-            let pid = pr.u8()?;
-            match pid {
-                id::SUBSCRIPTION_IDENTIFIER => {
-                    seen.once(pid)?;
-                    let value = pr.variable_int()?;
-                    if value == 0 || value > MAX_VARIABLE_INT {
-                        return Err(DecodeError::Protocol("Subscription Identifier 0".into()));
-                    }
-                    identifier = Some(value);
-                }
-                id::USER_PROPERTY => {
-                    pr.string()?;
-                    pr.string()?;
-                }
-                other => return Err(not_allowed(other, "SUBSCRIBE")),
+        each_property(&mut r.properties()?, "SUBSCRIBE", |pid, r| {
+            if pid != id::SUBSCRIPTION_IDENTIFIER {
+                return Ok(false);
             }
-        }
+            let value = r.variable_int()?;
+            if value == 0 || value > MAX_VARIABLE_INT {
+                return Err(DecodeError::Protocol("Subscription Identifier 0".into()));
+            }
+            identifier = Some(value);
+            Ok(true)
+        })?;
     }
     let mut filters = Vec::new();
     while !r.is_empty() {
@@ -455,25 +447,16 @@ fn disconnect(r: &mut Reader<'_>, v5: bool) -> Result<Inbound, DecodeError> {
     if v5 && !r.is_empty() {
         reason = r.u8()?;
         if !r.is_empty() {
-            let mut pr = r.properties()?;
-            let mut seen = Seen::default();
-            while !pr.is_empty() {
-                let pid = pr.u8()?;
-                if pid != id::USER_PROPERTY {
-                    seen.once(pid)?;
-                }
+            each_property(&mut r.properties()?, "DISCONNECT", |pid, r| {
                 match pid {
-                    id::SESSION_EXPIRY_INTERVAL => session_expiry = Some(pr.u32()?),
+                    id::SESSION_EXPIRY_INTERVAL => session_expiry = Some(r.u32()?),
                     id::REASON_STRING | id::SERVER_REFERENCE => {
-                        pr.string()?;
+                        r.string()?;
                     }
-                    id::USER_PROPERTY => {
-                        pr.string()?;
-                        pr.string()?;
-                    }
-                    other => return Err(not_allowed(other, "DISCONNECT")),
+                    _ => return Ok(false),
                 }
-            }
+                Ok(true)
+            })?;
         }
     }
     Ok(Inbound::Disconnect {
@@ -487,28 +470,19 @@ fn auth(r: &mut Reader<'_>) -> Result<Inbound, DecodeError> {
     let mut method = None;
     if !r.is_empty() {
         reason = r.u8()?;
-        let mut pr = r.properties()?;
-        let mut seen = Seen::default();
-        while !pr.is_empty() {
-            let pid = pr.u8()?;
-            if pid != id::USER_PROPERTY {
-                seen.once(pid)?;
-            }
+        each_property(&mut r.properties()?, "AUTH", |pid, r| {
             match pid {
-                id::AUTHENTICATION_METHOD => method = Some(pr.string()?),
+                id::AUTHENTICATION_METHOD => method = Some(r.string()?),
                 id::AUTHENTICATION_DATA => {
-                    pr.binary()?;
+                    r.binary()?;
                 }
                 id::REASON_STRING => {
-                    pr.string()?;
+                    r.string()?;
                 }
-                id::USER_PROPERTY => {
-                    pr.string()?;
-                    pr.string()?;
-                }
-                other => return Err(not_allowed(other, "AUTH")),
+                _ => return Ok(false),
             }
-        }
+            Ok(true)
+        })?;
     }
     Ok(Inbound::Auth { reason, method })
 }
