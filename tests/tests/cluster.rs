@@ -166,3 +166,53 @@ async fn a_dead_host_loses_nothing_acknowledged_and_sessions_move() {
     );
     sub.assert_no_publish(Duration::from_millis(500)).await;
 }
+
+/// MQTT 5.0 message properties reach subscribers on the other hosts (by change stream and by
+/// poll) as they were published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_properties_cross_hosts() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use wharf_tests::client5::{options, Client5};
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let mongo = Secantus::start(dir.path()).await;
+    let h1 = BrokerHost::start(dir.path(), "h1", Some(mongo.uri())).await;
+    let h2 = BrokerHost::start(dir.path(), "h2", Some(mongo.uri())).await;
+    let h3 =
+        BrokerHost::start_with(dir.path(), "h3", Some(mongo.uri()), &["--follow", "poll"]).await;
+    let mut on_h2 = Client5::connect(options(h2.addr, "props-h2", true, None)).await;
+    on_h2.subscribe_one("props/#", QoS5::AtLeastOnce).await;
+    let mut on_h3 = Client5::connect(options(h3.addr, "props-h3", true, None)).await;
+    on_h3.subscribe_one("props/#", QoS5::AtLeastOnce).await;
+    let sent = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(600),
+        topic_alias: None,
+        response_topic: Some("props/reply".into()),
+        correlation_data: Some(vec![9u8, 8, 7].into()),
+        user_properties: vec![("z".into(), "1".into()), ("a".into(), "2".into())],
+        subscription_identifiers: Vec::new(),
+        content_type: Some("application/json".into()),
+    };
+    let mut publisher = Client5::connect(options(h1.addr, "props-pub", true, None)).await;
+    publisher
+        .publish_acked("props/1", QoS5::AtLeastOnce, false, "{}", sent.clone())
+        .await;
+    for (host, client) in [("h2", &mut on_h2), ("h3", &mut on_h3)] {
+        let p = client.next_publish().await;
+        let got = p
+            .properties
+            .unwrap_or_else(|| panic!("{host}: no properties"));
+        assert_eq!(got.user_properties, sent.user_properties, "{host}");
+        assert_eq!(
+            (got.content_type.as_deref(), got.response_topic.as_deref()),
+            (Some("application/json"), Some("props/reply")),
+            "{host}"
+        );
+        assert_eq!(got.correlation_data, sent.correlation_data, "{host}");
+        assert_eq!(got.payload_format_indicator, Some(1), "{host}");
+        let left = got.message_expiry_interval.expect("expiry");
+        assert!((590..=600).contains(&left), "{host}: expiry {left}");
+    }
+}

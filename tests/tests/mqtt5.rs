@@ -499,6 +499,7 @@ async fn reason_codes() {
     raw.send(&raw5::connect("auth", true, &method)).await;
     let connack = raw.recv().await.expect("CONNACK");
     assert_eq!((connack.kind(), connack.reason()), (2, 0x8c));
+    assert_eq!(connack.body[3], 0x1f, "a Reason String says why");
 
     let (mut a, _) = Raw5::session(addr, &raw5::connect("codes", true, &[])).await;
     // An invalid filter, and an invalid shared one: 0x8F.

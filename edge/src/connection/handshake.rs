@@ -146,13 +146,20 @@ fn assign_client_id(connect: &Connect) -> Option<Arc<str>> {
 
 async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, version: Version, refusal: Refusal) {
     let mut buf = BytesMut::new();
-    encode::connack(
-        &mut buf,
-        version,
-        false,
-        refusal.code(version),
-        &ConnackProperties::default(),
-    );
+    // 5.0: a Reason String says why (MQTT 5.0 3.2.2.3.7).
+    let why = match refusal {
+        Refusal::ProtocolVersion => "this protocol level is not served",
+        Refusal::ClientIdentifier => "client identifier not accepted",
+        Refusal::ServerUnavailable => "the session store is unavailable",
+        Refusal::BadUserNameOrPassword => "bad user name or password",
+        Refusal::NotAuthorized => "not authorized",
+        Refusal::BadAuthenticationMethod => "no enhanced authentication method is served",
+    };
+    let props = ConnackProperties {
+        reason_string: version.is_v5().then(|| why.to_owned()),
+        ..ConnackProperties::default()
+    };
+    encode::connack(&mut buf, version, false, refusal.code(version), &props);
     let _ = writer.write_all(&buf).await;
     let _ = writer.shutdown().await;
 }

@@ -524,15 +524,14 @@ impl Outbound {
     fn record(&mut self, d: &Delivery) {
         let message = &d.message;
         if let Some(group) = &d.group {
-            if d.qos != Qos::AtMostOnce {
-                self.group_delivered.push((
-                    group.clone(),
-                    DeliveredRecord {
-                        message_id: message.id,
-                        topic: message.topic.clone(),
-                    },
-                ));
-            }
+            // QoS 0 too: a later fetch for the group must not give it out again.
+            self.group_delivered.push((
+                group.clone(),
+                DeliveredRecord {
+                    message_id: message.id,
+                    topic: message.topic.clone(),
+                },
+            ));
             return;
         }
         self.delivered.push(DeliveredRecord {
