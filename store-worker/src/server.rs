@@ -268,17 +268,21 @@ fn clean_session_of(request: &Request) -> Option<String> {
     }
 }
 
-/// Forgets everything stored for a client's session but its messages' records: subscriptions,
-/// QoS 2 deliveries under way, the session record.
+/// Forgets everything stored for a client's session but its messages' records: subscriptions
+/// (and the shared subscription groups that had it as their last member), QoS 2 deliveries
+/// under way, the session record.
 pub async fn clear_session<S: Store>(
     store: &S,
     limit: std::time::Duration,
     client_id: &str,
 ) -> Result<(), StoreError> {
+    let shared =
+        crate::pipeline::retry(limit, "clear session", || store.shared_filters(client_id)).await?;
     crate::pipeline::retry(limit, "clear session", || {
         store.remove_subscriptions(client_id, None)
     })
     .await?;
+    leave_groups(store, limit, &shared).await?;
     crate::pipeline::retry(limit, "clear session", || {
         store.forget_qos2_out(client_id, None)
     })

@@ -829,6 +829,26 @@ async fn a_shared_group_loses_nothing(kind: Kind) {
         later.insert(p.payload.to_vec());
     }
     worker.assert_no_publish(Duration::from_millis(500)).await;
+    worker.disconnect().await;
+    if kind == Kind::Mongo {
+        // The last member starts clean: the group's own session goes with it.
+        use futures::TryStreamExt;
+        let group_subscriptions = |db: mongodb::Database| async move {
+            let docs: Vec<mongodb::bson::Document> = db
+                .collection("subscription")
+                .find(mongodb::bson::doc! { "clientId": "$share/q/w/#" })
+                .await
+                .expect("find")
+                .try_collect()
+                .await
+                .expect("collect");
+            docs.len()
+        };
+        assert_eq!(group_subscriptions(stack.db().await).await, 1);
+        let again = Client5::connect(options(stack.addr(), "worker", true, None)).await;
+        again.disconnect().await;
+        assert_eq!(group_subscriptions(stack.db().await).await, 0);
+    }
     stack.stop().await;
 }
 

@@ -112,6 +112,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         filter: &str,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// The client's shared subscription filters (`$share/...`).
+    fn shared_filters(
+        &self,
+        client_id: &str,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
     /// Removes the named filters, or all of the client's with `None`.
     fn remove_subscriptions(
         &self,

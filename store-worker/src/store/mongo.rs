@@ -750,6 +750,22 @@ impl Store for MongoStore {
         Ok(())
     }
 
+    async fn shared_filters(&self, client_id: &str) -> Result<Vec<String>, StoreError> {
+        // A range of the `clientId_topic` index: usually empty, one index probe.
+        let docs = all(self
+            .subscriptions
+            .find(doc! {
+                "clientId": client_id,
+                "topic": { "$gte": "$share/", "$lt": "$share0" },
+            })
+            .projection(doc! { "topic": 1 }))
+        .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_str("topic").ok().map(str::to_owned))
+            .collect())
+    }
+
     async fn has_subscribers(&self, filter: &str) -> Result<bool, StoreError> {
         let found = self
             .subscriptions

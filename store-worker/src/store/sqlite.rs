@@ -570,6 +570,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn shared_filters(&self, client_id: &str) -> Result<Vec<String>, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT topic FROM subscription
+                 WHERE client_id = ?1 AND topic >= '$share/' AND topic < '$share0'",
+            )?;
+            let rows = stmt.query_map([client_id], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
     async fn has_subscribers(&self, filter: &str) -> Result<bool, StoreError> {
         let filter = filter.to_owned();
         self.with(move |c| {
