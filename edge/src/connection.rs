@@ -705,7 +705,7 @@ impl Connection {
                 let pkid = ack.pkid;
                 let known = self.out.state.release_inbound_qos2(pkid);
                 if known {
-                    self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
+                    self.qos2_ended();
                 }
                 let release = Request::ReleaseQos2 {
                     client_id: String::from(&*self.out.state.client_id),
@@ -853,7 +853,7 @@ impl Connection {
                 ),
                 Qos::ExactlyOnce => {
                     // A failed PUBREC ends the QoS 2 flow.
-                    self.acknowledged(1);
+                    self.qos2_ended();
                     encode::pubrec(
                         &mut self.out.write_buf,
                         self.version,
@@ -927,11 +927,9 @@ impl Connection {
         }
     }
 
-    /// QoS 2 flows ended (PUBCOMP, or a refusing PUBREC).
-    fn acknowledged(&mut self, n: usize) {
-        if self.version.is_v5() {
-            self.inbound_unacked = self.inbound_unacked.saturating_sub(n as u32);
-        }
+    /// An inbound QoS 2 flow ended (PUBREL answered, or a refusing PUBREC sent).
+    fn qos2_ended(&mut self) {
+        self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
     }
 
     async fn subscribe(
@@ -1190,26 +1188,8 @@ impl Connection {
                     self.session_expiry,
                 ) {
                     Released::Done => {
-                        if !persistent {
-                            // The session ends: it leaves its shared subscription groups (the
-                            // worker drops a group's own session with its last member).
-                            let shared: Vec<String> = filters
-                                .iter()
-                                .filter(|f| topic::shared(f).is_some())
-                                .cloned()
-                                .collect();
-                            if !shared.is_empty() {
-                                let request = Request::Unsubscribe {
-                                    client_id: client_id.to_string(),
-                                    filters: shared,
-                                };
-                                if let Ok(rx) =
-                                    self.broker.link.request(request, Policy::Hold).await
-                                {
-                                    drop(rx);
-                                }
-                            }
-                        }
+                        // With expiry 0 the worker ends the session, and with it the shared
+                        // subscription groups it was the last member of.
                         let request = Request::Disconnect {
                             client_id: client_id.to_string(),
                             session_expiry: self.session_expiry,

@@ -410,18 +410,11 @@ impl Inner {
             let Some(session) = self.sessions.get(client) else {
                 continue;
             };
-            let qos = grant.qos.min(message.qos);
-            let delivery = Delivery {
-                message: message.clone(),
-                qos,
-                retain: grant.retain_as_published && message.retain,
-                subscription_ids: if grant.identifier == 0 {
-                    Box::default()
-                } else {
-                    Box::new([grant.identifier])
-                },
-                group: Some(key.clone()),
+            let Some(mut delivery) = combine(message, std::iter::once(*grant)) else {
+                continue;
             };
+            delivery.group = Some(key.clone());
+            let qos = delivery.qos;
             if qos != Qos::AtMostOnce {
                 group.outstanding().insert(message.id);
             }
@@ -628,25 +621,16 @@ impl Router {
         }
         let mut offer = Offer::default();
         let mut rest = &matched[..];
-        while let Some(((client, first), after)) = rest.split_first() {
+        while let Some(((client, _), after)) = rest.split_first() {
             // A session's overlapping subscriptions are adjacent: one delivery for all.
             let same = after.iter().take_while(|(c, _)| c == client).count();
-            let group = &rest[..=same];
+            let grants = &rest[..=same];
             rest = &after[same..];
             let Some(session) = inner.sessions.get(*client) else {
                 continue;
             };
-            let delivery = if group.len() == 1 && first.identifier == 0 {
-                Delivery::new(
-                    message.clone(),
-                    first.qos.min(message.qos),
-                    first.retain_as_published && message.retain,
-                )
-            } else {
-                match combine(message, group.iter().map(|(_, g)| *g)) {
-                    Some(d) => d,
-                    None => continue,
-                }
+            let Some(delivery) = combine(message, grants.iter().map(|(_, g)| *g)) else {
+                continue;
             };
             // A lagging session takes QoS 1/2 from the store until it has caught up, so that
             // nothing newer overtakes what is waiting there.

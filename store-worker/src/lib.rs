@@ -240,15 +240,7 @@ async fn expire_sessions<S: Store>(store: Arc<S>, shutdown: CancellationToken) {
                 if !store.drop_expired_session(&client_id, now).await? {
                     return Ok(false);
                 }
-                let filters: Vec<String> = store
-                    .subscriptions(&client_id)
-                    .await?
-                    .into_iter()
-                    .map(|s| s.filter)
-                    .collect();
-                store.remove_subscriptions(&client_id, None).await?;
-                server::leave_groups(&*store, Duration::from_secs(10), &filters).await?;
-                store.forget_qos2_out(&client_id, None).await?;
+                server::clear_session(&*store, Duration::from_secs(10), &client_id).await?;
                 let clear = store::WriteBatch {
                     relaxed: true,
                     clear_qos2: vec![client_id.clone()],

@@ -149,6 +149,34 @@ impl Window {
     }
 }
 
+/// The PUBLISH that sends `d`: its message's properties, with the expiry left.
+fn publish_out<'a>(
+    d: &'a Delivery,
+    pkid: u16,
+    dup: bool,
+    topic: &'a str,
+    topic_alias: Option<u16>,
+) -> PublishOut<'a> {
+    let message_expiry = d.message.expires_ms().map(|at| {
+        // What is left, rounded up; at least a second for a message already on its way.
+        ((at - ids::now_ms()).max(1) as u64)
+            .div_ceil(1000)
+            .min(u32::MAX as u64) as u32
+    });
+    PublishOut {
+        topic,
+        payload: &d.message.payload,
+        qos: d.qos,
+        pkid,
+        retain: d.retain,
+        dup,
+        properties: d.message.properties.as_deref(),
+        message_expiry,
+        topic_alias,
+        subscription_ids: &d.subscription_ids,
+    }
+}
+
 /// What the client said it can take (MQTT 5.0 CONNECT; 3.1/3.1.1 clients take anything).
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
@@ -471,7 +499,7 @@ impl Outbound {
         if self.max_packet_size != usize::MAX
             && encode::publish_len(
                 self.version,
-                &self.publish_out(d, 0, false, d.message.topic.as_str(), None),
+                &publish_out(d, 0, false, d.message.topic.as_str(), None),
             ) > self.max_packet_size
         {
             metrics::counter!("wharf_edge_too_large_for_client_total").increment(1);
@@ -481,40 +509,12 @@ impl Outbound {
         true
     }
 
-    fn publish_out<'a>(
-        &self,
-        d: &'a Delivery,
-        pkid: u16,
-        dup: bool,
-        topic: &'a str,
-        topic_alias: Option<u16>,
-    ) -> PublishOut<'a> {
-        let message_expiry = d.message.expires_ms().map(|at| {
-            // What is left, rounded up; at least a second for a message already on its way.
-            ((at - ids::now_ms()).max(1) as u64)
-                .div_ceil(1000)
-                .min(u32::MAX as u64) as u32
-        });
-        PublishOut {
-            topic,
-            payload: &d.message.payload,
-            qos: d.qos,
-            pkid,
-            retain: d.retain,
-            dup,
-            properties: d.message.properties.as_deref(),
-            message_expiry,
-            topic_alias,
-            subscription_ids: &d.subscription_ids,
-        }
-    }
-
     fn encode(&mut self, d: &Delivery, pkid: u16, dup: bool) {
         let (topic, alias) = match self.aliases.as_mut() {
             Some(aliases) => aliases.alias(&d.message.topic),
             None => (d.message.topic.as_str(), None),
         };
-        let out = self.publish_out(d, pkid, dup, topic, alias);
+        let out = publish_out(d, pkid, dup, topic, alias);
         encode::publish(&mut self.write_buf, self.version, &out);
         self.broker.metrics.sent(d.qos).increment(1);
     }
@@ -563,17 +563,19 @@ impl Outbound {
     pub fn pubrec_refused(&mut self, pkid: u16) {
         if let Some(d) = self.state.pubrec_refused(pkid) {
             self.record(&d);
-            if self.durable_qos2 {
-                self.requests.push(Request::ForgetQos2Out {
-                    client_id: String::from(&*self.state.client_id),
-                    pkid,
-                });
-            }
+            self.forget_tracked(pkid);
         }
     }
 
     pub fn pubcomp(&mut self, pkid: u16) {
-        if self.state.pubcomp(pkid) && self.durable_qos2 {
+        if self.state.pubcomp(pkid) {
+            self.forget_tracked(pkid);
+        }
+    }
+
+    /// A QoS 2 delivery ended: the store forgets its tracking (persistent sessions).
+    fn forget_tracked(&mut self, pkid: u16) {
+        if self.durable_qos2 {
             self.requests.push(Request::ForgetQos2Out {
                 client_id: String::from(&*self.state.client_id),
                 pkid,
