@@ -25,16 +25,22 @@ fn series(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_hosts_deliver_each_others_messages_once_in_order() {
+/// Three hosts on one MongoDB-wire server: h1 and h2 follow the others by change stream, h3
+/// by polling, as it must where the server has no change streams.
+async fn three_hosts() -> (TempDir, Secantus, [BrokerHost; 3]) {
     init_tracing();
     let dir = TempDir::new().expect("temp dir");
     let mongo = Secantus::start(dir.path()).await;
     let h1 = BrokerHost::start(dir.path(), "h1", Some(mongo.uri())).await;
     let h2 = BrokerHost::start(dir.path(), "h2", Some(mongo.uri())).await;
-    // h3 follows the others by polling, as it must where the server has no change streams.
     let h3 =
         BrokerHost::start_with(dir.path(), "h3", Some(mongo.uri()), &["--follow", "poll"]).await;
+    (dir, mongo, [h1, h2, h3])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_deliver_each_others_messages_once_in_order() {
+    let (_dir, _mongo, [h1, h2, h3]) = three_hosts().await;
 
     let mut all = Client::connect(h1.addr, "all", false).await;
     all.subscribe("fleet/#", QoS::ExactlyOnce).await;
@@ -174,13 +180,7 @@ async fn message_properties_cross_hosts() {
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
     use rumqttc::v5::mqttbytes::QoS as QoS5;
     use wharf_tests::client5::{options, Client5};
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let mongo = Secantus::start(dir.path()).await;
-    let h1 = BrokerHost::start(dir.path(), "h1", Some(mongo.uri())).await;
-    let h2 = BrokerHost::start(dir.path(), "h2", Some(mongo.uri())).await;
-    let h3 =
-        BrokerHost::start_with(dir.path(), "h3", Some(mongo.uri()), &["--follow", "poll"]).await;
+    let (_dir, _mongo, [h1, h2, h3]) = three_hosts().await;
     let mut on_h2 = Client5::connect(options(h2.addr, "props-h2", true, None)).await;
     on_h2.subscribe_one("props/#", QoS5::AtLeastOnce).await;
     let mut on_h3 = Client5::connect(options(h3.addr, "props-h3", true, None)).await;
