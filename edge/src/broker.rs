@@ -83,16 +83,16 @@ impl Broker {
         qos: Qos,
         retain: bool,
     ) -> Message {
-        let now = ids::now_ms();
+        let (created_ms, id) = ids::stamp();
         Message {
-            id: ids::next_message_id(now),
+            id,
             topic,
             payload: payload.to_vec(),
             qos,
             retain,
             client_id: client_id.to_owned(),
             host: self.config.host.clone(),
-            created_ms: now,
+            created_ms,
             properties: None,
         }
     }

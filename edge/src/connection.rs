@@ -1230,9 +1230,7 @@ impl Connection {
                         return;
                     }
                     // Stamped when it is sent, so that its expiry counts from then.
-                    let now = crate::ids::now_ms();
-                    message.id = crate::ids::next_message_id(now);
-                    message.created_ms = now;
+                    (message.created_ms, message.id) = crate::ids::stamp();
                 }
                 broker.publish_detached(message).await;
             });

@@ -138,7 +138,7 @@ fn assign_client_id(connect: &Connect) -> Option<Arc<str>> {
         if !allowed {
             return None;
         }
-        let id = ids::next_message_id(ids::now_ms());
+        let (_, id) = ids::stamp();
         return Some(format!("wharf-{id}").into());
     }
     Some(connect.client_id.as_str().into())
