@@ -22,6 +22,7 @@
 //! - [`config`], [`ids`], [`broker`]: configuration, message ids, shared state.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
