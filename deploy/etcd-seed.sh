@@ -18,10 +18,17 @@ put cacert "${WHARF_CACERT:-}"
 put serverCert "${WHARF_SERVER_CERT:-}"
 put serverKey "${WHARF_SERVER_KEY:-}"
 # Edge.
-put listen "${WHARF_LISTEN:-0.0.0.0:1883}"
+# Empty: 0.0.0.0:1883 once passwordFile or allowAnonymous is set, else 127.0.0.1:1883.
+put listen "${WHARF_LISTEN:-}"
 put tlsListen "${WHARF_TLS_LISTEN:-}"
 put clientCerts "${WHARF_CLIENT_CERTS:-off}"
 put certIdentity "${WHARF_CERT_IDENTITY:-false}"
+# Authentication and authorization (re-read when they change).
+put passwordFile "${WHARF_PASSWORD_FILE:-}"
+put aclFile "${WHARF_ACL_FILE:-}"
+put allowAnonymous "${WHARF_ALLOW_ANONYMOUS:-}"
+put useIdentityAsUsername "${WHARF_USE_IDENTITY_AS_USERNAME:-false}"
+put publishDenied "${WHARF_PUBLISH_DENIED:-drop}"
 put maxPacketSize "${WHARF_MAX_PACKET_SIZE:-1048576}"
 put maxInflight "${WHARF_MAX_INFLIGHT:-32}"
 put maxQueued "${WHARF_MAX_QUEUED:-1000}"

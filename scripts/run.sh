@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a working Wharf broker on this machine: store-worker with the embedded store in
-# ./data, and an edge listening on 0.0.0.0:1883. Logs go to the terminal; Ctrl-C stops the
+# ./data, and an edge listening on 127.0.0.1:1883 (no users configured: loopback only).
+# Logs go to the terminal; Ctrl-C stops the
 # edge first (sessions finish, pending writes complete), then the worker.
 # Extra arguments go to the edge, e.g. `./scripts/run.sh --listen 127.0.0.1:1884`.
 set -euo pipefail

@@ -18,6 +18,7 @@ pub struct Broker {
     pub metrics: HotMetrics,
     /// QoS 1/2 messages made and not yet routed (see [`InTransit`]).
     pub in_transit: Arc<InTransit>,
+    pub auth: Arc<crate::auth::Auth>,
     next_connection_id: AtomicU64,
 }
 
@@ -58,8 +59,9 @@ impl HotMetrics {
 }
 
 impl Broker {
-    pub fn new(config: EdgeConfig, link: Link) -> Self {
+    pub fn new(config: EdgeConfig, link: Link, auth: Arc<crate::auth::Auth>) -> Self {
         Broker {
+            auth,
             config,
             router: Router::default(),
             registry: Registry::default(),

@@ -1,6 +1,7 @@
 //! The edge's command line and its layering over etcd: a flag or its environment variable
 //! wins, then the etcd key under the prefix, then the default. Keys are the etcd names.
 
+use crate::auth::{AuthSettings, PublishDenied};
 use crate::config::{ConfigError, EdgeConfig, Limits};
 use crate::tls::{ClientCerts, TlsSettings};
 use clap::{ArgMatches, Parser};
@@ -13,13 +14,16 @@ use wharf_shared::config::{parse, parse_bool, parse_secs, ConfigSource, Layers};
 #[derive(Parser, Debug)]
 #[command(version, about, name = "edge")]
 pub struct Args {
-    /// Plain MQTT listener address, or "off" [etcd: listen].
-    #[arg(long, env = "WHARF_LISTEN", default_value = "0.0.0.0:1883")]
-    pub listen: String,
+    /// Plain MQTT listener address, or "off" [etcd: listen; default 0.0.0.0:1883, or
+    /// 127.0.0.1:1883 while no authentication is configured].
+    #[arg(long, env = "WHARF_LISTEN")]
+    pub listen: Option<String>,
     /// Serve MQTT over TLS [etcd: tls].
     #[arg(long, env = "WHARF_TLS", default_value = "false")]
     pub tls: String,
-    /// TLS listener address; setting it turns TLS on [etcd: tlsListen; default 0.0.0.0:8883].
+    /// TLS listener address; setting it turns TLS on [etcd: tlsListen; default 0.0.0.0:8883,
+    /// or 127.0.0.1:8883 while no authentication is configured and client certificates are
+    /// not required].
     #[arg(long, env = "WHARF_TLS_LISTEN")]
     pub tls_listen: Option<SocketAddr>,
     /// Root CA (PEM) that client certificates must chain to [etcd: cacert].
@@ -37,6 +41,26 @@ pub struct Args {
     /// A client certificate's CN or SAN must equal the MQTT client id [etcd: certIdentity].
     #[arg(long, env = "WHARF_CERT_IDENTITY", default_value = "false")]
     pub cert_identity: String,
+    /// Mosquitto password file (`user:hash`, made with `wharf-passwd` or `mosquitto_passwd`)
+    /// [etcd: passwordFile].
+    #[arg(long, env = "WHARF_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Mosquitto ACL file: topic rules per user, anonymous clients and patterns
+    /// [etcd: aclFile].
+    #[arg(long, env = "WHARF_ACL_FILE")]
+    pub acl_file: Option<PathBuf>,
+    /// Serve clients without credentials: true or false [etcd: allowAnonymous; default: only
+    /// while no password file is configured, and then on loopback listeners only].
+    #[arg(long, env = "WHARF_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: Option<String>,
+    /// A verified client certificate's identity (CN, else first SAN) is the user name, with no
+    /// password [etcd: useIdentityAsUsername].
+    #[arg(long, env = "WHARF_USE_IDENTITY_AS_USERNAME", default_value = "false")]
+    pub use_identity_as_username: String,
+    /// What a 3.1/3.1.1 PUBLISH to a topic the client may not write gets: drop (acknowledged
+    /// and dropped) or disconnect; 5.0 clients get reason 0x87 [etcd: publishDenied].
+    #[arg(long, env = "WHARF_PUBLISH_DENIED", default_value = "drop")]
+    pub publish_denied: String,
     /// The store-worker's Unix socket [etcd: workerSocket].
     #[arg(
         long,
@@ -105,7 +129,56 @@ fn listen_value(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigErro
     }
 }
 
-const DEFAULT_TLS_LISTEN: &str = "0.0.0.0:8883";
+fn default_listen(port: u16, local_only: bool) -> SocketAddr {
+    let ip = if local_only {
+        std::net::Ipv4Addr::LOCALHOST
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED
+    };
+    SocketAddr::from((ip, port))
+}
+
+/// The authentication settings, layered like the rest.
+pub fn auth_settings(args: &Args, layers: &Layers) -> Result<AuthSettings, ConfigError> {
+    // An empty value (an etcd key set to "") is the same as none.
+    let path = |_: &str, value: &str| -> Result<Option<PathBuf>, ConfigError> {
+        Ok((!value.trim().is_empty()).then(|| PathBuf::from(value.trim())))
+    };
+    let anonymous = |key: &str, value: &str| match value.trim() {
+        "" => Ok(None),
+        v => parse_bool(key, v).map(Some),
+    };
+    let allow_anonymous = match &args.allow_anonymous {
+        Some(v) => anonymous("allowAnonymous", v)?,
+        None => None,
+    };
+    Ok(AuthSettings {
+        password_file: layers.pick(
+            "password_file",
+            "passwordFile",
+            args.password_file.clone(),
+            path,
+        )?,
+        acl_file: layers.pick("acl_file", "aclFile", args.acl_file.clone(), path)?,
+        allow_anonymous: layers.pick(
+            "allow_anonymous",
+            "allowAnonymous",
+            allow_anonymous,
+            anonymous,
+        )?,
+        identity_as_username: layers.pick(
+            "use_identity_as_username",
+            "useIdentityAsUsername",
+            parse_bool("useIdentityAsUsername", &args.use_identity_as_username)?,
+            parse_bool,
+        )?,
+        publish_denied: layers.value(
+            "publish_denied",
+            "publishDenied",
+            parse::<PublishDenied>("publishDenied", &args.publish_denied)?,
+        )?,
+    })
+}
 
 fn session_expiry_value(key: &str, value: &str) -> Result<u32, ConfigError> {
     match value.trim() {
@@ -128,12 +201,12 @@ pub fn load(
     source: &dyn ConfigSource,
 ) -> Result<EdgeConfig, ConfigError> {
     let layers = Layers::new(matches, source);
-    let listen = layers.pick(
-        "listen",
-        "listen",
-        listen_value("listen", &args.listen)?,
-        listen_value,
-    )?;
+    let auth = auth_settings(args, &layers)?;
+    let listen = match &args.listen {
+        Some(value) => listen_value("listen", value)?,
+        None => Some(default_listen(1883, auth.local_only())),
+    };
+    let listen = layers.pick("listen", "listen", listen, listen_value)?;
     let tls_listen = layers.value_opt("tls_listen", "tlsListen", args.tls_listen)?;
     let tls_on = layers.pick("tls", "tls", parse_bool("tls", &args.tls)?, parse_bool)?
         || tls_listen.is_some();
@@ -147,19 +220,22 @@ pub fn load(
                 "TLS needs serverCert and serverKey",
             ));
         };
+        let client_certs = layers.value(
+            "client_certs",
+            "clientCerts",
+            parse::<ClientCerts>("clientCerts", &args.client_certs)?,
+        )?;
         Some(TlsSettings {
-            listen: match tls_listen {
-                Some(addr) => addr,
-                None => parse("tlsListen", DEFAULT_TLS_LISTEN)?,
-            },
+            listen: tls_listen.unwrap_or_else(|| {
+                default_listen(
+                    8883,
+                    auth.local_only() && client_certs != ClientCerts::Required,
+                )
+            }),
             cert,
             key,
             ca: layers.value_opt("cacert", "cacert", args.cacert.clone())?,
-            client_certs: layers.value(
-                "client_certs",
-                "clientCerts",
-                parse::<ClientCerts>("clientCerts", &args.client_certs)?,
-            )?,
+            client_certs,
             cert_identity: layers.pick(
                 "cert_identity",
                 "certIdentity",
@@ -230,6 +306,7 @@ pub fn load(
             Duration::from_secs(args.shutdown_grace),
             parse_secs,
         )?,
+        auth,
     };
     config.validate()?;
     Ok(config)
@@ -245,10 +322,19 @@ pub fn metrics_listen(
 }
 
 /// Keys whose change takes effect at once: the TLS material and policy.
-pub const RELOADABLE_KEYS: [&str; 5] = [
+pub const TLS_KEYS: [&str; 5] = [
     "cacert",
     "serverCert",
     "serverKey",
     "clientCerts",
     "certIdentity",
+];
+
+/// Keys whose change takes effect at once: who may connect and what they may do.
+pub const AUTH_KEYS: [&str; 5] = [
+    "passwordFile",
+    "aclFile",
+    "allowAnonymous",
+    "useIdentityAsUsername",
+    "publishDenied",
 ];

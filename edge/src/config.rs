@@ -18,6 +18,8 @@ pub struct EdgeConfig {
     pub limits: Limits,
     /// How long shutdown waits for sessions to finish.
     pub shutdown_grace: Duration,
+    /// Authentication and authorization.
+    pub auth: crate::auth::AuthSettings,
 }
 
 /// Limits with documented behaviour when reached (README, "Limits").
@@ -84,7 +86,18 @@ impl Default for Limits {
 pub use wharf_shared::config::ConfigError;
 
 impl EdgeConfig {
+    /// Each listener's address, and whether it requires a client certificate.
+    pub fn listeners(&self) -> Vec<(SocketAddr, bool)> {
+        let plain = self.listen.map(|addr| (addr, false));
+        let tls = self.tls.as_ref().map(|t| {
+            let required = t.client_certs == crate::tls::ClientCerts::Required;
+            (t.listen, required)
+        });
+        plain.into_iter().chain(tls).collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.auth.check_exposure(&self.listeners())?;
         let l = &self.limits;
         let check = |ok: bool, key: &str, value: String, reason: &str| {
             if ok {

@@ -9,6 +9,7 @@
 mod handshake;
 mod outbound;
 
+use crate::auth::{acl::Access, PublishDenied};
 use crate::broker::Broker;
 use crate::keepalive;
 use crate::link::{LinkError, Policy, ReplyRx};
@@ -113,8 +114,8 @@ enum Op {
         retained_for: Vec<(String, Grant)>,
         result: Result<Reply, LinkError>,
     },
-    /// PUBCOMP with its reason code.
-    PubComp(u16, u8),
+    /// An acknowledgement with its reason code, kept behind those still waiting for the store.
+    Ack(Ack, u16, u8),
 }
 
 /// Consecutive QoS 0 PUBLISHes, or QoS 1 ones, of one read, sent to the worker together.
@@ -407,6 +408,7 @@ impl Connection {
                 hs.write_buf,
                 hs.session_expiry > 0,
                 hs.peer,
+                hs.auth,
             ),
             tracking: InOrder::default(),
             catch_up: None,
@@ -719,13 +721,7 @@ impl Connection {
                 } else {
                     reason::PACKET_IDENTIFIER_NOT_FOUND
                 };
-                if self.ops.is_empty() {
-                    encode::pubcomp(&mut self.out.write_buf, self.version, pkid, code);
-                } else {
-                    // Keep PUBCOMP behind the PUBRECs still waiting for the store.
-                    self.ops
-                        .push_back(Box::pin(async move { Op::PubComp(pkid, code) }));
-                }
+                self.ack_in_order(Ack::PubComp, pkid, code);
             }
             Inbound::Subscribe {
                 pkid,
@@ -822,6 +818,15 @@ impl Connection {
             encode::pubrec(&mut self.out.write_buf, self.version, p.pkid, 0);
             return Ok(());
         }
+        let out = &mut self.out;
+        if !out.auth.allows(
+            &self.broker.auth,
+            &out.state.client_id,
+            Access::Write,
+            &p.topic,
+        ) {
+            return self.publish_denied(p.qos, p.pkid, &p.topic, batch).await;
+        }
         // The 5.0 Receive Maximum counts QoS 2 messages until their PUBCOMP, as the paho
         // reference broker does. QoS 1 ones are acknowledged once stored, a few milliseconds
         // later, and clients (the paho suite's among them) send more than the maximum before
@@ -843,23 +848,16 @@ impl Connection {
         if utf8_claimed && std::str::from_utf8(&p.payload).is_err() {
             // MQTT 5.0 3.3.2.3.2: refused with "payload format invalid", not stored.
             metrics::counter!("wharf_edge_payload_format_invalid_total").increment(1);
+            // The messages before it are acknowledged first.
+            self.send_batch(batch).await?;
+            let code = reason::PAYLOAD_FORMAT_INVALID;
             match p.qos {
                 Qos::AtMostOnce => {}
-                Qos::AtLeastOnce => encode::puback(
-                    &mut self.out.write_buf,
-                    self.version,
-                    p.pkid,
-                    reason::PAYLOAD_FORMAT_INVALID,
-                ),
+                Qos::AtLeastOnce => self.ack_in_order(Ack::PubAck, p.pkid, code),
                 Qos::ExactlyOnce => {
                     // A failed PUBREC ends the QoS 2 flow.
                     self.qos2_ended();
-                    encode::pubrec(
-                        &mut self.out.write_buf,
-                        self.version,
-                        p.pkid,
-                        reason::PAYLOAD_FORMAT_INVALID,
-                    )
+                    self.ack_in_order(Ack::PubRec, p.pkid, code)
                 }
             }
             return Ok(());
@@ -927,6 +925,61 @@ impl Connection {
         }
     }
 
+    fn write_ack(&mut self, kind: Ack, pkid: u16, code: u8) {
+        let buf = &mut self.out.write_buf;
+        match kind {
+            Ack::PubAck => encode::puback(buf, self.version, pkid, code),
+            Ack::PubRec => encode::pubrec(buf, self.version, pkid, code),
+            Ack::PubComp => encode::pubcomp(buf, self.version, pkid, code),
+        }
+    }
+
+    /// Writes an acknowledgement now, or behind those still waiting for the store (MQTT
+    /// wants them in the order of the packets they answer).
+    fn ack_in_order(&mut self, kind: Ack, pkid: u16, code: u8) {
+        if self.ops.is_empty() {
+            self.write_ack(kind, pkid, code);
+        } else {
+            self.ops
+                .push_back(Box::pin(async move { Op::Ack(kind, pkid, code) }));
+        }
+    }
+
+    /// A PUBLISH to a topic the client may not write. 5.0: refused with 0x87. 3.1/3.1.1,
+    /// which have no way to say so: acknowledged and dropped, or the connection closed
+    /// (`publishDenied`).
+    async fn publish_denied(
+        &mut self,
+        qos: Qos,
+        pkid: u16,
+        topic: &str,
+        batch: &mut Batch,
+    ) -> Result<(), SessionError> {
+        metrics::counter!("wharf_edge_denied_total", "action" => "publish").increment(1);
+        tracing::debug!(client_id = %self.out.state.client_id, topic, "publish not authorized");
+        let v5 = self.version.is_v5();
+        if !v5 && self.out.auth.publish_denied() == PublishDenied::Disconnect {
+            return Err(SessionError::Refused {
+                reason: reason::NOT_AUTHORIZED,
+                why: "publish not authorized",
+            });
+        }
+        // The messages before it are acknowledged first.
+        self.send_batch(batch).await?;
+        let code = if v5 {
+            reason::NOT_AUTHORIZED
+        } else {
+            reason::SUCCESS
+        };
+        match qos {
+            Qos::AtMostOnce => {}
+            // 3.1.1's PUBREL that follows is answered as for any id it does not hold.
+            Qos::AtLeastOnce => self.ack_in_order(Ack::PubAck, pkid, code),
+            Qos::ExactlyOnce => self.ack_in_order(Ack::PubRec, pkid, code),
+        }
+        Ok(())
+    }
+
     /// An inbound QoS 2 flow ended (PUBREL answered, or a refusing PUBREC sent).
     fn qos2_ended(&mut self) {
         self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
@@ -955,6 +1008,18 @@ impl Connection {
                 } else {
                     0x80
                 });
+                continue;
+            }
+            // A shared subscription is checked on the filter inside it.
+            let real = shared.map_or(f.filter.as_str(), |(_, inner)| inner);
+            let out = &mut self.out;
+            if !out
+                .auth
+                .allows_subscribe(&self.broker.auth, &out.state.client_id, real)
+            {
+                metrics::counter!("wharf_edge_denied_total", "action" => "subscribe").increment(1);
+                tracing::debug!(client_id = %out.state.client_id, filter = %f.filter, "subscription not authorized");
+                codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
                 continue;
             }
             if let Some((_, inner)) = shared {
@@ -1124,8 +1189,8 @@ impl Connection {
                 }
                 Ok(())
             }
-            Op::PubComp(pkid, code) => {
-                encode::pubcomp(&mut self.out.write_buf, self.version, pkid, code);
+            Op::Ack(kind, pkid, code) => {
+                self.write_ack(kind, pkid, code);
                 Ok(())
             }
         }

@@ -47,23 +47,26 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads the TLS certificates.
+/// SIGHUP re-reads the TLS certificates, the password file and the rule file.
 async fn reload_on_sighup(edge: Arc<Edge>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
     while hup.recv().await.is_some() {
-        if edge.tls_settings().is_none() {
-            continue;
+        if edge.tls_settings().is_some() {
+            if let Err(e) = edge.reload_tls(None) {
+                tracing::error!(error = %e, "TLS reload failed; the previous certificates stay in force");
+            }
         }
-        if let Err(e) = edge.reload_tls(None) {
-            tracing::error!(error = %e, "TLS reload failed; the previous certificates stay in force");
+        if let Err(e) = edge.reload_auth(None) {
+            tracing::error!(error = %e, "password or rule file reload failed; the rules in force stay");
         }
     }
 }
 
-/// Applies etcd changes: TLS material at once, anything else with a "restart needed" line.
+/// Applies etcd changes: TLS material and authentication at once, anything else with a
+/// "restart needed" line.
 async fn follow_etcd(
     edge: Arc<Edge>,
     args: Args,
@@ -81,12 +84,19 @@ async fn follow_etcd(
             Some(v) => snapshot.insert(key.clone(), v.clone()),
             None => snapshot.remove(&key),
         };
-        if !cli::RELOADABLE_KEYS.contains(&key.as_str()) {
+        let tls = cli::TLS_KEYS.contains(&key.as_str());
+        let auth = cli::AUTH_KEYS.contains(&key.as_str());
+        if !tls && !auth {
             tracing::warn!(%key, ?value, "etcd key changed; it takes effect after a restart");
             continue;
         }
-        let result =
-            cli::load(&args, &matches, &snapshot).and_then(|config| edge.reload_tls(config.tls));
+        let result = cli::load(&args, &matches, &snapshot).and_then(|config| {
+            if tls {
+                edge.reload_tls(config.tls)
+            } else {
+                edge.reload_auth(Some(config.auth))
+            }
+        });
         match result {
             Ok(()) => tracing::info!(%key, "applied etcd change"),
             Err(e) => tracing::error!(error = %e, "etcd change not applied"),

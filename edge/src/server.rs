@@ -3,6 +3,7 @@
 //! Shutdown: stop accepting, let every session finish what the store still owes it (bounded
 //! by the grace period, with a warning when it runs out), then close the worker link.
 
+use crate::auth::{Auth, AuthSettings};
 use crate::broker::Broker;
 use crate::config::{ConfigError, EdgeConfig};
 use crate::connection;
@@ -26,6 +27,9 @@ pub struct Edge {
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     link: Link,
     tls: Option<Arc<Tls>>,
+    auth: Arc<Auth>,
+    /// The listeners' addresses as configured, for the exposure check of a reload.
+    listeners: Vec<(SocketAddr, bool)>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -43,6 +47,12 @@ impl Edge {
             Some(settings) => Some(Arc::new(Tls::new(settings.clone())?)),
             None => None,
         };
+        let auth = Arc::new(Auth::load(
+            config.auth.clone(),
+            config.limits.connect_timeout,
+        )?);
+        let exposure = config.listeners();
+        config.auth.log_exposure(&exposure);
         let plain = match config.listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -63,7 +73,7 @@ impl Edge {
             plain,
             tls: secure.zip(tls.clone()),
         };
-        let task = tokio::spawn(run(config, listeners, link, shutdown.clone()));
+        let task = tokio::spawn(run(config, listeners, link, auth.clone(), shutdown.clone()));
         Ok(Edge {
             local_addr,
             tls_addr,
@@ -71,6 +81,8 @@ impl Edge {
             task: std::sync::Mutex::new(Some(task)),
             link: handle,
             tls,
+            auth,
+            listeners: exposure,
         })
     }
 
@@ -85,6 +97,15 @@ impl Edge {
                 "no TLS listener to reload",
             )),
         }
+    }
+
+    /// Re-reads the password and rule files (with new settings, if given). Sessions follow
+    /// the new rules from their next check; on error the rules in force stay.
+    pub fn reload_auth(&self, settings: Option<AuthSettings>) -> Result<(), ConfigError> {
+        if let Some(settings) = &settings {
+            settings.check_exposure(&self.listeners)?;
+        }
+        self.auth.reload(settings)
     }
 
     /// The TLS listener's current settings.
@@ -188,6 +209,7 @@ async fn run(
     config: EdgeConfig,
     listeners: Listeners,
     link: LinkParts,
+    auth: Arc<Auth>,
     shutdown: CancellationToken,
 ) {
     let LinkParts {
@@ -198,7 +220,7 @@ async fn run(
     } = link;
     let grace = config.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
-    let broker = Arc::new(Broker::new(config, link));
+    let broker = Arc::new(Broker::new(config, link, auth));
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     tokio::spawn(crate::groups::fetch_loop(broker.clone(), shutdown.clone()));
     let sweeper = tokio::spawn({

@@ -58,6 +58,7 @@ pub fn edge_config(worker_socket: &Path, host: &str) -> EdgeConfig {
         host: host.to_owned(),
         limits: Limits::default(),
         shutdown_grace: Duration::from_secs(5),
+        auth: Default::default(),
     }
 }
 

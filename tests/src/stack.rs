@@ -6,6 +6,7 @@ use crate::{edge_config, init_tracing, start_edge};
 use std::path::PathBuf;
 use std::time::Duration;
 use tempfile::TempDir;
+use wharf_edge::auth::AuthSettings;
 use wharf_edge::{Edge, Limits};
 use wharf_store_worker::store::mongo::Durability;
 use wharf_store_worker::{Backend, Worker, WorkerConfig};
@@ -22,6 +23,8 @@ pub struct Stack {
     pub mongo: Option<Secantus>,
     /// The edge's limits, used by every (re)start.
     pub limits: Limits,
+    /// The edge's authentication settings, used by every (re)start.
+    pub auth: AuthSettings,
     pub worker: Option<Worker>,
     pub edge: Option<Edge>,
 }
@@ -32,6 +35,10 @@ impl Stack {
     }
 
     pub async fn with_limits(kind: Kind, limits: Limits) -> Stack {
+        Self::with_auth(kind, limits, AuthSettings::default()).await
+    }
+
+    pub async fn with_auth(kind: Kind, limits: Limits, auth: AuthSettings) -> Stack {
         init_tracing();
         let dir = TempDir::new().expect("temp dir");
         let mongo = match kind {
@@ -43,6 +50,7 @@ impl Stack {
             dir,
             mongo,
             limits,
+            auth,
             worker: None,
             edge: None,
         };
@@ -84,6 +92,7 @@ impl Stack {
     pub async fn start_edge(&mut self) {
         let mut config = edge_config(&self.socket, "host-a");
         config.limits = self.limits.clone();
+        config.auth = self.auth.clone();
         self.edge = Some(start_edge(config).await);
     }
 

@@ -1,4 +1,435 @@
-//! Authentication of CONNECTs (issue 18, under way): password hashes as the files and
-//! collections fleets already have store them.
+//! Who may connect, and what each client may do with each topic.
+//!
+//! Authentication happens once, at CONNECT: a user name and password checked against a
+//! Mosquitto `password_file` (hashes only, see [`password`]), or a TLS client certificate's
+//! identity taken as the user name, or no credentials at all where anonymous clients are
+//! allowed. Hashing is slow on purpose, so it runs on tokio's blocking threads, one check at a
+//! time, never on the threads that move messages; a check that waits longer than the CONNECT
+//! timeout for its turn is refused as "server busy". Recent successful checks are remembered
+//! (a keyed digest of the password, never the password), so a reconnect storm of known
+//! devices costs no hashing.
+//!
+//! Authorization ([`acl`]) is asked for every topic a client touches: SUBSCRIBE, PUBLISH, the
+//! will at CONNECT, and every message at the moment it is written to the client, so a revoked
+//! permission stops what is stored, retained or already subscribed to as well.
+//!
+//! Both files are read at start (an unusable one is an error naming it), and again on SIGHUP
+//! or when their etcd keys change; a reload that fails keeps the rules in force.
 
+pub mod acl;
 pub mod password;
+
+use crate::protocol::encode::Refusal;
+use acl::{Access, Acl, Who};
+use password::PasswordFile;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use wharf_shared::config::ConfigError;
+
+/// What a 3.1/3.1.1 client's PUBLISH to a topic it may not write gets (5.0 clients get a
+/// PUBACK or PUBREC with reason 0x87).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PublishDenied {
+    /// Acknowledged and dropped, as Mosquitto does: the client cannot tell.
+    #[default]
+    Drop,
+    /// The connection is closed.
+    Disconnect,
+}
+
+impl std::str::FromStr for PublishDenied {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "drop" => Ok(PublishDenied::Drop),
+            "disconnect" => Ok(PublishDenied::Disconnect),
+            _ => Err("expected drop or disconnect".into()),
+        }
+    }
+}
+
+/// The authentication and authorization settings (flags, environment, etcd).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuthSettings {
+    /// Mosquitto `password_file`: user names and password hashes.
+    pub password_file: Option<PathBuf>,
+    /// Mosquitto `acl_file`: topic rules. Without one every client may use every topic.
+    pub acl_file: Option<PathBuf>,
+    /// `None`: anonymous clients are served only while no password file is configured, and
+    /// then the listeners must be on loopback (or require client certificates).
+    pub allow_anonymous: Option<bool>,
+    /// A verified TLS client certificate's identity (CN, else the first SAN) is the user name,
+    /// with no password (Mosquitto's `use_identity_as_username`).
+    pub identity_as_username: bool,
+    pub publish_denied: PublishDenied,
+}
+
+impl AuthSettings {
+    /// No password file and no explicit choice about anonymous clients: Wharf then serves
+    /// anonymous clients on loopback only (as Mosquitto 2.0 does without a configuration).
+    pub fn local_only(&self) -> bool {
+        self.allow_anonymous.is_none() && self.password_file.is_none()
+    }
+
+    fn anonymous(&self) -> bool {
+        self.allow_anonymous.unwrap_or(self.password_file.is_none())
+    }
+
+    /// Refuses a configuration that would serve anonymous clients on the network without
+    /// anyone having said so. `listeners`: each address, and whether it requires a client
+    /// certificate.
+    pub fn check_exposure(&self, listeners: &[(SocketAddr, bool)]) -> Result<(), ConfigError> {
+        for (addr, certs_required) in listeners {
+            if self.local_only() && !addr.ip().is_loopback() && !certs_required {
+                return Err(ConfigError::new(
+                    "listen",
+                    addr.to_string(),
+                    "no authentication is configured, so anonymous clients are served on \
+                     loopback only: set passwordFile (or allowAnonymous true to serve \
+                     anonymous clients on the network)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Says at start how clients are admitted.
+    pub fn log_exposure(&self, listeners: &[(SocketAddr, bool)]) {
+        if self.local_only() {
+            tracing::info!("no authentication configured: serving anonymous clients on loopback only (set passwordFile, or allowAnonymous true, to serve the network)");
+        } else if self.anonymous() {
+            let open: Vec<String> = listeners
+                .iter()
+                .filter(|(addr, certs)| !addr.ip().is_loopback() && !certs)
+                .map(|(addr, _)| addr.to_string())
+                .collect();
+            if !open.is_empty() {
+                tracing::warn!(listeners = ?open, "allowAnonymous is true: anonymous clients are served on the network");
+            }
+        }
+    }
+}
+
+/// The rules in force; replaced whole on reload, and then marked stale so that sessions
+/// holding it pick up the new one.
+#[derive(Debug, Default)]
+pub struct Policy {
+    passwords: Option<PasswordFile>,
+    acl: Option<Acl>,
+    anonymous: bool,
+    identity_as_username: bool,
+    pub publish_denied: PublishDenied,
+    stale: AtomicBool,
+}
+
+impl Policy {
+    fn load(settings: &AuthSettings) -> Result<Policy, ConfigError> {
+        let read = |key: &str, path: &PathBuf| {
+            std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new(key, path.display().to_string(), e.to_string()))
+        };
+        let passwords =
+            match &settings.password_file {
+                Some(path) => Some(PasswordFile::parse(&read("passwordFile", path)?).map_err(
+                    |e| ConfigError::new("passwordFile", path.display().to_string(), e.to_string()),
+                )?),
+                None => None,
+            };
+        let acl = match &settings.acl_file {
+            Some(path) => Some(Acl::parse(&read("aclFile", path)?).map_err(|e| {
+                ConfigError::new("aclFile", path.display().to_string(), e.to_string())
+            })?),
+            None => None,
+        };
+        Ok(Policy {
+            passwords,
+            acl,
+            anonymous: settings.anonymous(),
+            identity_as_username: settings.identity_as_username,
+            publish_denied: settings.publish_denied,
+            stale: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
+    /// Whether `client` may read or write `topic`; everything without a rule file.
+    pub fn allows(
+        &self,
+        client_id: &str,
+        principal: Option<&Principal>,
+        access: Access,
+        topic: &str,
+    ) -> bool {
+        match &self.acl {
+            None => true,
+            Some(acl) => acl.allows(&who(client_id, principal), access, topic),
+        }
+    }
+
+    /// Whether `client` may subscribe to `filter` (the real filter of a shared one).
+    pub fn allows_subscribe(
+        &self,
+        client_id: &str,
+        principal: Option<&Principal>,
+        filter: &str,
+    ) -> bool {
+        match &self.acl {
+            None => true,
+            Some(acl) => acl.allows_subscribe(&who(client_id, principal), filter),
+        }
+    }
+}
+
+fn who<'a>(client_id: &'a str, principal: Option<&'a Principal>) -> Who<'a> {
+    Who {
+        client_id,
+        username: principal.and_then(|p| p.username.as_deref()),
+        identity: principal.and_then(|p| p.identity.as_deref()),
+    }
+}
+
+/// Who a connection is, beyond its client id: kept only when there is something to keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub username: Option<Arc<str>>,
+    /// The TLS client certificate's identity.
+    pub identity: Option<Arc<str>>,
+}
+
+/// A CONNECT's credentials.
+pub struct Credentials<'a> {
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    /// The verified client certificate's names (CN first), on TLS listeners.
+    pub certificate: Option<&'a [String]>,
+}
+
+/// Successful checks kept, at most; past it the cache starts again.
+const CACHE_ENTRIES: usize = 100_000;
+
+pub struct Auth {
+    settings: Mutex<AuthSettings>,
+    policy: RwLock<Arc<Policy>>,
+    /// user name -> keyed SHA-256 of the password last accepted for it.
+    cache: Mutex<HashMap<Arc<str>, [u8; 32]>>,
+    cache_key: [u8; 32],
+    /// One hash at a time.
+    hashing: Arc<Semaphore>,
+    hashing_wait: Duration,
+}
+
+impl Auth {
+    pub fn load(settings: AuthSettings, hashing_wait: Duration) -> Result<Auth, ConfigError> {
+        let policy = Policy::load(&settings)?;
+        let mut cache_key = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut cache_key)
+            .map_err(|_| ConfigError::new("passwordFile", "", "no system randomness"))?;
+        Ok(Auth {
+            settings: Mutex::new(settings),
+            policy: RwLock::new(Arc::new(policy)),
+            cache: Mutex::default(),
+            cache_key,
+            hashing: Arc::new(Semaphore::new(1)),
+            hashing_wait,
+        })
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn settings(&self) -> AuthSettings {
+        self.settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the files again (with new settings, if given). On error the rules in force stay.
+    pub fn reload(&self, settings: Option<AuthSettings>) -> Result<(), ConfigError> {
+        let settings = settings.unwrap_or_else(|| self.settings());
+        let policy = Policy::load(&settings)?;
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
+        let old = std::mem::replace(
+            &mut *self.policy.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(policy),
+        );
+        old.stale.store(true, Ordering::Relaxed);
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        tracing::info!("authentication and authorization rules reloaded");
+        Ok(())
+    }
+
+    fn digest(&self, password: &[u8]) -> [u8; 32] {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(&self.cache_key);
+        context.update(password);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(context.finish().as_ref());
+        out
+    }
+
+    /// Who the client is, or why it is refused. The password is never logged.
+    pub async fn authenticate(
+        &self,
+        credentials: Credentials<'_>,
+    ) -> Result<Option<Principal>, Refusal> {
+        let policy = self.policy();
+        let identity: Option<Arc<str>> = credentials
+            .certificate
+            .and_then(|names| names.first())
+            .map(|name| Arc::from(name.as_str()));
+        if policy.identity_as_username {
+            if let Some(name) = &identity {
+                return Ok(Some(Principal {
+                    username: Some(name.clone()),
+                    identity: identity.clone(),
+                }));
+            }
+        }
+        let principal = |username: Option<&str>| {
+            (username.is_some() || identity.is_some()).then(|| Principal {
+                username: username.map(Arc::from),
+                identity: identity.clone(),
+            })
+        };
+        if policy.passwords.is_none() {
+            // No password file: a user name is taken as given (rules may still use it).
+            return if policy.anonymous {
+                Ok(principal(credentials.username))
+            } else {
+                failed("not_authorized", credentials.username);
+                Err(Refusal::NotAuthorized)
+            };
+        }
+        let Some(user) = credentials.username else {
+            if credentials.password.is_some() {
+                failed("bad_credentials", None);
+                return Err(Refusal::BadUserNameOrPassword);
+            }
+            return if policy.anonymous {
+                Ok(principal(None))
+            } else {
+                failed("not_authorized", None);
+                Err(Refusal::NotAuthorized)
+            };
+        };
+        let password = credentials.password.unwrap_or_default();
+        let digest = self.digest(password);
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .is_some_and(|d| password::constant_time_eq(d, &digest));
+        if cached {
+            metrics::counter!("wharf_edge_auth_cache_hits_total").increment(1);
+            return Ok(principal(Some(user)));
+        }
+        if credentials.password.is_none() {
+            failed("bad_credentials", Some(user));
+            return Err(Refusal::BadUserNameOrPassword);
+        }
+        let permit =
+            match tokio::time::timeout(self.hashing_wait, self.hashing.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    failed("busy", Some(user));
+                    return Err(Refusal::ServerBusy);
+                }
+            };
+        let checked = {
+            let policy = policy.clone();
+            let user = user.to_owned();
+            let password = password.to_vec();
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                policy
+                    .passwords
+                    .as_ref()
+                    .is_some_and(|p| p.check(&user, &password))
+            })
+            .await
+            .unwrap_or(false)
+        };
+        if !checked {
+            failed("bad_credentials", Some(user));
+            return Err(Refusal::BadUserNameOrPassword);
+        }
+        if !policy.is_stale() {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(Arc::from(user), digest);
+        }
+        Ok(principal(Some(user)))
+    }
+}
+
+fn failed(reason: &'static str, username: Option<&str>) {
+    metrics::counter!("wharf_edge_auth_failures_total", "reason" => reason).increment(1);
+    tracing::info!(
+        reason,
+        username = username.unwrap_or(""),
+        "authentication failed"
+    );
+}
+
+/// What a session holds to ask the rules: the policy it last read (replaced when it goes
+/// stale) and who it is. 16 bytes in every connection.
+pub struct SessionAuth {
+    policy: Arc<Policy>,
+    principal: Option<Box<Principal>>,
+}
+
+impl SessionAuth {
+    pub fn new(policy: Arc<Policy>, principal: Option<Principal>) -> SessionAuth {
+        SessionAuth {
+            policy,
+            principal: principal.map(Box::new),
+        }
+    }
+
+    /// The rules this session read last (fresh at CONNECT).
+    pub fn policy_now(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn publish_denied(&self) -> PublishDenied {
+        self.policy.publish_denied
+    }
+
+    pub fn allows(&mut self, auth: &Auth, client_id: &str, access: Access, topic: &str) -> bool {
+        if self.policy.is_stale() {
+            self.policy = auth.policy();
+        }
+        self.policy
+            .allows(client_id, self.principal.as_deref(), access, topic)
+    }
+
+    pub fn allows_subscribe(&mut self, auth: &Auth, client_id: &str, filter: &str) -> bool {
+        if self.policy.is_stale() {
+            self.policy = auth.policy();
+        }
+        self.policy
+            .allows_subscribe(client_id, self.principal.as_deref(), filter)
+    }
+
+    pub fn principal(&self) -> Option<&Principal> {
+        self.principal.as_deref()
+    }
+}

@@ -119,7 +119,111 @@ impl Hash {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// The iterations `wharf-passwd` uses for PBKDF2-SHA512 unless told otherwise: ten times
+/// Mosquitto's 101, about 1 ms a check here. A reconnect storm after a restart (when the
+/// cache of successful checks is empty) pays it for every device, one check at a time.
+pub const DEFAULT_PBKDF2_ITERATIONS: u32 = 1_000;
+
+fn salt(len: usize) -> Result<Vec<u8>, String> {
+    let mut salt = vec![0u8; len];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        .map_err(|_| "no system randomness".to_string())?;
+    Ok(salt)
+}
+
+impl Hash {
+    /// A new PBKDF2-SHA512 hash in Mosquitto's `$7$` format (12-byte salt, as
+    /// `mosquitto_passwd` makes).
+    pub fn new_pbkdf2(password: &[u8], iterations: NonZeroU32) -> Result<Hash, String> {
+        let salt = salt(12)?;
+        let mut hash = vec![0u8; 64];
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA512,
+            iterations,
+            &salt,
+            password,
+            &mut hash,
+        );
+        Ok(Hash::Pbkdf2Sha512 {
+            iterations,
+            salt,
+            hash,
+        })
+    }
+
+    /// A new argon2id hash with the crate's default (OWASP) parameters.
+    pub fn new_argon2id(password: &[u8]) -> Result<Hash, String> {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let salt = SaltString::encode_b64(&salt(16)?).map_err(|e| e.to_string())?;
+        let phc = argon2::Argon2::default()
+            .hash_password(password, &salt)
+            .map_err(|e| e.to_string())?;
+        Ok(Hash::Argon2(phc.to_string()))
+    }
+
+    /// A new bcrypt hash (`$2b$`) of the given cost.
+    pub fn new_bcrypt(password: &[u8], cost: u32) -> Result<Hash, String> {
+        bcrypt::hash(password, cost)
+            .map(Hash::Bcrypt)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl std::fmt::Display for Hash {
+    /// The stored form, as `parse` reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hash::Pbkdf2Sha512 {
+                iterations,
+                salt,
+                hash,
+            } => write!(
+                f,
+                "$7${iterations}${}${}",
+                STANDARD.encode(salt),
+                STANDARD.encode(hash)
+            ),
+            Hash::Sha512 { salt, hash } => {
+                write!(f, "$6${}${}", STANDARD.encode(salt), STANDARD.encode(hash))
+            }
+            Hash::Argon2(s) | Hash::Bcrypt(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A password file's text with `user`'s line set to `hash` (replaced where it was, added at
+/// the end otherwise); other lines, comments included, stay as they are.
+pub fn set_user(text: &str, user: &str, hash: &Hash) -> String {
+    let line = format!("{user}:{hash}");
+    let mut found = false;
+    let mut out: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.split_once(':').is_some_and(|(u, _)| u == user) {
+                found = true;
+                line.clone()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    if !found {
+        out.push(line);
+    }
+    out.join("\n") + "\n"
+}
+
+/// A password file's text without `user`'s line, or `None` if it has none.
+pub fn remove_user(text: &str, user: &str) -> Option<String> {
+    let before = text.lines().count();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split_once(':').is_none_or(|(u, _)| u != user))
+        .collect();
+    (kept.len() < before).then(|| kept.join("\n") + "\n")
+}
+
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -226,6 +330,40 @@ dave:$argon2id$v=19$m=1024,t=1,p=1$scEcvKzmLizFKW91ulnFJw$51cSMh1xkWCu/DMqRt1GM5
             assert!(!file.check(user, b""), "{user} with an empty password");
         }
         assert!(!file.check("mallory", b"s3cret"));
+    }
+
+    #[test]
+    fn hashes_made_here_verify_and_read_back() {
+        let iterations = NonZeroU32::new(50).expect("non-zero");
+        for hash in [
+            Hash::new_pbkdf2(b"pw", iterations).expect("pbkdf2"),
+            Hash::new_argon2id(b"pw").expect("argon2"),
+            Hash::new_bcrypt(b"pw", 4).expect("bcrypt"),
+        ] {
+            let stored = hash.to_string();
+            let parsed = Hash::parse(&stored).expect(&stored);
+            assert_eq!(parsed, hash);
+            assert!(parsed.verify(b"pw"), "{stored}");
+            assert!(!parsed.verify(b"pW"), "{stored}");
+        }
+    }
+
+    #[test]
+    fn users_are_set_and_removed_keeping_the_rest() {
+        let hash = Hash::parse("$2b$04$EjUOidkaARJSY6pPGFMEoOxG8HGl4Sesyf2lHKLrDXqVqEZt32tJS")
+            .expect("hash");
+        let text = set_user(FILE, "erin", &hash);
+        let file = PasswordFile::parse(&text).expect("parse");
+        assert_eq!(file.len(), 5);
+        assert!(file.check("erin", b"opensesame"));
+        assert!(text.starts_with("# made by mosquitto_passwd\n"));
+        let changed = set_user(&text, "alice", &hash);
+        let file = PasswordFile::parse(&changed).expect("parse");
+        assert_eq!(file.len(), 5);
+        assert!(file.check("alice", b"opensesame"));
+        let removed = remove_user(&changed, "alice").expect("alice was there");
+        assert_eq!(PasswordFile::parse(&removed).expect("parse").len(), 4);
+        assert!(remove_user(&removed, "alice").is_none());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use super::outbound::Peer;
 use super::{session_queue, SessionError};
+use crate::auth::{acl::Access, SessionAuth};
 use crate::broker::Broker;
 use crate::link::Policy;
 use crate::protocol::encode::{self, ConnackProperties, Refusal};
@@ -39,6 +40,7 @@ pub struct Handshake {
     pub undelivered: Vec<Message>,
     pub next: Option<wharf_shared::Cursor>,
     pub connect_started_ms: i64,
+    pub auth: SessionAuth,
     /// CONNACK and anything else to send first.
     pub write_buf: BytesMut,
 }
@@ -101,7 +103,31 @@ where
             return Ok(None);
         }
     }
-    start_session(broker, connect, client_id, writer).await
+    let credentials = crate::auth::Credentials {
+        username: connect.username.as_deref(),
+        password: connect.password.as_deref(),
+        certificate: identity.map(|i| i.names.as_slice()),
+    };
+    let principal = match broker.auth.authenticate(credentials).await {
+        Ok(principal) => principal,
+        Err(refusal) => {
+            refuse(writer, version, refusal).await;
+            return Ok(None);
+        }
+    };
+    let auth = SessionAuth::new(broker.auth.policy(), principal);
+    if let Some(will) = &connect.will {
+        let allowed =
+            auth.policy_now()
+                .allows(&client_id, auth.principal(), Access::Write, &will.topic);
+        if !allowed {
+            tracing::info!(client_id = %client_id, topic = %will.topic, "will topic not authorized");
+            metrics::counter!("wharf_edge_denied_total", "action" => "will").increment(1);
+            refuse(writer, version, Refusal::NotAuthorized).await;
+            return Ok(None);
+        }
+    }
+    start_session(broker, connect, client_id, auth, writer).await
 }
 
 async fn read_connect<R: AsyncRead + Unpin>(
@@ -154,6 +180,7 @@ async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, version: Version, refusal
         Refusal::BadUserNameOrPassword => "bad user name or password",
         Refusal::NotAuthorized => "not authorized",
         Refusal::BadAuthenticationMethod => "no enhanced authentication method is served",
+        Refusal::ServerBusy => "too many connections waiting for a password check",
     };
     let props = ConnackProperties {
         reason_string: version.is_v5().then(|| why.to_owned()),
@@ -168,6 +195,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
     broker: &Arc<Broker>,
     connect: Connect,
     client_id: Arc<str>,
+    auth: SessionAuth,
     writer: &mut W,
 ) -> Result<Option<Box<Handshake>>, SessionError> {
     let connection_id = broker.connection_id();
@@ -297,6 +325,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
         undelivered,
         next,
         connect_started_ms,
+        auth,
         write_buf,
     })))
 }

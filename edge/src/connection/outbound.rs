@@ -5,6 +5,7 @@
 //! catch-up, retained). Around every store fetch a dedupe window is open so that a message
 //! that comes both ways is sent once.
 
+use crate::auth::{acl::Access, SessionAuth};
 use crate::broker::Broker;
 use crate::ids;
 use crate::protocol::encode::{self, PublishOut};
@@ -267,6 +268,8 @@ pub struct Outbound {
     max_packet_size: usize,
     /// Boxed, and only for 5.0 clients that take aliases.
     aliases: Option<Box<Aliases>>,
+    /// Who the client is and the rules it last read: asked for every message written to it.
+    pub auth: SessionAuth,
 }
 
 impl Outbound {
@@ -277,6 +280,7 @@ impl Outbound {
         write_buf: BytesMut,
         durable_qos2: bool,
         peer: Peer,
+        auth: SessionAuth,
     ) -> Self {
         let limits = &broker.config.limits;
         Outbound {
@@ -295,6 +299,7 @@ impl Outbound {
             catch_up: None,
             last_seed_catch_up: None,
             durable_qos2,
+            auth,
             requests: Vec::new(),
             max_inflight: (limits.max_inflight as usize).min(peer.receive_maximum as usize),
             version: peer.version,
@@ -491,6 +496,19 @@ impl Outbound {
     /// Size, which MQTT 5.0 (3.1.2.11.4) treats as if it had been sent: it is recorded as
     /// delivered, so that no catch-up brings it again.
     fn sendable(&mut self, d: &Delivery) -> bool {
+        // Whatever way it came (live, stored, retained, a group's), a message the client may
+        // not read now is not written: recorded as delivered, so that no catch-up brings it.
+        let topic = d.message.topic.as_str();
+        if !self.auth.allows(
+            &self.broker.auth,
+            &self.state.client_id,
+            Access::Read,
+            topic,
+        ) {
+            metrics::counter!("wharf_edge_denied_total", "action" => "deliver").increment(1);
+            self.record(d);
+            return false;
+        }
         // The clock is read only for messages that can expire (most have no properties).
         if d.message.expires_ms().is_some_and(|at| ids::now_ms() >= at) {
             metrics::counter!("wharf_edge_expired_messages_total").increment(1);

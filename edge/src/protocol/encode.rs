@@ -16,6 +16,8 @@ pub enum Refusal {
     NotAuthorized,
     /// 5.0 only (3.1.1 has no enhanced authentication; it gets "not authorized").
     BadAuthenticationMethod,
+    /// Too many CONNECTs waiting for a password check (3.1.1: "server unavailable").
+    ServerBusy,
 }
 
 impl Refusal {
@@ -29,6 +31,7 @@ impl Refusal {
             Refusal::BadUserNameOrPassword => (4, BAD_USER_NAME_OR_PASSWORD),
             Refusal::NotAuthorized => (5, NOT_AUTHORIZED),
             Refusal::BadAuthenticationMethod => (5, BAD_AUTHENTICATION_METHOD),
+            Refusal::ServerBusy => (3, SERVER_BUSY),
         };
         if version.is_v5() {
             v5
