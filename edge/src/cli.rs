@@ -57,6 +57,21 @@ pub struct Args {
     /// password [etcd: useIdentityAsUsername].
     #[arg(long, env = "WHARF_USE_IDENTITY_AS_USERNAME", default_value = "false")]
     pub use_identity_as_username: String,
+    /// Users from the store-worker's MongoDB users collection (EMQX's document shape; the
+    /// worker's --users-* flags name it) [etcd: storeUsers].
+    #[arg(long, env = "WHARF_STORE_USERS", default_value = "false")]
+    pub store_users: String,
+    /// Rules from the store-worker's MongoDB authorization collection (EMQX's document shape)
+    /// [etcd: storeAcl].
+    #[arg(long, env = "WHARF_STORE_ACL", default_value = "false")]
+    pub store_acl: String,
+    /// Where a store user's salt goes in a hex SHA-256/512 digest: suffix (password then
+    /// salt) or prefix, as EMQX's salt_position [etcd: saltPosition].
+    #[arg(long, env = "WHARF_SALT_POSITION", default_value = "suffix")]
+    pub salt_position: String,
+    /// What a topic no rule matches gets: deny or allow [etcd: aclNoMatch].
+    #[arg(long, env = "WHARF_ACL_NO_MATCH", default_value = "deny")]
+    pub acl_no_match: String,
     /// What a 3.1/3.1.1 PUBLISH to a topic the client may not write gets: drop (acknowledged
     /// and dropped) or disconnect; 5.0 clients get reason 0x87 [etcd: publishDenied].
     #[arg(long, env = "WHARF_PUBLISH_DENIED", default_value = "drop")]
@@ -138,6 +153,22 @@ fn default_listen(port: u16, local_only: bool) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
+fn salt_first(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim() {
+        "suffix" => Ok(false),
+        "prefix" => Ok(true),
+        _ => Err(ConfigError::new(key, value, "expected suffix or prefix")),
+    }
+}
+
+fn no_match(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim() {
+        "deny" => Ok(false),
+        "allow" => Ok(true),
+        _ => Err(ConfigError::new(key, value, "expected deny or allow")),
+    }
+}
+
 /// The authentication settings, layered like the rest.
 pub fn auth_settings(args: &Args, layers: &Layers) -> Result<AuthSettings, ConfigError> {
     // An empty value (an etcd key set to "") is the same as none.
@@ -171,6 +202,30 @@ pub fn auth_settings(args: &Args, layers: &Layers) -> Result<AuthSettings, Confi
             "useIdentityAsUsername",
             parse_bool("useIdentityAsUsername", &args.use_identity_as_username)?,
             parse_bool,
+        )?,
+        store_users: layers.pick(
+            "store_users",
+            "storeUsers",
+            parse_bool("storeUsers", &args.store_users)?,
+            parse_bool,
+        )?,
+        store_rules: layers.pick(
+            "store_acl",
+            "storeAcl",
+            parse_bool("storeAcl", &args.store_acl)?,
+            parse_bool,
+        )?,
+        salt_first: layers.pick(
+            "salt_position",
+            "saltPosition",
+            salt_first("saltPosition", &args.salt_position)?,
+            salt_first,
+        )?,
+        no_match_allows: layers.pick(
+            "acl_no_match",
+            "aclNoMatch",
+            no_match("aclNoMatch", &args.acl_no_match)?,
+            no_match,
         )?,
         publish_denied: layers.value(
             "publish_denied",
@@ -331,10 +386,14 @@ pub const TLS_KEYS: [&str; 5] = [
 ];
 
 /// Keys whose change takes effect at once: who may connect and what they may do.
-pub const AUTH_KEYS: [&str; 5] = [
+pub const AUTH_KEYS: [&str; 9] = [
     "passwordFile",
     "aclFile",
     "allowAnonymous",
     "useIdentityAsUsername",
     "publishDenied",
+    "storeUsers",
+    "storeAcl",
+    "saltPosition",
+    "aclNoMatch",
 ];

@@ -223,6 +223,11 @@ async fn run(
     let broker = Arc::new(Broker::new(config, link, auth));
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     tokio::spawn(crate::groups::fetch_loop(broker.clone(), shutdown.clone()));
+    tokio::spawn(crate::auth::follow_store(
+        broker.auth.clone(),
+        broker.link.clone(),
+        shutdown.clone(),
+    ));
     let sweeper = tokio::spawn({
         let (broker, shutdown) = (broker.clone(), shutdown.clone());
         async move { keepalive::sweep(&broker.router, &broker.registry, &shutdown).await }

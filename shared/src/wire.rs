@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -295,6 +295,30 @@ pub enum Request {
         client_id: String,
         session_expiry: u32,
     },
+    /// The users and authorization rules kept in the store (MongoDB only), read whole: reply
+    /// `Auth`. The edge asks every few seconds and checks passwords and rules itself.
+    LoadAuth { users: bool, rules: bool },
+}
+
+/// A user document as stored: the edge checks the password against it.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct StoredUser {
+    pub username: String,
+    pub password_hash: String,
+    pub salt: Option<String>,
+    pub superuser: bool,
+}
+
+/// An authorization document in EMQX's MongoDB shape: `permission` allow/deny, `action`
+/// publish/subscribe/all, `topics` (with `${username}`, `${clientid}`, `eq ` for a literal
+/// filter), for a `username` and/or `clientid`, or everyone when it names neither.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct StoredRule {
+    pub username: Option<String>,
+    pub client_id: Option<String>,
+    pub permission: String,
+    pub action: String,
+    pub topics: Vec<String>,
 }
 
 /// Fire-and-forget frames: losing one costs a duplicate or a missing QoS 0 record, never an
@@ -341,6 +365,11 @@ pub enum Reply {
         /// More may wait after this position (a page ended); `None` when this was all. It is
         /// the last message read, so paging moves forward and ends.
         next: Option<Cursor>,
+    },
+    /// The users and rules the store keeps.
+    Auth {
+        users: Vec<StoredUser>,
+        rules: Vec<StoredRule>,
     },
     /// The request could not be carried out; `retryable` when the store may recover.
     Failed {

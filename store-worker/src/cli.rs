@@ -1,7 +1,7 @@
 //! The store-worker's command line, layered over etcd like the edge's: a flag or its
 //! environment variable wins, then the etcd key under the prefix, then the default.
 
-use crate::store::mongo::Durability;
+use crate::store::mongo::{AuthCollections, Durability};
 use crate::{Backend, WorkerConfig};
 use clap::{ArgMatches, Parser};
 use std::net::SocketAddr;
@@ -57,8 +57,47 @@ pub struct Args {
     /// [etcd: workerMetricsListen].
     #[arg(long, env = "WHARF_WORKER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// MongoDB: the collection of users (EMQX's authenticator shape) [etcd: usersCollection].
+    #[arg(long, env = "WHARF_USERS_COLLECTION", default_value = "mqtt_user")]
+    pub users_collection: String,
+    /// MongoDB: which user documents count, as JSON [etcd: usersFilter].
+    #[arg(long, env = "WHARF_USERS_FILTER", default_value = "{}")]
+    pub users_filter: String,
+    /// MongoDB: the user document's user name field [etcd: usernameField].
+    #[arg(long, env = "WHARF_USERNAME_FIELD", default_value = "username")]
+    pub username_field: String,
+    /// MongoDB: the user document's password hash field [etcd: passwordHashField].
+    #[arg(
+        long,
+        env = "WHARF_PASSWORD_HASH_FIELD",
+        default_value = "password_hash"
+    )]
+    pub password_hash_field: String,
+    /// MongoDB: the user document's salt field [etcd: saltField].
+    #[arg(long, env = "WHARF_SALT_FIELD", default_value = "salt")]
+    pub salt_field: String,
+    /// MongoDB: the user document's superuser flag [etcd: superuserField].
+    #[arg(long, env = "WHARF_SUPERUSER_FIELD", default_value = "is_superuser")]
+    pub superuser_field: String,
+    /// MongoDB: the collection of authorization rules (EMQX's shape) [etcd: aclCollection].
+    #[arg(long, env = "WHARF_ACL_COLLECTION", default_value = "mqtt_acl")]
+    pub acl_collection: String,
+    /// MongoDB: which rule documents count, as JSON [etcd: aclFilter].
+    #[arg(long, env = "WHARF_ACL_FILTER", default_value = "{}")]
+    pub acl_filter: String,
     #[command(flatten)]
     pub etcd: wharf_shared::config::EtcdArgs,
+}
+
+/// A MongoDB filter written as JSON (extended JSON allowed).
+fn filter(key: &str, value: &str) -> Result<mongodb::bson::Document, ConfigError> {
+    let json: serde_json::Value =
+        serde_json::from_str(value).map_err(|e| ConfigError::new(key, value, e.to_string()))?;
+    match mongodb::bson::Bson::try_from(json) {
+        Ok(mongodb::bson::Bson::Document(doc)) => Ok(doc),
+        Ok(_) => Err(ConfigError::new(key, value, "expected a JSON object")),
+        Err(e) => Err(ConfigError::new(key, value, e.to_string())),
+    }
 }
 
 fn socket_mode(key: &str, value: &str) -> Result<u32, ConfigError> {
@@ -168,6 +207,46 @@ pub fn load(
         Duration::from_secs(args.shutdown_grace),
         parse_secs,
     )?;
+    config.auth_collections = AuthCollections {
+        users: layers.value(
+            "users_collection",
+            "usersCollection",
+            args.users_collection.clone(),
+        )?,
+        users_filter: layers.pick(
+            "users_filter",
+            "usersFilter",
+            filter("usersFilter", &args.users_filter)?,
+            filter,
+        )?,
+        username_field: layers.value(
+            "username_field",
+            "usernameField",
+            args.username_field.clone(),
+        )?,
+        password_hash_field: layers.value(
+            "password_hash_field",
+            "passwordHashField",
+            args.password_hash_field.clone(),
+        )?,
+        salt_field: layers.value("salt_field", "saltField", args.salt_field.clone())?,
+        superuser_field: layers.value(
+            "superuser_field",
+            "superuserField",
+            args.superuser_field.clone(),
+        )?,
+        rules: layers.value(
+            "acl_collection",
+            "aclCollection",
+            args.acl_collection.clone(),
+        )?,
+        rules_filter: layers.pick(
+            "acl_filter",
+            "aclFilter",
+            filter("aclFilter", &args.acl_filter)?,
+            filter,
+        )?,
+    };
     let metrics = layers.value_opt("metrics_listen", "workerMetricsListen", args.metrics_listen)?;
     Ok((config, metrics))
 }

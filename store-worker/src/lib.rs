@@ -60,6 +60,8 @@ pub struct WorkerConfig {
     /// How long an unavailable store is retried before a request fails.
     pub retry_limit: Duration,
     pub shutdown_grace: Duration,
+    /// MongoDB: where the users and authorization rules are kept.
+    pub auth_collections: store::mongo::AuthCollections,
 }
 
 impl WorkerConfig {
@@ -73,6 +75,7 @@ impl WorkerConfig {
             max_batch: 1000,
             retry_limit: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            auth_collections: Default::default(),
         }
     }
 }
@@ -123,7 +126,9 @@ impl Worker {
                 change_streams,
             } => {
                 let store = Arc::new(
-                    MongoStore::connect(uri, database, durability, *change_streams).await?,
+                    MongoStore::connect(uri, database, durability, *change_streams)
+                        .await?
+                        .with_auth(config.auth_collections.clone()),
                 );
                 ready = ready_check(store.clone());
                 tokio::spawn(expire_sessions(store.clone(), shutdown.clone()));

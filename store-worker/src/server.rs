@@ -330,6 +330,7 @@ fn client_of(request: &Request) -> &str {
         Request::Persist(messages) => messages.first().map_or("", |m| &m.client_id),
         Request::PersistQos2 { message, .. } => &message.client_id,
         Request::ReleaseQos2 { client_id, .. } => client_id,
+        Request::LoadAuth { .. } => "",
     }
 }
 
@@ -516,6 +517,10 @@ async fn handle<S: Store>(
             metrics::histogram!("wharf_worker_catch_up_seconds")
                 .record(started.elapsed().as_secs_f64());
             Reply::Messages { messages, next }
+        }
+        Request::LoadAuth { users, rules } => {
+            let (users, rules) = store.load_auth(users, rules).await?;
+            Reply::Auth { users, rules }
         }
         Request::Persist(_) | Request::PersistQos2 { .. } | Request::ReleaseQos2 { .. } => {
             return Err(StoreError::Failed("persister request on a lane".into()))

@@ -303,6 +303,10 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
             Reply::Done
         }
         Request::Disconnect { .. } => Reply::Done,
+        Request::LoadAuth { .. } => Reply::Failed {
+            reason: "the mock worker keeps no users".into(),
+            retryable: false,
+        },
         Request::Connect { client_id, .. } => {
             let present = store.subscriptions.contains_key(&client_id);
             let subscriptions = store

@@ -461,3 +461,116 @@ fn secure_by_default_and_unusable_files_refused_at_start() {
         assert!(log.contains(args[1]), "{args:?} not named: {log}");
     }
 }
+
+/// Users and rules kept in MongoDB in EMQX's document shapes (its documented sha256 example
+/// among them), a superuser, and changes followed within seconds: a user removed can no
+/// longer connect, a rule removed stops a subscription made before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_rules_from_mongodb_in_emqx_shape() {
+    use mongodb::bson::doc;
+    let settings = AuthSettings {
+        store_users: true,
+        store_rules: true,
+        ..Default::default()
+    };
+    let stack = Stack::with_auth(Kind::Mongo, Limits::default(), settings).await;
+    let db = stack.db().await;
+    let users = db.collection::<mongodb::bson::Document>("mqtt_user");
+    users
+        .insert_many([
+            // EMQX's documentation: password "public", salt suffix, sha256, superuser.
+            doc! {"username": "emqx_u", "salt": "slat_foo123", "is_superuser": true,
+            "password_hash": "44edc2d57cde8d79c98145003e105b90a14f1460b79186ea9cfe83942fc5abb5"},
+            doc! {"username": "dev1",
+            "password_hash": "$2b$04$EjUOidkaARJSY6pPGFMEoOxG8HGl4Sesyf2lHKLrDXqVqEZt32tJS"},
+            doc! {"username": "dev2", "password_hash": "plain-text-is-refused"},
+        ])
+        .await
+        .expect("users");
+    let rules = db.collection::<mongodb::bson::Document>("mqtt_acl");
+    rules
+        .insert_many([
+            doc! {"username": "dev1", "permission": "allow", "action": "publish",
+            "topics": ["dev/${clientid}/telemetry"]},
+            doc! {"username": "dev1", "permission": "allow", "action": "subscribe",
+            "topics": ["dev/${username}/cmd"]},
+        ])
+        .await
+        .expect("rules");
+    // Read within a few seconds of the worker being up.
+    let dev1 = Some(("dev1", "opensesame"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, code) = connect(&stack, "d1", dev1).await;
+        if code == ConnectReturnCode::Success {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "users never read: {code:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (user, password, expected) in [
+        ("dev1", "wrong", ConnectReturnCode::BadUserNamePassword),
+        ("emqx_u", "public", ConnectReturnCode::Success),
+        ("emqx_u", "secret", ConnectReturnCode::BadUserNamePassword),
+        (
+            "dev2",
+            "plain-text-is-refused",
+            ConnectReturnCode::BadUserNamePassword,
+        ),
+    ] {
+        let (_, code) = connect(&stack, "c", Some((user, password))).await;
+        assert_eq!(code, expected, "{user} / {password}");
+    }
+    let (_, code) = connect(&stack, "c", None).await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+
+    let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+    let (mut admin, _) = connect(&stack, "admin", Some(("emqx_u", "public"))).await;
+    assert_eq!(subscribe(&mut admin, 1, "#").await, ok, "a superuser may");
+    let (mut d1, _) = connect(&stack, "d1", dev1).await;
+    assert_eq!(subscribe(&mut d1, 1, "dev/dev1/cmd").await, ok);
+    assert_eq!(
+        subscribe(&mut d1, 2, "dev/+/cmd").await,
+        SubscribeReasonCode::Failure
+    );
+    publish_acked(&mut d1, "dev/d1/telemetry", 3, "mine").await;
+    publish_acked(&mut d1, "dev/d2/telemetry", 4, "forged").await;
+    let got = received(&mut admin, Duration::from_millis(500)).await;
+    assert!(
+        got.contains(&("dev/d1/telemetry".into(), "mine".into())),
+        "{got:?}"
+    );
+    assert!(!got.iter().any(|(_, p)| p == "forged"), "{got:?}");
+    publish_acked(&mut admin, "dev/dev1/cmd", 2, "reboot").await;
+    let got = received(&mut d1, Duration::from_millis(500)).await;
+    assert_eq!(got, vec![("dev/dev1/cmd".to_owned(), "reboot".to_owned())]);
+
+    // Changes in the collections: followed within a few seconds.
+    rules
+        .delete_many(doc! {"username": "dev1", "action": "subscribe"})
+        .await
+        .expect("delete rule");
+    users
+        .delete_one(doc! {"username": "emqx_u"})
+        .await
+        .expect("delete user");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, code) = connect(&stack, "c", Some(("emqx_u", "public"))).await;
+        if code == ConnectReturnCode::BadUserNamePassword {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removed user still admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    publish_acked(&mut admin, "dev/dev1/cmd", 3, "after").await;
+    let got = received(&mut d1, Duration::from_millis(700)).await;
+    assert!(got.is_empty(), "revoked rule still delivers: {got:?}");
+    stack.stop().await;
+}

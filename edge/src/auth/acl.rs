@@ -24,20 +24,41 @@ pub enum Access {
     Write,
 }
 
+/// What a rule grants (or, with `deny`, refuses): reading, writing or both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Grant {
-    Read,
-    Write,
-    ReadWrite,
-    Deny,
+struct Grant {
+    deny: bool,
+    read: bool,
+    write: bool,
 }
 
 impl Grant {
-    fn allows(self, access: Access) -> bool {
-        matches!(
-            (self, access),
-            (Grant::ReadWrite, _) | (Grant::Read, Access::Read) | (Grant::Write, Access::Write)
-        )
+    const READ: Grant = Grant {
+        deny: false,
+        read: true,
+        write: false,
+    };
+    const WRITE: Grant = Grant {
+        deny: false,
+        read: false,
+        write: true,
+    };
+    const READ_WRITE: Grant = Grant {
+        deny: false,
+        read: true,
+        write: true,
+    };
+    const DENY: Grant = Grant {
+        deny: true,
+        read: true,
+        write: true,
+    };
+
+    fn covers(self, access: Access) -> bool {
+        match access {
+            Access::Read => self.read,
+            Access::Write => self.write,
+        }
     }
 }
 
@@ -55,6 +76,10 @@ enum Level {
 struct Rule {
     grant: Grant,
     levels: Vec<Level>,
+    /// EMQX's `eq topic`: the topic or filter must be exactly this, wildcards and all.
+    exact: Option<String>,
+    /// Only for this client id (a store document naming a user and a client).
+    client: Option<String>,
 }
 
 /// Who is asking: the values the placeholders stand for.
@@ -96,8 +121,16 @@ impl Rule {
         matches!(self.levels.first(), Some(Level::Plus | Level::Hash))
     }
 
+    /// Whether the rule is for this client at all.
+    fn for_client(&self, who: &Who) -> bool {
+        self.client.as_deref().is_none_or(|c| c == who.client_id)
+    }
+
     /// Whether the topic name falls under this rule.
     fn matches(&self, topic: &str, who: &Who) -> bool {
+        if let Some(exact) = &self.exact {
+            return exact == topic;
+        }
         if topic.starts_with('$') && self.starts_with_wildcard() {
             return false;
         }
@@ -116,6 +149,9 @@ impl Rule {
 
     /// Whether every topic the filter can match falls under this rule.
     fn covers(&self, filter: &str, who: &Who) -> bool {
+        if let Some(exact) = &self.exact {
+            return exact == filter;
+        }
         if filter.starts_with('$') && self.starts_with_wildcard() {
             return false;
         }
@@ -152,7 +188,11 @@ pub struct Acl {
     /// Rules before the first `user` line: for clients without a user name.
     anonymous: Vec<Rule>,
     users: HashMap<String, Vec<Rule>>,
+    /// Store documents naming a client id and no user.
+    clients: HashMap<String, Vec<Rule>>,
     patterns: Vec<Rule>,
+    /// What nothing matched gets (Mosquitto: denied).
+    no_match_allows: bool,
 }
 
 fn parse_rule(rest: &str, placeholders: bool) -> Result<Rule, String> {
@@ -162,10 +202,10 @@ fn parse_rule(rest: &str, placeholders: bool) -> Result<Rule, String> {
     let (grant, topic) = match rest.split_once(char::is_whitespace) {
         Some((word, topic)) => {
             let grant = match word {
-                "read" => Grant::Read,
-                "write" => Grant::Write,
-                "readwrite" => Grant::ReadWrite,
-                "deny" => Grant::Deny,
+                "read" => Grant::READ,
+                "write" => Grant::WRITE,
+                "readwrite" => Grant::READ_WRITE,
+                "deny" => Grant::DENY,
                 other => {
                     return Err(format!(
                         "{other:?} is not an access (read, write, readwrite or deny)"
@@ -174,15 +214,24 @@ fn parse_rule(rest: &str, placeholders: bool) -> Result<Rule, String> {
             };
             (grant, topic.trim())
         }
-        None => (Grant::ReadWrite, rest),
+        None => (Grant::READ_WRITE, rest),
     };
+    Ok(Rule {
+        grant,
+        levels: parse_levels(topic, placeholders)?,
+        exact: None,
+        client: None,
+    })
+}
+
+fn parse_levels(topic: &str, placeholders: bool) -> Result<Vec<Level>, String> {
     if topic.is_empty() {
         return Err("no topic".into());
     }
     if !wharf_shared::topic::valid_filter(topic) {
         return Err(format!("{topic:?} is not a valid topic filter"));
     }
-    let levels = topic
+    topic
         .split('/')
         .map(|level| match level {
             "+" => Ok(Level::Plus),
@@ -190,15 +239,57 @@ fn parse_rule(rest: &str, placeholders: bool) -> Result<Rule, String> {
             "%c" if placeholders => Ok(Level::ClientId),
             "%u" if placeholders => Ok(Level::UserName),
             "%i" if placeholders => Ok(Level::Identity),
-            _ if placeholders && (level.contains("%c") || level.contains("%u") || level.contains("%i")) => {
+            _ if placeholders
+                && (level.contains("%c") || level.contains("%u") || level.contains("%i")) =>
+            {
                 Err(format!(
                     "{level:?}: a placeholder must be a whole topic level (so that no value widens it)"
                 ))
             }
             _ => Ok(Level::Exact(level.to_owned())),
         })
-        .collect::<Result<_, _>>()?;
-    Ok(Rule { grant, levels })
+        .collect()
+}
+
+/// One store document's rules (EMQX's MongoDB shape), or why it is skipped.
+fn store_rules(doc: &wharf_shared::StoredRule) -> Result<Vec<Rule>, String> {
+    let deny = match doc.permission.as_str() {
+        "allow" => false,
+        "deny" => true,
+        other => return Err(format!("permission {other:?} (allow or deny)")),
+    };
+    let (read, write) = match doc.action.as_str() {
+        "subscribe" => (true, false),
+        "publish" => (false, true),
+        "all" => (true, true),
+        other => return Err(format!("action {other:?} (publish, subscribe or all)")),
+    };
+    let grant = Grant { deny, read, write };
+    let client = doc.username.as_ref().and(doc.client_id.clone());
+    doc.topics
+        .iter()
+        .map(|topic| {
+            if let Some(exact) = topic.strip_prefix("eq ") {
+                return Ok(Rule {
+                    grant,
+                    levels: Vec::new(),
+                    exact: Some(exact.to_owned()),
+                    client: client.clone(),
+                });
+            }
+            // EMQX's placeholders, Mosquitto's spelling; a `%` of the topic's own is kept.
+            let topic = topic
+                .replace("${clientid}", "%c")
+                .replace("${username}", "%u")
+                .replace("${cert_common_name}", "%i");
+            Ok(Rule {
+                grant,
+                levels: parse_levels(&topic, true)?,
+                exact: None,
+                client: client.clone(),
+            })
+        })
+        .collect()
 }
 
 impl Acl {
@@ -253,21 +344,61 @@ impl Acl {
         Ok(acl)
     }
 
-    fn lists(&self, who: &Who) -> [&[Rule]; 2] {
+    /// The rules of the store's documents (EMQX's MongoDB shape). A document that cannot be
+    /// read is skipped and said: it grants nothing.
+    pub fn from_documents(docs: &[wharf_shared::StoredRule]) -> Acl {
+        let mut acl = Acl::default();
+        for doc in docs {
+            let rules = match store_rules(doc) {
+                Ok(rules) => rules,
+                Err(e) => {
+                    tracing::warn!(username = ?doc.username, clientid = ?doc.client_id, error = %e, "authorization document skipped");
+                    continue;
+                }
+            };
+            let list = match (&doc.username, &doc.client_id) {
+                (Some(user), _) => acl.users.entry(user.clone()).or_default(),
+                (None, Some(client)) => acl.clients.entry(client.clone()).or_default(),
+                (None, None) => &mut acl.patterns,
+            };
+            list.extend(rules);
+        }
+        acl
+    }
+
+    /// What a topic nothing matches gets: denied (the default) or allowed.
+    pub fn with_no_match(mut self, allows: bool) -> Acl {
+        self.no_match_allows = allows;
+        self
+    }
+
+    fn lists<'a>(&'a self, who: &Who) -> [&'a [Rule]; 3] {
         let own = match who.username {
             Some(name) => self.users.get(name).map_or(&[][..], Vec::as_slice),
             None => &self.anonymous,
         };
-        [own, &self.patterns]
+        let client = self
+            .clients
+            .get(who.client_id)
+            .map_or(&[][..], Vec::as_slice);
+        [own, client, &self.patterns]
     }
 
     fn decide(&self, who: &Who, access: Access, applies: impl Fn(&Rule) -> bool) -> bool {
         let lists = self.lists(who);
-        let rules = || lists.iter().flat_map(|l| l.iter());
-        if rules().any(|r| r.grant == Grant::Deny && applies(r)) {
+        let rules = || {
+            lists
+                .iter()
+                .flat_map(|l| l.iter())
+                .filter(|r| r.grant.covers(access) && r.for_client(who))
+        };
+        if rules().any(|r| r.grant.deny && applies(r)) {
             return false;
         }
-        rules().any(|r| r.grant.allows(access) && applies(r))
+        if rules().any(|r| !r.grant.deny && applies(r)) {
+            return true;
+        }
+        self.no_match_allows
     }
 
     /// May `who` publish to (`Write`) or receive from (`Read`) this topic name?
@@ -419,6 +550,107 @@ pattern deny dev/blocked/#
             let err = Acl::parse(text).expect_err(text);
             assert_eq!(err.line, line, "{text:?}: {err}");
         }
+    }
+
+    fn doc(
+        user: Option<&str>,
+        client: Option<&str>,
+        permission: &str,
+        action: &str,
+        topics: &[&str],
+    ) -> wharf_shared::StoredRule {
+        wharf_shared::StoredRule {
+            username: user.map(str::to_owned),
+            client_id: client.map(str::to_owned),
+            permission: permission.into(),
+            action: action.into(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    /// EMQX's MongoDB authorization documents, as their documentation shows them.
+    #[test]
+    fn store_documents_in_emqx_shape() {
+        let acl = Acl::from_documents(&[
+            doc(
+                Some("dev1"),
+                None,
+                "allow",
+                "publish",
+                &["dev/${clientid}/telemetry"],
+            ),
+            doc(
+                Some("dev1"),
+                None,
+                "allow",
+                "subscribe",
+                &["dev/${username}/cmd", "eq fleet/#"],
+            ),
+            doc(Some("dev1"), None, "deny", "publish", &["dev/+/cmd"]),
+            doc(
+                Some("dev1"),
+                Some("only-here"),
+                "allow",
+                "all",
+                &["special/#"],
+            ),
+            doc(None, Some("c9"), "allow", "all", &["c9/#"]),
+            doc(None, None, "allow", "subscribe", &["public/#"]),
+            doc(None, None, "allow", "everything", &["#"]),
+            doc(None, None, "allow", "all", &["a${clientid}/x"]),
+        ]);
+        let dev1 = Who {
+            client_id: "c1",
+            username: Some("dev1"),
+            identity: None,
+        };
+        assert!(acl.allows(&dev1, Access::Write, "dev/c1/telemetry"));
+        assert!(!acl.allows(&dev1, Access::Read, "dev/c1/telemetry"));
+        assert!(!acl.allows(&dev1, Access::Write, "dev/c2/telemetry"));
+        assert!(acl.allows_subscribe(&dev1, "dev/dev1/cmd"));
+        assert!(
+            !acl.allows(&dev1, Access::Write, "dev/dev1/cmd"),
+            "deny publish"
+        );
+        assert!(
+            acl.allows_subscribe(&dev1, "fleet/#"),
+            "eq: the filter itself"
+        );
+        assert!(
+            !acl.allows_subscribe(&dev1, "fleet/a"),
+            "eq: nothing under it"
+        );
+        assert!(
+            !acl.allows(&dev1, Access::Read, "special/x"),
+            "for another client id"
+        );
+        let here = Who {
+            client_id: "only-here",
+            ..dev1
+        };
+        assert!(acl.allows(&here, Access::Read, "special/x"));
+        let c9 = Who {
+            client_id: "c9",
+            username: None,
+            identity: None,
+        };
+        assert!(acl.allows(&c9, Access::Write, "c9/t"));
+        assert!(acl.allows_subscribe(&c9, "public/#"));
+        assert!(!acl.allows(&c9, Access::Write, "public/x"));
+        assert!(
+            !acl.allows(&c9, Access::Read, "anything"),
+            "skipped documents grant nothing"
+        );
+        assert!(
+            !acl.allows(&c9, Access::Read, "ac9/x"),
+            "partial placeholder skipped"
+        );
+        let open = acl.clone().with_no_match(true);
+        assert!(open.allows(&c9, Access::Read, "anything"));
+        assert!(
+            !open.allows(&dev1, Access::Write, "dev/x/cmd"),
+            "deny still wins"
+        );
     }
 
     #[test]

@@ -67,23 +67,60 @@ pub struct AuthSettings {
     /// with no password (Mosquitto's `use_identity_as_username`).
     pub identity_as_username: bool,
     pub publish_denied: PublishDenied,
+    /// Users from the store's users collection (MongoDB), read every few seconds.
+    pub store_users: bool,
+    /// Rules from the store's authorization collection (MongoDB), read every few seconds.
+    pub store_rules: bool,
+    /// A store document's salted digest has the salt before the password (EMQX `prefix`).
+    pub salt_first: bool,
+    /// What a topic no rule matches gets: denied (the default, as in Mosquitto) or allowed.
+    pub no_match_allows: bool,
 }
 
 impl AuthSettings {
     /// No password file and no explicit choice about anonymous clients: Wharf then serves
     /// anonymous clients on loopback only (as Mosquitto 2.0 does without a configuration).
     pub fn local_only(&self) -> bool {
-        self.allow_anonymous.is_none() && self.password_file.is_none()
+        self.allow_anonymous.is_none() && !self.has_users()
+    }
+
+    fn has_users(&self) -> bool {
+        self.password_file.is_some() || self.store_users
     }
 
     fn anonymous(&self) -> bool {
-        self.allow_anonymous.unwrap_or(self.password_file.is_none())
+        self.allow_anonymous.unwrap_or(!self.has_users())
+    }
+
+    /// Whether the store must be asked for users or rules.
+    pub fn uses_store(&self) -> bool {
+        self.store_users || self.store_rules
+    }
+
+    /// One source each for users and for rules.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.password_file.is_some() && self.store_users {
+            return Err(ConfigError::new(
+                "storeUsers",
+                "true",
+                "users come from passwordFile or from the store, not both",
+            ));
+        }
+        if self.acl_file.is_some() && self.store_rules {
+            return Err(ConfigError::new(
+                "storeAcl",
+                "true",
+                "rules come from aclFile or from the store, not both",
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses a configuration that would serve anonymous clients on the network without
     /// anyone having said so. `listeners`: each address, and whether it requires a client
     /// certificate.
     pub fn check_exposure(&self, listeners: &[(SocketAddr, bool)]) -> Result<(), ConfigError> {
+        self.check()?;
         for (addr, certs_required) in listeners {
             if self.local_only() && !addr.ip().is_loopback() && !certs_required {
                 return Err(ConfigError::new(
@@ -120,6 +157,11 @@ impl AuthSettings {
 #[derive(Debug, Default)]
 pub struct Policy {
     passwords: Option<PasswordFile>,
+    /// Users are configured to come from the store and have not come yet: CONNECTs with a
+    /// user name are answered "server unavailable" until they do.
+    users_pending: bool,
+    /// Store users flagged as superusers: every topic is theirs.
+    superusers: std::collections::HashSet<String>,
     acl: Option<Acl>,
     anonymous: bool,
     identity_as_username: bool,
@@ -127,8 +169,15 @@ pub struct Policy {
     stale: AtomicBool,
 }
 
+/// The users and rules last read from the store.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StoreAuth {
+    pub users: Vec<wharf_shared::StoredUser>,
+    pub rules: Vec<wharf_shared::StoredRule>,
+}
+
 impl Policy {
-    fn load(settings: &AuthSettings) -> Result<Policy, ConfigError> {
+    fn load(settings: &AuthSettings, store: Option<&StoreAuth>) -> Result<Policy, ConfigError> {
         let read = |key: &str, path: &PathBuf| {
             std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::new(key, path.display().to_string(), e.to_string()))
@@ -146,14 +195,47 @@ impl Policy {
             })?),
             None => None,
         };
+        let (passwords, users_pending, superusers) = match (settings.store_users, store) {
+            (false, _) => (passwords, false, Default::default()),
+            (true, None) => (None, true, Default::default()),
+            (true, Some(store)) => (
+                Some(PasswordFile::from_documents(
+                    &store.users,
+                    settings.salt_first,
+                )),
+                false,
+                store
+                    .users
+                    .iter()
+                    .filter(|u| u.superuser)
+                    .map(|u| u.username.clone())
+                    .collect(),
+            ),
+        };
+        let acl = match (settings.store_rules, store) {
+            (false, _) => acl,
+            // Until the rules come, nothing is allowed.
+            (true, None) => Some(Acl::default()),
+            (true, Some(store)) => Some(Acl::from_documents(&store.rules)),
+        };
+        let acl = acl.map(|a| a.with_no_match(settings.no_match_allows));
         Ok(Policy {
             passwords,
+            users_pending,
+            superusers,
             acl,
             anonymous: settings.anonymous(),
             identity_as_username: settings.identity_as_username,
             publish_denied: settings.publish_denied,
             stale: AtomicBool::new(false),
         })
+    }
+
+    fn superuser(&self, principal: Option<&Principal>) -> bool {
+        !self.superusers.is_empty()
+            && principal
+                .and_then(|p| p.username.as_deref())
+                .is_some_and(|u| self.superusers.contains(u))
     }
 
     pub fn is_stale(&self) -> bool {
@@ -170,6 +252,7 @@ impl Policy {
     ) -> bool {
         match &self.acl {
             None => true,
+            Some(_) if self.superuser(principal) => true,
             Some(acl) => acl.allows(&who(client_id, principal), access, topic),
         }
     }
@@ -183,6 +266,7 @@ impl Policy {
     ) -> bool {
         match &self.acl {
             None => true,
+            Some(_) if self.superuser(principal) => true,
             Some(acl) => acl.allows_subscribe(&who(client_id, principal), filter),
         }
     }
@@ -224,11 +308,13 @@ pub struct Auth {
     /// One hash at a time.
     hashing: Arc<Semaphore>,
     hashing_wait: Duration,
+    /// The users and rules last read from the store, when they come from there.
+    store: Mutex<Option<Arc<StoreAuth>>>,
 }
 
 impl Auth {
     pub fn load(settings: AuthSettings, hashing_wait: Duration) -> Result<Auth, ConfigError> {
-        let policy = Policy::load(&settings)?;
+        let policy = Policy::load(&settings, None)?;
         let mut cache_key = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut cache_key)
             .map_err(|_| ConfigError::new("passwordFile", "", "no system randomness"))?;
@@ -239,6 +325,7 @@ impl Auth {
             cache_key,
             hashing: Arc::new(Semaphore::new(1)),
             hashing_wait,
+            store: Mutex::default(),
         })
     }
 
@@ -259,15 +346,41 @@ impl Auth {
     /// Reads the files again (with new settings, if given). On error the rules in force stay.
     pub fn reload(&self, settings: Option<AuthSettings>) -> Result<(), ConfigError> {
         let settings = settings.unwrap_or_else(|| self.settings());
-        let policy = Policy::load(&settings)?;
+        let store = self.store.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let policy = Policy::load(&settings, store.as_deref())?;
         *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
+        self.swap(policy);
+        tracing::info!("authentication and authorization rules reloaded");
+        Ok(())
+    }
+
+    fn swap(&self, policy: Policy) {
         let old = std::mem::replace(
             &mut *self.policy.write().unwrap_or_else(|e| e.into_inner()),
             Arc::new(policy),
         );
         old.stale.store(true, Ordering::Relaxed);
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        tracing::info!("authentication and authorization rules reloaded");
+    }
+
+    /// The users and rules just read from the store: applied if they differ from the last.
+    pub fn apply_store(&self, snapshot: StoreAuth) -> Result<(), ConfigError> {
+        {
+            let last = self.store.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_deref() == Some(&snapshot) {
+                return Ok(());
+            }
+        }
+        let snapshot = Arc::new(snapshot);
+        let settings = self.settings();
+        let policy = Policy::load(&settings, Some(&snapshot))?;
+        tracing::info!(
+            users = snapshot.users.len(),
+            rules = snapshot.rules.len(),
+            "users and rules read from the store"
+        );
+        *self.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot);
+        self.swap(policy);
         Ok(())
     }
 
@@ -304,6 +417,10 @@ impl Auth {
                 identity: identity.clone(),
             })
         };
+        if policy.users_pending && credentials.username.is_some() {
+            failed("users_not_loaded", credentials.username);
+            return Err(Refusal::ServerUnavailable);
+        }
         if policy.passwords.is_none() {
             // No password file: a user name is taken as given (rules may still use it).
             return if policy.anonymous {
@@ -431,5 +548,61 @@ impl SessionAuth {
 
     pub fn principal(&self) -> Option<&Principal> {
         self.principal.as_deref()
+    }
+}
+
+/// How often users and rules are read again from the store (once they have come; before,
+/// every 200 ms): a change there is followed within this time.
+pub const STORE_REFRESH: Duration = Duration::from_secs(2);
+
+/// Reads the users and rules from the store while the settings say they live there.
+pub async fn follow_store(
+    auth: Arc<Auth>,
+    link: crate::link::Link,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut loaded = false;
+    let mut said = None::<String>;
+    loop {
+        let wait = if loaded {
+            STORE_REFRESH
+        } else {
+            Duration::from_millis(200)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let settings = auth.settings();
+        if !settings.uses_store() {
+            loaded = false;
+            continue;
+        }
+        let request = wharf_shared::Request::LoadAuth {
+            users: settings.store_users,
+            rules: settings.store_rules,
+        };
+        let reply = match link.request(request, crate::link::Policy::FailFast).await {
+            Ok(rx) => rx.await.unwrap_or(Err(crate::link::LinkError::Closed)),
+            Err(e) => Err(e),
+        };
+        let problem = match reply {
+            Ok(wharf_shared::Reply::Auth { users, rules }) => {
+                loaded = true;
+                auth.apply_store(StoreAuth { users, rules })
+                    .err()
+                    .map(|e| e.to_string())
+            }
+            Ok(wharf_shared::Reply::Failed { reason, .. }) => Some(reason),
+            Ok(other) => Some(format!("unexpected reply {other:?}")),
+            Err(e) => Some(e.to_string()),
+        };
+        // Said once per kind of trouble, not every 200 ms.
+        if problem != said {
+            if let Some(p) = &problem {
+                tracing::error!(problem = %p, "users and rules not read from the store; the ones in force stay");
+            }
+            said = problem;
+        }
     }
 }

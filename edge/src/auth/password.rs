@@ -23,6 +23,14 @@ pub enum Hash {
         salt: Vec<u8>,
         hash: Vec<u8>,
     },
+    /// A salted SHA-256 or SHA-512 digest, hex, as EMQX's MongoDB documents keep them
+    /// (`password_hash` and `salt`).
+    Salted {
+        sha512: bool,
+        salt: Vec<u8>,
+        salt_first: bool,
+        hash: Vec<u8>,
+    },
     /// A PHC string, checked by the `argon2` crate.
     Argon2(String),
     /// A bcrypt string, checked by the `bcrypt` crate.
@@ -115,6 +123,59 @@ impl Hash {
                 }
             }
             Hash::Bcrypt(stored) => bcrypt::verify(password, stored).unwrap_or(false),
+            Hash::Salted {
+                sha512,
+                salt,
+                salt_first,
+                hash,
+            } => {
+                let algorithm = if *sha512 {
+                    &ring::digest::SHA512
+                } else {
+                    &ring::digest::SHA256
+                };
+                let mut context = ring::digest::Context::new(algorithm);
+                if *salt_first {
+                    context.update(salt);
+                    context.update(password);
+                } else {
+                    context.update(password);
+                    context.update(salt);
+                }
+                constant_time_eq(context.finish().as_ref(), hash)
+            }
+        }
+    }
+
+    /// A user document's hash: one of the formats [`Hash::parse`] reads, or a hex SHA-256 or
+    /// SHA-512 digest of the password with the salt after it (`salt_first`: before it), as
+    /// EMQX keeps them. Plain text is refused.
+    pub fn from_document(
+        stored: &str,
+        salt: Option<&str>,
+        salt_first: bool,
+    ) -> Result<Hash, String> {
+        if stored.starts_with('$') {
+            return Hash::parse(stored);
+        }
+        let hex = |s: &str| -> Option<Vec<u8>> {
+            (s.len() % 2 == 0)
+                .then(|| {
+                    (0..s.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+                        .collect::<Option<Vec<u8>>>()
+                })
+                .flatten()
+        };
+        match (stored.len(), hex(stored)) {
+            (64 | 128, Some(hash)) => Ok(Hash::Salted {
+                sha512: stored.len() == 128,
+                salt: salt.unwrap_or_default().as_bytes().to_vec(),
+                salt_first,
+                hash,
+            }),
+            _ => Err("not a known hash format ($7$, $6$, argon2, bcrypt, hex SHA-256/512)".into()),
         }
     }
 }
@@ -187,6 +248,7 @@ impl std::fmt::Display for Hash {
                 write!(f, "$6${}${}", STANDARD.encode(salt), STANDARD.encode(hash))
             }
             Hash::Argon2(s) | Hash::Bcrypt(s) => f.write_str(s),
+            Hash::Salted { hash, .. } => hash.iter().try_for_each(|b| write!(f, "{b:02x}")),
         }
     }
 }
@@ -274,6 +336,23 @@ impl PasswordFile {
         Ok(PasswordFile { users })
     }
 
+    /// The users of the store's user documents; a document whose hash cannot be read is
+    /// skipped (and said), never taken as "any password".
+    pub fn from_documents(users: &[wharf_shared::StoredUser], salt_first: bool) -> PasswordFile {
+        let mut out = HashMap::new();
+        for u in users {
+            match Hash::from_document(&u.password_hash, u.salt.as_deref(), salt_first) {
+                Ok(hash) => {
+                    out.insert(u.username.clone(), hash);
+                }
+                Err(e) => {
+                    tracing::warn!(username = %u.username, error = %e, "user document skipped")
+                }
+            }
+        }
+        PasswordFile { users: out }
+    }
+
     /// Whether `user` exists with this password (an unknown user costs a hash too, so that
     /// timing does not tell which user names exist).
     pub fn check(&self, user: &str, password: &[u8]) -> bool {
@@ -346,6 +425,35 @@ dave:$argon2id$v=19$m=1024,t=1,p=1$scEcvKzmLizFKW91ulnFJw$51cSMh1xkWCu/DMqRt1GM5
             assert!(parsed.verify(b"pw"), "{stored}");
             assert!(!parsed.verify(b"pW"), "{stored}");
         }
+    }
+
+    /// EMQX's documented example: password "public", salt "slat_foo123", sha256, suffix.
+    #[test]
+    fn emqx_salted_digests_verify() {
+        let hash = Hash::from_document(
+            "44edc2d57cde8d79c98145003e105b90a14f1460b79186ea9cfe83942fc5abb5",
+            Some("slat_foo123"),
+            false,
+        )
+        .expect("sha256");
+        assert!(hash.verify(b"public"));
+        assert!(!hash.verify(b"secret"));
+        let prefixed = Hash::from_document(
+            "ae45b69fb70eaf222721b8b748eab19255d37b246eff0906eea8a7fed51b3000",
+            Some("slat_foo123"),
+            true,
+        )
+        .expect("sha256");
+        assert!(prefixed.verify(b"public"));
+        assert!(
+            Hash::from_document("public", None, false).is_err(),
+            "plain text"
+        );
+        assert!(Hash::from_document(&"zz".repeat(32), None, false).is_err());
+        let bcrypt = "$2b$04$EjUOidkaARJSY6pPGFMEoOxG8HGl4Sesyf2lHKLrDXqVqEZt32tJS";
+        assert!(Hash::from_document(bcrypt, None, false)
+            .expect("bcrypt")
+            .verify(b"opensesame"));
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::collections::HashSet;
 use std::future::Future;
 use wharf_shared::topic;
 use wharf_shared::{
-    Cursor, DeliveredRecord, Message, MessageId, Qos, Subscription, SubscriptionOptions,
-    MAX_BYTES_PER_REPLY, MAX_MESSAGES_PER_REPLY,
+    Cursor, DeliveredRecord, Message, MessageId, Qos, StoredRule, StoredUser, Subscription,
+    SubscriptionOptions, MAX_BYTES_PER_REPLY, MAX_MESSAGES_PER_REPLY,
 };
 
 /// Messages kept for 30 days, delivery records for 7 (the seed's TTLs).
@@ -78,6 +78,12 @@ pub struct Deliveries {
 pub trait Store: Send + Sync + 'static {
     /// Whether the store answers (readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The users and authorization rules kept in the store (`Failed` where it keeps none).
+    fn load_auth(
+        &self,
+        users: bool,
+        rules: bool,
+    ) -> impl Future<Output = Result<(Vec<StoredUser>, Vec<StoredRule>), StoreError>> + Send;
     /// Applies a batch durably (see [`WriteBatch`]).
     fn write(
         &self,

@@ -25,16 +25,68 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use wharf_shared::{
-    Cursor, Message, MessageId, Properties, Qos, Subscription, SubscriptionOptions,
+    Cursor, Message, MessageId, Properties, Qos, StoredRule, StoredUser, Subscription,
+    SubscriptionOptions,
 };
 
 /// Duplicate key: the document is already there (a re-sent message or record).
 const DUPLICATE_KEY: i32 = 11000;
 const NAMESPACE_NOT_FOUND: i32 = 26;
 
+/// Where the users and the authorization rules are kept, and under which field names: the
+/// defaults are EMQX's MongoDB authenticator's and authorizer's, so their documents work as
+/// they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthCollections {
+    pub users: String,
+    /// Which user documents count (`{}`: all), as JSON.
+    pub users_filter: Document,
+    pub username_field: String,
+    pub password_hash_field: String,
+    pub salt_field: String,
+    pub superuser_field: String,
+    pub rules: String,
+    /// Which rule documents count, as JSON.
+    pub rules_filter: Document,
+}
+
+impl Default for AuthCollections {
+    fn default() -> Self {
+        AuthCollections {
+            users: "mqtt_user".into(),
+            users_filter: Document::new(),
+            username_field: "username".into(),
+            password_hash_field: "password_hash".into(),
+            salt_field: "salt".into(),
+            superuser_field: "is_superuser".into(),
+            rules: "mqtt_acl".into(),
+            rules_filter: Document::new(),
+        }
+    }
+}
+
+/// A field as a string (what EMQX's documents hold), or `None`.
+fn text(doc: &Document, field: &str) -> Option<String> {
+    match doc.get(field) {
+        Some(Bson::String(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn truthy(doc: &Document, field: &str) -> bool {
+    match doc.get(field) {
+        Some(Bson::Boolean(b)) => *b,
+        Some(Bson::Int32(n)) => *n != 0,
+        Some(Bson::Int64(n)) => *n != 0,
+        Some(Bson::String(s)) => s == "true" || s == "1",
+        _ => false,
+    }
+}
+
 #[derive(Clone)]
 pub struct MongoStore {
     db: Database,
+    auth: Arc<AuthCollections>,
     messages: Collection<Document>,
     subscriptions: Collection<Document>,
     published: Collection<Document>,
@@ -385,10 +437,17 @@ impl MongoStore {
                 .journal(false)
                 .build(),
             density: Arc::new(std::sync::atomic::AtomicU64::new(0f64.to_bits())),
+            auth: Arc::default(),
             db,
         };
         store.ensure_indexes().await?;
         Ok(store)
+    }
+
+    /// Reads users and rules from these collections and fields.
+    pub fn with_auth(mut self, auth: AuthCollections) -> MongoStore {
+        self.auth = Arc::new(auth);
+        self
     }
 
     async fn ensure_indexes(&self) -> Result<(), StoreError> {
@@ -513,6 +572,71 @@ impl MongoStore {
 }
 
 impl Store for MongoStore {
+    async fn load_auth(
+        &self,
+        users: bool,
+        rules: bool,
+    ) -> Result<(Vec<StoredUser>, Vec<StoredRule>), StoreError> {
+        let a = &*self.auth;
+        let mut out_users = Vec::new();
+        if users {
+            let mut cursor = self
+                .db
+                .collection::<Document>(&a.users)
+                .find(a.users_filter.clone())
+                .await
+                .map_err(classify)?;
+            while let Some(doc) = cursor.try_next().await.map_err(classify)? {
+                let (Some(username), Some(password_hash)) = (
+                    text(&doc, &a.username_field),
+                    text(&doc, &a.password_hash_field),
+                ) else {
+                    tracing::warn!(collection = %a.users, id = ?doc.get("_id"), "user document without a user name or password hash: skipped");
+                    continue;
+                };
+                out_users.push(StoredUser {
+                    username,
+                    password_hash,
+                    salt: text(&doc, &a.salt_field).filter(|s| !s.is_empty()),
+                    superuser: truthy(&doc, &a.superuser_field),
+                });
+            }
+        }
+        let mut out_rules = Vec::new();
+        if rules {
+            let mut cursor = self
+                .db
+                .collection::<Document>(&a.rules)
+                .find(a.rules_filter.clone())
+                .await
+                .map_err(classify)?;
+            while let Some(doc) = cursor.try_next().await.map_err(classify)? {
+                let topics = match doc.get("topics") {
+                    Some(Bson::Array(items)) => items
+                        .iter()
+                        .filter_map(|t| t.as_str().map(str::to_owned))
+                        .collect(),
+                    Some(Bson::String(t)) => vec![t.clone()],
+                    _ => Vec::new(),
+                };
+                // EMQX 4's field name was `topic`.
+                let topics = if topics.is_empty() {
+                    text(&doc, "topic").into_iter().collect()
+                } else {
+                    topics
+                };
+                out_rules.push(StoredRule {
+                    username: text(&doc, "username"),
+                    client_id: text(&doc, "clientid"),
+                    permission: text(&doc, "permission").unwrap_or_default(),
+                    action: text(&doc, "action").unwrap_or_default(),
+                    topics,
+                });
+            }
+        }
+        Ok((out_users, out_rules))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let ping = self.db.run_command(doc! { "ping": 1 });
         match tokio::time::timeout(Duration::from_secs(2), ping).await {

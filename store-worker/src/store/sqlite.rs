@@ -9,7 +9,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use wharf_shared::{Cursor, Message, MessageId, Qos, Subscription, SubscriptionOptions};
+use wharf_shared::{
+    Cursor, Message, MessageId, Qos, StoredRule, StoredUser, Subscription, SubscriptionOptions,
+};
 
 const PRAGMAS: &str = "
 PRAGMA journal_mode = WAL;
@@ -383,6 +385,16 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    async fn load_auth(
+        &self,
+        _users: bool,
+        _rules: bool,
+    ) -> Result<(Vec<StoredUser>, Vec<StoredRule>), StoreError> {
+        Err(StoreError::Failed(
+            "users and rules in the store need the MongoDB backend (the embedded store keeps them in files: passwordFile, aclFile)".into(),
+        ))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
