@@ -10,6 +10,7 @@
 //! - [`proc_stats`]: CPU seconds and RSS of broker processes from /proc.
 
 mod catchup;
+mod flood;
 mod idle;
 mod load;
 mod mqtt;
@@ -35,6 +36,8 @@ enum Command {
     Catchup(catchup::CatchupArgs),
     /// Synced-write and store-commit latency of a disk: the floor under durable acknowledgements.
     Sync(sync::SyncArgs),
+    /// CONNECTs with a wrong password at a fixed rate.
+    Flood(flood::FloodArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
             Command::Idle(a) => idle::run(a).await,
             Command::Catchup(a) => catchup::run(a).await,
             Command::Sync(a) => sync::run(a).await,
+            Command::Flood(a) => flood::run(a).await,
         }
     })?;
     println!("{line}");

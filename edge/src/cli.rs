@@ -124,6 +124,15 @@ pub struct Args {
     /// [etcd: serverKeepAlive].
     #[arg(long, env = "WHARF_SERVER_KEEP_ALIVE", default_value = "off")]
     pub server_keep_alive: String,
+    /// New connections per second from one source address, 0 for no limit; more are closed
+    /// at once [etcd: maxConnectionRate].
+    #[arg(long, env = "WHARF_MAX_CONNECTION_RATE", default_value_t = 0)]
+    pub max_connection_rate: u32,
+    /// PUBLISHes per second from one client, 0 for no limit; past it QoS 0 is dropped, QoS
+    /// 1/2 get reason 0x97 (5.0) or the connection is closed (3.1/3.1.1)
+    /// [etcd: maxPublishRate].
+    #[arg(long, env = "WHARF_MAX_PUBLISH_RATE", default_value_t = 0)]
+    pub max_publish_rate: u32,
     /// Seconds a new connection has to send CONNECT (and finish TLS) [etcd: connectTimeout].
     #[arg(long, env = "WHARF_CONNECT_TIMEOUT", default_value_t = 10)]
     pub connect_timeout: u64,
@@ -340,6 +349,16 @@ pub fn load(
             "serverKeepAlive",
             keep_alive_value("serverKeepAlive", &args.server_keep_alive)?,
             keep_alive_value,
+        )?,
+        max_connection_rate: layers.value(
+            "max_connection_rate",
+            "maxConnectionRate",
+            args.max_connection_rate,
+        )?,
+        max_publish_rate: layers.value(
+            "max_publish_rate",
+            "maxPublishRate",
+            args.max_publish_rate,
         )?,
         ..defaults
     };

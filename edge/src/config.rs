@@ -60,6 +60,11 @@ pub struct Limits {
     /// 5.0 Server Keep Alive: the longest keepalive a 5.0 client may use; one asking for more,
     /// or for none, is told to use this.
     pub server_keep_alive: Option<u16>,
+    /// New connections accepted per second from one source address; 0: no limit.
+    pub max_connection_rate: u32,
+    /// PUBLISHes accepted per second from one client; 0: no limit. Past it QoS 0 is
+    /// dropped; QoS 1/2 get 0x97 (5.0) or close the connection (3.1/3.1.1).
+    pub max_publish_rate: u32,
 }
 
 impl Default for Limits {
@@ -79,6 +84,8 @@ impl Default for Limits {
             topic_alias_max_out: 10,
             max_session_expiry: u32::MAX,
             server_keep_alive: None,
+            max_connection_rate: 0,
+            max_publish_rate: 0,
         }
     }
 }

@@ -311,6 +311,9 @@ struct Connection {
     read_buf: BytesMut,
     /// How much room to offer the next socket read: doubled whenever a read fills it.
     read_chunk: usize,
+    /// `--max-publish-rate`: the second being counted and its PUBLISHes.
+    publish_second: u32,
+    publishes: u32,
 }
 
 /// Smallest and largest room offered to a socket read. A read's PUBLISHes are routed
@@ -415,6 +418,8 @@ impl Connection {
             ops: InOrder::default(),
             read_buf,
             read_chunk: MIN_READ,
+            publish_second: 0,
+            publishes: 0,
         };
         conn.out
             .resume(hs.undelivered, hs.next, hs.connect_started_ms);
@@ -553,10 +558,22 @@ impl Connection {
     /// `Some` when the link is full: the caller waits on it. (Not an `async fn`: the
     /// notice would be part of every connection's task.)
     fn flush_delivered(&mut self) -> Option<BoxFuture<'_, ()>> {
-        let notice = self.out.take_delivered()?;
+        let (notice, group_done) = self.out.take_delivered()?;
+        let broker = self.broker.clone();
+        let done = move || {
+            if let Some((group, ids)) = group_done {
+                broker.router.group_done(&group, ids.into_iter());
+            }
+        };
         match self.broker.link.notify(notice) {
-            Either::Left(_) => None,
-            Either::Right(waiting) => Some(waiting),
+            Either::Left(_) => {
+                done();
+                None
+            }
+            Either::Right(waiting) => Some(Box::pin(async move {
+                waiting.await;
+                done();
+            })),
         }
     }
 
@@ -818,6 +835,10 @@ impl Connection {
             encode::pubrec(&mut self.out.write_buf, self.version, p.pkid, 0);
             return Ok(());
         }
+        let limit = self.broker.config.limits.max_publish_rate;
+        if limit > 0 && !self.within_publish_rate(limit) {
+            return self.publish_over_rate(p.qos, p.pkid, batch).await;
+        }
         let out = &mut self.out;
         if !out.auth.allows(
             &self.broker.auth,
@@ -977,6 +998,45 @@ impl Connection {
             Qos::AtLeastOnce => self.ack_in_order(Ack::PubAck, pkid, code),
             Qos::ExactlyOnce => self.ack_in_order(Ack::PubRec, pkid, code),
         }
+        Ok(())
+    }
+
+    /// Counts a PUBLISH against `--max-publish-rate` (one-second windows).
+    fn within_publish_rate(&mut self, limit: u32) -> bool {
+        let second = (keepalive::now_ms() / 1000) as u32;
+        if second != self.publish_second {
+            self.publish_second = second;
+            self.publishes = 0;
+        }
+        self.publishes += 1;
+        self.publishes <= limit
+    }
+
+    /// A PUBLISH past `--max-publish-rate`: QoS 0 is dropped; QoS 1/2 are refused with
+    /// "quota exceeded" (5.0), or the connection is closed (3.1/3.1.1 cannot be told).
+    async fn publish_over_rate(
+        &mut self,
+        qos: Qos,
+        pkid: u16,
+        batch: &mut Batch,
+    ) -> Result<(), SessionError> {
+        metrics::counter!("wharf_edge_publish_rate_exceeded_total").increment(1);
+        if qos == Qos::AtMostOnce {
+            return Ok(());
+        }
+        if !self.version.is_v5() {
+            return Err(SessionError::Refused {
+                reason: reason::QUOTA_EXCEEDED,
+                why: "publish rate exceeded",
+            });
+        }
+        self.send_batch(batch).await?;
+        let kind = if qos == Qos::AtLeastOnce {
+            Ack::PubAck
+        } else {
+            Ack::PubRec
+        };
+        self.ack_in_order(kind, pkid, reason::QUOTA_EXCEEDED);
         Ok(())
     }
 

@@ -24,7 +24,9 @@ pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         for (key, since) in broker.router.group_fetches() {
-            if let Err(e) = fetch(&broker, &key, since).await {
+            let fetched = fetch(&broker, &key, since).await;
+            broker.router.group_fetch_ended(&key);
+            if let Err(e) = fetched {
                 tracing::debug!(group = %key, error = %e, "group fetch failed; trying again");
                 broker.router.group_lag(&key, since.unwrap_or(0));
             }

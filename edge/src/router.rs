@@ -134,6 +134,11 @@ struct Group {
     /// QoS 1/2 messages given to a member and not yet acknowledged and recorded: a fetch
     /// does not give them out again.
     outstanding: Mutex<HashSet<MessageId>>,
+    /// Fetches under way.
+    fetching: AtomicUsize,
+    /// Messages acknowledged while a fetch was under way: its store read may have come before
+    /// their records, so it must not give them out again. Forgotten when no fetch is left.
+    done_while_fetching: Mutex<HashSet<MessageId>>,
 }
 
 impl Group {
@@ -143,6 +148,12 @@ impl Group {
 
     fn lag(&self, created_ms: i64) {
         self.lagging_since.fetch_min(created_ms, Ordering::AcqRel);
+    }
+
+    fn done(&self) -> std::sync::MutexGuard<'_, HashSet<MessageId>> {
+        self.done_while_fetching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -503,6 +514,8 @@ impl Router {
                 lagging_since: AtomicI64::new(NOT_LAGGING),
                 fresh: AtomicBool::new(true),
                 outstanding: Mutex::default(),
+                fetching: AtomicUsize::new(0),
+                done_while_fetching: Mutex::default(),
             });
             match group.members.iter_mut().find(|(c, _)| c == client) {
                 Some(member) => member.1 = grant,
@@ -543,8 +556,28 @@ impl Router {
         let inner = self.read();
         if let Some(group) = inner.groups.get(key) {
             let mut outstanding = group.outstanding();
+            let mut done = (group.fetching.load(Ordering::Acquire) > 0).then(|| group.done());
             for id in ids {
                 outstanding.remove(&id);
+                if let Some(done) = done.as_mut() {
+                    done.insert(id);
+                }
+            }
+        }
+    }
+
+    /// A fetch that [`Router::group_fetches`] handed out has ended.
+    pub fn group_fetch_ended(&self, key: &str) {
+        if let Some(group) = self.read().groups.get(key) {
+            // (Saturating: the group may have been made anew while the fetch ran.)
+            let before = group
+                .fetching
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(1))
+                })
+                .unwrap_or(0);
+            if before <= 1 {
+                group.done().clear();
             }
         }
     }
@@ -555,15 +588,17 @@ impl Router {
         let inner = self.read();
         let mut due = Vec::new();
         for (key, group) in &inner.groups {
-            if group.fresh.swap(false, Ordering::AcqRel) {
+            let since = if group.fresh.swap(false, Ordering::AcqRel) {
                 group.lagging_since.store(NOT_LAGGING, Ordering::Release);
-                due.push((key.clone(), None));
+                None
             } else {
                 match group.lagging_since.swap(NOT_LAGGING, Ordering::AcqRel) {
-                    NOT_LAGGING => {}
-                    since => due.push((key.clone(), Some(since))),
+                    NOT_LAGGING => continue,
+                    since => Some(since),
                 }
-            }
+            };
+            group.fetching.fetch_add(1, Ordering::AcqRel);
+            due.push((key.clone(), since));
         }
         due
     }
@@ -576,7 +611,7 @@ impl Router {
         let inner = self.read();
         let group = inner.groups.get(key)?;
         for message in messages {
-            if group.outstanding().contains(&message.id) {
+            if group.outstanding().contains(&message.id) || group.done().contains(&message.id) {
                 continue;
             }
             let created_ms = message.created_ms;
@@ -782,6 +817,29 @@ mod tests {
         );
         router.unsubscribe("a", "$share/g/s/#");
         assert!(router.read().groups.is_empty());
+    }
+
+    /// The duplicate a CI-like run found: a group's fetch reads the store before a member's
+    /// acknowledgement is recorded, and its answer comes after the acknowledgement took the
+    /// message off the given-out set: it must not be given out again.
+    #[test]
+    fn a_group_fetch_answered_after_an_acknowledgement_gives_nothing_twice() {
+        let router = Router::default();
+        let (a, rx) = session(&router, "a", 8);
+        router.subscribe(&a, "$share/g/s/#", Grant::qos(Qos::AtLeastOnce));
+        let key: Arc<str> = "$share/g/s/#".into();
+        let m = message("s/x", Qos::AtLeastOnce);
+        // The new group's fetch is under way; meanwhile m is routed live and acknowledged.
+        assert_eq!(router.group_fetches(), vec![(key.clone(), None)]);
+        assert_eq!(router.route(&m).queued, 1);
+        assert!(rx.try_pop().is_some());
+        router.group_done(&key, std::iter::once(m.id));
+        // The fetch's answer holds m (read before its record).
+        assert_eq!(router.give_fetched(&key, vec![(*m).clone()]), None);
+        assert!(rx.try_pop().is_none(), "given out twice");
+        router.group_fetch_ended(&key);
+        // With no fetch under way nothing is remembered.
+        assert!(router.read().groups[&key].done().is_empty());
     }
 
     #[test]

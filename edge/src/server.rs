@@ -205,6 +205,36 @@ impl LinkParts {
     }
 }
 
+/// New connections per second from each source address, in one-second windows.
+struct ConnectionRate {
+    limit: u32,
+    second: u64,
+    counts: std::collections::HashMap<std::net::IpAddr, u32>,
+}
+
+impl ConnectionRate {
+    fn new(limit: u32) -> ConnectionRate {
+        ConnectionRate {
+            limit,
+            second: 0,
+            counts: Default::default(),
+        }
+    }
+
+    fn admit(&mut self, ip: std::net::IpAddr, second: u64) -> bool {
+        if self.limit == 0 {
+            return true;
+        }
+        if second != self.second {
+            self.counts.clear();
+            self.second = second;
+        }
+        let count = self.counts.entry(ip).or_insert(0);
+        *count += 1;
+        *count <= self.limit
+    }
+}
+
 async fn run(
     config: EdgeConfig,
     listeners: Listeners,
@@ -233,6 +263,7 @@ async fn run(
         async move { keepalive::sweep(&broker.router, &broker.registry, &shutdown).await }
     });
     let tracker = TaskTracker::new();
+    let mut rate = ConnectionRate::new(broker.config.limits.max_connection_rate);
     let Listeners { plain, tls } = listeners;
     tracing::info!(
         plain = ?plain.as_ref().and_then(|l| l.local_addr().ok()),
@@ -255,6 +286,12 @@ async fn run(
                 continue;
             }
         };
+        if !rate.admit(peer.ip(), crate::keepalive::now_ms() / 1000) {
+            metrics::counter!("wharf_edge_connections_refused_total", "reason" => "rate")
+                .increment(1);
+            tracing::debug!(%peer, "connection rate from this address exceeded; closing");
+            continue;
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics::counter!("wharf_edge_connections_refused_total").increment(1);
             tracing::warn!(%peer, "connection limit reached; closing new connection");

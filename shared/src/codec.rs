@@ -253,6 +253,31 @@ mod tests {
             id: 7,
             request: Request::Persist(vec![sample_message()]),
         });
+        roundtrip(EdgeFrame::Request {
+            id: 8,
+            request: Request::LoadAuth {
+                users: true,
+                rules: false,
+            },
+        });
+        roundtrip(WorkerFrame::Reply {
+            id: 8,
+            reply: Reply::Auth {
+                users: vec![crate::StoredUser {
+                    username: "u".into(),
+                    password_hash: "$2b$04$x".into(),
+                    salt: None,
+                    superuser: true,
+                }],
+                rules: vec![crate::StoredRule {
+                    username: None,
+                    client_id: Some("c".into()),
+                    permission: "allow".into(),
+                    action: "all".into(),
+                    topics: vec!["a/${clientid}".into()],
+                }],
+            },
+        });
         roundtrip(WorkerFrame::Reply {
             id: 9,
             reply: Reply::Session {
@@ -289,7 +314,7 @@ mod tests {
             instance: "i".into(),
         });
         codec.encode(hello, &mut buf).expect("encode");
-        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 7, 2, b'h', b'1', 1, b'i']);
+        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 8, 2, b'h', b'1', 1, b'i']);
 
         buf.clear();
         let persist = EdgeFrame::Request {

@@ -574,3 +574,78 @@ async fn users_and_rules_from_mongodb_in_emqx_shape() {
     assert!(got.is_empty(), "revoked rule still delivers: {got:?}");
     stack.stop().await;
 }
+
+/// Abuse limits: new connections per second from one address, PUBLISHes per second from one
+/// client (5.0: refused with 0x97; 3.1.1: closed). Windows are whole seconds, so a burst can
+/// straddle two: the checks allow for that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_publish_rates_are_bounded() {
+    let limits = Limits {
+        max_connection_rate: 5,
+        max_publish_rate: 20,
+        ..Default::default()
+    };
+    let stack = Stack::with_auth(Kind::Embedded, limits, AuthSettings::default()).await;
+    let mut accepted = 0;
+    for i in 0..12 {
+        let mut raw = Raw::connect(stack.addr()).await;
+        raw.send(&connect_bytes(&format!("r{i}"), None, None)).await;
+        if matches!(raw.recv().await, Some(Packet::ConnAck(_))) {
+            accepted += 1;
+        }
+    }
+    assert!((5..=10).contains(&accepted), "{accepted} of 12 accepted");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // 5.0: past the rate, PUBACK 0x97 (quota exceeded).
+    let mut v5 = Client5::connect(client5::options(stack.addr(), "flood5", true, None)).await;
+    use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason};
+    for i in 0..50 {
+        v5.client
+            .publish(
+                "flood/5",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                format!("{i}"),
+            )
+            .await
+            .expect("queued");
+    }
+    let mut refused = 0;
+    for _ in 0..50 {
+        match v5
+            .next_matching(|p| match p {
+                Packet5::PubAck(ack) => Some(ack.reason),
+                _ => None,
+            })
+            .await
+        {
+            Some(PubAckReason::QuotaExceeded) => refused += 1,
+            Some(_) => {}
+            None => panic!("not every PUBLISH was answered"),
+        }
+    }
+    assert!(refused >= 10, "{refused} of 50 refused");
+    v5.disconnect().await;
+
+    // 3.1.1: closed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (mut raw, code) = connect(&stack, "flood3", None).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    let mut burst = Vec::new();
+    for i in 0..60u16 {
+        burst.extend(publish_bytes("flood/3", 1, i + 1, false, b"x"));
+    }
+    raw.send(&burst).await;
+    let mut acks = 0;
+    while let Some(packet) = raw.recv().await {
+        if matches!(packet, Packet::PubAck(_)) {
+            acks += 1;
+        }
+    }
+    assert!(
+        acks < 60,
+        "a 3.1.1 flood past the rate was not closed ({acks} acknowledged)"
+    );
+    stack.stop().await;
+}

@@ -622,8 +622,11 @@ impl Outbound {
         }
     }
 
-    /// The `publishedMessage` records gathered since the last call.
-    pub fn take_delivered(&mut self) -> Option<Notice> {
+    /// The `publishedMessage` records gathered since the last call, and for a group's records
+    /// the group and the ids, for [`crate::router::Router::group_done`] once the notice is on
+    /// the link (before it, a group fetch could overtake the records and give them out again).
+    #[allow(clippy::type_complexity)]
+    pub fn take_delivered(&mut self) -> Option<(Notice, Option<(Arc<str>, Vec<MessageId>)>)> {
         if let Some((group, _)) = self.group_delivered.first() {
             // One group's records at a time; the caller asks again.
             let group = group.clone();
@@ -632,21 +635,21 @@ impl Outbound {
                 .partition(|(g, _)| *g == group);
             self.group_delivered = rest;
             let records: Vec<DeliveredRecord> = mine.into_iter().map(|(_, r)| r).collect();
-            self.broker
-                .router
-                .group_done(&group, records.iter().map(|r| r.message_id));
-            return Some(Notice::Delivered {
+            let ids = records.iter().map(|r| r.message_id).collect();
+            let notice = Notice::Delivered {
                 client_id: group.to_string(),
                 messages: records,
-            });
+            };
+            return Some((notice, Some((group, ids))));
         }
         if self.delivered.is_empty() {
             return None;
         }
-        Some(Notice::Delivered {
+        let notice = Notice::Delivered {
             client_id: String::from(&*self.state.client_id),
             messages: std::mem::take(&mut self.delivered),
-        })
+        };
+        Some((notice, None))
     }
 
     /// The next catch-up to ask the store for, if one is due. `seed` marks a PINGREQ or
