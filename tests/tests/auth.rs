@@ -649,3 +649,53 @@ async fn connection_and_publish_rates_are_bounded() {
     );
     stack.stop().await;
 }
+
+/// The running edge process re-reads its rule file on SIGHUP; a file that became unusable is
+/// refused and the rules in force stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_rules() {
+    use wharf_tests::process::BrokerHost;
+    let dir = tempfile::TempDir::new().expect("dir");
+    let rules = write(dir.path(), "acl", "topic readwrite a/#\n");
+    let rules_arg = rules.to_str().expect("utf-8").to_owned();
+    let host =
+        BrokerHost::start_with_args(dir.path(), "h1", None, &[], &["--acl-file", &rules_arg]).await;
+    let pid = host.edge_pid().expect("edge").to_string();
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    let subscribe_at = |filter: &'static str| {
+        let addr = host.addr;
+        async move {
+            let mut raw = Raw::connect(addr).await;
+            raw.send(&connect_bytes("hup", None, None)).await;
+            assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
+            subscribe(&mut raw, 1, filter).await
+        }
+    };
+    let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+    assert_eq!(subscribe_at("a/x").await, ok);
+    assert_eq!(subscribe_at("c/x").await, SubscribeReasonCode::Failure);
+    std::fs::write(&rules, "topic readwrite c/#\n").expect("rewrite");
+    hup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while subscribe_at("c/x").await != ok {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(subscribe_at("a/x").await, SubscribeReasonCode::Failure);
+    // Unusable now: refused, the rules in force stay.
+    std::fs::write(&rules, "allow everything\n").expect("rewrite");
+    hup();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(subscribe_at("c/x").await, ok);
+    assert_eq!(subscribe_at("a/x").await, SubscribeReasonCode::Failure);
+    drop(host);
+}

@@ -331,3 +331,48 @@ async fn bad_tls_files_are_refused_before_anything_is_bound() {
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("port still free");
     }
 }
+
+/// `--use-identity-as-username`: the certificate's CN is the user name (no password), and
+/// rules with `%u` confine the device to its own topics whatever client id it uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_identity_is_the_user_name_in_rules() {
+    use rumqttc::{Packet, SubscribeReasonCode};
+    let p = pki();
+    let acl = p.dir.path().join("acl");
+    std::fs::write(&acl, "pattern readwrite dev/%u/#\n").expect("rules");
+    init_tracing();
+    let socket = p.dir.path().join("worker.sock");
+    let _worker = MockWorker::start(&socket);
+    let mut config = edge_config(&socket, "edge-tls");
+    config.tls = Some(settings(&p, ClientCerts::Required, false));
+    config.auth.identity_as_username = true;
+    config.auth.acl_file = Some(acl);
+    let edge = start_edge(config).await;
+    let cert = p.ca.issue(
+        p.dir.path(),
+        "dev1",
+        "device-1",
+        &[],
+        false,
+        Validity::Current,
+    );
+    let mut c = tls_client(tls_addr(&edge), "any-id", &p.ca_path, Some(&cert))
+        .await
+        .expect("a certificate needs no password");
+    for (filter, allowed) in [("dev/device-1/#", true), ("dev/device-2/#", false)] {
+        c.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queued");
+        let codes = c
+            .next_matching(|p| match p {
+                Packet::SubAck(s) => Some(s.return_codes.clone()),
+                _ => None,
+            })
+            .await
+            .expect("SUBACK");
+        let ok = codes == vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)];
+        assert_eq!(ok, allowed, "{filter}: {codes:?}");
+    }
+    edge.stop().await;
+}
