@@ -312,3 +312,60 @@ async fn the_seed_script_writes_the_documented_keys() {
     assert_eq!(get("cacert").await, None, "empty values are not written");
     let _ = client.status().await;
 }
+
+/// The rule file named in etcd is followed: a new `aclFile` value takes effect for new
+/// subscriptions without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_follows_its_rule_file_key() {
+    use rumqttc::{Packet, SubscribeReasonCode};
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let etcd = Etcd::start(dir.path()).await;
+    let socket = dir.path().join("worker.sock");
+    let _worker = MockWorker::start(&socket);
+    let rules_a = dir.path().join("rules-a");
+    let rules_c = dir.path().join("rules-c");
+    std::fs::write(&rules_a, "topic readwrite a/#\n").expect("rules");
+    std::fs::write(&rules_c, "topic readwrite c/#\n").expect("rules");
+    let plain = free_port();
+    let (plain_s, socket_s) = (local(plain).to_string(), socket.display().to_string());
+    let rules_a_s = rules_a.display().to_string();
+    etcd.put(
+        PREFIX,
+        &[
+            ("listen", &plain_s),
+            ("workerSocket", &socket_s),
+            ("aclFile", &rules_a_s),
+        ],
+    )
+    .await;
+    let _edge = edge(&etcd, &[], &dir.path().join("edge.log"));
+    wait_for_port(local(plain)).await;
+    let allowed = |filter: &'static str| async move {
+        let mut c = Client::connect(local(plain), "r", true).await;
+        c.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queued");
+        let codes = c
+            .next_matching(|p| match p {
+                Packet::SubAck(s) => Some(s.return_codes.clone()),
+                _ => None,
+            })
+            .await
+            .expect("SUBACK");
+        codes == vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    };
+    assert!(allowed("a/x").await);
+    assert!(!allowed("c/x").await);
+    etcd.put(PREFIX, &[("aclFile", &rules_c.display().to_string())])
+        .await;
+    let followed = tokio::time::timeout(PATIENCE, async {
+        while !allowed("c/x").await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(followed.is_ok(), "the new aclFile was not applied");
+    assert!(!allowed("a/x").await);
+}
