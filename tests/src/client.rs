@@ -114,13 +114,25 @@ impl Client {
     }
 
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
+        self.subscribe_granted(filter, qos).await;
+    }
+
+    /// Subscribes and says whether the SUBACK granted it.
+    pub async fn subscribe_granted(&mut self, filter: &str, qos: QoS) -> bool {
         self.client
             .subscribe(filter, qos)
             .await
             .expect("subscribe queued");
-        self.next_matching(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+        let codes = self
+            .next_matching(|p| match p {
+                Packet::SubAck(s) => Some(s.return_codes.clone()),
+                _ => None,
+            })
             .await
             .expect("SUBACK");
+        codes
+            .iter()
+            .all(|c| *c != rumqttc::SubscribeReasonCode::Failure)
     }
 
     pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
