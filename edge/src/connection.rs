@@ -869,19 +869,12 @@ impl Connection {
         if utf8_claimed && std::str::from_utf8(&p.payload).is_err() {
             // MQTT 5.0 3.3.2.3.2: refused with "payload format invalid", not stored.
             metrics::counter!("wharf_edge_payload_format_invalid_total").increment(1);
-            // The messages before it are acknowledged first.
-            self.send_batch(batch).await?;
-            let code = reason::PAYLOAD_FORMAT_INVALID;
-            match p.qos {
-                Qos::AtMostOnce => {}
-                Qos::AtLeastOnce => self.ack_in_order(Ack::PubAck, p.pkid, code),
-                Qos::ExactlyOnce => {
-                    // A failed PUBREC ends the QoS 2 flow.
-                    self.qos2_ended();
-                    self.ack_in_order(Ack::PubRec, p.pkid, code)
-                }
+            if p.qos == Qos::ExactlyOnce {
+                // A failed PUBREC ends the QoS 2 flow.
+                self.qos2_ended();
             }
-            return Ok(());
+            let code = reason::PAYLOAD_FORMAT_INVALID;
+            return self.answer_untaken(p.qos, p.pkid, code, batch).await;
         }
         let mut message = self.broker.message(
             &self.out.state.client_id,
@@ -985,19 +978,31 @@ impl Connection {
                 why: "publish not authorized",
             });
         }
-        // The messages before it are acknowledged first.
-        self.send_batch(batch).await?;
+        // 3.1.1's PUBREL that follows a PUBREC is answered as for any id it does not hold.
         let code = if v5 {
             reason::NOT_AUTHORIZED
         } else {
             reason::SUCCESS
         };
-        match qos {
-            Qos::AtMostOnce => {}
-            // 3.1.1's PUBREL that follows is answered as for any id it does not hold.
-            Qos::AtLeastOnce => self.ack_in_order(Ack::PubAck, pkid, code),
-            Qos::ExactlyOnce => self.ack_in_order(Ack::PubRec, pkid, code),
-        }
+        self.answer_untaken(qos, pkid, code, batch).await
+    }
+
+    /// Answers a PUBLISH that is not taken with a PUBACK or PUBREC carrying `code` (nothing
+    /// for QoS 0), behind the acknowledgements of the messages before it.
+    async fn answer_untaken(
+        &mut self,
+        qos: Qos,
+        pkid: u16,
+        code: u8,
+        batch: &mut Batch,
+    ) -> Result<(), SessionError> {
+        let kind = match qos {
+            Qos::AtMostOnce => return Ok(()),
+            Qos::AtLeastOnce => Ack::PubAck,
+            Qos::ExactlyOnce => Ack::PubRec,
+        };
+        self.send_batch(batch).await?;
+        self.ack_in_order(kind, pkid, code);
         Ok(())
     }
 
@@ -1021,23 +1026,14 @@ impl Connection {
         batch: &mut Batch,
     ) -> Result<(), SessionError> {
         metrics::counter!("wharf_edge_publish_rate_exceeded_total").increment(1);
-        if qos == Qos::AtMostOnce {
-            return Ok(());
-        }
-        if !self.version.is_v5() {
+        if qos != Qos::AtMostOnce && !self.version.is_v5() {
             return Err(SessionError::Refused {
                 reason: reason::QUOTA_EXCEEDED,
                 why: "publish rate exceeded",
             });
         }
-        self.send_batch(batch).await?;
-        let kind = if qos == Qos::AtLeastOnce {
-            Ack::PubAck
-        } else {
-            Ack::PubRec
-        };
-        self.ack_in_order(kind, pkid, reason::QUOTA_EXCEEDED);
-        Ok(())
+        self.answer_untaken(qos, pkid, reason::QUOTA_EXCEEDED, batch)
+            .await
     }
 
     /// An inbound QoS 2 flow ended (PUBREL answered, or a refusing PUBREC sent).

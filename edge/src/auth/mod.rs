@@ -169,6 +169,20 @@ pub struct Policy {
     stale: AtomicBool,
 }
 
+/// Reads and parses the file at `path`, if one is set; an error names the key and the file.
+fn read_file<T, E: std::fmt::Display>(
+    key: &str,
+    path: &Option<PathBuf>,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<Option<T>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let error = |e: String| ConfigError::new(key, path.display().to_string(), e);
+    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    parse(&text).map(Some).map_err(|e| error(e.to_string()))
+}
+
 /// The users and rules last read from the store.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct StoreAuth {
@@ -178,23 +192,8 @@ pub struct StoreAuth {
 
 impl Policy {
     fn load(settings: &AuthSettings, store: Option<&StoreAuth>) -> Result<Policy, ConfigError> {
-        let read = |key: &str, path: &PathBuf| {
-            std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::new(key, path.display().to_string(), e.to_string()))
-        };
-        let passwords =
-            match &settings.password_file {
-                Some(path) => Some(PasswordFile::parse(&read("passwordFile", path)?).map_err(
-                    |e| ConfigError::new("passwordFile", path.display().to_string(), e.to_string()),
-                )?),
-                None => None,
-            };
-        let acl = match &settings.acl_file {
-            Some(path) => Some(Acl::parse(&read("aclFile", path)?).map_err(|e| {
-                ConfigError::new("aclFile", path.display().to_string(), e.to_string())
-            })?),
-            None => None,
-        };
+        let passwords = read_file("passwordFile", &settings.password_file, PasswordFile::parse)?;
+        let acl = read_file("aclFile", &settings.acl_file, Acl::parse)?;
         let (passwords, users_pending, superusers) = match (settings.store_users, store) {
             (false, _) => (passwords, false, Default::default()),
             (true, None) => (None, true, Default::default()),
@@ -506,6 +505,14 @@ fn failed(reason: &'static str, username: Option<&str>) {
     );
 }
 
+/// The rules in force: a session's copy, taken again once a reload made it stale.
+fn fresh<'a>(policy: &'a mut Arc<Policy>, auth: &Auth) -> &'a Policy {
+    if policy.is_stale() {
+        *policy = auth.policy();
+    }
+    policy
+}
+
 /// What a session holds to ask the rules: the policy it last read (replaced when it goes
 /// stale) and who it is. 16 bytes in every connection.
 pub struct SessionAuth {
@@ -531,19 +538,11 @@ impl SessionAuth {
     }
 
     pub fn allows(&mut self, auth: &Auth, client_id: &str, access: Access, topic: &str) -> bool {
-        if self.policy.is_stale() {
-            self.policy = auth.policy();
-        }
-        self.policy
-            .allows(client_id, self.principal.as_deref(), access, topic)
+        fresh(&mut self.policy, auth).allows(client_id, self.principal.as_deref(), access, topic)
     }
 
     pub fn allows_subscribe(&mut self, auth: &Auth, client_id: &str, filter: &str) -> bool {
-        if self.policy.is_stale() {
-            self.policy = auth.policy();
-        }
-        self.policy
-            .allows_subscribe(client_id, self.principal.as_deref(), filter)
+        fresh(&mut self.policy, auth).allows_subscribe(client_id, self.principal.as_deref(), filter)
     }
 
     pub fn principal(&self) -> Option<&Principal> {
