@@ -485,8 +485,11 @@ impl Auth {
             failed("bad_credentials", Some(user));
             return Err(Refusal::BadUserNameOrPassword);
         }
+        // Staleness is read under the cache's lock: a reload marks the old policy stale before
+        // it clears the cache under that lock, so a check made against the old policy is
+        // either refused here or cleared there, never kept past the reload.
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if !policy.is_stale() {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if cache.len() >= CACHE_ENTRIES {
                 cache.clear();
             }
