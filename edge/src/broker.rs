@@ -19,6 +19,7 @@ pub struct Broker {
     /// QoS 1/2 messages made and not yet routed (see [`InTransit`]).
     pub in_transit: Arc<InTransit>,
     pub auth: Arc<crate::auth::Auth>,
+    pub lease: crate::lease::Lease,
     next_connection_id: AtomicU64,
 }
 
@@ -68,6 +69,7 @@ impl Broker {
             link,
             metrics: HotMetrics::register(),
             in_transit: Arc::default(),
+            lease: Default::default(),
             next_connection_id: AtomicU64::new(1),
         }
     }

@@ -323,6 +323,8 @@ struct Connection {
 /// 64 KiB, QoS 0 flat out lost a third of its messages at a full subscriber queue.
 const MIN_READ: usize = 128;
 const MAX_READ: usize = 16 * 1024;
+/// How often a session without a lease looks whether it has one again.
+const LEASE_RECHECK: Duration = Duration::from_millis(20);
 
 type TrackFuture = Pin<Box<dyn Future<Output = (u16, bool, Result<Reply, LinkError>)> + Send>>;
 
@@ -462,7 +464,12 @@ impl Connection {
                         Box::pin(self.send_catch_up(request)).await;
                     }
                 }
-                let can_read = closing.is_none()
+                // Without a current lease (a host sharing its store with others, frozen or cut
+                // off from it) the session neither reads nor writes: another host may have
+                // claimed it meanwhile. See `crate::lease`.
+                let leased = self.broker.lease.holds();
+                let can_read = leased
+                    && closing.is_none()
                     && self.ops.weight() < self.broker.config.limits.max_pending_persists
                     && self.out.write_buf.len() < self.broker.config.limits.write_high_water;
                 if closing.is_some()
@@ -472,7 +479,7 @@ impl Connection {
                 {
                     break;
                 }
-                let can_write = !self.out.write_buf.is_empty();
+                let can_write = leased && !self.out.write_buf.is_empty();
                 // Set by a read; handled after the `select!`, so that its output (as large as
                 // the largest reply) is not held while the packets are handled.
                 let mut read_full = None;
@@ -521,6 +528,7 @@ impl Connection {
                         Event::Signals(s) if s.contains(Signals::SHUTDOWN) => closing = Some(End::Shutdown),
                         Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
                     },
+                    _ = async { tokio::time::sleep(LEASE_RECHECK).await }, if !leased => {}
                     read = read_some(reader, &mut self.read_buf, self.read_chunk), if can_read => match read {
                         Ok((0, _)) => return End::Error(SessionError::Protocol("client closed the connection")),
                         Ok((n, room)) => {
@@ -1308,12 +1316,14 @@ impl Connection {
                     park,
                     self.session_expiry,
                 ) {
-                    Released::Done => {
+                    Released::Done(generation) => {
                         // With expiry 0 the worker ends the session, and with it the shared
-                        // subscription groups it was the last member of.
+                        // subscription groups it was the last member of; only if the
+                        // session is still this connection's claim.
                         let request = Request::Disconnect {
                             client_id: client_id.to_string(),
                             session_expiry: self.session_expiry,
+                            generation,
                         };
                         if let Ok(rx) = self.broker.link.request(request, Policy::Hold).await {
                             drop(rx);

@@ -15,7 +15,9 @@
 //!   (the local fast path).
 //! - [`groups`]: fetches what shared subscription groups are owed from the store.
 //! - [`keepalive`]: one sweep over all sessions instead of a timer per connection.
-//! - [`registry`]: client id -> connection or parked persistent session; takeover.
+//! - [`registry`]: client id -> connection or parked persistent session; takeover, also by
+//!   a claim of the session on another edge or host.
+//! - [`lease`]: whether this edge may serve its sessions (the store shared by hosts).
 //! - [`link`]: the store-worker socket: requests, replies, reconnects, held persists.
 //! - [`tls`]: the TLS listener's rustls configuration, reload, client certificate identity.
 //! - [`cli`]: flags and environment layered over etcd keys.
@@ -30,6 +32,7 @@ pub mod connection;
 pub mod groups;
 pub mod ids;
 pub mod keepalive;
+pub mod lease;
 pub mod link;
 pub mod protocol;
 pub mod registry;

@@ -45,6 +45,17 @@ pub enum Policy {
 
 pub type ReplyRx = oneshot::Receiver<Result<Reply, LinkError>>;
 
+/// What the worker sends unasked, in the order it sent it.
+#[derive(Debug)]
+pub enum Pushed {
+    /// Messages other hosts (or other edges of the worker) received.
+    Messages(Vec<Message>),
+    /// Sessions claimed elsewhere.
+    Claims(Vec<wharf_shared::Claim>),
+    /// Every claim made before `as_of_ms` (host monotonic clock) has been pushed.
+    Lease { as_of_ms: u64 },
+}
+
 /// A result that is ready at once, or a (boxed) wait for it.
 pub type MaybeWaiting<'a, T> = Either<Ready<T>, BoxFuture<'a, T>>;
 
@@ -95,7 +106,7 @@ impl Link {
     /// Messages the worker pushes from other hosts go to `deliveries`.
     pub fn spawn(
         config: LinkConfig,
-        deliveries: mpsc::Sender<Vec<Message>>,
+        deliveries: mpsc::Sender<Pushed>,
         shutdown: CancellationToken,
     ) -> (Link, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
@@ -280,7 +291,7 @@ async fn connect(config: &LinkConfig) -> Result<(Reader, Writer), String> {
 struct State {
     next_id: u64,
     pending: BTreeMap<u64, Pending>,
-    deliveries: mpsc::Sender<Vec<Message>>,
+    deliveries: mpsc::Sender<Pushed>,
 }
 
 impl State {
@@ -335,9 +346,18 @@ impl State {
     /// A frame from the worker: a reply, or messages from other hosts to route.
     async fn incoming(&mut self, frame: &[u8]) -> Result<(), String> {
         match decode_body::<WorkerFrame>(frame) {
+            // Waiting here pushes back on the worker while routing is behind. One channel for
+            // all three keeps their order: a lease follows the claims read before it.
             Ok(WorkerFrame::Deliver { messages }) => {
-                // Waiting here pushes back on the worker while routing is behind.
-                let _ = self.deliveries.send(messages).await;
+                let _ = self.deliveries.send(Pushed::Messages(messages)).await;
+                Ok(())
+            }
+            Ok(WorkerFrame::Claims { claims }) => {
+                let _ = self.deliveries.send(Pushed::Claims(claims)).await;
+                Ok(())
+            }
+            Ok(WorkerFrame::Lease { as_of_ms }) => {
+                let _ = self.deliveries.send(Pushed::Lease { as_of_ms }).await;
                 Ok(())
             }
             Ok(WorkerFrame::Reply { id, reply }) => {
@@ -356,7 +376,7 @@ impl State {
 
 async fn run(
     config: LinkConfig,
-    deliveries: mpsc::Sender<Vec<Message>>,
+    deliveries: mpsc::Sender<Pushed>,
     mut rx: mpsc::Receiver<Command>,
     up: watch::Sender<bool>,
     shutdown: CancellationToken,

@@ -1,11 +1,13 @@
 //! Which client ids are connected to this edge, and the parked state of persistent sessions
-//! whose client is away. A new connection with a taken client id takes the session over.
+//! whose client is away. A new connection with a taken client id takes the session over; a
+//! claim of the session with a newer generation elsewhere (another edge or host) ends it.
 
 use crate::session::SessionState;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use wharf_shared::Generation;
 
 /// Asks a connection to close and hand its session state over (once: it then ends).
 pub type TakeoverTx = oneshot::Sender<oneshot::Sender<Option<SessionState>>>;
@@ -14,11 +16,16 @@ enum Entry {
     Connected {
         connection_id: u64,
         takeover: TakeoverTx,
+        /// The store's generation of this connection's claim, once its reply came.
+        generation: Option<Generation>,
+        /// The newest claim heard of elsewhere before the reply came.
+        beaten: Option<Generation>,
     },
     Parked {
         state: Box<SessionState>,
         /// The connection that parked it.
         connection_id: u64,
+        generation: Option<Generation>,
         /// When the session expires (its Session Expiry Interval after the disconnect);
         /// `None`: never.
         expires: Option<Instant>,
@@ -34,7 +41,8 @@ pub enum Previous {
 
 /// What [`Registry::release`] did.
 pub enum Released {
-    Done,
+    /// The connection's claim, with its generation if known.
+    Done(Option<Generation>),
     /// Another connection owns the client id now; the state was not parked.
     TakenOver(Option<SessionState>),
 }
@@ -54,6 +62,8 @@ impl Registry {
         let entry = Entry::Connected {
             connection_id,
             takeover,
+            generation: None,
+            beaten: None,
         };
         match self.lock().insert(client_id, entry) {
             None => Previous::None,
@@ -65,6 +75,58 @@ impl Registry {
             }
             Some(Entry::Parked { state, .. }) => Previous::Parked(state),
         }
+    }
+
+    /// The store answered `connection_id`'s claim with `generation`. If a newer claim was
+    /// heard of meanwhile, the connection has lost its session: the entry goes and the
+    /// connection is asked to end.
+    pub fn confirm(&self, client_id: &str, connection_id: u64, confirmed: Generation) {
+        let mut inner = self.lock();
+        let lost = match inner.get_mut(client_id) {
+            Some(Entry::Connected {
+                connection_id: id,
+                generation,
+                beaten,
+                ..
+            }) if *id == connection_id => {
+                *generation = Some(confirmed);
+                beaten.is_some_and(|b| b > confirmed)
+            }
+            _ => false,
+        };
+        if lost {
+            if let Some(Entry::Connected { takeover, .. }) = inner.remove(client_id) {
+                end(takeover);
+            }
+        }
+    }
+
+    /// The client's session was claimed elsewhere with `claimed`: a connection or parked
+    /// session here with an older claim has lost it. Returns whether one did.
+    pub fn claimed_elsewhere(&self, client_id: &str, claimed: Generation) -> bool {
+        let mut inner = self.lock();
+        let lost = match inner.get_mut(client_id) {
+            Some(Entry::Connected {
+                generation: Some(own),
+                ..
+            }) => *own < claimed,
+            Some(Entry::Connected {
+                generation: None,
+                beaten,
+                ..
+            }) => {
+                *beaten = (*beaten).max(Some(claimed));
+                false
+            }
+            Some(Entry::Parked { generation, .. }) => generation.is_none_or(|own| own < claimed),
+            None => false,
+        };
+        if lost {
+            if let Some(Entry::Connected { takeover, .. }) = inner.remove(client_id) {
+                end(takeover);
+            }
+        }
+        lost
     }
 
     /// Whether a connection newer than `connection_id` has taken the client id (the session
@@ -102,23 +164,33 @@ impl Registry {
         session_expiry: u32,
     ) -> Released {
         let mut inner = self.lock();
-        if !matches!(inner.get(client_id),
-            Some(Entry::Connected { connection_id: id, .. }) if *id == connection_id)
-        {
-            return Released::TakenOver(park);
-        }
+        let generation = match inner.get(client_id) {
+            Some(Entry::Connected {
+                connection_id: id,
+                generation,
+                ..
+            }) if *id == connection_id => *generation,
+            _ => return Released::TakenOver(park),
+        };
         match park {
             Some(state) => inner.insert(
                 client_id.clone(),
                 Entry::Parked {
                     state: Box::new(state),
                     connection_id,
+                    generation,
                     expires: (session_expiry != u32::MAX)
                         .then(|| Instant::now() + Duration::from_secs(session_expiry.into())),
                 },
             ),
             None => inner.remove(client_id),
         };
-        Released::Done
+        Released::Done(generation)
     }
+}
+
+/// Asks a connection to end as if taken over, with nobody to take its state.
+fn end(takeover: TakeoverTx) {
+    let (tx, _) = oneshot::channel();
+    let _ = takeover.send(tx);
 }

@@ -8,7 +8,7 @@ use crate::broker::Broker;
 use crate::config::{ConfigError, EdgeConfig};
 use crate::connection;
 use crate::keepalive;
-use crate::link::{Link, LinkConfig};
+use crate::link::{Link, LinkConfig, Pushed};
 use crate::router::Signals;
 use crate::tls::{PeerIdentity, Tls, TlsSettings};
 use std::net::SocketAddr;
@@ -159,17 +159,35 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
 }
 
-/// Routes messages that other hosts received (pushed by the worker) to this edge's sessions.
+/// Routes messages that other hosts received (pushed by the worker) to this edge's sessions,
+/// ends sessions claimed elsewhere, and renews the lease, in the order the worker sent them.
 async fn route_from_other_hosts(
     broker: Arc<Broker>,
-    mut deliveries: tokio::sync::mpsc::Receiver<Vec<wharf_shared::Message>>,
+    mut deliveries: tokio::sync::mpsc::Receiver<Pushed>,
 ) {
-    while let Some(messages) = deliveries.recv().await {
-        let now = crate::ids::now_ms();
-        for message in messages {
-            let age = (now - message.created_ms).max(0) as f64 / 1000.0;
-            metrics::histogram!("wharf_edge_cross_host_delivery_seconds").record(age);
-            broker.route(&Arc::new(message));
+    while let Some(pushed) = deliveries.recv().await {
+        match pushed {
+            Pushed::Messages(messages) => {
+                let now = crate::ids::now_ms();
+                for message in messages {
+                    let age = (now - message.created_ms).max(0) as f64 / 1000.0;
+                    metrics::histogram!("wharf_edge_cross_host_delivery_seconds").record(age);
+                    broker.route(&Arc::new(message));
+                }
+            }
+            Pushed::Claims(claims) => {
+                for claim in claims {
+                    if broker
+                        .registry
+                        .claimed_elsewhere(&claim.client_id, claim.generation)
+                    {
+                        tracing::info!(client_id = %claim.client_id, "session claimed by a connection elsewhere: ending it here");
+                        metrics::counter!("wharf_edge_sessions_claimed_elsewhere_total")
+                            .increment(1);
+                    }
+                }
+            }
+            Pushed::Lease { as_of_ms } => broker.lease.renew(as_of_ms),
         }
     }
 }
@@ -179,7 +197,7 @@ struct LinkParts {
     link: Link,
     task: tokio::task::JoinHandle<()>,
     shutdown: CancellationToken,
-    deliveries: tokio::sync::mpsc::Receiver<Vec<wharf_shared::Message>>,
+    deliveries: tokio::sync::mpsc::Receiver<Pushed>,
 }
 
 impl LinkParts {

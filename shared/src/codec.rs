@@ -298,8 +298,22 @@ mod tests {
                     message: sample_message(),
                     released: true,
                 }],
+                generation: Generation {
+                    epoch_ms: 1_700_000_000_000,
+                    claims: 3,
+                },
             },
         });
+        roundtrip(WorkerFrame::Claims {
+            claims: vec![Claim {
+                client_id: "c".into(),
+                generation: Generation {
+                    epoch_ms: 5,
+                    claims: 1,
+                },
+            }],
+        });
+        roundtrip(WorkerFrame::Lease { as_of_ms: 42 });
     }
 
     /// Pins the bytes on the wire: a failing assertion here means the protocol changed, which
@@ -314,7 +328,7 @@ mod tests {
             instance: "i".into(),
         });
         codec.encode(hello, &mut buf).expect("encode");
-        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 8, 2, b'h', b'1', 1, b'i']);
+        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 9, 2, b'h', b'1', 1, b'i']);
 
         buf.clear();
         let persist = EdgeFrame::Request {

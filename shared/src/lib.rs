@@ -67,3 +67,10 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+/// Milliseconds of the host's monotonic clock (`CLOCK_MONOTONIC`): every process on the host
+/// reads the same one, and it keeps counting while a process is stopped.
+pub fn monotonic_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec.max(0) as u64) * 1000 + (t.tv_nsec.max(0) as u64) / 1_000_000
+}

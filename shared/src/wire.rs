@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -233,13 +233,44 @@ pub enum WorkerFrame {
     Deliver {
         messages: Vec<Message>,
     },
+    /// Sessions claimed by a CONNECT (on this worker's edges or, read from the store, on other
+    /// hosts): a connection or parked session of the same client with an older generation
+    /// has lost it and ends.
+    Claims {
+        claims: Vec<Claim>,
+    },
+    /// Every claim made before `as_of_ms` (the host's monotonic clock, `CLOCK_MONOTONIC` in
+    /// milliseconds) has been sent. An edge serves its sessions only while this is recent:
+    /// a host that was frozen or cut off from the store does not deliver or acknowledge
+    /// for a session another host may have claimed meanwhile. Sent only by a worker whose
+    /// store other hosts share.
+    Lease {
+        as_of_ms: u64,
+    },
+}
+
+/// Which claim of a session is the newest: the record's creation time, then the number of
+/// claims since. A record is made again only after its session ended, so a new record's
+/// claims are newer than any of the old one's.
+#[derive(Encode, Decode, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default, Hash)]
+pub struct Generation {
+    pub epoch_ms: u64,
+    pub claims: u64,
+}
+
+/// A client id claimed by a connection, with the claim's generation.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Claim {
+    pub client_id: String,
+    pub generation: Generation,
 }
 
 /// What the edge asks of the worker; each gets exactly one [`Reply`].
 #[derive(Encode, Decode, Clone, PartialEq, Debug)]
 pub enum Request {
-    /// A client connected. A clean start drops whatever was stored for it (reply `Done`;
-    /// with a `session_expiry` above 0 a new session is recorded); otherwise the stored
+    /// A client connected: the session record is claimed for this host (a new generation,
+    /// which every other edge and host hears of as a [`WorkerFrame::Claims`]). A clean start
+    /// drops whatever was stored for it (reply [`Reply::Claimed`]); otherwise the stored
     /// session comes back in [`Reply::Session`].
     Connect {
         client_id: String,
@@ -290,10 +321,13 @@ pub enum Request {
     },
     /// A client's connection ended. With a `session_expiry` of 0 the session ends now (its
     /// subscriptions and QoS 2 state are dropped); otherwise it expires that many seconds
-    /// from now (`u32::MAX`: never) unless the client comes back. Reply `Done`.
+    /// from now (`u32::MAX`: never) unless the client comes back. Only if the session's
+    /// record still has `generation` (`None`: the newest claim by this host): a connection
+    /// that lost its session to another changes nothing. Reply `Done`.
     Disconnect {
         client_id: String,
         session_expiry: u32,
+        generation: Option<Generation>,
     },
     /// The users and authorization rules kept in the store (MongoDB only), read whole: reply
     /// `Auth`. The edge asks every few seconds and checks passwords and rules itself.
@@ -359,6 +393,11 @@ pub enum Reply {
         next: Option<Cursor>,
         /// QoS 2 deliveries to this client that were under way.
         outbound_qos2: Vec<OutboundQos2>,
+        generation: Generation,
+    },
+    /// A clean start's session was claimed with this generation.
+    Claimed {
+        generation: Generation,
     },
     Messages {
         messages: Vec<Message>,

@@ -35,6 +35,16 @@ impl Edges {
         self.lock().retain(|e| e.id != id);
     }
 
+    /// Sends every edge `frame`.
+    pub async fn broadcast(&self, frame: WorkerFrame) {
+        let edges: Vec<mpsc::Sender<WorkerFrame>> =
+            self.lock().iter().map(|e| e.tx.clone()).collect();
+        for tx in edges {
+            // Bounded: a slow edge slows the sender, it does not grow a queue.
+            let _ = tx.send(frame.clone()).await;
+        }
+    }
+
     /// Sends each edge the messages whose host is not its own. With `from_feed`, messages of
     /// any host served by this worker are skipped too: they were delivered when stored here.
     pub async fn fanout(&self, messages: &[Message], from_feed: bool) {

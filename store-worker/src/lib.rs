@@ -188,6 +188,14 @@ async fn run<S: Store>(
             }
         }
     });
+    if store.shared_by_hosts() {
+        tokio::spawn(follow_claims(
+            store.clone(),
+            edges.clone(),
+            config.host.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(pipeline::recorder(
         store.clone(),
         record_rx,
@@ -214,6 +222,65 @@ async fn run<S: Store>(
         tracing::warn!(grace = ?config.shutdown_grace, "worker shutdown grace ran out with writes pending");
     }
     tracing::info!("worker stopped");
+}
+
+/// How often the claims of other hosts are read: a connection on this host whose session
+/// another host claimed ends within about this long.
+const CLAIMS_EVERY: Duration = Duration::from_millis(200);
+/// How much earlier than the previous read a read of claims starts: a claim is written with
+/// the claiming worker's clock, and may land this much late (clock skew, a slow write).
+const CLAIMS_LATE_MS: i64 = 2_000;
+
+/// Sends this worker's edges the sessions other hosts claimed, then a lease: everything
+/// claimed before the read started has been sent. An edge that hears nothing for a while
+/// (this host frozen, the store out of reach) stops serving its sessions until it does.
+async fn follow_claims<S: Store>(
+    store: Arc<S>,
+    edges: Arc<fanout::Edges>,
+    host: String,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(CLAIMS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut since = server::now_ms() - CLAIMS_LATE_MS;
+    // Claims sent already, with when they were read (sent again, they would be harmless).
+    let mut sent: std::collections::HashMap<wharf_shared::Claim, i64> = Default::default();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let (started_ms, as_of_ms) = (server::now_ms(), wharf_shared::monotonic_ms());
+        match store.claims_since(since, &host).await {
+            Ok(claims) => {
+                if failing {
+                    tracing::info!("reading other hosts' session claims again");
+                    failing = false;
+                }
+                let claims: Vec<wharf_shared::Claim> = claims
+                    .into_iter()
+                    .filter(|c| sent.insert(c.clone(), started_ms).is_none())
+                    .collect();
+                if !claims.is_empty() {
+                    edges
+                        .broadcast(wharf_shared::WorkerFrame::Claims { claims })
+                        .await;
+                }
+                edges
+                    .broadcast(wharf_shared::WorkerFrame::Lease { as_of_ms })
+                    .await;
+                since = started_ms - CLAIMS_LATE_MS;
+                sent.retain(|_, read| *read >= since - CLAIMS_LATE_MS);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read other hosts' session claims: this host's sessions wait");
+                    failing = true;
+                }
+            }
+        }
+    }
 }
 
 /// How often sessions whose expiry has passed are looked for: a session outlives its Session
@@ -245,7 +312,7 @@ async fn expire_sessions<S: Store>(store: Arc<S>, shutdown: CancellationToken) {
                 if !store.drop_expired_session(&client_id, now).await? {
                     return Ok(false);
                 }
-                server::clear_session(&*store, Duration::from_secs(10), &client_id).await?;
+                server::clear_session_state(&*store, Duration::from_secs(10), &client_id).await?;
                 let clear = store::WriteBatch {
                     relaxed: true,
                     clear_qos2: vec![client_id.clone()],

@@ -7,7 +7,7 @@
 //! delivery records go to the shared batching tasks in [`crate::pipeline`].
 
 use crate::pipeline::{Job, PersistJob};
-use crate::store::{self, Deliveries, Store, StoreError};
+use crate::store::{self, Deliveries, Owner, Store, StoreError};
 use futures::{SinkExt, StreamExt};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -19,7 +19,8 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wharf_shared::{
-    EdgeFrame, FrameCodec, Hello, Notice, Reply, Request, WorkerFrame, PROTOCOL_VERSION,
+    Claim, EdgeFrame, FrameCodec, Generation, Hello, Notice, Reply, Request, WorkerFrame,
+    PROTOCOL_VERSION,
 };
 
 const LANES: usize = 8;
@@ -252,26 +253,43 @@ fn route(request: Request) -> Route {
     }
 }
 
-/// The client of a connect that starts clean, or a disconnect that ends the session.
+/// The client of a connect that starts clean. (A disconnect that ends the session clears
+/// them once it is known to be the session's owner's.)
 fn clean_session_of(request: &Request) -> Option<String> {
     match request {
         Request::Connect {
             client_id,
             clean_start: true,
             ..
-        }
-        | Request::Disconnect {
-            client_id,
-            session_expiry: 0,
         } => Some(client_id.clone()),
         _ => None,
     }
 }
 
-/// Forgets everything stored for a client's session but its messages' records: subscriptions
-/// (and the shared subscription groups that had it as their last member), QoS 2 deliveries
-/// under way, the session record.
-pub async fn clear_session<S: Store>(
+/// Ends a client's session: its record goes (only if it is still `owner`'s claim; `None`:
+/// whoever's), and then what [`clear_session_state`] clears. Returns whether it did.
+pub async fn end_session<S: Store>(
+    store: &S,
+    limit: std::time::Duration,
+    client_id: &str,
+    owner: Option<Owner<'_>>,
+) -> Result<bool, StoreError> {
+    let dropped = crate::pipeline::retry(limit, "end session", || {
+        store.drop_session(client_id, owner.as_ref())
+    })
+    .await?;
+    // Without an owner the state goes whether or not a record was there (sessions from
+    // before records were kept have none).
+    if dropped || owner.is_none() {
+        clear_session_state(store, limit, client_id).await?;
+    }
+    Ok(dropped)
+}
+
+/// Forgets everything stored for a client's session but its record and its messages'
+/// records: subscriptions (and the shared subscription groups that had it as their last
+/// member), QoS 2 deliveries under way.
+pub async fn clear_session_state<S: Store>(
     store: &S,
     limit: std::time::Duration,
     client_id: &str,
@@ -286,8 +304,7 @@ pub async fn clear_session<S: Store>(
     crate::pipeline::retry(limit, "clear session", || {
         store.forget_qos2_out(client_id, None)
     })
-    .await?;
-    crate::pipeline::retry(limit, "clear session", || store.drop_session(client_id)).await
+    .await
 }
 
 /// A shared subscription group's own session (client id: the group's `$share/...` key) ends
@@ -311,6 +328,34 @@ pub async fn leave_groups<S: Store>(
         }
     }
     Ok(())
+}
+
+/// Claims the client's session for a connection on `edge_host`, and tells every edge of this
+/// worker (the others of the cluster read it from the store): a connection or parked session
+/// of the client with an older generation ends.
+async fn claim<S: Store>(
+    shared: &Shared<S>,
+    client_id: &str,
+    edge_host: &str,
+    session_expiry: u32,
+) -> Result<(bool, Generation), StoreError> {
+    let (held, generation) = crate::pipeline::retry(shared.retry_limit, "session", || {
+        shared
+            .store
+            .claim_session(client_id, edge_host, now_ms(), session_expiry)
+    })
+    .await?;
+    let claim = Claim {
+        client_id: client_id.to_owned(),
+        generation,
+    };
+    shared
+        .edges
+        .broadcast(WorkerFrame::Claims {
+            claims: vec![claim],
+        })
+        .await;
+    Ok((held, generation))
 }
 
 /// When a session whose client left now expires (`None`: never).
@@ -374,33 +419,37 @@ async fn handle<S: Store>(
             clean_start: true,
             session_expiry,
         } => {
-            clear_session(store, limit, &client_id).await?;
-            if session_expiry > 0 {
-                // A new session that outlives this connection (MQTT 5.0 Clean Start with a
-                // Session Expiry Interval).
-                crate::pipeline::retry(limit, "session", || {
-                    store.open_session(&client_id, edge_host, now_ms())
-                })
-                .await?;
-            }
-            Reply::Done
-        }
-        Request::Disconnect {
-            client_id,
-            session_expiry: 0,
-        } => {
-            clear_session(store, limit, &client_id).await?;
-            Reply::Done
+            // Claimed first, so that from here on no other connection's end can clear what
+            // this one stores.
+            let (_, generation) = claim(shared, &client_id, edge_host, session_expiry).await?;
+            clear_session_state(store, limit, &client_id).await?;
+            Reply::Claimed { generation }
         }
         Request::Disconnect {
             client_id,
             session_expiry,
+            generation,
         } => {
-            let expires = expiry_time(now_ms(), session_expiry);
-            crate::pipeline::retry(limit, "session", || {
-                store.close_session(&client_id, expires)
-            })
-            .await?;
+            let owner = Owner {
+                host: edge_host,
+                generation,
+            };
+            if session_expiry == 0 {
+                if end_session(store, limit, &client_id, Some(owner)).await? {
+                    // Its inbound QoS 2 packet ids, after the persists that used them.
+                    let clear = PersistJob {
+                        job: Job::Clear { client_id },
+                        reply: None,
+                    };
+                    let _ = shared.persist.send(clear).await;
+                }
+            } else {
+                let expires = expiry_time(now_ms(), session_expiry);
+                crate::pipeline::retry(limit, "session", || {
+                    store.close_session(&client_id, expires, &owner)
+                })
+                .await?;
+            }
             Reply::Done
         }
         Request::TrackQos2Out {
@@ -429,7 +478,11 @@ async fn handle<S: Store>(
             .await?;
             Reply::Done
         }
-        Request::Connect { client_id, .. } => {
+        Request::Connect {
+            client_id,
+            session_expiry,
+            ..
+        } => {
             // A session that expired while its client was away ends now, whether or not the
             // sweep (`expire_sessions`) got to it: the client starts a new one.
             let now = now_ms();
@@ -438,7 +491,7 @@ async fn handle<S: Store>(
             })
             .await?;
             if expired {
-                clear_session(store, limit, &client_id).await?;
+                clear_session_state(store, limit, &client_id).await?;
                 let clear = PersistJob {
                     job: Job::Clear {
                         client_id: client_id.clone(),
@@ -448,10 +501,7 @@ async fn handle<S: Store>(
                 let _ = shared.persist.send(clear).await;
                 metrics::counter!("wharf_worker_sessions_expired_total").increment(1);
             }
-            let held = crate::pipeline::retry(limit, "session", || {
-                store.open_session(&client_id, edge_host, now_ms())
-            })
-            .await?;
+            let (held, generation) = claim(shared, &client_id, edge_host, session_expiry).await?;
             let subscriptions =
                 crate::pipeline::retry(limit, "session", || store.subscriptions(&client_id))
                     .await?;
@@ -475,6 +525,7 @@ async fn handle<S: Store>(
                 undelivered,
                 next,
                 outbound_qos2,
+                generation,
             }
         }
         Request::Subscribe {

@@ -257,6 +257,11 @@ impl Client {
         let _ = tokio::time::timeout(PATIENCE, self.task).await;
     }
 
+    /// Whether the connection has ended (the broker closed it, or it failed).
+    pub fn is_closed(&self) -> bool {
+        self.incoming.is_closed()
+    }
+
     /// Drops the connection without DISCONNECT.
     pub fn kill(self) {
         self.task.abort();

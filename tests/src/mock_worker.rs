@@ -32,9 +32,25 @@ pub struct MockStore {
     pub requests: Vec<Request>,
     /// How many messages each QoS 0 store notice carried.
     pub store_notices: Vec<usize>,
+    /// Sessions claimed so far (each CONNECT's generation counts on from here).
+    pub claims: u64,
 }
 
 impl MockStore {
+    fn claim(&mut self) -> wharf_shared::Generation {
+        self.claims += 1;
+        wharf_shared::Generation {
+            epoch_ms: 1,
+            claims: self.claims,
+        }
+    }
+
+    fn forget(&mut self, client_id: &str) {
+        self.subscriptions.remove(client_id);
+        self.qos2.retain(|(c, _)| c != client_id);
+        self.qos2_out.retain(|(c, _), _| c != client_id);
+    }
+
     /// What the mock holds and was asked, in order, with times: for a failing test's message.
     pub fn describe(&self) -> String {
         let mut out = String::from("stored messages:\n");
@@ -292,14 +308,18 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
             client_id,
             clean_start: true,
             ..
+        } => {
+            store.forget(&client_id);
+            Reply::Claimed {
+                generation: store.claim(),
+            }
         }
-        | Request::Disconnect {
+        Request::Disconnect {
             client_id,
             session_expiry: 0,
+            ..
         } => {
-            store.subscriptions.remove(&client_id);
-            store.qos2.retain(|(c, _)| *c != client_id);
-            store.qos2_out.retain(|(c, _), _| *c != client_id);
+            store.forget(&client_id);
             Reply::Done
         }
         Request::Disconnect { .. } => Reply::Done,
@@ -342,6 +362,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                 undelivered,
                 next,
                 outbound_qos2,
+                generation: store.claim(),
             }
         }
         Request::Persist(messages) => {

@@ -192,6 +192,25 @@ impl BrokerHost {
             .unwrap_or(0)
     }
 
+    /// SIGSTOP to the edge and the worker: the host freezes (as a stalled VM would), its
+    /// sockets stay open.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: the frozen host runs on.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        for child in [&self.worker, &self.edge].into_iter().flatten() {
+            let _ = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+        }
+    }
+
     /// SIGKILL, as a crash or a power cut of the process would.
     pub fn kill_edge(&mut self) {
         kill(self.edge.take());

@@ -227,19 +227,35 @@ async fn start_session<W: AsyncWrite + Unpin>(
             clean_start: true,
             session_expiry,
         };
-        // Ordered before this session's own requests on the link; nobody waits for it.
-        if let Err(e) = broker.link.request(request, Policy::Hold).await {
-            // The link is closing: give the client id up rather than leave it claimed by a
-            // connection that is gone.
-            broker
-                .registry
-                .release(&client_id, connection_id, prior, u32::MAX);
-            return Err(e.into());
+        // Ordered before this session's own requests on the link; the session does not wait
+        // for it: its claim's generation goes to the registry when the reply comes.
+        match broker.link.request(request, Policy::Hold).await {
+            Ok(rx) => {
+                let (broker, client_id) = (broker.clone(), client_id.clone());
+                tokio::spawn(async move {
+                    if let Ok(Ok(Reply::Claimed { generation })) = rx.await {
+                        broker
+                            .registry
+                            .confirm(&client_id, connection_id, generation);
+                    }
+                });
+            }
+            Err(e) => {
+                // The link is closing: give the client id up rather than leave it claimed
+                // by a connection that is gone.
+                broker
+                    .registry
+                    .release(&client_id, connection_id, prior, u32::MAX);
+                return Err(e.into());
+            }
         }
         (SessionState::new(client_id.clone()), false)
     } else {
         match fetch_session(broker, &client_id, session_expiry).await {
-            Ok((present, subscriptions, messages, next_page, outbound)) => {
+            Ok((present, subscriptions, messages, next_page, outbound, generation)) => {
+                broker
+                    .registry
+                    .confirm(&client_id, connection_id, generation);
                 undelivered = messages;
                 next = next_page;
                 let mut state = match prior {
@@ -350,6 +366,7 @@ type StoredSession = (
     Vec<Message>,
     Option<wharf_shared::Cursor>,
     Vec<wharf_shared::OutboundQos2>,
+    wharf_shared::Generation,
 );
 
 async fn fetch_session(
@@ -374,7 +391,15 @@ async fn fetch_session(
             undelivered,
             next,
             outbound_qos2,
-        } => Ok((present, subscriptions, undelivered, next, outbound_qos2)),
+            generation,
+        } => Ok((
+            present,
+            subscriptions,
+            undelivered,
+            next,
+            outbound_qos2,
+            generation,
+        )),
         other => Err(SessionError::Store(format!("connect: {other:?}"))),
     }
 }

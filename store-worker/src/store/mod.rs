@@ -10,8 +10,8 @@ use std::collections::HashSet;
 use std::future::Future;
 use wharf_shared::topic;
 use wharf_shared::{
-    Cursor, DeliveredRecord, Message, MessageId, Qos, StoredRule, StoredUser, Subscription,
-    SubscriptionOptions, MAX_BYTES_PER_REPLY, MAX_MESSAGES_PER_REPLY,
+    Claim, Cursor, DeliveredRecord, Generation, Message, MessageId, Qos, StoredRule, StoredUser,
+    Subscription, SubscriptionOptions, MAX_BYTES_PER_REPLY, MAX_MESSAGES_PER_REPLY,
 };
 
 /// Messages kept for 30 days, delivery records for 7 (the seed's TTLs).
@@ -184,26 +184,51 @@ pub trait Store: Send + Sync + 'static {
         async {}
     }
 
-    /// Records that the client holds a persistent session, hosted by `host`; returns whether
-    /// it held one already (MQTT's Session Present, also for a session without
-    /// subscriptions).
-    fn open_session(
+    /// Claims the client's session record for a connection on `host` (made if missing, its
+    /// expiry cleared, `session_expiry` kept); returns whether a persistent session was
+    /// held already (MQTT's Session Present, also for a session without subscriptions) and
+    /// the claim's generation, newer than any claim before it.
+    fn claim_session(
         &self,
         client_id: &str,
         host: &str,
         now_ms: i64,
+        session_expiry: u32,
+    ) -> impl Future<Output = Result<(bool, Generation), StoreError>> + Send;
+
+    /// Forgets the client's session record, if it is `owner`'s claim (`None`: whoever's);
+    /// returns whether it did.
+    fn drop_session(
+        &self,
+        client_id: &str,
+        owner: Option<&Owner<'_>>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Forgets the client's session record (a clean session starts or ends).
-    fn drop_session(&self, client_id: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
-
     /// The client disconnected: its session expires at `expires_ms` (`None`: never) unless it
-    /// comes back first ([`Store::open_session`] clears it).
+    /// comes back first ([`Store::claim_session`] clears it). Nothing changes if the record
+    /// is no longer `owner`'s claim.
     fn close_session(
         &self,
         client_id: &str,
         expires_ms: Option<i64>,
+        owner: &Owner<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether workers on other hosts share this store (a cluster can form on it).
+    fn shared_by_hosts(&self) -> bool {
+        false
+    }
+
+    /// Sessions claimed on hosts other than `own_host` whose claim was written at or after
+    /// `since_ms` (by the claiming worker's clock).
+    fn claims_since(
+        &self,
+        since_ms: i64,
+        own_host: &str,
+    ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send {
+        let _ = (since_ms, own_host);
+        async { Ok(Vec::new()) }
+    }
 
     /// Clients whose sessions had expired at `now_ms` (at most 1,000 at a time).
     fn expired_sessions(
@@ -225,6 +250,14 @@ pub trait Store: Send + Sync + 'static {
         client_id: &str,
         ids: Vec<MessageId>,
     ) -> impl Future<Output = Result<HashSet<MessageId>, StoreError>> + Send;
+}
+
+/// Whose claim a session record must still be for a write to go ahead: `host`'s, and with
+/// `generation` when it is known (`None`: the host's newest claim).
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    pub host: &'a str,
+    pub generation: Option<Generation>,
 }
 
 /// The literal part of a filter before its first wildcard, or `None` for a filter that starts

@@ -12,7 +12,7 @@
 //! Indexes are made at start-up with fixed names; a TTL that differs is changed with collMod.
 
 use super::{
-    Deliveries, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
+    Deliveries, Owner, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
     PUBLISHED_TTL_SECS,
 };
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -25,8 +25,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use wharf_shared::{
-    Cursor, Message, MessageId, Properties, Qos, StoredRule, StoredUser, Subscription,
-    SubscriptionOptions,
+    Claim, Cursor, Generation, Message, MessageId, Properties, Qos, StoredRule, StoredUser,
+    Subscription, SubscriptionOptions,
 };
 
 /// Duplicate key: the document is already there (a re-sent message or record).
@@ -498,6 +498,8 @@ impl MongoStore {
             ),
             // The session expiry sweep.
             (&self.sessions, doc! { "expiresAt": 1 }, "expiresAt", false),
+            // Claims made on other hosts (`claims_since`).
+            (&self.sessions, doc! { "updated": 1 }, "updated", false),
             // Whether a shared subscription group has members left.
             (&self.subscriptions, doc! { "topic": 1 }, "topic", false),
         ];
@@ -916,12 +918,13 @@ impl Store for MongoStore {
         Ok(())
     }
 
-    async fn open_session(
+    async fn claim_session(
         &self,
         client_id: &str,
         host: &str,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
+        session_expiry: u32,
+    ) -> Result<(bool, Generation), StoreError> {
         let now = DateTime::from_millis(now_ms);
         // By `_id` (the client id): the one index every collection has.
         let before = self
@@ -929,8 +932,13 @@ impl Store for MongoStore {
             .find_one_and_update(
                 doc! { "_id": client_id },
                 doc! {
-                    "$set": { "host": host, "updated": now },
-                    "$setOnInsert": { "clientId": client_id, "created": now },
+                    "$set": {
+                        "host": host,
+                        "updated": now,
+                        "sessionExpiry": i64::from(session_expiry),
+                    },
+                    "$inc": { "claims": 1_i64 },
+                    "$setOnInsert": { "clientId": client_id, "created": now, "epoch": now_ms },
                     "$unset": { "expiresAt": "" },
                 },
             )
@@ -938,31 +946,79 @@ impl Store for MongoStore {
             .return_document(mongodb::options::ReturnDocument::Before)
             .await
             .map_err(classify)?;
-        Ok(before.is_some())
+        Ok(match before {
+            None => (
+                false,
+                Generation {
+                    epoch_ms: now_ms.max(0) as u64,
+                    claims: 1,
+                },
+            ),
+            Some(before) => {
+                let (generation, persistent) = claim_of(&before);
+                let generation = Generation {
+                    claims: generation.claims + 1,
+                    ..generation
+                };
+                (persistent, generation)
+            }
+        })
     }
 
-    async fn drop_session(&self, client_id: &str) -> Result<(), StoreError> {
-        self.sessions
-            .delete_one(doc! { "_id": client_id })
-            .await
-            .map_err(classify)?;
-        Ok(())
+    async fn drop_session(
+        &self,
+        client_id: &str,
+        owner: Option<&Owner<'_>>,
+    ) -> Result<bool, StoreError> {
+        let mut filter = doc! { "_id": client_id };
+        if let Some(owner) = owner {
+            filter.extend(owned_by(owner));
+        }
+        let deleted = self.sessions.delete_one(filter).await.map_err(classify)?;
+        Ok(deleted.deleted_count == 1)
     }
 
     async fn close_session(
         &self,
         client_id: &str,
         expires_ms: Option<i64>,
+        owner: &Owner<'_>,
     ) -> Result<(), StoreError> {
         let update = match expires_ms {
             Some(at) => doc! { "$set": { "expiresAt": DateTime::from_millis(at) } },
             None => doc! { "$unset": { "expiresAt": "" } },
         };
+        let mut filter = doc! { "_id": client_id };
+        filter.extend(owned_by(owner));
         self.sessions
-            .update_one(doc! { "_id": client_id }, update)
+            .update_one(filter, update)
             .await
             .map_err(classify)?;
         Ok(())
+    }
+
+    fn shared_by_hosts(&self) -> bool {
+        true
+    }
+
+    async fn claims_since(&self, since_ms: i64, own_host: &str) -> Result<Vec<Claim>, StoreError> {
+        let docs = all(self
+            .sessions
+            .find(doc! {
+                "updated": { "$gte": DateTime::from_millis(since_ms) },
+                "host": { "$ne": own_host },
+            })
+            .projection(doc! { "_id": 1, "epoch": 1, "claims": 1 }))
+        .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(Claim {
+                    client_id: d.get_str("_id").ok()?.to_owned(),
+                    generation: claim_of(d).0,
+                })
+            })
+            .collect())
     }
 
     async fn expired_sessions(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
@@ -1151,6 +1207,43 @@ impl Store for MongoStore {
             .filter(|id| asked.contains(id))
             .collect())
     }
+}
+
+/// A session record's generation, and whether it is a persistent session's (records from
+/// before `sessionExpiry` was kept are).
+fn claim_of(record: &Document) -> (Generation, bool) {
+    let number = |field: &str| match record.get(field) {
+        Some(Bson::Int64(n)) => (*n).max(0) as u64,
+        Some(Bson::Int32(n)) => (*n).max(0) as u64,
+        _ => 0,
+    };
+    let persistent = !matches!(
+        record.get("sessionExpiry"),
+        Some(Bson::Int64(0) | Bson::Int32(0))
+    );
+    (
+        Generation {
+            epoch_ms: number("epoch"),
+            claims: number("claims"),
+        },
+        persistent,
+    )
+}
+
+/// The condition that a session record is still `owner`'s claim.
+fn owned_by(owner: &Owner<'_>) -> Document {
+    let mut filter = doc! { "host": owner.host };
+    if let Some(g) = owner.generation {
+        // Records from before generations were kept have neither field.
+        let epoch = if g.epoch_ms == 0 {
+            Bson::Document(doc! { "$exists": false })
+        } else {
+            Bson::Int64(g.epoch_ms as i64)
+        };
+        filter.insert("epoch", epoch);
+        filter.insert("claims", g.claims as i64);
+    }
+    filter
 }
 
 /// How late a message from another host may be stored after its `created` time (batching,

@@ -4,13 +4,16 @@
 //! the next durable commit. Calls run on the blocking pool; a batch is one transaction (group
 //! commit). Expired rows are purged every minute with the same TTLs as the MongoDB indexes.
 
-use super::{Deliveries, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS};
+use super::{
+    Deliveries, Owner, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use wharf_shared::{
-    Cursor, Message, MessageId, Qos, StoredRule, StoredUser, Subscription, SubscriptionOptions,
+    Cursor, Generation, Message, MessageId, Qos, StoredRule, StoredUser, Subscription,
+    SubscriptionOptions,
 };
 
 const PRAGMAS: &str = "
@@ -19,7 +22,7 @@ PRAGMA synchronous = FULL;
 ";
 
 /// The layout `SCHEMA` creates; older files are brought to it by [`migrate`].
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 /// A delivery notice with at least this many records is stored as record blocks (one row per
 /// block); smaller ones (a fan-out's one message per subscriber) as a row per record, which
@@ -79,7 +82,8 @@ CREATE TABLE IF NOT EXISTS qos2_outbound (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS session (
     client_id TEXT PRIMARY KEY, host TEXT NOT NULL, created INTEGER NOT NULL,
-    updated INTEGER NOT NULL, expires INTEGER
+    updated INTEGER NOT NULL, expires INTEGER, epoch INTEGER NOT NULL DEFAULT 0,
+    claims INTEGER NOT NULL DEFAULT 0, session_expiry INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS session_expires ON session (expires) WHERE expires IS NOT NULL;
 CREATE TABLE IF NOT EXISTS retained (
@@ -90,10 +94,13 @@ CREATE TABLE IF NOT EXISTS retained (
 
 /// Columns added since a table was first made: (table, column, declaration). A file from
 /// before gets them when it is opened.
-const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
     ("subscription", "options", "INTEGER NOT NULL DEFAULT 0"),
     ("subscription", "identifier", "INTEGER"),
     ("session", "expires", "INTEGER"),
+    ("session", "epoch", "INTEGER NOT NULL DEFAULT 0"),
+    ("session", "claims", "INTEGER NOT NULL DEFAULT 0"),
+    ("session", "session_expiry", "INTEGER"),
     ("retained", "properties", "BLOB"),
 ];
 
@@ -108,7 +115,8 @@ const RETAIN_AS_PUBLISHED: i64 = 2;
 /// (its record rows stay where they are); 5 lacked session records (a session with
 /// subscriptions is known by them, as it was then); 6 lacked the MQTT 5.0 columns
 /// ([`ADDED_COLUMNS`]; its message blocks are read as they are, see
-/// `wharf_shared::codec::decode_stored_block`).
+/// `wharf_shared::codec::decode_stored_block`); 7 lacked session generations (its records
+/// start at generation (0, 1) at their next claim).
 fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
@@ -169,6 +177,23 @@ fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
+}
+
+/// An [`Owner`] as statement parameters (`epoch` NULL: any claim by the host).
+struct OwnerRow {
+    host: String,
+    epoch: Option<i64>,
+    claims: i64,
+}
+
+impl OwnerRow {
+    fn of(owner: &Owner<'_>) -> OwnerRow {
+        OwnerRow {
+            host: owner.host.to_owned(),
+            epoch: owner.generation.map(|g| g.epoch_ms as i64),
+            claims: owner.generation.map_or(0, |g| g.claims as i64),
+        }
+    }
 }
 
 /// Writes `messages` (creation order not needed) as blocks, and indexes their QoS 2 ones.
@@ -688,34 +713,63 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn open_session(
+    async fn claim_session(
         &self,
         client_id: &str,
         host: &str,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
+        session_expiry: u32,
+    ) -> Result<(bool, Generation), StoreError> {
         let (client_id, host) = (client_id.to_owned(), host.to_owned());
         self.with(move |c| {
-            let existed = c
-                .prepare_cached("SELECT 1 FROM session WHERE client_id = ?1")?
+            // A record without `session_expiry` is from before it was kept: persistent.
+            let persistent = c
+                .prepare_cached(
+                    "SELECT 1 FROM session WHERE client_id = ?1
+                     AND (session_expiry IS NULL OR session_expiry <> 0)",
+                )?
                 .exists([&client_id])?;
-            c.prepare_cached(
-                "INSERT INTO session (client_id, host, created, updated) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT (client_id) DO UPDATE SET host = excluded.host,
-                 updated = excluded.updated, expires = NULL",
-            )?
-            .execute(params![client_id, host, now_ms])?;
-            Ok(existed)
+            let (epoch, claims): (i64, i64) = c
+                .prepare_cached(
+                    "INSERT INTO session (client_id, host, created, updated, epoch, claims,
+                     session_expiry) VALUES (?1, ?2, ?3, ?3, ?3, 1, ?4)
+                     ON CONFLICT (client_id) DO UPDATE SET host = excluded.host,
+                     updated = excluded.updated, expires = NULL, claims = claims + 1,
+                     session_expiry = excluded.session_expiry
+                     RETURNING epoch, claims",
+                )?
+                .query_row(params![client_id, host, now_ms, session_expiry], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            let generation = Generation {
+                epoch_ms: epoch.max(0) as u64,
+                claims: claims.max(0) as u64,
+            };
+            Ok((persistent, generation))
         })
         .await
     }
 
-    async fn drop_session(&self, client_id: &str) -> Result<(), StoreError> {
+    async fn drop_session(
+        &self,
+        client_id: &str,
+        owner: Option<&Owner<'_>>,
+    ) -> Result<bool, StoreError> {
         let client_id = client_id.to_owned();
+        let owner = owner.map(OwnerRow::of);
         self.with(move |c| {
-            c.prepare_cached("DELETE FROM session WHERE client_id = ?1")?
-                .execute([client_id])?;
-            Ok(())
+            let n = match owner {
+                None => c
+                    .prepare_cached("DELETE FROM session WHERE client_id = ?1")?
+                    .execute([client_id])?,
+                Some(o) => c
+                    .prepare_cached(
+                        "DELETE FROM session WHERE client_id = ?1 AND host = ?2
+                         AND (?3 IS NULL OR (epoch = ?3 AND claims = ?4))",
+                    )?
+                    .execute(params![client_id, o.host, o.epoch, o.claims])?,
+            };
+            Ok(n == 1)
         })
         .await
     }
@@ -724,11 +778,16 @@ impl Store for SqliteStore {
         &self,
         client_id: &str,
         expires_ms: Option<i64>,
+        owner: &Owner<'_>,
     ) -> Result<(), StoreError> {
         let client_id = client_id.to_owned();
+        let o = OwnerRow::of(owner);
         self.with(move |c| {
-            c.prepare_cached("UPDATE session SET expires = ?2 WHERE client_id = ?1")?
-                .execute(params![client_id, expires_ms])?;
+            c.prepare_cached(
+                "UPDATE session SET expires = ?2 WHERE client_id = ?1 AND host = ?3
+                 AND (?4 IS NULL OR (epoch = ?4 AND claims = ?5))",
+            )?
+            .execute(params![client_id, expires_ms, o.host, o.epoch, o.claims])?;
             Ok(())
         })
         .await
@@ -1064,7 +1123,18 @@ mod tests {
             (subs[0].filter.as_str(), subs[0].options),
             ("a/#", SubscriptionOptions::default())
         );
-        assert!(store.open_session("c", "h", 6).await.expect("session"));
+        let (present, generation) = store
+            .claim_session("c", "h", 6, u32::MAX)
+            .await
+            .expect("session");
+        assert!(present, "a session from before generations is held");
+        assert_eq!(
+            generation,
+            Generation {
+                epoch_ms: 0,
+                claims: 1
+            }
+        );
         assert_eq!(
             store.retained(None).await.expect("retained")[0].properties,
             None
@@ -1108,7 +1178,14 @@ mod tests {
             store.subscriptions("c").await.expect("subs")[0].options,
             options
         );
-        store.close_session("c", Some(8)).await.expect("close");
+        let owner = Owner {
+            host: "h",
+            generation: Some(generation),
+        };
+        store
+            .close_session("c", Some(8), &owner)
+            .await
+            .expect("close");
         assert_eq!(
             store.expired_sessions(7).await.expect("expired"),
             Vec::<String>::new()
@@ -1119,6 +1196,55 @@ mod tests {
         );
         assert!(store.drop_expired_session("c", 8).await.expect("drop"));
         assert!(!store.drop_expired_session("c", 8).await.expect("drop"));
+    }
+
+    /// Each claim is newer than the one before, also across a record made again; a
+    /// connection whose claim is not the newest any more changes nothing when it ends.
+    #[tokio::test]
+    async fn claims_are_ordered_and_only_the_newest_claim_ends_a_session() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let (present, first) = store.claim_session("c", "a", 10, 0).await.expect("claim");
+        assert!(!present);
+        let (present, second) = store.claim_session("c", "b", 11, 60).await.expect("claim");
+        assert!(!present, "a clean session's record is no session to resume");
+        assert!(second > first);
+        let (present, third) = store.claim_session("c", "b", 12, 60).await.expect("claim");
+        assert!(present);
+        assert!(third > second);
+        let stale = Owner {
+            host: "a",
+            generation: Some(first),
+        };
+        store
+            .close_session("c", Some(20), &stale)
+            .await
+            .expect("close");
+        assert!(store
+            .expired_sessions(30)
+            .await
+            .expect("expired")
+            .is_empty());
+        assert!(!store.drop_session("c", Some(&stale)).await.expect("drop"));
+        let older_on_b = Owner {
+            host: "b",
+            generation: Some(second),
+        };
+        assert!(!store
+            .drop_session("c", Some(&older_on_b))
+            .await
+            .expect("drop"));
+        let newest_on_b = Owner {
+            host: "b",
+            generation: None,
+        };
+        assert!(store
+            .drop_session("c", Some(&newest_on_b))
+            .await
+            .expect("drop"));
+        let (present, again) = store.claim_session("c", "a", 13, 0).await.expect("claim");
+        assert!(!present);
+        assert!(again > third, "{again:?} after {third:?}");
     }
 
     fn delivery(client_id: &str, id: MessageId, created_ms: i64) -> Deliveries {

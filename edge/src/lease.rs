@@ -1,0 +1,74 @@
+//! Whether this edge may serve its sessions. Where several hosts share the store, a client's
+//! session can be claimed by another host while this one is frozen (SIGSTOP, a stalled VM)
+//! or cut off from the store; it must then neither deliver nor acknowledge for it. The
+//! worker reads the other hosts' claims every 200 ms and after each read sends a lease:
+//! every claim made before the read began has been pushed (and applied, as the same channel
+//! carries both). A session reads and writes its socket only while the newest lease began
+//! less than [`LEASE`] ago by the host's monotonic clock, which counts on while a process is
+//! stopped. A worker whose store no other host shares sends none, and then nothing waits.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a lease holds after the read of claims that produced it began.
+pub const LEASE: Duration = Duration::from_millis(1_500);
+
+pub struct Lease {
+    base: Instant,
+    /// Whether the worker sends leases (its store is shared by hosts).
+    enforced: AtomicBool,
+    /// Milliseconds after `base` until which the lease holds.
+    until_ms: AtomicU64,
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Lease {
+            base: Instant::now(),
+            enforced: AtomicBool::new(false),
+            until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Lease {
+    pub fn holds(&self) -> bool {
+        !self.enforced.load(Ordering::Acquire)
+            || self.elapsed_ms() < self.until_ms.load(Ordering::Relaxed)
+    }
+
+    /// A lease that began at `as_of_ms` of the host's monotonic clock.
+    pub fn renew(&self, as_of_ms: u64) {
+        let age = wharf_shared::monotonic_ms().saturating_sub(as_of_ms);
+        let until = (self.elapsed_ms() + LEASE.as_millis() as u64).saturating_sub(age);
+        self.until_ms.fetch_max(until, Ordering::Relaxed);
+        if !self.enforced.swap(true, Ordering::AcqRel) {
+            tracing::info!(lease = ?LEASE, "the store is shared by hosts: sessions are served only under a current lease");
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_until_enforced_and_then_only_for_a_recent_lease() {
+        let lease = Lease::default();
+        assert!(lease.holds(), "no lease asked for: nothing waits");
+        let now = wharf_shared::monotonic_ms();
+        lease.renew(now - LEASE.as_millis() as u64 - 10);
+        assert!(
+            !lease.holds(),
+            "a lease that began too long ago does not hold"
+        );
+        lease.renew(now);
+        assert!(lease.holds());
+        lease.renew(now - 10_000);
+        assert!(lease.holds(), "an older lease does not shorten a newer one");
+    }
+}

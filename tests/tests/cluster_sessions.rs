@@ -1,0 +1,166 @@
+//! One live session per client id across the hosts of a cluster: a CONNECT on one host ends
+//! the client's connection on any other, the session's state goes with it, and a host that
+//! was frozen while its client moved on neither delivers nor changes state for it after.
+
+use rumqttc::QoS;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use wharf_tests::client::{payloads, Client};
+use wharf_tests::init_tracing;
+use wharf_tests::mongo::Secantus;
+use wharf_tests::process::BrokerHost;
+
+fn series(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
+}
+
+async fn two_hosts() -> (TempDir, Secantus, BrokerHost, BrokerHost) {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let mongo = Secantus::start(dir.path()).await;
+    let h1 = BrokerHost::start(dir.path(), "h1", Some(mongo.uri())).await;
+    let h2 = BrokerHost::start(dir.path(), "h2", Some(mongo.uri())).await;
+    (dir, mongo, h1, h2)
+}
+
+/// Waits until the client's connection has been closed by the broker; returns how long it
+/// took, or `None` if it is still open after `patience`. Publishes it received meanwhile
+/// count as a failure: a connection that lost its session must not deliver.
+async fn closed_within(client: &mut Client, patience: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    if let Some(p) = client.publish_within(patience).await {
+        panic!("a connection that lost its session delivered {p:?}");
+    }
+    client.is_closed().then(|| started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_on_another_host_ends_the_old_connection_and_takes_the_session() {
+    let (_dir, _mongo, h1, h2) = two_hosts().await;
+    let mut old = Client::connect(h1.addr, "dev-1", false).await;
+    old.subscribe("cmd/dev-1", QoS::AtLeastOnce).await;
+    // Delivered to `old` before the move; what follows it only the new connection may get.
+    let mut publisher = Client::connect(h1.addr, "pub", true).await;
+    publisher
+        .publish_many_acked("cmd/dev-1", QoS::AtLeastOnce, series("before", 5))
+        .await;
+    assert_eq!(payloads(&old.publishes(5).await), series("before", 5));
+
+    let mut new = Client::connect(h2.addr, "dev-1", false).await;
+    assert!(
+        new.session_present,
+        "the session is the cluster's, not the host's"
+    );
+    let took = closed_within(&mut old, Duration::from_secs(5))
+        .await
+        .expect("the old connection is closed once the client connected elsewhere");
+    eprintln!("old connection closed {took:?} after the new CONNACK");
+
+    publisher
+        .publish_many_acked("cmd/dev-1", QoS::AtLeastOnce, series("after", 20))
+        .await;
+    assert_eq!(
+        payloads(&new.publishes(20).await),
+        series("after", 20),
+        "the subscription moved with the session; each message once"
+    );
+    new.assert_no_publish(Duration::from_millis(500)).await;
+
+    // The old host holds nothing for the client any more: back there, the session is the
+    // one the new host kept (its subscription), and nothing is sent twice.
+    new.disconnect().await;
+    publisher
+        .publish_many_acked("cmd/dev-1", QoS::AtLeastOnce, series("away", 5))
+        .await;
+    let mut back = Client::connect(h1.addr, "dev-1", false).await;
+    assert!(back.session_present);
+    assert_eq!(payloads(&back.publishes(5).await), series("away", 5));
+    back.assert_no_publish(Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_session_is_one_connection_cluster_wide_too() {
+    let (_dir, _mongo, h1, h2) = two_hosts().await;
+    let mut old = Client::connect(h1.addr, "dev-2", true).await;
+    old.subscribe("cmd/dev-2", QoS::AtLeastOnce).await;
+    let mut new = Client::connect(h2.addr, "dev-2", true).await;
+    assert!(!new.session_present);
+    closed_within(&mut old, Duration::from_secs(5))
+        .await
+        .expect("the old connection is closed");
+    new.subscribe("cmd/dev-2", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect(h1.addr, "pub", true).await;
+    publisher
+        .publish_many_acked("cmd/dev-2", QoS::AtLeastOnce, series("m", 10))
+        .await;
+    assert_eq!(payloads(&new.publishes(10).await), series("m", 10));
+    new.assert_no_publish(Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_frozen_while_its_client_moved_on_does_not_deliver_or_end_the_session() {
+    let (_dir, _mongo, h1, h2) = two_hosts().await;
+    let mut old = Client::connect(h1.addr, "dev-3", false).await;
+    old.subscribe("cmd/dev-3", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect(h2.addr, "pub", true).await;
+    publisher
+        .publish_many_acked("cmd/dev-3", QoS::AtLeastOnce, series("before", 3))
+        .await;
+    assert_eq!(payloads(&old.publishes(3).await), series("before", 3));
+    // Their delivery records reach the store (a host frozen before that would leave them
+    // to be delivered again, as QoS 1 allows).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A publisher on the frozen host, whose messages wait in its socket until the host runs
+    // again: then they are routed at once, without the store.
+    let local = Client::connect(h1.addr, "local-pub", true).await;
+
+    h1.freeze();
+    let mut new = Client::connect(h2.addr, "dev-3", false).await;
+    assert!(new.session_present);
+    publisher
+        .publish_many_acked("cmd/dev-3", QoS::AtLeastOnce, series("moved", 20))
+        .await;
+    assert_eq!(payloads(&new.publishes(20).await), series("moved", 20));
+    for payload in series("meanwhile", 10) {
+        local
+            .publish("cmd/dev-3", QoS::AtMostOnce, false, payload)
+            .await;
+    }
+    // Long enough that the frozen host's lease has run out.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h1.thaw();
+
+    // Back, h1 hears of the claim and ends the old connection without delivering to it
+    // what the other host's publisher sent meanwhile.
+    closed_within(&mut old, Duration::from_secs(5))
+        .await
+        .expect("the frozen host ends the connection that lost its session");
+    publisher
+        .publish_many_acked("cmd/dev-3", QoS::AtLeastOnce, series("later", 5))
+        .await;
+    assert_eq!(others_than_meanwhile(&mut new, 5).await, series("later", 5));
+
+    // The old connection's end changed nothing in the store: the session (and its
+    // subscription) is still the new connection's.
+    new.disconnect().await;
+    publisher
+        .publish_many_acked("cmd/dev-3", QoS::AtLeastOnce, series("away", 5))
+        .await;
+    let mut back = Client::connect(h2.addr, "dev-3", false).await;
+    assert!(back.session_present);
+    assert_eq!(others_than_meanwhile(&mut back, 5).await, series("away", 5));
+}
+
+/// The next `n` payloads but those of the frozen host's publisher, whose QoS 0 messages may
+/// reach the session (through the store, from the other host) or not.
+async fn others_than_meanwhile(client: &mut Client, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let p = client.next_publish().await.expect("a message");
+        let payload = String::from_utf8_lossy(&p.payload).into_owned();
+        if !payload.starts_with("meanwhile") {
+            out.push(payload);
+        }
+    }
+    out
+}
