@@ -280,7 +280,7 @@ mod tests {
         });
         roundtrip(WorkerFrame::Reply {
             id: 9,
-            reply: Reply::Session {
+            reply: Reply::Session(StoredSession {
                 present: true,
                 subscriptions: vec![Subscription {
                     filter: "a/#".into(),
@@ -302,7 +302,7 @@ mod tests {
                     epoch_ms: 1_700_000_000_000,
                     claims: 3,
                 },
-            },
+            }),
         });
         roundtrip(WorkerFrame::Claims {
             claims: vec![Claim {

@@ -376,6 +376,21 @@ pub struct DeliveredRecord {
     pub topic: String,
 }
 
+/// A persistent session as the store keeps it, claimed for a connection.
+#[derive(Encode, Decode, Clone, PartialEq, Debug)]
+pub struct StoredSession {
+    /// Whether the store held anything for this client.
+    pub present: bool,
+    pub subscriptions: Vec<Subscription>,
+    pub undelivered: Vec<Message>,
+    /// More undelivered messages may wait after this position: ask with `CatchUp`.
+    pub next: Option<Cursor>,
+    /// QoS 2 deliveries to this client that were under way.
+    pub outbound_qos2: Vec<OutboundQos2>,
+    /// The connection's claim.
+    pub generation: Generation,
+}
+
 /// The worker's answer to one [`Request`].
 #[derive(Encode, Decode, Clone, PartialEq, Debug)]
 pub enum Reply {
@@ -384,17 +399,7 @@ pub enum Reply {
     /// The QoS 2 packet id was already recorded: the message was stored (and routed) before.
     AlreadyStored,
     /// Stored state of a persistent session.
-    Session {
-        /// Whether the store held anything for this client.
-        present: bool,
-        subscriptions: Vec<Subscription>,
-        undelivered: Vec<Message>,
-        /// More undelivered messages may wait after this position: ask with `CatchUp`.
-        next: Option<Cursor>,
-        /// QoS 2 deliveries to this client that were under way.
-        outbound_qos2: Vec<OutboundQos2>,
-        generation: Generation,
-    },
+    Session(StoredSession),
     /// A clean start's session was claimed with this generation.
     Claimed {
         generation: Generation,

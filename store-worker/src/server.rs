@@ -511,7 +511,7 @@ async fn handle<S: Store>(
                 store::outbound_qos2(store, &client_id)
             })
             .await?;
-            Reply::Session {
+            Reply::Session(wharf_shared::StoredSession {
                 // A session from before session records existed is known by its subscriptions.
                 present: held || !subscriptions.is_empty(),
                 subscriptions: subscriptions
@@ -526,7 +526,7 @@ async fn handle<S: Store>(
                 next,
                 outbound_qos2,
                 generation,
-            }
+            })
         }
         Request::Subscribe {
             client_id,

@@ -356,14 +356,14 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
                     })
                 })
                 .collect();
-            Reply::Session {
+            Reply::Session(wharf_shared::StoredSession {
                 present,
                 subscriptions,
                 undelivered,
                 next,
                 outbound_qos2,
                 generation: store.claim(),
-            }
+            })
         }
         Request::Persist(messages) => {
             for m in messages {

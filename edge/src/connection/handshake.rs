@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use wharf_shared::{Message, Reply, Request};
+use wharf_shared::{Message, Reply, Request, StoredSession};
 
 /// Longest client id accepted; longer ones get CONNACK "identifier rejected".
 pub const MAX_CLIENT_ID_LEN: usize = 1024;
@@ -252,7 +252,14 @@ async fn start_session<W: AsyncWrite + Unpin>(
         (SessionState::new(client_id.clone()), false)
     } else {
         match fetch_session(broker, &client_id, session_expiry).await {
-            Ok((present, subscriptions, messages, next_page, outbound, generation)) => {
+            Ok(StoredSession {
+                present,
+                subscriptions,
+                undelivered: messages,
+                next: next_page,
+                outbound_qos2: outbound,
+                generation,
+            }) => {
                 broker
                     .registry
                     .confirm(&client_id, connection_id, generation);
@@ -360,15 +367,6 @@ async fn take_over(old: crate::registry::TakeoverTx) -> Option<SessionState> {
     }
 }
 
-type StoredSession = (
-    bool,
-    Vec<wharf_shared::Subscription>,
-    Vec<Message>,
-    Option<wharf_shared::Cursor>,
-    Vec<wharf_shared::OutboundQos2>,
-    wharf_shared::Generation,
-);
-
 async fn fetch_session(
     broker: &Broker,
     client_id: &str,
@@ -385,21 +383,7 @@ async fn fetch_session(
         .map_err(|_| SessionError::Store("session fetch timed out".into()))?
         .map_err(|_| SessionError::Link(crate::link::LinkError::Closed))??;
     match reply {
-        Reply::Session {
-            present,
-            subscriptions,
-            undelivered,
-            next,
-            outbound_qos2,
-            generation,
-        } => Ok((
-            present,
-            subscriptions,
-            undelivered,
-            next,
-            outbound_qos2,
-            generation,
-        )),
+        Reply::Session(session) => Ok(session),
         other => Err(SessionError::Store(format!("connect: {other:?}"))),
     }
 }
