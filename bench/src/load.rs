@@ -46,6 +46,10 @@ pub struct LoadArgs {
     /// Broker process ids, for CPU and RSS (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pids: Vec<u32>,
+    /// What the client ids and topics start with: runs side by side on one cluster each need
+    /// their own (a client id has one connection cluster-wide).
+    #[arg(long, default_value = "bench")]
+    namespace: String,
     /// Each publisher uses its own topic (fan-in) instead of one shared topic.
     #[arg(long)]
     topic_per_publisher: bool,
@@ -233,15 +237,16 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         seen: (0..args.subscribers).map(|_| Mutex::default()).collect(),
         duplicates: AtomicU64::new(0),
     });
+    let ns = &args.namespace;
     let filter = if args.topic_per_publisher {
-        "bench/#"
+        format!("{ns}/#")
     } else {
-        "bench/t"
+        format!("{ns}/t")
     };
     let sub_options = |s: usize| {
         options(
             &args,
-            format!("bench-sub-{s}"),
+            format!("{ns}-sub-{s}"),
             args.sub_broker.as_deref().unwrap_or(&args.broker),
         )
     };
@@ -254,7 +259,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
             drop(connect(clean).await?);
         }
         let (client, mut eventloop) = connect(sub_options(s)?).await?;
-        client.subscribe(filter, qos(args.qos)).await?;
+        client.subscribe(&filter, qos(args.qos)).await?;
         loop {
             if let Incoming::SubAck = eventloop.poll().await? {
                 break;
@@ -277,11 +282,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     let mut paced = Vec::new();
     for (p, acked) in acks.iter().enumerate() {
         let (client, mut eventloop) =
-            connect(options(&args, format!("bench-pub-{p}"), &args.broker)?).await?;
+            connect(options(&args, format!("{ns}-pub-{p}"), &args.broker)?).await?;
         let topic = if args.topic_per_publisher {
-            format!("bench/{p}")
+            format!("{ns}/{p}")
         } else {
-            "bench/t".to_owned()
+            format!("{ns}/t")
         };
         // Drive the publisher's event loop (acks) in the background.
         let acked = acked.clone();
