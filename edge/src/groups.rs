@@ -2,6 +2,11 @@
 //! that has members here, what the group's own session in the store still owes (a group new on
 //! this edge: all of it; otherwise from the oldest message that no member could take or that a
 //! member gave back) and gives it to the members through the router.
+//!
+//! Where hosts share the store, one edge at a time delivers a group: every second this task
+//! tells the worker which groups have members here, and delivers those the store says this
+//! edge owns for [`OWNERSHIP_HOLDS`] from when it asked (less than the store's
+//! `GROUP_LEASE_MS`, after which an edge gone quiet loses a group to another).
 
 use crate::broker::Broker;
 use crate::link::Policy;
@@ -14,14 +19,32 @@ use wharf_shared::{Cursor, Reply, Request};
 const EVERY: Duration = Duration::from_millis(100);
 /// How long a fetch waits for the worker.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often group ownership is asked for (in ticks of [`EVERY`]).
+const OWN_EVERY_TICKS: u32 = 10;
+/// How long an answer that this edge owns a group holds, from when it was asked.
+const OWNERSHIP_HOLDS: Duration = Duration::from_secs(3);
 
 pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // This process of this host (a restarted edge is a new owner).
+    let owner = format!(
+        "edge-{}-{}@{}",
+        std::process::id(),
+        crate::ids::now_ms(),
+        broker.config.host
+    );
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
+        }
+        ticks = ticks.wrapping_add(1);
+        if ticks % OWN_EVERY_TICKS == 0 && broker.lease.enforced() {
+            if let Err(e) = own_groups(&broker, &owner).await {
+                tracing::debug!(error = %e, "group ownership not renewed; asking again");
+            }
         }
         for (key, since) in broker.router.group_fetches() {
             let fetched = fetch(&broker, &key, since).await;
@@ -34,6 +57,36 @@ pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
     }
 }
 
+/// Asks the store which of this edge's groups it owns, and tells the router.
+async fn own_groups(broker: &Broker, owner: &str) -> Result<(), String> {
+    let asked = crate::keepalive::now_ms();
+    let request = Request::OwnGroups {
+        owner: owner.to_owned(),
+        groups: broker.router.group_keys(),
+    };
+    let reply = ask(broker, request).await?;
+    let Reply::Groups { owned } = reply else {
+        return Err(format!("{reply:?}"));
+    };
+    let owned: std::collections::HashSet<String> = owned.into_iter().collect();
+    let until = asked + OWNERSHIP_HOLDS.as_millis() as u64;
+    broker.router.own_groups(&owned, until);
+    Ok(())
+}
+
+async fn ask(broker: &Broker, request: Request) -> Result<Reply, String> {
+    let rx = broker
+        .link
+        .request(request, Policy::FailFast)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(FETCH_TIMEOUT, rx)
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|_| "link closed".to_string())?
+        .map_err(|e| e.to_string())
+}
+
 /// Fetches the group's messages from `since` (all, with `None`), page by page, until the store
 /// has no more or no member can take the next one.
 async fn fetch(broker: &Broker, key: &Arc<str>, since: Option<i64>) -> Result<(), String> {
@@ -44,16 +97,7 @@ async fn fetch(broker: &Broker, key: &Arc<str>, since: Option<i64>) -> Result<()
             after,
             other_hosts_only: false,
         };
-        let rx = broker
-            .link
-            .request(request, Policy::FailFast)
-            .await
-            .map_err(|e| e.to_string())?;
-        let reply = tokio::time::timeout(FETCH_TIMEOUT, rx)
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|_| "link closed".to_string())?
-            .map_err(|e| e.to_string())?;
+        let reply = ask(broker, request).await?;
         let Reply::Messages { messages, next } = reply else {
             return Err(format!("{reply:?}"));
         };

@@ -37,6 +37,11 @@ impl Lease {
             || self.elapsed_ms() < self.until_ms.load(Ordering::Relaxed)
     }
 
+    /// Whether the worker sends leases: hosts share its store.
+    pub fn enforced(&self) -> bool {
+        self.enforced.load(Ordering::Acquire)
+    }
+
     /// A lease that began at `as_of_ms` of the host's monotonic clock.
     pub fn renew(&self, as_of_ms: u64) {
         let age = wharf_shared::monotonic_ms().saturating_sub(as_of_ms);

@@ -139,9 +139,18 @@ struct Group {
     /// Messages acknowledged while a fetch was under way: its store read may have come before
     /// their records, so it must not give them out again. Forgotten when no fetch is left.
     done_while_fetching: Mutex<HashSet<MessageId>>,
+    /// Until when (`keepalive::now_ms`) this edge delivers the group's messages. Where hosts
+    /// share the store one edge at a time does, the one the store says owns the group;
+    /// otherwise always ([`u64::MAX`]).
+    owned_until: AtomicU64,
 }
 
 impl Group {
+    fn owned(&self) -> bool {
+        let until = self.owned_until.load(Ordering::Acquire);
+        until == u64::MAX || until > crate::keepalive::now_ms()
+    }
+
     fn outstanding(&self) -> std::sync::MutexGuard<'_, HashSet<MessageId>> {
         self.outstanding.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -409,6 +418,8 @@ struct Inner {
     sessions: HashMap<Arc<str>, Arc<SessionTx>>,
     /// Shared subscription groups, by key (`$share/{name}/{filter}`).
     groups: HashMap<Arc<str>, Group>,
+    /// Hosts share the store: a group is delivered here only while this edge owns it.
+    shared_store: bool,
 }
 
 impl Inner {
@@ -507,6 +518,7 @@ impl Router {
     pub fn subscribe(&self, client: &Arc<str>, filter: &str, grant: Grant) {
         if let Some((_, inner_filter)) = topic::shared(filter) {
             let mut inner = self.write();
+            let shared_store = inner.shared_store;
             let group = inner.groups.entry(filter.into()).or_insert_with(|| Group {
                 filter: inner_filter.to_owned(),
                 members: Vec::new(),
@@ -516,6 +528,7 @@ impl Router {
                 outstanding: Mutex::default(),
                 fetching: AtomicUsize::new(0),
                 done_while_fetching: Mutex::default(),
+                owned_until: AtomicU64::new(if shared_store { 0 } else { u64::MAX }),
             });
             match group.members.iter_mut().find(|(c, _)| c == client) {
                 Some(member) => member.1 = grant,
@@ -588,6 +601,10 @@ impl Router {
         let inner = self.read();
         let mut due = Vec::new();
         for (key, group) in &inner.groups {
+            if !group.owned() {
+                // Its owner fetches; the markers wait for this edge's turn.
+                continue;
+            }
             let since = if group.fresh.swap(false, Ordering::AcqRel) {
                 group.lagging_since.store(NOT_LAGGING, Ordering::Release);
                 None
@@ -609,7 +626,7 @@ impl Router {
     /// is gone from this edge.
     pub fn give_fetched(&self, key: &Arc<str>, messages: Vec<Message>) -> Option<i64> {
         let inner = self.read();
-        let group = inner.groups.get(key)?;
+        let group = inner.groups.get(key).filter(|g| g.owned())?;
         for message in messages {
             if group.outstanding().contains(&message.id) || group.done().contains(&message.id) {
                 continue;
@@ -621,6 +638,41 @@ impl Router {
             }
         }
         None
+    }
+
+    /// Hosts share the store (the worker sends leases): from now on a group is delivered here
+    /// only while the store says this edge owns it ([`Router::own_groups`]).
+    pub fn set_shared_store(&self) {
+        if self.read().shared_store {
+            return;
+        }
+        let mut inner = self.write();
+        inner.shared_store = true;
+        for group in inner.groups.values() {
+            group.owned_until.store(0, Ordering::Release);
+        }
+    }
+
+    /// The keys of the groups with members on this edge.
+    pub fn group_keys(&self) -> Vec<String> {
+        self.read().groups.keys().map(|k| k.to_string()).collect()
+    }
+
+    /// The store's answer to who owns the groups: `owned` are this edge's until `until_ms`
+    /// (`keepalive::now_ms`), the others are not. A group this edge takes over fetches
+    /// everything its session is owed: what the previous owner had not had acknowledged.
+    pub fn own_groups(&self, owned: &HashSet<String>, until_ms: u64) {
+        let inner = self.read();
+        for (key, group) in &inner.groups {
+            if owned.contains(&**key) {
+                if !group.owned() {
+                    group.fresh.store(true, Ordering::Release);
+                }
+                group.owned_until.store(until_ms, Ordering::Release);
+            } else {
+                group.owned_until.store(0, Ordering::Release);
+            }
+        }
     }
 
     /// Marks a group to be fetched again from `since` (a fetch failed).
@@ -684,7 +736,8 @@ impl Router {
             }
         }
         for (key, group) in &inner.groups {
-            if !topic::matches(&message.topic, &group.filter) {
+            // A group another edge owns gets the message there, live or from the store.
+            if !topic::matches(&message.topic, &group.filter) || !group.owned() {
                 continue;
             }
             if inner.give(key, group, message) {

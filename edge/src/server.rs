@@ -187,7 +187,10 @@ async fn route_from_other_hosts(
                     }
                 }
             }
-            Pushed::Lease { as_of_ms } => broker.lease.renew(as_of_ms),
+            Pushed::Lease { as_of_ms } => {
+                broker.lease.renew(as_of_ms);
+                broker.router.set_shared_store();
+            }
         }
     }
 }

@@ -332,6 +332,10 @@ pub enum Request {
     /// The users and authorization rules kept in the store (MongoDB only), read whole: reply
     /// `Auth`. The edge asks every few seconds and checks passwords and rules itself.
     LoadAuth { users: bool, rules: bool },
+    /// The shared subscription groups with members on the edge `owner` (sent every second
+    /// where hosts share the store): the worker claims in the store those no live edge owns,
+    /// renews those `owner` owns, and gives up the others `owner` owned. Reply `Groups`.
+    OwnGroups { owner: String, groups: Vec<String> },
 }
 
 /// A user document as stored: the edge checks the password against it.
@@ -403,6 +407,10 @@ pub enum Reply {
     /// A clean start's session was claimed with this generation.
     Claimed {
         generation: Generation,
+    },
+    /// Of the groups asked for, those the edge owns now.
+    Groups {
+        owned: Vec<String>,
     },
     Messages {
         messages: Vec<Message>,

@@ -325,6 +325,8 @@ pub async fn leave_groups<S: Store>(
         if !members {
             crate::pipeline::retry(limit, "group", || store.remove_subscriptions(key, None))
                 .await?;
+            // Its ownership record (hosts sharing the store).
+            crate::pipeline::retry(limit, "group", || store.drop_session(key, None)).await?;
         }
     }
     Ok(())
@@ -375,7 +377,7 @@ fn client_of(request: &Request) -> &str {
         Request::Persist(messages) => messages.first().map_or("", |m| &m.client_id),
         Request::PersistQos2 { message, .. } => &message.client_id,
         Request::ReleaseQos2 { client_id, .. } => client_id,
-        Request::LoadAuth { .. } => "",
+        Request::LoadAuth { .. } | Request::OwnGroups { .. } => "",
     }
 }
 
@@ -527,6 +529,13 @@ async fn handle<S: Store>(
                 outbound_qos2,
                 generation,
             })
+        }
+        Request::OwnGroups { owner, groups } => {
+            let owned = crate::pipeline::retry(limit, "groups", || {
+                store.own_groups(&owner, groups.clone(), now_ms())
+            })
+            .await?;
+            Reply::Groups { owned }
         }
         Request::Subscribe {
             client_id,

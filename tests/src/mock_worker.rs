@@ -323,6 +323,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
             Reply::Done
         }
         Request::Disconnect { .. } => Reply::Done,
+        Request::OwnGroups { groups, .. } => Reply::Groups { owned: groups },
         Request::LoadAuth { .. } => Reply::Failed {
             reason: "the mock worker keeps no users".into(),
             retryable: false,

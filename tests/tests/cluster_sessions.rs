@@ -164,3 +164,87 @@ async fn others_than_meanwhile(client: &mut Client, n: usize) -> Vec<String> {
     }
     out
 }
+
+/// What the members received, each payload with the index of the member that had it, until
+/// `n` messages arrived or `patience` ran out (then a little longer, for duplicates).
+async fn gather(members: &mut [&mut Client], n: usize, patience: Duration) -> Vec<(usize, String)> {
+    let deadline = Instant::now() + patience;
+    let mut got = Vec::new();
+    let mut quiet_until = None;
+    loop {
+        let mut any = false;
+        for (i, m) in members.iter_mut().enumerate() {
+            while let Some(p) = m.publish_within(Duration::from_millis(20)).await {
+                got.push((i, String::from_utf8_lossy(&p.payload).into_owned()));
+                any = true;
+            }
+        }
+        if got.len() >= n && quiet_until.is_none() {
+            quiet_until = Some(Instant::now() + Duration::from_millis(700));
+        }
+        if quiet_until.is_some_and(|q| Instant::now() >= q) || Instant::now() >= deadline {
+            return got;
+        }
+        if !any {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn once_each(got: &[(usize, String)], expected: &[String]) {
+    let mut payloads: Vec<&String> = got.iter().map(|(_, p)| p).collect();
+    payloads.sort();
+    let mut want: Vec<&String> = expected.iter().collect();
+    want.sort();
+    assert_eq!(
+        payloads, want,
+        "each message to exactly one member of the group"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_over_three_hosts_gives_each_message_once_and_outlives_a_dead_host() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let mongo = Secantus::start(dir.path()).await;
+    let mut hosts = Vec::new();
+    for name in ["h1", "h2", "h3"] {
+        hosts.push(BrokerHost::start(dir.path(), name, Some(mongo.uri())).await);
+    }
+    let mut members = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let mut m = Client::connect(host.addr, &format!("member-{i}"), false).await;
+        m.subscribe("$share/workers/jobs/#", QoS::AtLeastOnce).await;
+        members.push(m);
+    }
+    let mut publisher = Client::connect(hosts[0].addr, "jobs-pub", true).await;
+    let first = series("first", 60);
+    publisher
+        .publish_many_acked("jobs/a", QoS::AtLeastOnce, first.clone())
+        .await;
+    let got = gather(
+        &mut members.iter_mut().collect::<Vec<_>>(),
+        first.len(),
+        Duration::from_secs(20),
+    )
+    .await;
+    once_each(&got, &first);
+
+    // The host whose member took the messages dies; its member with it.
+    let owner = got[got.len() - 1].0;
+    hosts[owner].kill();
+    drop(members.remove(owner));
+    let alive = (0..3).find(|i| *i != owner).expect("a host left");
+    let mut publisher = Client::connect(hosts[alive].addr, "jobs-pub-2", true).await;
+    let second = series("second", 40);
+    publisher
+        .publish_many_acked("jobs/b", QoS::AtLeastOnce, second.clone())
+        .await;
+    let got = gather(
+        &mut members.iter_mut().collect::<Vec<_>>(),
+        second.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    once_each(&got, &second);
+}

@@ -214,6 +214,20 @@ pub trait Store: Send + Sync + 'static {
         owner: &Owner<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Of `groups` (shared subscription group keys with members on the edge `owner`), those
+    /// `owner` owns now: it keeps the ones it owned, and takes those whose owner has not
+    /// renewed its claim for [`GROUP_LEASE_MS`]; those it owned and no longer asks for are
+    /// given up. A store one worker uses gives every edge all of them.
+    fn own_groups(
+        &self,
+        owner: &str,
+        groups: Vec<String>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        let _ = (owner, now_ms);
+        async { Ok(groups) }
+    }
+
     /// Whether workers on other hosts share this store (a cluster can form on it).
     fn shared_by_hosts(&self) -> bool {
         false
@@ -251,6 +265,10 @@ pub trait Store: Send + Sync + 'static {
         ids: Vec<MessageId>,
     ) -> impl Future<Output = Result<HashSet<MessageId>, StoreError>> + Send;
 }
+
+/// How long a group's owner may go without renewing its claim (every second) before another
+/// edge with members takes the group over: a host that died or froze.
+pub const GROUP_LEASE_MS: i64 = 5_000;
 
 /// Whose claim a session record must still be for a write to go ahead: `host`'s, and with
 /// `generation` when it is known (`None`: the host's newest claim).

@@ -500,6 +500,13 @@ impl MongoStore {
             (&self.sessions, doc! { "expiresAt": 1 }, "expiresAt", false),
             // Claims made on other hosts (`claims_since`).
             (&self.sessions, doc! { "updated": 1 }, "updated", false),
+            // Groups an edge gives up (`own_groups`).
+            (
+                &self.sessions,
+                doc! { "groupOwner": 1 },
+                "groupOwner",
+                false,
+            ),
             // Whether a shared subscription group has members left.
             (&self.subscriptions, doc! { "topic": 1 }, "topic", false),
         ];
@@ -999,6 +1006,58 @@ impl Store for MongoStore {
 
     fn shared_by_hosts(&self) -> bool {
         true
+    }
+
+    async fn own_groups(
+        &self,
+        owner: &str,
+        groups: Vec<String>,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = DateTime::from_millis(now_ms);
+        let stale = DateTime::from_millis(now_ms - super::GROUP_LEASE_MS);
+        let mut owned = Vec::new();
+        for key in &groups {
+            // Kept, or taken from an owner gone quiet (by `_id`: one document each).
+            let taken = self
+                .sessions
+                .update_one(
+                    doc! {
+                        "_id": key,
+                        "$or": [
+                            { "groupOwner": owner },
+                            { "groupLease": { "$lt": stale } },
+                            { "groupOwner": { "$exists": false } },
+                        ],
+                    },
+                    doc! { "$set": { "groupOwner": owner, "groupLease": now } },
+                )
+                .await
+                .map_err(classify)?;
+            let mine = taken.matched_count == 1
+                || match self
+                    .sessions
+                    .insert_one(doc! { "_id": key, "groupOwner": owner, "groupLease": now })
+                    .await
+                {
+                    Ok(_) => true,
+                    // Made meanwhile, or owned by a live edge.
+                    Err(e) if only_duplicates(&e) => false,
+                    Err(e) => return Err(classify(e)),
+                };
+            if mine {
+                owned.push(key.clone());
+            }
+        }
+        // Given up: groups this edge owned and has no members of any more.
+        self.sessions
+            .update_many(
+                doc! { "groupOwner": owner, "_id": { "$nin": &groups } },
+                doc! { "$unset": { "groupOwner": "", "groupLease": "" } },
+            )
+            .await
+            .map_err(classify)?;
+        Ok(owned)
     }
 
     async fn claims_since(&self, since_ms: i64, own_host: &str) -> Result<Vec<Claim>, StoreError> {
