@@ -41,7 +41,10 @@ pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         ticks = ticks.wrapping_add(1);
-        if ticks % OWN_EVERY_TICKS == 0 && broker.lease.enforced() {
+        // Every second, and at once for a group new here (its first messages wait).
+        if broker.lease.enforced()
+            && (ticks % OWN_EVERY_TICKS == 0 || broker.router.groups_unasked())
+        {
             if let Err(e) = own_groups(&broker, &owner).await {
                 tracing::debug!(error = %e, "group ownership not renewed; asking again");
             }
@@ -60,9 +63,10 @@ pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
 /// Asks the store which of this edge's groups it owns, and tells the router.
 async fn own_groups(broker: &Broker, owner: &str) -> Result<(), String> {
     let asked = crate::keepalive::now_ms();
+    let groups = broker.router.group_keys();
     let request = Request::OwnGroups {
         owner: owner.to_owned(),
-        groups: broker.router.group_keys(),
+        groups: groups.clone(),
     };
     let reply = ask(broker, request).await?;
     let Reply::Groups { owned } = reply else {
@@ -70,7 +74,7 @@ async fn own_groups(broker: &Broker, owner: &str) -> Result<(), String> {
     };
     let owned: std::collections::HashSet<String> = owned.into_iter().collect();
     let until = asked + OWNERSHIP_HOLDS.as_millis() as u64;
-    broker.router.own_groups(&owned, until);
+    broker.router.own_groups(&groups, &owned, until);
     Ok(())
 }
 

@@ -143,6 +143,8 @@ struct Group {
     /// share the store one edge at a time does, the one the store says owns the group;
     /// otherwise always ([`u64::MAX`]).
     owned_until: AtomicU64,
+    /// Whether the store has been asked who owns the group since it was made here.
+    asked: AtomicBool,
 }
 
 impl Group {
@@ -529,6 +531,7 @@ impl Router {
                 fetching: AtomicUsize::new(0),
                 done_while_fetching: Mutex::default(),
                 owned_until: AtomicU64::new(if shared_store { 0 } else { u64::MAX }),
+                asked: AtomicBool::new(false),
             });
             match group.members.iter_mut().find(|(c, _)| c == client) {
                 Some(member) => member.1 = grant,
@@ -569,7 +572,11 @@ impl Router {
         let inner = self.read();
         if let Some(group) = inner.groups.get(key) {
             let mut outstanding = group.outstanding();
-            let mut done = (group.fetching.load(Ordering::Acquire) > 0).then(|| group.done());
+            // Also before a fetch marked (a group this edge has just come to own) has begun:
+            // its store read may come before these records.
+            let fetch_due =
+                group.fetching.load(Ordering::Acquire) > 0 || group.fresh.load(Ordering::Acquire);
+            let mut done = fetch_due.then(|| group.done());
             for id in ids {
                 outstanding.remove(&id);
                 if let Some(done) = done.as_mut() {
@@ -658,13 +665,28 @@ impl Router {
         self.read().groups.keys().map(|k| k.to_string()).collect()
     }
 
-    /// The store's answer to who owns the groups: `owned` are this edge's until `until_ms`
-    /// (`keepalive::now_ms`), the others are not. A group this edge takes over fetches
-    /// everything its session is owed: what the previous owner had not had acknowledged.
-    pub fn own_groups(&self, owned: &HashSet<String>, until_ms: u64) {
+    /// Whether a group new on this edge waits to hear whether it is this edge's.
+    pub fn groups_unasked(&self) -> bool {
         let inner = self.read();
-        for (key, group) in &inner.groups {
-            if owned.contains(&**key) {
+        inner.shared_store
+            && inner
+                .groups
+                .values()
+                .any(|g| !g.asked.load(Ordering::Acquire))
+    }
+
+    /// The store's answer to who owns the groups `asked` about: `owned` are this edge's until
+    /// `until_ms` (`keepalive::now_ms`), the others are not. A group this edge takes over
+    /// fetches everything its session is owed: what the previous owner had not had
+    /// acknowledged.
+    pub fn own_groups(&self, asked: &[String], owned: &HashSet<String>, until_ms: u64) {
+        let inner = self.read();
+        for key in asked {
+            let Some(group) = inner.groups.get(key.as_str()) else {
+                continue;
+            };
+            group.asked.store(true, Ordering::Release);
+            if owned.contains(key) {
                 if !group.owned() {
                     group.fresh.store(true, Ordering::Release);
                 }

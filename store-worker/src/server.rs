@@ -135,6 +135,12 @@ async fn connection<S: Store>(
     metrics::gauge!("wharf_worker_edges").increment(1.0);
 
     let (out_tx, out_rx) = mpsc::channel::<WorkerFrame>(16_384);
+    if shared.store.shared_by_hosts() {
+        // Before anything else: the edge learns that hosts share the store (its groups are
+        // delivered only where owned) with a lease that has already run out (its sessions
+        // wait for the first read of claims).
+        let _ = out_tx.send(WorkerFrame::Lease { as_of_ms: 0 }).await;
+    }
     tracker.spawn(write_frames(writer, out_rx));
     let edge_host: Arc<str> = edge.host.as_str().into();
     let edge_id = shared.edges.add(edge_host.clone(), out_tx.clone());
