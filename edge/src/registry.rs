@@ -95,9 +95,7 @@ impl Registry {
             _ => false,
         };
         if lost {
-            if let Some(Entry::Connected { takeover, .. }) = inner.remove(client_id) {
-                end(takeover);
-            }
+            lose(&mut inner, client_id);
         }
     }
 
@@ -122,9 +120,7 @@ impl Registry {
             None => false,
         };
         if lost {
-            if let Some(Entry::Connected { takeover, .. }) = inner.remove(client_id) {
-                end(takeover);
-            }
+            lose(&mut inner, client_id);
         }
         lost
     }
@@ -189,8 +185,11 @@ impl Registry {
     }
 }
 
-/// Asks a connection to end as if taken over, with nobody to take its state.
-fn end(takeover: TakeoverTx) {
-    let (tx, _) = oneshot::channel();
-    let _ = takeover.send(tx);
+/// The client's session here lost to a claim elsewhere: forgets it, and asks a connection to
+/// end as if taken over, with nobody to take its state.
+fn lose(inner: &mut HashMap<Arc<str>, Entry>, client_id: &str) {
+    if let Some(Entry::Connected { takeover, .. }) = inner.remove(client_id) {
+        let (tx, _) = oneshot::channel();
+        let _ = takeover.send(tx);
+    }
 }
