@@ -33,8 +33,7 @@ impl Default for Lease {
 
 impl Lease {
     pub fn holds(&self) -> bool {
-        !self.enforced.load(Ordering::Acquire)
-            || self.elapsed_ms() < self.until_ms.load(Ordering::Relaxed)
+        !self.enforced() || self.elapsed_ms() < self.until_ms.load(Ordering::Relaxed)
     }
 
     /// Whether the worker sends leases: hosts share its store.
