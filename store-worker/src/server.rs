@@ -75,6 +75,18 @@ pub struct Shared<S> {
     pub retry_limit: Duration,
 }
 
+impl<S> Shared<S> {
+    /// Forgets the client's inbound QoS 2 packet ids, through the persister so that it
+    /// comes after the persists that used them; false when the persister is gone.
+    async fn forget_inbound_qos2(&self, client_id: String) -> bool {
+        let clear = PersistJob {
+            job: Job::Clear { client_id },
+            reply: None,
+        };
+        self.persist.send(clear).await.is_ok()
+    }
+}
+
 /// Accepts edges until `shutdown`; then stops reading and lets queued work finish.
 pub async fn serve<S: Store>(
     shared: Arc<Shared<S>>,
@@ -183,11 +195,7 @@ async fn connection<S: Store>(
                     if let Some(client_id) = clean_session_of(&request) {
                         // A clean session's QoS 2 packet ids are forgotten in order with the
                         // persists, which is where they are used.
-                        let clear = PersistJob {
-                            job: Job::Clear { client_id },
-                            reply: None,
-                        };
-                        if shared.persist.send(clear).await.is_err() {
+                        if !shared.forget_inbound_qos2(client_id).await {
                             break;
                         }
                     }
@@ -272,21 +280,19 @@ fn clean_session_of(request: &Request) -> Option<String> {
     }
 }
 
-/// Ends a client's session: its record goes (only if it is still `owner`'s claim; `None`:
-/// whoever's), and then what [`clear_session_state`] clears. Returns whether it did.
+/// Ends a client's session if its record is still `owner`'s claim: the record goes, and
+/// then what [`clear_session_state`] clears. Returns whether it did.
 pub async fn end_session<S: Store>(
     store: &S,
     limit: std::time::Duration,
     client_id: &str,
-    owner: Option<Owner<'_>>,
+    owner: Owner<'_>,
 ) -> Result<bool, StoreError> {
     let dropped = crate::pipeline::retry(limit, "end session", || {
-        store.drop_session(client_id, owner.as_ref())
+        store.drop_session(client_id, Some(&owner))
     })
     .await?;
-    // Without an owner the state goes whether or not a record was there (sessions from
-    // before records were kept have none).
-    if dropped || owner.is_none() {
+    if dropped {
         clear_session_state(store, limit, client_id).await?;
     }
     Ok(dropped)
@@ -443,13 +449,9 @@ async fn handle<S: Store>(
                 generation,
             };
             if session_expiry == 0 {
-                if end_session(store, limit, &client_id, Some(owner)).await? {
+                if end_session(store, limit, &client_id, owner).await? {
                     // Its inbound QoS 2 packet ids, after the persists that used them.
-                    let clear = PersistJob {
-                        job: Job::Clear { client_id },
-                        reply: None,
-                    };
-                    let _ = shared.persist.send(clear).await;
+                    shared.forget_inbound_qos2(client_id).await;
                 }
             } else {
                 let expires = expiry_time(now_ms(), session_expiry);
@@ -500,13 +502,7 @@ async fn handle<S: Store>(
             .await?;
             if expired {
                 clear_session_state(store, limit, &client_id).await?;
-                let clear = PersistJob {
-                    job: Job::Clear {
-                        client_id: client_id.clone(),
-                    },
-                    reply: None,
-                };
-                let _ = shared.persist.send(clear).await;
+                shared.forget_inbound_qos2(client_id.clone()).await;
                 metrics::counter!("wharf_worker_sessions_expired_total").increment(1);
             }
             let (held, generation) = claim(shared, &client_id, edge_host, session_expiry).await?;
