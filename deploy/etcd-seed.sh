@@ -22,6 +22,11 @@ put serverKey "${WHARF_SERVER_KEY:-}"
 put listen "${WHARF_LISTEN:-}"
 put tlsListen "${WHARF_TLS_LISTEN:-}"
 put clientCerts "${WHARF_CLIENT_CERTS:-off}"
+# Empty: off. wssListen uses serverCert/serverKey.
+put wsListen "${WHARF_WS_LISTEN:-}"
+put wssListen "${WHARF_WSS_LISTEN:-}"
+put wsPath "${WHARF_WS_PATH:-/mqtt}"
+put proxyProtocol "${WHARF_PROXY_PROTOCOL:-off}"
 put certIdentity "${WHARF_CERT_IDENTITY:-false}"
 # Authentication and authorization (re-read when they change).
 put passwordFile "${WHARF_PASSWORD_FILE:-}"

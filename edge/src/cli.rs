@@ -2,7 +2,7 @@
 //! wins, then the etcd key under the prefix, then the default. Keys are the etcd names.
 
 use crate::auth::{AuthSettings, PublishDenied};
-use crate::config::{ConfigError, EdgeConfig, Limits};
+use crate::config::{ConfigError, EdgeConfig, Limits, ProxyListeners, WebListeners};
 use crate::tls::{ClientCerts, TlsSettings};
 use clap::{ArgMatches, Parser};
 use std::net::SocketAddr;
@@ -26,6 +26,20 @@ pub struct Args {
     /// not required].
     #[arg(long, env = "WHARF_TLS_LISTEN")]
     pub tls_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket listener address, or "off" [etcd: wsListen; default off].
+    #[arg(long, env = "WHARF_WS_LISTEN")]
+    pub ws_listen: Option<String>,
+    /// MQTT over secure WebSocket listener address, or "off"; uses the TLS certificates and
+    /// client certificate settings [etcd: wssListen; default off].
+    #[arg(long, env = "WHARF_WSS_LISTEN")]
+    pub wss_listen: Option<String>,
+    /// The HTTP path of the WebSocket listeners [etcd: wsPath].
+    #[arg(long, env = "WHARF_WS_PATH", default_value = "/mqtt")]
+    pub ws_path: String,
+    /// Listeners whose connections must start with a PROXY protocol (v1 or v2) header: "off"
+    /// or a list of mqtt, tls, ws, wss [etcd: proxyProtocol].
+    #[arg(long, env = "WHARF_PROXY_PROTOCOL", default_value = "off")]
+    pub proxy_protocol: String,
     /// Root CA (PEM) that client certificates must chain to [etcd: cacert].
     #[arg(long, env = "WHARF_CACERT")]
     pub cacert: Option<PathBuf>,
@@ -274,14 +288,28 @@ pub fn load(
     let tls_listen = layers.value_opt("tls_listen", "tlsListen", args.tls_listen)?;
     let tls_on = layers.pick("tls", "tls", parse_bool("tls", &args.tls)?, parse_bool)?
         || tls_listen.is_some();
-    let tls = if tls_on {
+    let web_listen = |name: &str, key: &str, value: &Option<String>| match value {
+        Some(v) => layers.pick(name, key, listen_value(key, v)?, listen_value),
+        None => layers.pick(name, key, None, listen_value),
+    };
+    let web = WebListeners {
+        ws: web_listen("ws_listen", "wsListen", &args.ws_listen)?,
+        wss: web_listen("wss_listen", "wssListen", &args.wss_listen)?,
+        path: layers.value("ws_path", "wsPath", args.ws_path.clone())?,
+    };
+    let proxy = layers.value(
+        "proxy_protocol",
+        "proxyProtocol",
+        parse::<ProxyListeners>("proxyProtocol", &args.proxy_protocol)?,
+    )?;
+    let tls = if tls_on || web.wss.is_some() {
         let cert = layers.value_opt("server_cert", "serverCert", args.server_cert.clone())?;
         let key = layers.value_opt("server_key", "serverKey", args.server_key.clone())?;
         let (Some(cert), Some(key)) = (cert, key) else {
             return Err(ConfigError::new(
                 "serverCert",
                 "",
-                "TLS needs serverCert and serverKey",
+                "TLS (and secure WebSocket) needs serverCert and serverKey",
             ));
         };
         let client_certs = layers.value(
@@ -290,11 +318,13 @@ pub fn load(
             parse::<ClientCerts>("clientCerts", &args.client_certs)?,
         )?;
         Some(TlsSettings {
-            listen: tls_listen.unwrap_or_else(|| {
-                default_listen(
-                    8883,
-                    auth.local_only() && client_certs != ClientCerts::Required,
-                )
+            listen: tls_on.then(|| {
+                tls_listen.unwrap_or_else(|| {
+                    default_listen(
+                        8883,
+                        auth.local_only() && client_certs != ClientCerts::Required,
+                    )
+                })
             }),
             cert,
             key,
@@ -369,6 +399,8 @@ pub fn load(
     let config = EdgeConfig {
         listen,
         tls,
+        web,
+        proxy,
         worker_socket: layers.value("worker_socket", "workerSocket", args.worker_socket.clone())?,
         host: layers
             .value_opt("host", "host", args.host.clone())?

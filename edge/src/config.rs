@@ -9,8 +9,12 @@ use std::time::Duration;
 pub struct EdgeConfig {
     /// Plain MQTT listener; `None` turns it off.
     pub listen: Option<SocketAddr>,
-    /// The TLS listener, if any.
+    /// The TLS listener and the certificates of every TLS listener, if any.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// The WebSocket listeners.
+    pub web: WebListeners,
+    /// The listeners on which every connection must start with a PROXY protocol header.
+    pub proxy: ProxyListeners,
     /// The store-worker's Unix socket.
     pub worker_socket: PathBuf,
     /// This broker's host name, stored as `host` with every message.
@@ -20,6 +24,87 @@ pub struct EdgeConfig {
     pub shutdown_grace: Duration,
     /// Authentication and authorization.
     pub auth: crate::auth::AuthSettings,
+}
+
+/// MQTT over WebSocket: plain, and secure with the TLS settings' certificates and client
+/// certificate policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebListeners {
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    /// The HTTP path of the upgrade (`/mqtt`).
+    pub path: String,
+}
+
+impl Default for WebListeners {
+    fn default() -> Self {
+        WebListeners {
+            ws: None,
+            wss: None,
+            path: "/mqtt".to_owned(),
+        }
+    }
+}
+
+/// The kinds of listener, for settings per listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    Mqtt,
+    Tls,
+    Ws,
+    Wss,
+}
+
+impl ListenerKind {
+    pub const ALL: [ListenerKind; 4] = [
+        ListenerKind::Mqtt,
+        ListenerKind::Tls,
+        ListenerKind::Ws,
+        ListenerKind::Wss,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Mqtt => "mqtt",
+            ListenerKind::Tls => "tls",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
+        }
+    }
+}
+
+/// Which listeners require a PROXY protocol (v1 or v2) header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyListeners(u8);
+
+impl ProxyListeners {
+    pub fn with(self, kind: ListenerKind) -> Self {
+        ProxyListeners(self.0 | 1 << kind as u8)
+    }
+
+    pub fn requires(self, kind: ListenerKind) -> bool {
+        self.0 & 1 << kind as u8 != 0
+    }
+}
+
+impl std::str::FromStr for ProxyListeners {
+    type Err = String;
+
+    /// `off`, or a comma-separated list of `mqtt`, `tls`, `ws`, `wss`.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let mut set = ProxyListeners::default();
+        for name in value.split(',').map(str::trim) {
+            if name.is_empty() || name == "off" {
+                continue;
+            }
+            let kind = ListenerKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or("expected off or a list of mqtt, tls, ws, wss")?;
+            set = set.with(kind);
+        }
+        Ok(set)
+    }
 }
 
 /// Limits with documented behaviour when reached (README, "Limits").
@@ -95,12 +180,20 @@ pub use wharf_shared::config::ConfigError;
 impl EdgeConfig {
     /// Each listener's address, and whether it requires a client certificate.
     pub fn listeners(&self) -> Vec<(SocketAddr, bool)> {
-        let plain = self.listen.map(|addr| (addr, false));
-        let tls = self.tls.as_ref().map(|t| {
-            let required = t.client_certs == crate::tls::ClientCerts::Required;
-            (t.listen, required)
-        });
-        plain.into_iter().chain(tls).collect()
+        let required = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_certs == crate::tls::ClientCerts::Required);
+        let tls = self.tls.as_ref().and_then(|t| t.listen);
+        [
+            (self.listen, false),
+            (tls, required),
+            (self.web.ws, false),
+            (self.web.wss, required),
+        ]
+        .into_iter()
+        .filter_map(|(addr, required)| addr.map(|a| (a, required)))
+        .collect()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -113,6 +206,18 @@ impl EdgeConfig {
                 Err(ConfigError::new(key, value, reason))
             }
         };
+        check(
+            self.web.wss.is_none() || self.tls.is_some(),
+            "wssListen",
+            format!("{:?}", self.web.wss),
+            "secure WebSocket needs serverCert and serverKey",
+        )?;
+        check(
+            self.web.path.starts_with('/'),
+            "wsPath",
+            self.web.path.clone(),
+            "must start with /",
+        )?;
         check(
             !self.host.is_empty(),
             "host",

@@ -175,6 +175,18 @@ impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     }
 }
 
+/// WebSocket (over TCP or TLS): one protocol state for both directions, as for TLS.
+impl<S> Transport for crate::websocket::WsStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Read<'a> = tokio::io::ReadHalf<&'a mut Self>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut Self>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+}
+
 /// The read half of a [`Transport`].
 pub trait Reader: AsyncRead + Unpin + Send {
     /// Whether a read into an empty buffer waits until the socket is readable and then

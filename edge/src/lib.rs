@@ -19,6 +19,8 @@
 //!   a claim of the session on another edge or host.
 //! - [`lease`]: whether this edge may serve its sessions (the store shared by hosts).
 //! - [`link`]: the store-worker socket: requests, replies, reconnects, held persists.
+//! - [`websocket`]: MQTT over WebSocket: the upgrade and the binary messages as a byte stream.
+//! - [`proxy`]: the PROXY protocol (v1 and v2) header in front of a connection.
 //! - [`tls`]: the TLS listener's rustls configuration, reload, client certificate identity.
 //! - [`cli`]: flags and environment layered over etcd keys.
 //! - [`config`], [`ids`], [`broker`]: configuration, message ids, shared state.
@@ -35,12 +37,14 @@ pub mod keepalive;
 pub mod lease;
 pub mod link;
 pub mod protocol;
+pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod server;
 pub mod session;
 pub mod tls;
 pub mod transit;
+pub mod websocket;
 pub use wharf_shared::topic;
 
 pub use config::{EdgeConfig, Limits};

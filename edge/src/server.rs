@@ -5,12 +5,14 @@
 
 use crate::auth::{Auth, AuthSettings};
 use crate::broker::Broker;
-use crate::config::{ConfigError, EdgeConfig};
+use crate::config::{ConfigError, EdgeConfig, ListenerKind};
 use crate::connection;
 use crate::keepalive;
 use crate::link::{Link, LinkConfig, Pushed};
+use crate::proxy;
 use crate::router::Signals;
 use crate::tls::{PeerIdentity, Tls, TlsSettings};
+use crate::websocket::{self, WsStream};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,9 +22,11 @@ use tokio_util::task::TaskTracker;
 
 /// A running edge, for embedding (tests, the all-in-one binary).
 pub struct Edge {
-    /// The plain listener's address, or the TLS one's when plain is off.
+    /// The plain listener's address, or else the first of TLS, WebSocket, secure WebSocket.
     pub local_addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    pub ws_addr: Option<SocketAddr>,
+    pub wss_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     link: Link,
@@ -53,30 +57,58 @@ impl Edge {
         )?);
         let exposure = config.listeners();
         config.auth.log_exposure(&exposure);
-        let plain = match config.listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
+        let mut listeners = Vec::new();
+        let addresses = [
+            (ListenerKind::Mqtt, config.listen),
+            (
+                ListenerKind::Tls,
+                config.tls.as_ref().and_then(|t| t.listen),
+            ),
+            (ListenerKind::Ws, config.web.ws),
+            (ListenerKind::Wss, config.web.wss),
+        ];
+        for (kind, addr) in addresses {
+            if let Some(addr) = addr {
+                listeners.push(Listener {
+                    tcp: bind(addr).await?,
+                    kind,
+                    proxy: config.proxy.requires(kind),
+                });
+            }
+        }
+        let address = |kind: ListenerKind| {
+            listeners
+                .iter()
+                .find(|l| l.kind == kind)
+                .and_then(|l| l.tcp.local_addr().ok())
         };
-        let secure = match &config.tls {
-            Some(settings) => Some(bind(settings.listen).await?),
-            None => None,
-        };
-        let address = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
-        let tls_addr = address(&secure);
-        let local_addr = address(&plain)
-            .or(tls_addr)
+        let (tls_addr, ws_addr, wss_addr) = (
+            address(ListenerKind::Tls),
+            address(ListenerKind::Ws),
+            address(ListenerKind::Wss),
+        );
+        let local_addr = listeners
+            .first()
+            .and_then(|l| l.tcp.local_addr().ok())
             .ok_or_else(|| StartError::Config(ConfigError::new("listen", "off", "no listener")))?;
         let shutdown = CancellationToken::new();
         let link = LinkParts::spawn(&config);
         let handle = link.link.clone();
-        let listeners = Listeners {
-            plain,
-            tls: secure.zip(tls.clone()),
-        };
-        let task = tokio::spawn(run(config, listeners, link, auth.clone(), shutdown.clone()));
+        let task = tokio::spawn(run(
+            config,
+            Listeners {
+                bound: listeners,
+                tls: tls.clone(),
+            },
+            link,
+            auth.clone(),
+            shutdown.clone(),
+        ));
         Ok(Edge {
             local_addr,
             tls_addr,
+            ws_addr,
+            wss_addr,
             shutdown,
             task: std::sync::Mutex::new(Some(task)),
             link: handle,
@@ -139,16 +171,35 @@ impl Edge {
     }
 }
 
-struct Listeners {
-    plain: Option<TcpListener>,
-    tls: Option<(TcpListener, Arc<Tls>)>,
+/// One bound listener and how its connections start.
+struct Listener {
+    tcp: TcpListener,
+    kind: ListenerKind,
+    /// Every connection must start with a PROXY protocol header.
+    proxy: bool,
 }
 
-async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
-    match listener {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
+struct Listeners {
+    bound: Vec<Listener>,
+    /// The certificates of the TLS and secure WebSocket listeners.
+    tls: Option<Arc<Tls>>,
+}
+
+/// The next connection on any listener, looking at them from `first` on (round robin, so
+/// that a flood on one listener does not starve the others); with the listener's index.
+fn poll_accept(
+    listeners: &[Listener],
+    first: usize,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<(std::io::Result<(TcpStream, SocketAddr)>, usize)> {
+    let n = listeners.len();
+    for k in 0..n {
+        let i = (first + k) % n;
+        if let std::task::Poll::Ready(accepted) = listeners[i].tcp.poll_accept(cx) {
+            return std::task::Poll::Ready((accepted, i));
+        }
     }
+    std::task::Poll::Pending
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,20 +335,28 @@ async fn run(
         async move { keepalive::sweep(&broker.router, &broker.registry, &shutdown).await }
     });
     let tracker = TaskTracker::new();
-    let mut rate = ConnectionRate::new(broker.config.limits.max_connection_rate);
-    let Listeners { plain, tls } = listeners;
-    tracing::info!(
-        plain = ?plain.as_ref().and_then(|l| l.local_addr().ok()),
-        tls = ?tls.as_ref().and_then(|(l, _)| l.local_addr().ok()),
-        host = %broker.config.host,
-        "edge listening"
-    );
+    let rate = Arc::new(std::sync::Mutex::new(ConnectionRate::new(
+        broker.config.limits.max_connection_rate,
+    )));
+    let Listeners { bound, tls } = listeners;
+    for l in &bound {
+        tracing::info!(
+            listener = l.kind.name(),
+            addr = ?l.tcp.local_addr().ok(),
+            proxy_protocol = l.proxy,
+            path = (matches!(l.kind, ListenerKind::Ws | ListenerKind::Wss)).then_some(&*broker.config.web.path),
+            host = %broker.config.host,
+            "edge listening"
+        );
+    }
+    let mut next = 0;
     loop {
-        let (accepted, secure) = tokio::select! {
-            a = accept(plain.as_ref()) => (a, None),
-            a = accept(tls.as_ref().map(|(l, _)| l)) => (a, tls.as_ref().map(|(_, t)| t.clone())),
+        let (accepted, index) = tokio::select! {
+            a = std::future::poll_fn(|cx| poll_accept(&bound, next, cx)) => a,
             _ = shutdown.cancelled() => break,
         };
+        next = index + 1;
+        let Listener { kind, proxy, .. } = bound[index];
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
@@ -307,10 +366,9 @@ async fn run(
                 continue;
             }
         };
-        if !rate.admit(peer.ip(), crate::keepalive::now_ms() / 1000) {
-            metrics::counter!("wharf_edge_connections_refused_total", "reason" => "rate")
-                .increment(1);
-            tracing::debug!(%peer, "connection rate from this address exceeded; closing");
+        // Behind a proxy the socket's address is the proxy's: the rate is counted for the
+        // header's address instead.
+        if !proxy && !admit(&rate, peer) {
             continue;
         }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
@@ -321,14 +379,31 @@ async fn run(
         let _ = stream.set_nodelay(true);
         let broker = broker.clone();
         let token = shutdown.clone();
-        // Two task types, so that a plain connection's task is not sized for TLS.
-        match secure {
-            None => tracker.spawn(connection::serve(broker, stream, peer, None, token, permit)),
-            Some(tls) => tracker.spawn(serve_tls(broker, tls, stream, peer, token, permit)),
+        // Task types of their own for plain and TLS connections, so that their tasks are not
+        // sized for the others.
+        match (kind, proxy, &tls) {
+            (ListenerKind::Mqtt, false, _) => {
+                tracker.spawn(connection::serve(broker, stream, peer, None, token, permit))
+            }
+            (ListenerKind::Tls, false, Some(tls)) => {
+                tracker.spawn(serve_tls(broker, tls.clone(), stream, peer, token, permit))
+            }
+            _ => tracker.spawn(serve_other(
+                broker,
+                Start {
+                    kind,
+                    proxy,
+                    tls: tls.clone(),
+                    rate: rate.clone(),
+                },
+                stream,
+                peer,
+                token,
+                permit,
+            )),
         };
     }
-    drop(plain);
-    drop(tls);
+    drop(bound);
     // Sessions attached after this see the cancelled token when their run loop starts.
     broker
         .router
@@ -354,6 +429,26 @@ async fn run(
     tracing::info!("edge stopped");
 }
 
+/// Counts a new connection from `peer` against the connection rate; false (and counted as
+/// refused) past it.
+fn admit(rate: &std::sync::Mutex<ConnectionRate>, peer: SocketAddr) -> bool {
+    let second = crate::keepalive::now_ms() / 1000;
+    let admitted = rate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .admit(peer.ip(), second);
+    if !admitted {
+        metrics::counter!("wharf_edge_connections_refused_total", "reason" => "rate").increment(1);
+        tracing::debug!(%peer, "connection rate from this address exceeded; closing");
+    }
+    admitted
+}
+
+/// The deadline for everything before CONNECT (PROXY header, TLS, WebSocket upgrade).
+fn connect_deadline(broker: &Broker) -> tokio::time::Instant {
+    tokio::time::Instant::now() + broker.config.limits.connect_timeout
+}
+
 /// TLS handshake (within the connect timeout), then the MQTT session with the client
 /// certificate's names, if any.
 async fn serve_tls(
@@ -364,19 +459,33 @@ async fn serve_tls(
     shutdown: CancellationToken,
     permit: OwnedSemaphorePermit,
 ) {
-    let timeout = broker.config.limits.connect_timeout;
-    let handshake = tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await;
+    let deadline = connect_deadline(&broker);
+    if let Some((stream, identity)) = tls_handshake(&tls, stream, peer, deadline).await {
+        connection::serve(broker, stream, peer, Some(identity), shutdown, permit).await;
+    }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The TLS handshake and the client certificate's names (none without a certificate).
+async fn tls_handshake(
+    tls: &Tls,
+    stream: TcpStream,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<(TlsStream, Box<PeerIdentity>)> {
+    let handshake = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await;
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             metrics::counter!("wharf_edge_tls_handshake_failures_total").increment(1);
             tracing::info!(%peer, error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             metrics::counter!("wharf_edge_tls_handshake_failures_total").increment(1);
             tracing::info!(%peer, "TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let identity = stream
@@ -385,13 +494,109 @@ async fn serve_tls(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .map(|leaf| PeerIdentity::from_der(leaf));
-    connection::serve(
-        broker,
-        stream,
-        peer,
-        Some(Box::new(identity.unwrap_or_default())),
-        shutdown,
-        permit,
-    )
-    .await;
+    Some((stream, Box::new(identity.unwrap_or_default())))
+}
+
+/// The WebSocket upgrade, within the connect timeout.
+async fn ws_upgrade<S>(
+    broker: &Broker,
+    stream: S,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<WsStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (path, max) = (
+        &broker.config.web.path,
+        broker.config.limits.max_packet_size,
+    );
+    match tokio::time::timeout_at(deadline, websocket::accept(stream, path, max)).await {
+        Ok(Ok(ws)) => Some(ws),
+        Ok(Err(e)) => {
+            metrics::counter!("wharf_edge_websocket_upgrade_failures_total").increment(1);
+            tracing::info!(%peer, error = %e, "WebSocket upgrade refused");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("wharf_edge_websocket_upgrade_failures_total").increment(1);
+            tracing::info!(%peer, "WebSocket upgrade timed out");
+            None
+        }
+    }
+}
+
+/// How a connection of [`serve_other`] starts.
+struct Start {
+    kind: ListenerKind,
+    proxy: bool,
+    tls: Option<Arc<Tls>>,
+    rate: Arc<std::sync::Mutex<ConnectionRate>>,
+}
+
+/// A connection that needs more than a socket (and TLS) before MQTT: a PROXY protocol
+/// header, a WebSocket upgrade. Each step within the connect timeout.
+async fn serve_other(
+    broker: Arc<Broker>,
+    start: Start,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let deadline = connect_deadline(&broker);
+    let listener = start.kind.name();
+    let peer = if start.proxy {
+        let header = tokio::time::timeout_at(deadline, proxy::read_header(&mut stream)).await;
+        let source = match header {
+            Ok(Ok(source)) => source.unwrap_or(peer),
+            Ok(Err(e)) => {
+                metrics::counter!("wharf_edge_connections_refused_total", "reason" => "proxy")
+                    .increment(1);
+                tracing::info!(%peer, listener, error = %e, "closing a connection without a valid PROXY protocol header");
+                return;
+            }
+            Err(_) => {
+                metrics::counter!("wharf_edge_connections_refused_total", "reason" => "proxy")
+                    .increment(1);
+                tracing::info!(%peer, listener, "PROXY protocol header timed out");
+                return;
+            }
+        };
+        tracing::debug!(proxy = %peer, client = %source, listener, "PROXY protocol header");
+        if !admit(&start.rate, source) {
+            return;
+        }
+        source
+    } else {
+        peer
+    };
+    let tls = start.tls.as_deref();
+    match (start.kind, tls) {
+        (ListenerKind::Mqtt, _) => {
+            connection::serve(broker, stream, peer, None, shutdown, permit).await
+        }
+        (ListenerKind::Tls, Some(tls)) => {
+            if let Some((stream, identity)) = tls_handshake(tls, stream, peer, deadline).await {
+                connection::serve(broker, stream, peer, Some(identity), shutdown, permit).await;
+            }
+        }
+        (ListenerKind::Ws, _) => {
+            if let Some(ws) = ws_upgrade(&broker, stream, peer, deadline).await {
+                connection::serve(broker, ws, peer, None, shutdown, permit).await;
+            }
+        }
+        (ListenerKind::Wss, Some(tls)) => {
+            let Some((stream, identity)) = tls_handshake(tls, stream, peer, deadline).await else {
+                return;
+            };
+            if let Some(ws) = ws_upgrade(&broker, stream, peer, deadline).await {
+                connection::serve(broker, ws, peer, Some(identity), shutdown, permit).await;
+            }
+        }
+        // Validation makes certificates a condition of both TLS listeners.
+        (ListenerKind::Tls | ListenerKind::Wss, None) => {
+            tracing::error!(listener, "TLS listener without certificates; closing");
+        }
+    }
 }

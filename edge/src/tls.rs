@@ -38,7 +38,9 @@ impl FromStr for ClientCerts {
 /// What the TLS listener is made from. Key names are the etcd keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSettings {
-    pub listen: SocketAddr,
+    /// The MQTT-over-TLS listener; `None` when only the secure WebSocket listener uses the
+    /// certificates.
+    pub listen: Option<SocketAddr>,
     /// `serverCert`: PEM chain, leaf first.
     pub cert: PathBuf,
     /// `serverKey`: PEM private key.

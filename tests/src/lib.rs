@@ -54,6 +54,8 @@ pub fn edge_config(worker_socket: &Path, host: &str) -> EdgeConfig {
     EdgeConfig {
         listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         tls: None,
+        web: Default::default(),
+        proxy: Default::default(),
         worker_socket: worker_socket.to_owned(),
         host: host.to_owned(),
         limits: Limits::default(),

@@ -45,7 +45,7 @@ fn pki() -> Pki {
 
 fn settings(p: &Pki, client_certs: ClientCerts, cert_identity: bool) -> TlsSettings {
     TlsSettings {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         cert: p.server.cert.clone(),
         key: p.server.key.clone(),
         ca: Some(p.ca_path.clone()),

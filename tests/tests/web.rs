@@ -1,0 +1,435 @@
+//! MQTT over WebSocket and secure WebSocket, and the PROXY protocol in front of a listener:
+//! byte-level checks with tungstenite, and independent clients (paho-mqtt's WebSocket
+//! transport, mosquitto_pub over TCP) against the real processes.
+
+use futures::{SinkExt, StreamExt};
+use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::QoS;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::process::Command;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
+use tokio_tungstenite::tungstenite::Message;
+use wharf_edge::config::{ListenerKind, ProxyListeners};
+use wharf_edge::tls::{ClientCerts, TlsSettings};
+use wharf_tests::certs::{TestCa, Validity};
+use wharf_tests::client::{payloads, Client};
+use wharf_tests::mock_worker::MockWorker;
+use wharf_tests::process::{free_port, BrokerHost};
+use wharf_tests::raw::{connect_bytes, publish_bytes, subscribe_bytes, Raw};
+use wharf_tests::{edge_config, init_tracing, start_edge, PATIENCE};
+
+type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+async fn ws_connect(addr: SocketAddr, path: &str) -> Result<Ws, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut request = format!("ws://{addr}{path}")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    request.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static("mqtt"),
+    );
+    let (ws, response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    assert_eq!(
+        response.headers().get(header::SEC_WEBSOCKET_PROTOCOL),
+        Some(&HeaderValue::from_static("mqtt")),
+        "the server names the subprotocol it chose"
+    );
+    Ok(ws)
+}
+
+/// The next MQTT packets from the WebSocket, read from binary messages until `n` have come.
+async fn ws_packets(ws: &mut Ws, n: usize) -> Vec<Packet> {
+    let mut buf = bytes::BytesMut::new();
+    let mut packets = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while packets.len() < n {
+            while let Ok(p) = Packet::read(&mut buf, 1 << 20) {
+                packets.push(p);
+            }
+            if packets.len() >= n {
+                break;
+            }
+            match ws.next().await {
+                Some(Ok(Message::Binary(data))) => buf.extend_from_slice(&data),
+                Some(Ok(Message::Text(_))) => panic!("the broker sent a text message"),
+                Some(Ok(_)) => {}
+                other => panic!("WebSocket ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("packets in time");
+    packets
+}
+
+/// Whether the broker closes the WebSocket (a close frame or the end of the stream).
+async fn ws_closed(ws: &mut Ws) -> bool {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_may_span_websocket_messages_and_share_one() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let socket = dir.path().join("worker.sock");
+    let _worker = MockWorker::start(&socket);
+    let mut config = edge_config(&socket, "edge-ws");
+    config.web.ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let edge = start_edge(config).await;
+    let addr = edge.ws_addr.expect("WebSocket listener");
+
+    let mut ws = ws_connect(addr, "/mqtt").await.expect("upgrade");
+    // CONNECT split over three messages.
+    let connect = connect_bytes("ws-1", true, 60);
+    for part in [&connect[..1], &connect[1..5], &connect[5..]] {
+        ws.send(Message::binary(part.to_vec())).await.expect("send");
+    }
+    assert!(matches!(
+        ws_packets(&mut ws, 1).await[..],
+        [Packet::ConnAck(_)]
+    ));
+    // SUBSCRIBE and a PUBLISH to it in one message: SUBACK, then the message back.
+    let both = [
+        subscribe_bytes(1, &[("ws/#", 0)]),
+        publish_bytes("ws/a", 0, 0, false, b"one message, two packets"),
+    ]
+    .concat();
+    ws.send(Message::binary(both)).await.expect("send");
+    // (The PUBLISH may come before the SUBACK: MQTT-3.8.4 allows it.)
+    let packets = ws_packets(&mut ws, 2).await;
+    assert!(
+        packets.iter().any(|p| matches!(p, Packet::SubAck(_))),
+        "{packets:?}"
+    );
+    let echoed = packets.iter().find_map(|p| match p {
+        Packet::Publish(p) => Some(p.payload.to_vec()),
+        _ => None,
+    });
+    assert_eq!(echoed.as_deref(), Some(&b"one message, two packets"[..]));
+    // A TCP client and the WebSocket client see each other's messages.
+    let mut tcp = Client::connect(edge.local_addr, "tcp-1", true).await;
+    tcp.subscribe("ws/#", QoS::AtLeastOnce).await;
+    ws.send(Message::binary(publish_bytes(
+        "ws/b", 1, 7, false, b"from-ws",
+    )))
+    .await
+    .expect("send");
+    assert!(matches!(
+        ws_packets(&mut ws, 2).await[..],
+        [Packet::Publish(_), Packet::PubAck(_)] | [Packet::PubAck(_), Packet::Publish(_)]
+    ));
+    assert_eq!(payloads(&tcp.publishes(1).await), vec!["from-ws"]);
+
+    // A text message closes the connection.
+    ws.send(Message::text("PINGREQ")).await.expect("send");
+    assert!(
+        ws_closed(&mut ws).await,
+        "a text message must close the connection"
+    );
+
+    // Other paths and subprotocols are refused at the upgrade.
+    assert!(ws_connect(addr, "/other").await.is_err());
+    let stream = TcpStream::connect(addr).await.expect("tcp");
+    let mut request = format!("ws://{addr}/mqtt")
+        .into_client_request()
+        .expect("req");
+    request.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static("wamp"),
+    );
+    assert!(tokio_tungstenite::client_async(request, stream)
+        .await
+        .is_err());
+    edge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_over_the_size_limit_closes_the_websocket() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let socket = dir.path().join("worker.sock");
+    let _worker = MockWorker::start(&socket);
+    let mut config = edge_config(&socket, "edge-ws");
+    config.web.ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.limits.max_packet_size = 1024;
+    let edge = start_edge(config).await;
+    let mut ws = ws_connect(edge.ws_addr.expect("ws"), "/mqtt")
+        .await
+        .expect("upgrade");
+    ws.send(Message::binary(connect_bytes("ws-big", true, 60)))
+        .await
+        .expect("send");
+    assert!(matches!(
+        ws_packets(&mut ws, 1).await[..],
+        [Packet::ConnAck(_)]
+    ));
+    let _ = ws
+        .send(Message::binary(publish_bytes(
+            "big",
+            0,
+            0,
+            false,
+            &[7u8; 4096],
+        )))
+        .await;
+    assert!(
+        ws_closed(&mut ws).await,
+        "a message past the limit must close"
+    );
+    edge.stop().await;
+}
+
+fn python() -> std::path::PathBuf {
+    wharf_tests::mongo::venv().join("bin/python")
+}
+
+async fn run_python(script: &str) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(python()).args(["-c", script]).output(),
+    )
+    .await
+    .expect("python finished in time")
+    .expect("run python");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "paho: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// paho-mqtt subscribes over WebSocket in 3.1.1 and in 5.0 and gets, by payload, every
+/// message mosquitto_pub sends over TCP; what paho publishes over WebSocket reaches a TCP
+/// subscriber. Real edge and store-worker processes, embedded store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_over_websocket_with_mosquitto_over_tcp() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let ws_port = free_port();
+    let ws_listen = format!("127.0.0.1:{ws_port}");
+    let host =
+        BrokerHost::start_with_args(dir.path(), "h1", None, &[], &["--ws-listen", &ws_listen])
+            .await;
+    let tcp_port = host.addr.port();
+    let mut tcp = Client::connect(host.addr, "tcp-sub", true).await;
+    tcp.subscribe("back/#", QoS::AtLeastOnce).await;
+    let script = format!(
+        r#"
+import subprocess, sys, threading, time
+import paho.mqtt.client as mqtt
+
+got = {{"v311": [], "v5": []}}
+ready = threading.Event()
+subscribed = []
+
+def client(name, protocol):
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-ws-" + name,
+                    protocol=protocol, transport="websockets")
+    c.ws_set_options(path="/mqtt")
+    def on_connect(c, u, flags, rc, p):
+        c.subscribe("web/#", qos=1)
+    def on_subscribe(c, u, mid, codes, p):
+        subscribed.append(name)
+    def on_message(c, u, m):
+        got[name].append(m.payload.decode())
+    c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
+    c.connect("127.0.0.1", {ws_port}, keepalive=30)
+    c.loop_start()
+    return c
+
+clients = [client("v311", mqtt.MQTTv311), client("v5", mqtt.MQTTv5)]
+for _ in range(100):
+    if len(subscribed) == 2:
+        break
+    time.sleep(0.1)
+assert len(subscribed) == 2, "SUBACKs over WebSocket"
+sent = ["m-%d" % i for i in range(20)]
+for m in sent:
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", "{tcp_port}", "-q", "1",
+                    "-t", "web/t", "-m", m], check=True)
+for _ in range(100):
+    if all(len(v) >= len(sent) for v in got.values()):
+        break
+    time.sleep(0.1)
+time.sleep(0.3)
+for name, payloads in got.items():
+    assert payloads == sent, (name, payloads)
+info = clients[1].publish("back/from-ws", b"paho-ws", qos=1)
+info.wait_for_publish(10)
+for c in clients:
+    c.disconnect(); c.loop_stop()
+print("ok")
+"#
+    );
+    run_python(&script).await;
+    assert_eq!(payloads(&tcp.publishes(1).await), vec!["paho-ws"]);
+}
+
+/// Secure WebSocket without the MQTT TLS listener: paho verifies the server certificate
+/// against the test CA and gets its own message back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_over_secure_websocket() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let ca = TestCa::new("Wharf test CA");
+    let ca_path = ca.write(dir.path(), "ca");
+    let server = ca.issue(
+        dir.path(),
+        "server",
+        "localhost",
+        &["localhost", "127.0.0.1"],
+        true,
+        Validity::Current,
+    );
+    let socket = dir.path().join("worker.sock");
+    let _worker = MockWorker::start(&socket);
+    let mut config = edge_config(&socket, "edge-wss");
+    config.tls = Some(TlsSettings {
+        listen: None,
+        cert: server.cert.clone(),
+        key: server.key.clone(),
+        ca: None,
+        client_certs: ClientCerts::Off,
+        cert_identity: false,
+    });
+    config.web.wss = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let edge = start_edge(config).await;
+    assert!(
+        edge.tls_addr.is_none(),
+        "no MQTT TLS listener was asked for"
+    );
+    let port = edge.wss_addr.expect("wss").port();
+    let ca_path = ca_path.display();
+    let script = format!(
+        r#"
+import threading, time
+import paho.mqtt.client as mqtt
+got, ready = [], threading.Event()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-wss", transport="websockets")
+c.tls_set(ca_certs="{ca_path}")
+c.on_connect = lambda c, u, f, rc, p: c.subscribe("secure/#", qos=1)
+c.on_subscribe = lambda c, u, mid, codes, p: ready.set()
+c.on_message = lambda c, u, m: got.append(m.payload)
+c.connect("localhost", {port})
+c.loop_start()
+assert ready.wait(10), "SUBACK over wss"
+c.publish("secure/x", b"over-wss", qos=1).wait_for_publish(10)
+for _ in range(100):
+    if got:
+        break
+    time.sleep(0.1)
+assert got == [b"over-wss"], got
+c.disconnect(); c.loop_stop()
+print("ok")
+"#
+    );
+    run_python(&script).await;
+    edge.stop().await;
+}
+
+fn proxy_v2(source: SocketAddr) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    let SocketAddr::V4(v4) = source else {
+        panic!("IPv4 only here")
+    };
+    header.extend_from_slice(&v4.ip().octets());
+    header.extend_from_slice(&[127, 0, 0, 1]);
+    header.extend_from_slice(&v4.port().to_be_bytes());
+    header.extend_from_slice(&1883u16.to_be_bytes());
+    header
+}
+
+/// A listener that requires the PROXY protocol serves connections with a v1 or v2 header and
+/// closes those without one or with a malformed one; the plain WebSocket listener beside it
+/// does not require it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v1_and_v2_are_required_where_configured() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let socket = dir.path().join("worker.sock");
+    let _worker = MockWorker::start(&socket);
+    let mut config = edge_config(&socket, "edge-proxy");
+    config.proxy = ProxyListeners::default().with(ListenerKind::Mqtt);
+    config.web.ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let edge = start_edge(config).await;
+    let addr = edge.local_addr;
+
+    let headers: [(&str, Vec<u8>); 3] = [
+        (
+            "v1",
+            b"PROXY TCP4 203.0.113.5 127.0.0.1 40001 1883\r\n".to_vec(),
+        ),
+        ("v2", proxy_v2("198.51.100.7:40002".parse().expect("addr"))),
+        ("v1 unknown", b"PROXY UNKNOWN\r\n".to_vec()),
+    ];
+    for (name, header) in headers {
+        let mut raw = Raw::connect(addr).await;
+        // Header and CONNECT in one write, as a proxy forwarding a fast client would.
+        raw.send(
+            &[
+                header,
+                connect_bytes(&format!("px-{}", name.len()), true, 60),
+            ]
+            .concat(),
+        )
+        .await;
+        assert!(
+            matches!(raw.recv().await, Some(Packet::ConnAck(_))),
+            "{name}: CONNACK expected"
+        );
+    }
+    // No header: a CONNECT straight away is refused.
+    let mut raw = Raw::connect(addr).await;
+    raw.send(&connect_bytes("px-none", true, 60)).await;
+    assert!(
+        raw.recv().await.is_none(),
+        "a connection without the header must be closed"
+    );
+    for bad in [
+        &b"PROXY TCP4 203.0.113.5 127.0.0.1 notaport 1883\r\n"[..],
+        b"PROXY TCP9 a b c d\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x02\x00\x00",
+    ] {
+        let mut stream = TcpStream::connect(addr).await.expect("tcp");
+        let _ = stream
+            .write_all(&[bad, &connect_bytes("px-bad", true, 60)].concat())
+            .await;
+        let mut raw = Raw::from_stream(stream);
+        assert!(
+            raw.recv().await.is_none(),
+            "{:?} must be refused",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // The WebSocket listener does not require a header.
+    let mut ws = ws_connect(edge.ws_addr.expect("ws"), "/mqtt")
+        .await
+        .expect("upgrade");
+    ws.send(Message::binary(connect_bytes("ws-np", true, 60)))
+        .await
+        .expect("send");
+    assert!(matches!(
+        ws_packets(&mut ws, 1).await[..],
+        [Packet::ConnAck(_)]
+    ));
+    edge.stop().await;
+}
