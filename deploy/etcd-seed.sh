@@ -41,6 +41,9 @@ put maxConnections "${WHARF_MAX_CONNECTIONS:-100000}"
 put maxHeldPersists "${WHARF_MAX_HELD_PERSISTS:-10000}"
 put connectTimeout "${WHARF_CONNECT_TIMEOUT:-10}"
 put metricsListen "${WHARF_METRICS_LISTEN:-}"
+# Empty: the admin API and console stay off.
+put adminUser "${WHARF_ADMIN_USER:-admin}"
+put adminPassword "${WHARF_ADMIN_PASSWORD:-}"
 # Both.
 put host "${WHARF_HOST:-}"
 put workerSocket "${WHARF_WORKER_SOCKET:-/run/wharf/worker.sock}"

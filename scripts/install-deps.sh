@@ -23,6 +23,10 @@ if ! $build_only; then
   command -v systemd-analyze >/dev/null || need_apt+=(systemd)
   command -v openssl >/dev/null || need_apt+=(openssl)
   command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+  # The browser tests: headless Chromium, driven from Node.js by Playwright.
+  command -v chromium >/dev/null || need_apt+=(chromium)
+  command -v node >/dev/null || need_apt+=(nodejs)
+  command -v npm >/dev/null || need_apt+=(npm)
 fi
 if ((${#need_apt[@]})); then
   echo "install-deps: apt-get install ${need_apt[*]}"
@@ -43,4 +47,12 @@ if [ ! -x "$venv/bin/secantusd-py" ] || ! "$venv/bin/python" -c 'import paho.mqt
     python3 -m venv "$venv"
   }
   "$venv/bin/pip" install -q --disable-pip-version-check 'SecantusDB==0.7.0b3' 'paho-mqtt>=2,<3' 'PyYAML>=6,<7'
+fi
+
+# The browser tests' npm packages (MQTT.js, playwright-core), as locked.
+browser=tests/browser
+if [ ! -d "$browser/node_modules/playwright-core" ] || [ ! -d "$browser/node_modules/mqtt" ] \
+  || [ "$browser/package-lock.json" -nt "$browser/node_modules/.package-lock.json" ]; then
+  echo "install-deps: npm packages of $browser"
+  (cd "$browser" && npm ci --no-audit --no-fund --loglevel=error)
 fi

@@ -115,13 +115,21 @@ impl Broker {
 
     /// Publishes a will (or any message not tied to a live connection): persist, then route.
     pub async fn publish_detached(self: Arc<Self>, message: Message) {
+        if let Err(why) = self.publish(message).await {
+            tracing::warn!("{why}");
+        }
+    }
+
+    /// Publishes a message not tied to a live connection (a will, the admin API's): QoS 1/2
+    /// is routed once the store has it, QoS 0 at once.
+    pub async fn publish(self: Arc<Self>, message: Message) -> Result<(), String> {
         let message = Arc::new(message);
         let _in_transit =
             (message.qos != Qos::AtMostOnce).then(|| self.in_transit.enter(message.created_ms));
         if message.qos == Qos::AtMostOnce {
             self.link.notify_store(std::slice::from_ref(&message)).await;
             self.route(&message);
-            return;
+            return Ok(());
         }
         let result = match self
             .link
@@ -132,10 +140,14 @@ impl Broker {
             Err(e) => Err(e),
         };
         match result {
-            Ok(Reply::Persisted) => self.route(&message),
-            other => {
-                tracing::warn!(topic = %message.topic, result = ?other, "will message not persisted")
+            Ok(Reply::Persisted) => {
+                self.route(&message);
+                Ok(())
             }
+            other => Err(format!(
+                "message on {} not persisted: {other:?}",
+                message.topic
+            )),
         }
     }
 }

@@ -156,6 +156,13 @@ pub struct Args {
     /// Metrics and health endpoint address (/metrics, /healthz, /readyz) [etcd: metricsListen].
     #[arg(long, env = "WHARF_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// User name of the admin API and console [etcd: adminUser].
+    #[arg(long, env = "WHARF_ADMIN_USER", default_value = "admin")]
+    pub admin_user: String,
+    /// Password of the admin API and console on the metrics address; setting it turns them on
+    /// (prefer the environment variable to the flag) [etcd: adminPassword].
+    #[arg(long, env = "WHARF_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
     #[command(flatten)]
     pub etcd: wharf_shared::config::EtcdArgs,
 }
@@ -425,6 +432,51 @@ pub fn metrics_listen(
     source: &dyn ConfigSource,
 ) -> Result<Option<SocketAddr>, ConfigError> {
     Layers::new(matches, source).value_opt("metrics_listen", "metricsListen", args.metrics_listen)
+}
+
+/// The admin API's credentials, layered like the rest; `None` keeps it off. It is served on
+/// the metrics address, so it needs one.
+pub fn admin_settings(
+    args: &Args,
+    matches: &ArgMatches,
+    source: &dyn ConfigSource,
+) -> Result<Option<crate::admin::AdminSettings>, ConfigError> {
+    let layers = Layers::new(matches, source);
+    let text = |_: &str, value: &str| -> Result<String, ConfigError> { Ok(value.to_owned()) };
+    let password = layers
+        .pick_opt(
+            "admin_password",
+            "adminPassword",
+            args.admin_password.clone(),
+            text,
+        )?
+        .filter(|p| !p.is_empty());
+    let Some(password) = password else {
+        return Ok(None);
+    };
+    let user = layers.pick("admin_user", "adminUser", args.admin_user.clone(), text)?;
+    if user.is_empty() || user.contains(':') {
+        return Err(ConfigError::new(
+            "adminUser",
+            user,
+            "must be non-empty, without ':'",
+        ));
+    }
+    if password.len() < 8 {
+        return Err(ConfigError::new(
+            "adminPassword",
+            "(hidden)",
+            "must be at least 8 characters",
+        ));
+    }
+    if metrics_listen(args, matches, source)?.is_none() {
+        return Err(ConfigError::new(
+            "adminPassword",
+            "(hidden)",
+            "the admin API is served on metricsListen: set it too",
+        ));
+    }
+    Ok(Some(crate::admin::AdminSettings { user, password }))
 }
 
 /// Keys whose change takes effect at once: the TLS material and policy.

@@ -249,6 +249,7 @@ pub fn serve<S: Transport, P: Send + 'static>(
             let mut read_buf = BytesMut::with_capacity(512);
             let accepted = Box::pin(handshake::accept(
                 &broker,
+                peer,
                 &mut reader,
                 &mut writer,
                 &mut read_buf,
@@ -462,6 +463,9 @@ impl Connection {
             self.out.session_tx.heard(keepalive::now_ms());
             loop {
                 self.out.fill();
+                self.out
+                    .session_tx
+                    .set_inflight(self.out.state.inflight_len());
                 if let Some(waiting) = self.flush_delivered() {
                     waiting.await;
                 }
@@ -538,6 +542,10 @@ impl Connection {
                         // Once closing, only the pending replies matter.
                         Event::Signals(_) if closing.is_some() => {}
                         Event::Signals(s) if s.contains(Signals::SHUTDOWN) => closing = Some(End::Shutdown),
+                        Event::Signals(s) if s.contains(Signals::KICK) => return End::Error(SessionError::Refused {
+                            reason: reason::ADMINISTRATIVE_ACTION,
+                            why: "disconnected by an administrator",
+                        }),
                         Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
                     },
                     _ = async { tokio::time::sleep(LEASE_RECHECK).await }, if !leased => {}
@@ -1395,12 +1403,12 @@ pub fn session_queue(
     broker: &Broker,
     connection_id: u64,
     keep_alive: Option<Duration>,
+    client: crate::router::ClientInfo,
 ) -> Arc<SessionTx> {
-    Arc::new(SessionTx::new(
-        connection_id,
-        broker.config.limits.max_queued,
-        keep_alive,
-    ))
+    Arc::new(
+        SessionTx::new(connection_id, broker.config.limits.max_queued, keep_alive)
+            .describing(client),
+    )
 }
 
 #[cfg(test)]

@@ -22,10 +22,12 @@
 //! - [`websocket`]: MQTT over WebSocket: the upgrade and the binary messages as a byte stream.
 //! - [`proxy`]: the PROXY protocol (v1 and v2) header in front of a connection.
 //! - [`tls`]: the TLS listener's rustls configuration, reload, client certificate identity.
+//! - [`admin`]: the admin HTTP API and the console page, on the ops address.
 //! - [`cli`]: flags and environment layered over etcd keys.
 //! - [`config`], [`ids`], [`broker`]: configuration, message ids, shared state.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod cli;

@@ -19,16 +19,22 @@ fn main() -> anyhow::Result<()> {
         let config = cli::load(&args, &matches, source).unwrap_or_else(|e| usage(e));
         let metrics_listen =
             cli::metrics_listen(&args, &matches, source).unwrap_or_else(|e| usage(e));
+        let admin = cli::admin_settings(&args, &matches, source).unwrap_or_else(|e| usage(e));
         // Installed before the edge starts, so that everything it records is captured.
         let metrics = metrics_listen
             .map(|_| wharf_shared::ops::install_metrics().unwrap_or_else(|e| usage(e)));
         let edge = Arc::new(Edge::start(config).await.unwrap_or_else(|e| usage(e)));
         let ops_shutdown = tokio_util::sync::CancellationToken::new();
         if let (Some(addr), Some(metrics)) = (metrics_listen, metrics) {
+            if admin.is_some() && !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the admin API is served over plain HTTP on a network address: put it behind TLS (a reverse proxy) or keep metricsListen on loopback");
+            }
+            let api = admin.map(|settings| edge.admin_api(settings));
             let served = wharf_shared::ops::serve_on(
                 addr,
                 metrics,
                 edge.ready_check(),
+                api,
                 ops_shutdown.clone(),
             );
             if let Err(e) = served.await {

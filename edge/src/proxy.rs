@@ -227,6 +227,38 @@ mod tests {
         assert_eq!((header, rest), (Ok(None), vec![]));
     }
 
+    /// Arbitrary bytes (and mutations of good headers) give a header or an error, never a
+    /// panic. A cheap stand-in for the `proxy_header` fuzz target in CI.
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let good_v1 = b"PROXY TCP6 2001:db8::1 ::1 4000 1883\r\n".to_vec();
+        let good_v2 = v2(1, 0x21, &[7u8; 36]);
+        for round in 0..50_000 {
+            let mut bytes = match round % 3 {
+                0 => good_v1.clone(),
+                1 => good_v2.clone(),
+                _ => (0..next() % 64).map(|_| next() as u8).collect(),
+            };
+            for _ in 0..(next() % 4) {
+                if !bytes.is_empty() {
+                    let i = (next() as usize) % bytes.len();
+                    bytes[i] = next() as u8;
+                }
+            }
+            let _ = parse_v1(&bytes);
+            if let Some((fixed, body)) = bytes.split_first_chunk::<16>() {
+                let _ = parse_v2(fixed, body);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn missing_and_malformed_headers_are_refused() {
         // An MQTT CONNECT where a header should be.

@@ -140,6 +140,21 @@ impl Registry {
     }
 
     /// Forgets parked sessions whose expiry has passed; returns how many.
+    /// The parked sessions: client id, subscriptions, and when each expires (`None`: never).
+    pub fn parked(&self) -> Vec<(Arc<str>, Vec<String>, Option<Instant>)> {
+        self.lock()
+            .iter()
+            .filter_map(|(client, entry)| match entry {
+                Entry::Parked { state, expires, .. } => Some((
+                    client.clone(),
+                    state.subscriptions.keys().cloned().collect(),
+                    *expires,
+                )),
+                Entry::Connected { .. } => None,
+            })
+            .collect()
+    }
+
     pub fn expire_parked(&self, now: Instant) -> usize {
         let mut inner = self.lock();
         let before = inner.len();

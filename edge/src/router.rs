@@ -182,6 +182,10 @@ const SHRINK_ABOVE: usize = 256;
 /// [`recv`]: SessionTx::recv
 pub struct SessionTx {
     pub connection_id: u64,
+    /// Who is connected, for the admin API.
+    pub client: ClientInfo,
+    /// QoS 1/2 messages sent to the client and not yet acknowledged (kept by its task).
+    inflight: std::sync::atomic::AtomicU16,
     queue: Mutex<VecDeque<Delivery>>,
     capacity: usize,
     ready: Notify,
@@ -200,6 +204,26 @@ pub struct SessionTx {
     last_heard_ms: AtomicU64,
 }
 
+/// What the admin API shows of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    /// The client's address (the PROXY protocol header's, behind a balancer).
+    pub peer: std::net::SocketAddr,
+    pub protocol: &'static str,
+    /// When the session started, in Unix milliseconds.
+    pub connected_ms: i64,
+}
+
+impl Default for ClientInfo {
+    fn default() -> Self {
+        ClientInfo {
+            peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            protocol: "",
+            connected_ms: 0,
+        }
+    }
+}
+
 /// Why a session is woken other than for a delivery (a bit set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Signals(u8);
@@ -209,6 +233,8 @@ impl Signals {
     pub const SHUTDOWN: Signals = Signals(1);
     /// The client has been silent for longer than 1.5 x its keepalive.
     pub const KEEPALIVE: Signals = Signals(2);
+    /// An operator asked for the connection to be closed (admin API).
+    pub const KICK: Signals = Signals(4);
 
     pub fn contains(self, other: Signals) -> bool {
         self.0 & other.0 == other.0
@@ -227,6 +253,8 @@ impl SessionTx {
     pub fn new(connection_id: u64, capacity: usize, silence_limit: Option<Duration>) -> Self {
         SessionTx {
             connection_id,
+            client: ClientInfo::default(),
+            inflight: Default::default(),
             queue: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             ready: Notify::new(),
@@ -256,6 +284,33 @@ impl SessionTx {
             self.ready.notify_one();
         }
         Ok(())
+    }
+
+    /// The same queue, describing `client`.
+    pub fn describing(self, client: ClientInfo) -> Self {
+        SessionTx { client, ..self }
+    }
+
+    /// Messages queued for the client.
+    pub fn queued(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn set_inflight(&self, n: usize) {
+        self.inflight
+            .store(n.min(u16::MAX as usize) as u16, Ordering::Relaxed);
+    }
+
+    pub fn inflight(&self) -> u16 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// `created_ms` of the oldest QoS 1/2 message left to the store and not yet fetched.
+    pub fn lagging_since(&self) -> Option<i64> {
+        match self.lagging_since.load(Ordering::Acquire) {
+            NOT_LAGGING => None,
+            since => Some(since),
+        }
     }
 
     /// Raises `signals` and wakes the session.
@@ -346,6 +401,25 @@ struct Node {
 }
 
 impl Node {
+    /// Calls `f` with each subscription under this node: (client, filter, grant).
+    fn walk(&self, path: &mut Vec<String>, f: &mut impl FnMut(&Arc<str>, String, Grant)) {
+        for (client, grant) in &self.here {
+            f(client, path.join("/"), *grant);
+        }
+        for (client, grant) in &self.multi {
+            let filter = match path.is_empty() {
+                true => "#".to_owned(),
+                false => format!("{}/#", path.join("/")),
+            };
+            f(client, filter, *grant);
+        }
+        for (level, child) in &self.children {
+            path.push(level.clone());
+            child.walk(path, f);
+            path.pop();
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.here.is_empty() && self.multi.is_empty()
     }
@@ -476,6 +550,40 @@ impl Router {
         for session in self.read().sessions.values() {
             f(session);
         }
+    }
+
+    /// The connected sessions' queues (for the admin API: a copy, the lock is let go).
+    pub fn sessions(&self) -> Vec<(Arc<str>, Arc<SessionTx>)> {
+        let inner = self.read();
+        inner
+            .sessions
+            .iter()
+            .map(|(client, tx)| (client.clone(), tx.clone()))
+            .collect()
+    }
+
+    /// The connected session of `client`.
+    pub fn session(&self, client: &str) -> Option<Arc<SessionTx>> {
+        self.read().sessions.get(client).cloned()
+    }
+
+    /// Every subscription (shared ones as `$share/{name}/{filter}`), or those of `client`:
+    /// (client, filter, grant). Walks the whole trie: for the admin API, not for routing.
+    pub fn subscriptions(&self, client: Option<&str>) -> Vec<(Arc<str>, String, Grant)> {
+        let inner = self.read();
+        let mut found = Vec::new();
+        let wanted = |c: &Arc<str>| client.is_none_or(|w| &**c == w);
+        inner.root.walk(&mut Vec::new(), &mut |c, filter, grant| {
+            if wanted(c) {
+                found.push((c.clone(), filter, grant));
+            }
+        });
+        for (key, group) in &inner.groups {
+            for (c, grant) in group.members.iter().filter(|(c, _)| wanted(c)) {
+                found.push((c.clone(), key.to_string(), *grant));
+            }
+        }
+        found
     }
 
     /// Connects a session's queue; replaces an older connection of the same client.
@@ -793,6 +901,28 @@ mod tests {
             created_ms: 1,
             properties: None,
         })
+    }
+
+    #[test]
+    fn subscriptions_are_listed_as_they_were_made() {
+        let router = Router::default();
+        let (a, _rx) = session(&router, "a", 1);
+        let (b, _rx) = session(&router, "b", 1);
+        for filter in ["#", "x/#", "x/+/y", "/lead", "trail/", "$share/g/x/#"] {
+            router.subscribe(&a, filter, Grant::qos(Qos::AtLeastOnce));
+        }
+        router.subscribe(&b, "x/#", Grant::qos(Qos::AtMostOnce));
+        let mut of_a: Vec<String> = router
+            .subscriptions(Some("a"))
+            .into_iter()
+            .map(|(_, f, _)| f)
+            .collect();
+        of_a.sort();
+        assert_eq!(
+            of_a,
+            ["#", "$share/g/x/#", "/lead", "trail/", "x/#", "x/+/y"]
+        );
+        assert_eq!(router.subscriptions(None).len(), 7);
     }
 
     fn session(router: &Router, name: &str, cap: usize) -> (Arc<str>, Arc<SessionTx>) {

@@ -34,6 +34,7 @@ pub struct Edge {
     auth: Arc<Auth>,
     /// The listeners' addresses as configured, for the exposure check of a reload.
     listeners: Vec<(SocketAddr, bool)>,
+    broker: Arc<Broker>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -94,14 +95,14 @@ impl Edge {
         let shutdown = CancellationToken::new();
         let link = LinkParts::spawn(&config);
         let handle = link.link.clone();
+        let broker = Arc::new(Broker::new(config, link.link.clone(), auth.clone()));
         let task = tokio::spawn(run(
-            config,
+            broker.clone(),
             Listeners {
                 bound: listeners,
                 tls: tls.clone(),
             },
             link,
-            auth.clone(),
             shutdown.clone(),
         ));
         Ok(Edge {
@@ -115,6 +116,7 @@ impl Edge {
             tls,
             auth,
             listeners: exposure,
+            broker,
         })
     }
 
@@ -153,6 +155,11 @@ impl Edge {
         if let Some(task) = task {
             let _ = task.await;
         }
+    }
+
+    /// The admin API and console for the ops endpoint (see [`crate::admin`]).
+    pub fn admin_api(&self, settings: crate::admin::AdminSettings) -> wharf_shared::ops::Api {
+        crate::admin::api(self.broker.clone(), settings)
     }
 
     /// The readiness probe for the ops endpoint.
@@ -308,21 +315,19 @@ impl ConnectionRate {
 }
 
 async fn run(
-    config: EdgeConfig,
+    broker: Arc<Broker>,
     listeners: Listeners,
     link: LinkParts,
-    auth: Arc<Auth>,
     shutdown: CancellationToken,
 ) {
     let LinkParts {
-        link,
         task: link_task,
         shutdown: link_shutdown,
         deliveries,
+        ..
     } = link;
-    let grace = config.shutdown_grace;
-    let connections = Arc::new(Semaphore::new(config.limits.max_connections));
-    let broker = Arc::new(Broker::new(config, link, auth));
+    let grace = broker.config.shutdown_grace;
+    let connections = Arc::new(Semaphore::new(broker.config.limits.max_connections));
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     tokio::spawn(crate::groups::fetch_loop(broker.clone(), shutdown.clone()));
     tokio::spawn(crate::auth::follow_store(
@@ -563,7 +568,7 @@ async fn serve_other(
                 return;
             }
         };
-        tracing::debug!(proxy = %peer, client = %source, listener, "PROXY protocol header");
+        tracing::info!(proxy = %peer, client = %source, listener, "connection through a proxy");
         if !admit(&start.rate, source) {
             return;
         }

@@ -314,6 +314,18 @@ mod tests {
             }],
         });
         roundtrip(WorkerFrame::Lease { as_of_ms: 42 });
+        roundtrip(EdgeFrame::Request {
+            id: 4,
+            request: Request::Retained {
+                filter: "state/#".into(),
+            },
+        });
+        roundtrip(EdgeFrame::Request {
+            id: 5,
+            request: Request::ClearRetained {
+                topic: "state/a".into(),
+            },
+        });
     }
 
     /// Pins the bytes on the wire: a failing assertion here means the protocol changed, which
@@ -328,7 +340,7 @@ mod tests {
             instance: "i".into(),
         });
         codec.encode(hello, &mut buf).expect("encode");
-        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 9, 2, b'h', b'1', 1, b'i']);
+        assert_eq!(&buf[..], &[0, 0, 0, 7, 0, 10, 2, b'h', b'1', 1, b'i']);
 
         buf.clear();
         let persist = EdgeFrame::Request {

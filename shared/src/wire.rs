@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -336,6 +336,12 @@ pub enum Request {
     /// where hosts share the store): the worker claims in the store those no live edge owns,
     /// renews those `owner` owns, and gives up the others `owner` owned. Reply `Groups`.
     OwnGroups { owner: String, groups: Vec<String> },
+    /// The retained messages whose topics match `filter` (the admin API): reply
+    /// [`Reply::Messages`] without `next`.
+    Retained { filter: String },
+    /// Clears the retained message of `topic`, without publishing anything (the admin API).
+    /// Reply `Done`.
+    ClearRetained { topic: String },
 }
 
 /// A user document as stored: the edge checks the password against it.

@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
                 addr,
                 metrics,
                 worker.ready_check(),
+                None,
                 ops_shutdown.clone(),
             );
             if let Err(e) = served.await {

@@ -389,7 +389,10 @@ fn client_of(request: &Request) -> &str {
         Request::Persist(messages) => messages.first().map_or("", |m| &m.client_id),
         Request::PersistQos2 { message, .. } => &message.client_id,
         Request::ReleaseQos2 { client_id, .. } => client_id,
-        Request::LoadAuth { .. } | Request::OwnGroups { .. } => "",
+        Request::LoadAuth { .. }
+        | Request::OwnGroups { .. }
+        | Request::Retained { .. }
+        | Request::ClearRetained { .. } => "",
     }
 }
 
@@ -583,6 +586,24 @@ async fn handle<S: Store>(
         Request::LoadAuth { users, rules } => {
             let (users, rules) = store.load_auth(users, rules).await?;
             Reply::Auth { users, rules }
+        }
+        Request::Retained { filter } => {
+            // What the edges handed over before the question is in the store first.
+            shared.persist.written().await;
+            let filters = [filter];
+            let messages =
+                crate::pipeline::retry(limit, "retained", || store::retained_for(store, &filters))
+                    .await?;
+            Reply::Messages {
+                messages,
+                next: None,
+            }
+        }
+        Request::ClearRetained { topic } => {
+            shared.persist.written().await;
+            crate::pipeline::retry(limit, "clear retained", || store.clear_retained(&topic))
+                .await?;
+            Reply::Done
         }
         Request::Persist(_) | Request::PersistQos2 { .. } | Request::ReleaseQos2 { .. } => {
             return Err(StoreError::Failed("persister request on a lane".into()))

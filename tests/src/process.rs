@@ -246,11 +246,37 @@ async fn terminate(mut child: Child) -> bool {
 
 /// `GET path` on a local HTTP endpoint: (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let response = http(addr, "GET", path, &[], "").await;
+    (response.status, response.body)
+}
+
+/// An HTTP response as the tests read it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The head, status line included.
+    pub head: String,
+    pub body: String,
+}
+
+/// One request (`Connection: close`) with extra header lines and a body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> HttpResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect ops endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
@@ -259,11 +285,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    HttpResponse {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
 }
 
 fn kill(child: Option<Child>) {

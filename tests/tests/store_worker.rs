@@ -6,6 +6,8 @@ use mongodb::bson::{Bson, Document};
 use rumqttc::QoS;
 use std::time::Duration;
 use tempfile::TempDir;
+use wharf_edge::admin::AdminSettings;
+use wharf_shared::ops::HttpRequest;
 use wharf_store_worker::{Backend, Worker, WorkerConfig};
 use wharf_tests::client::{payloads, Client};
 use wharf_tests::stack::{Kind, Stack};
@@ -60,6 +62,7 @@ on_both_backends!(
     restarts_lose_nothing_acknowledged,
     long_absence_is_paged_in_order,
     first_subscription_gets_retained_not_history,
+    the_admin_api_lists_and_clears_retained_messages,
 );
 
 async fn offline_subscriber_gets_every_message_once(kind: Kind) {
@@ -171,6 +174,55 @@ async fn first_subscription_gets_retained_not_history(kind: Kind) {
     sub.subscribe("h/#", QoS::AtLeastOnce).await;
     assert_eq!(payloads(&sub.publishes(1).await), vec!["retained"]);
     sub.assert_no_publish(Duration::from_millis(300)).await;
+}
+
+/// The admin API's retained messages come from the store (either backend) and are cleared
+/// there: a new subscriber then gets none, and nothing was published by the clearing.
+async fn the_admin_api_lists_and_clears_retained_messages(kind: Kind) {
+    let s = Stack::new(kind).await;
+    let api = s.edge.as_ref().expect("edge").admin_api(AdminSettings {
+        user: "admin".into(),
+        password: "console-secret-1".into(),
+    });
+    let call = |method: &str, path: &str, query: &[(&str, &str)]| {
+        api(HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            query: query
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            authorization: Some("Bearer console-secret-1".into()),
+            body: Vec::new(),
+        })
+    };
+    let mut watcher = Client::connect(s.addr(), "watcher", true).await;
+    watcher.subscribe("r/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect(s.addr(), "sensor", true).await;
+    for (topic, payload) in [("r/a", "1"), ("r/b", "2"), ("other", "3")] {
+        publisher
+            .publish_acked_retain(topic, QoS::AtLeastOnce, true, payload)
+            .await;
+    }
+    assert_eq!(watcher.publishes(2).await.len(), 2);
+    let listed = call("GET", "/api/v1/retained", &[("filter", "r/+")]).await;
+    assert_eq!(listed.status, 200);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.body).expect("json");
+    let mut topics: Vec<&str> = listed["retained"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|m| m["topic"].as_str())
+        .collect();
+    topics.sort();
+    assert_eq!(topics, ["r/a", "r/b"]);
+    let cleared = call("DELETE", "/api/v1/retained", &[("topic", "r/a")]).await;
+    assert_eq!(cleared.status, 200);
+    watcher.assert_no_publish(Duration::from_millis(300)).await;
+    let mut late = Client::connect(s.addr(), "late", true).await;
+    late.subscribe("r/#", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&late.publishes(1).await), vec!["2"]);
+    late.assert_no_publish(Duration::from_millis(300)).await;
 }
 
 fn field<'a>(d: &'a Document, name: &str) -> &'a Bson {

@@ -48,6 +48,7 @@ pub struct Handshake {
 /// `Ok(None)`: the connection was refused with a CONNACK code and is done.
 pub async fn accept<R, W>(
     broker: &Arc<Broker>,
+    peer: std::net::SocketAddr,
     reader: &mut R,
     writer: &mut W,
     read_buf: &mut BytesMut,
@@ -127,7 +128,7 @@ where
             return Ok(None);
         }
     }
-    start_session(broker, connect, client_id, auth, writer).await
+    start_session(broker, peer, connect, client_id, auth, writer).await
 }
 
 async fn read_connect<R: AsyncRead + Unpin>(
@@ -193,6 +194,7 @@ async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, version: Version, refusal
 
 async fn start_session<W: AsyncWrite + Unpin>(
     broker: &Arc<Broker>,
+    peer: std::net::SocketAddr,
     connect: Connect,
     client_id: Arc<str>,
     auth: SessionAuth,
@@ -309,7 +311,12 @@ async fn start_session<W: AsyncWrite + Unpin>(
     let keep_alive_secs = server_keep_alive.unwrap_or(connect.keep_alive);
     let keep_alive =
         (keep_alive_secs > 0).then(|| Duration::from_millis(keep_alive_secs as u64 * 1500));
-    let session_tx = session_queue(broker, connection_id, keep_alive);
+    let client = crate::router::ClientInfo {
+        peer,
+        protocol: version.label(),
+        connected_ms: crate::ids::now_ms(),
+    };
+    let session_tx = session_queue(broker, connection_id, keep_alive, client);
     broker.router.attach(client_id.clone(), session_tx.clone());
     for (filter, grant) in &state.subscriptions {
         broker.router.subscribe(&client_id, filter, *grant);

@@ -129,6 +129,8 @@ pub trait Store: Send + Sync + 'static {
         client_id: &str,
         filters: Option<Vec<String>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Removes the retained message of `topic`, if any.
+    fn clear_retained(&self, topic: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Retained messages whose topics may match (the caller filters exactly).
     fn retained(
         &self,

@@ -1105,6 +1105,14 @@ impl Store for MongoStore {
         Ok(deleted.deleted_count == 1)
     }
 
+    async fn clear_retained(&self, topic: &str) -> Result<(), StoreError> {
+        self.retained
+            .delete_one(doc! { "_id": topic })
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
     async fn retained(&self, prefixes: Option<Vec<String>>) -> Result<Vec<Message>, StoreError> {
         let filter = topic_condition("_id", &prefixes).unwrap_or_default();
         let docs = all(self.retained.find(filter)).await?;

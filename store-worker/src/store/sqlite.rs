@@ -656,6 +656,16 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn clear_retained(&self, topic: &str) -> Result<(), StoreError> {
+        let topic = topic.to_owned();
+        self.with(move |c| {
+            c.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
+                .execute([&topic])
+                .map(drop)
+        })
+        .await
+    }
+
     async fn retained(&self, _prefixes: Option<Vec<String>>) -> Result<Vec<Message>, StoreError> {
         self.with(move |c| {
             let mut stmt = c.prepare_cached(

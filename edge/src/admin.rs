@@ -1,0 +1,355 @@
+//! The admin HTTP API and the console, served on the ops address beside `/metrics` when an
+//! admin password is configured. Every request needs the credentials (HTTP Basic, or
+//! `Authorization: Bearer <password>`). JSON in and out; README "Admin API" has examples.
+//!
+//! What it shows is this edge's: its connected clients (from the router's queues, which carry
+//! the address, protocol and counts) and its parked sessions. Retained messages are the
+//! store's, so they are the cluster's.
+
+use crate::broker::Broker;
+use crate::router::Grant;
+use base64::Engine;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Instant;
+use wharf_shared::ops::{Api, HttpRequest, HttpResponse};
+use wharf_shared::{Message, Qos, Reply, Request};
+
+/// The console: one page of HTML and JavaScript, shipped in the binary.
+const CONSOLE: &str = include_str!("admin/console.html");
+
+/// Who may use the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub user: String,
+    pub password: String,
+}
+
+/// The API as the ops endpoint calls it.
+pub fn api(broker: Arc<Broker>, settings: AdminSettings) -> Api {
+    let admin = Arc::new(Admin {
+        broker,
+        credentials: digest(format!("{}:{}", settings.user, settings.password).as_bytes()),
+        password: digest(settings.password.as_bytes()),
+    });
+    Arc::new(move |request| {
+        let admin = admin.clone();
+        Box::pin(async move { admin.handle(request).await })
+    })
+}
+
+struct Admin {
+    broker: Arc<Broker>,
+    /// SHA-256 of `user:password` (Basic) and of the password (Bearer): compared as digests,
+    /// so that the comparison's time says nothing about the secret.
+    credentials: ring::digest::Digest,
+    password: ring::digest::Digest,
+}
+
+fn digest(bytes: &[u8]) -> ring::digest::Digest {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+}
+
+fn same(a: &ring::digest::Digest, b: &ring::digest::Digest) -> bool {
+    a.as_ref() == b.as_ref()
+}
+
+fn reply(status: u16, body: Value) -> HttpResponse {
+    HttpResponse::new(status, "application/json", body.to_string())
+}
+
+fn error(status: u16, why: impl std::fmt::Display) -> HttpResponse {
+    reply(status, json!({ "error": why.to_string() }))
+}
+
+impl Admin {
+    fn authorized(&self, header: Option<&str>) -> bool {
+        let Some(header) = header else {
+            return false;
+        };
+        let (scheme, value) = header.trim().split_once(' ').unwrap_or((header, ""));
+        if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim());
+            decoded.is_ok_and(|d| same(&digest(&d), &self.credentials))
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            same(&digest(value.trim().as_bytes()), &self.password)
+        } else {
+            false
+        }
+    }
+
+    async fn handle(&self, request: HttpRequest) -> HttpResponse {
+        if !self.authorized(request.authorization.as_deref()) {
+            metrics::counter!("wharf_edge_admin_unauthorized_total").increment(1);
+            let mut response = error(401, "credentials required");
+            response
+                .headers
+                .push(("WWW-Authenticate", "Basic realm=\"wharf\"".to_owned()));
+            return response;
+        }
+        let path = request.path.trim_end_matches('/');
+        let client = path.strip_prefix("/api/v1/clients/");
+        match (request.method.as_str(), path, client) {
+            ("GET", "/console" | "", _) => {
+                HttpResponse::new(200, "text/html; charset=utf-8", CONSOLE)
+            }
+            ("GET", "/api/v1/overview", _) => self.overview(),
+            ("GET", "/api/v1/clients", _) => self.clients(&request),
+            ("GET", _, Some(id)) => self.client(id),
+            ("DELETE", _, Some(id)) => self.disconnect(id),
+            ("GET", "/api/v1/sessions", _) => self.sessions(&request),
+            ("GET", "/api/v1/retained", _) => self.retained(&request).await,
+            ("DELETE", "/api/v1/retained", _) => self.clear_retained(&request).await,
+            ("POST", "/api/v1/publish", _) => self.publish(&request).await,
+            (_, "/console" | "/api/v1/overview" | "/api/v1/clients" | "/api/v1/sessions", _)
+            | (_, "/api/v1/retained" | "/api/v1/publish", _)
+            | (_, _, Some(_)) => error(405, "method not allowed here"),
+            _ => error(404, "no such endpoint"),
+        }
+    }
+
+    fn overview(&self) -> HttpResponse {
+        let broker = &self.broker;
+        let config = &broker.config;
+        let listeners: Vec<Value> = [
+            ("mqtt", config.listen),
+            ("tls", config.tls.as_ref().and_then(|t| t.listen)),
+            ("ws", config.web.ws),
+            ("wss", config.web.wss),
+        ]
+        .into_iter()
+        .filter_map(|(kind, addr)| addr.map(|a| json!({ "kind": kind, "address": a.to_string() })))
+        .collect();
+        reply(
+            200,
+            json!({
+                "host": config.host,
+                "version": env!("CARGO_PKG_VERSION"),
+                "connections": broker.router.sessions().len(),
+                "parkedSessions": broker.registry.parked().len(),
+                "workerLinkUp": broker.link.is_up(),
+                "listeners": listeners,
+            }),
+        )
+    }
+
+    /// One connected client as listed; `subscriptions` its filters.
+    fn summary(&self, id: &str, tx: &crate::router::SessionTx, subscriptions: usize) -> Value {
+        let now = crate::ids::now_ms();
+        json!({
+            "clientId": id,
+            "address": tx.client.peer.to_string(),
+            "protocol": tx.client.protocol,
+            "connectedAt": tx.client.connected_ms,
+            "connectedSeconds": (now - tx.client.connected_ms).max(0) / 1000,
+            "subscriptions": subscriptions,
+            "queued": tx.queued(),
+            "inflight": tx.inflight(),
+            "lagMs": tx.lagging_since().map(|since| (now - since).max(0)),
+        })
+    }
+
+    fn clients(&self, request: &HttpRequest) -> HttpResponse {
+        let search = request.param("search").unwrap_or("").to_lowercase();
+        let limit = request
+            .param("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(100);
+        let mut sessions = self.broker.router.sessions();
+        sessions.retain(|(id, tx)| {
+            search.is_empty()
+                || id.to_lowercase().contains(&search)
+                || tx.client.peer.to_string().contains(&search)
+        });
+        sessions.sort_by(|a, b| a.0.cmp(&b.0));
+        let total = sessions.len();
+        let mut counts = std::collections::HashMap::<Arc<str>, usize>::new();
+        for (client, _, _) in self.broker.router.subscriptions(None) {
+            *counts.entry(client).or_default() += 1;
+        }
+        let clients: Vec<Value> = sessions
+            .iter()
+            .take(limit)
+            .map(|(id, tx)| self.summary(id, tx, counts.get(id).copied().unwrap_or(0)))
+            .collect();
+        reply(200, json!({ "total": total, "clients": clients }))
+    }
+
+    fn client(&self, id: &str) -> HttpResponse {
+        let Some(tx) = self.broker.router.session(id) else {
+            return error(404, format!("client {id:?} is not connected to this edge"));
+        };
+        let mut subscriptions: Vec<(String, Grant)> = self
+            .broker
+            .router
+            .subscriptions(Some(id))
+            .into_iter()
+            .map(|(_, filter, grant)| (filter, grant))
+            .collect();
+        subscriptions.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut detail = self.summary(id, &tx, subscriptions.len());
+        detail["subscriptionList"] = subscriptions
+            .iter()
+            .map(|(filter, grant)| {
+                json!({
+                    "filter": filter,
+                    "qos": grant.qos.as_u8(),
+                    "noLocal": grant.no_local,
+                    "retainAsPublished": grant.retain_as_published,
+                    "identifier": (grant.identifier != 0).then_some(grant.identifier),
+                })
+            })
+            .collect();
+        reply(200, detail)
+    }
+
+    fn disconnect(&self, id: &str) -> HttpResponse {
+        let Some(tx) = self.broker.router.session(id) else {
+            return error(404, format!("client {id:?} is not connected to this edge"));
+        };
+        tracing::info!(client_id = %id, "disconnected through the admin API");
+        tx.signal(crate::router::Signals::KICK);
+        reply(200, json!({ "disconnected": id }))
+    }
+
+    fn sessions(&self, request: &HttpRequest) -> HttpResponse {
+        let search = request.param("search").unwrap_or("").to_lowercase();
+        let wanted = |id: &str| search.is_empty() || id.to_lowercase().contains(&search);
+        let mut sessions: Vec<Value> = self
+            .broker
+            .router
+            .sessions()
+            .into_iter()
+            .filter(|(id, _)| wanted(id))
+            .map(|(id, tx)| {
+                json!({ "clientId": &*id, "connected": true, "address": tx.client.peer.to_string() })
+            })
+            .collect();
+        let now = Instant::now();
+        for (id, filters, expires) in self.broker.registry.parked() {
+            if wanted(&id) {
+                sessions.push(json!({
+                    "clientId": &*id,
+                    "connected": false,
+                    "subscriptions": filters,
+                    "expiresInSeconds": expires.map(|at| at.saturating_duration_since(now).as_secs()),
+                }));
+            }
+        }
+        sessions.sort_by(|a, b| a["clientId"].as_str().cmp(&b["clientId"].as_str()));
+        reply(200, json!({ "sessions": sessions }))
+    }
+
+    async fn ask(&self, request: Request) -> Result<Reply, HttpResponse> {
+        let rx = self
+            .broker
+            .link
+            .request(request, crate::link::Policy::FailFast)
+            .await
+            .map_err(|e| error(503, format!("store-worker: {e}")))?;
+        match rx.await {
+            Ok(Ok(Reply::Failed { reason, .. })) => Err(error(502, reason)),
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(error(503, format!("store-worker: {e}"))),
+            Err(_) => Err(error(503, "store-worker link closed")),
+        }
+    }
+
+    async fn retained(&self, request: &HttpRequest) -> HttpResponse {
+        let filter = request.param("filter").unwrap_or("#").to_owned();
+        if !wharf_shared::topic::valid_filter(&filter) {
+            return error(400, format!("{filter:?} is not a topic filter"));
+        }
+        match self.ask(Request::Retained { filter }).await {
+            Ok(Reply::Messages { messages, .. }) => {
+                let now = wharf_shared::now_ms();
+                let retained: Vec<Value> = messages
+                    .iter()
+                    .filter(|m| !m.expired(now))
+                    .map(message_json)
+                    .collect();
+                reply(200, json!({ "retained": retained }))
+            }
+            Ok(other) => error(502, format!("unexpected reply {other:?}")),
+            Err(response) => response,
+        }
+    }
+
+    async fn clear_retained(&self, request: &HttpRequest) -> HttpResponse {
+        let Some(topic) = request.param("topic").map(str::to_owned) else {
+            return error(400, "which retained message: ?topic=...");
+        };
+        if !wharf_shared::topic::valid_topic_name(&topic) {
+            return error(400, format!("{topic:?} is not a topic name"));
+        }
+        match self
+            .ask(Request::ClearRetained {
+                topic: topic.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(%topic, "retained message cleared through the admin API");
+                reply(200, json!({ "cleared": topic }))
+            }
+            Err(response) => response,
+        }
+    }
+
+    /// Publishes a message as the client `wharf-admin`: stored and routed as any other
+    /// (QoS 1/2 answered once durable).
+    async fn publish(&self, request: &HttpRequest) -> HttpResponse {
+        let body: Value = match serde_json::from_slice(&request.body) {
+            Ok(v) => v,
+            Err(e) => return error(400, format!("JSON body expected: {e}")),
+        };
+        let Some(topic) = body["topic"].as_str() else {
+            return error(400, "\"topic\" (a string) is required");
+        };
+        if !wharf_shared::topic::valid_topic_name(topic) {
+            return error(400, format!("{topic:?} is not a topic name"));
+        }
+        let payload = match (&body["payload"], &body["payloadBase64"]) {
+            (Value::String(s), _) => s.as_bytes().to_vec(),
+            (_, Value::String(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
+                Ok(p) => p,
+                Err(e) => return error(400, format!("payloadBase64: {e}")),
+            },
+            (Value::Null, Value::Null) => Vec::new(),
+            _ => return error(400, "\"payload\" must be a string"),
+        };
+        let qos = match body["qos"].as_u64().unwrap_or(0) {
+            0 => Qos::AtMostOnce,
+            1 => Qos::AtLeastOnce,
+            2 => Qos::ExactlyOnce,
+            _ => return error(400, "\"qos\" must be 0, 1 or 2"),
+        };
+        if payload.len() > self.broker.config.limits.max_packet_size {
+            return error(413, "payload larger than the packet size limit");
+        }
+        let retain = body["retain"].as_bool().unwrap_or(false);
+        let message = self
+            .broker
+            .message("wharf-admin", topic.to_owned(), &payload, qos, retain);
+        let id = message.id.to_string();
+        match self.broker.clone().publish(message).await {
+            Ok(()) => reply(
+                200,
+                json!({ "published": id, "topic": topic, "qos": qos.as_u8() }),
+            ),
+            Err(why) => error(503, why),
+        }
+    }
+}
+
+fn message_json(m: &Message) -> Value {
+    json!({
+        "topic": m.topic,
+        "payload": std::str::from_utf8(&m.payload).ok(),
+        "payloadBase64": base64::engine::general_purpose::STANDARD.encode(&m.payload),
+        "qos": m.qos.as_u8(),
+        "clientId": m.client_id,
+        "host": m.host,
+        "createdAt": m.created_ms,
+    })
+}

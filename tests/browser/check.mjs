@@ -1,0 +1,103 @@
+// Headless Chromium against a running Wharf: driven by tests/tests/browser.rs.
+//
+//   node check.mjs mqtt     WS_URL MQTT_PORT
+//     A page connects with MQTT.js over WebSocket, subscribes, and must receive what
+//     mosquitto_pub publishes over TCP.
+//   node check.mjs console  WS_URL OPS_URL PASSWORD [SCREENSHOT]
+//     A page connects with MQTT.js (client id "browser-device"); the console, opened with the
+//     admin credentials, must list it, show its session, and publish a message it receives.
+//
+// Prints "ok" on success; anything else is a failure (with the reason on stderr).
+import { chromium } from "playwright-core";
+import { execFileSync } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const mqttJs = path.join(here, "node_modules/mqtt/dist/mqtt.min.js");
+const [mode, wsUrl, ...rest] = process.argv.slice(2);
+const patience = 20000;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+
+// A blank page with MQTT.js, connected to Wharf over WebSocket and subscribed to `filter`;
+// what it receives collects in window.received.
+async function devicePage(context, clientId, filter) {
+  const page = await context.newPage();
+  page.on("console", (m) => console.error("[page]", m.text()));
+  await page.setContent("<!doctype html><title>device</title>");
+  await page.addScriptTag({ path: mqttJs });
+  await page.evaluate(({ wsUrl, clientId, filter }) => new Promise((resolve, reject) => {
+    window.received = [];
+    const client = mqtt.connect(wsUrl, { clientId, protocolVersion: 5, reconnectPeriod: 0 });
+    window.client = client;
+    client.on("error", (e) => reject(String(e)));
+    client.on("message", (topic, payload) => window.received.push([topic, payload.toString()]));
+    client.on("connect", () => client.subscribe(filter, { qos: 1 }, (err) => err ? reject(String(err)) : resolve()));
+  }), { wsUrl, clientId, filter });
+  return page;
+}
+
+async function received(page, payload) {
+  await page.waitForFunction((p) => window.received.some(([, m]) => m === p), payload, { timeout: patience });
+}
+
+try {
+  if (mode === "mqtt") {
+    const [mqttPort] = rest;
+    const context = await browser.newContext();
+    const page = await devicePage(context, "browser-sub", "browser/#");
+    const sent = "from-mosquitto-" + Date.now();
+    execFileSync("mosquitto_pub", ["-h", "127.0.0.1", "-p", mqttPort, "-q", "1", "-t", "browser/x", "-m", sent]);
+    await received(page, sent);
+    const got = await page.evaluate(() => window.received);
+    if (got.length !== 1 || got[0][0] !== "browser/x") throw new Error("received " + JSON.stringify(got));
+  } else if (mode === "console") {
+    const [opsUrl, password, screenshot] = rest;
+    const device = await devicePage(await browser.newContext(), "browser-device", "console/#");
+    const context = await browser.newContext({
+      httpCredentials: { username: "admin", password },
+      viewport: { width: 1400, height: 900 },
+    });
+    const page = await context.newPage();
+    page.on("console", (m) => console.error("[console]", m.text()));
+    await page.goto(opsUrl + "/console");
+    const row = page.locator('tr[data-client-id="browser-device"]');
+    await row.waitFor({ timeout: patience });
+    const cells = await row.locator("td").allTextContents();
+    if (cells[2] !== "5.0" || cells[4] !== "1") throw new Error("row " + JSON.stringify(cells));
+    await row.click();
+    await page.locator("#detail-json", { hasText: "console/#" }).waitFor({ timeout: patience });
+    // Search narrows the list.
+    await page.fill("#search", "no-such-client");
+    await row.waitFor({ state: "detached", timeout: patience });
+    await page.fill("#search", "browser-");
+    await row.waitFor({ timeout: patience });
+    // The publish form reaches the device.
+    await page.fill("#p-topic", "console/test");
+    await page.fill("#p-payload", "hello from the console");
+    await page.click('#publish button[type="submit"]');
+    await page.locator("#p-result", { hasText: "published" }).waitFor({ timeout: patience });
+    await received(device, "hello from the console");
+    // Live counts: the connections figure shows the device.
+    await page.waitForFunction(() => Number(document.getElementById("s-connections").textContent) >= 1, null, { timeout: patience });
+    if (screenshot) {
+      await page.waitForTimeout(2500); // a second sample, for the rates
+      await page.screenshot({ path: screenshot, fullPage: true });
+    }
+  } else {
+    throw new Error("unknown mode " + mode);
+  }
+  console.log("ok");
+} catch (e) {
+  console.error(e);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}

@@ -1,0 +1,79 @@
+//! A real browser: headless Chromium (Debian's `chromium`) driven by Playwright
+//! (`tests/browser`, from the npm registry). MQTT.js in a page talks to Wharf over
+//! WebSocket; the console is opened with the admin credentials. `scripts/install-deps.sh`
+//! installs Chromium and the npm packages.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::process::Command;
+use wharf_tests::init_tracing;
+use wharf_tests::process::{free_port, BrokerHost};
+
+const PASSWORD: &str = "console-secret-1";
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
+}
+
+async fn host(dir: &Path) -> (BrokerHost, String) {
+    init_tracing();
+    let ws = format!("127.0.0.1:{}", free_port());
+    let host = BrokerHost::start_with_args(
+        dir,
+        "h1",
+        None,
+        &[],
+        &["--ws-listen", &ws, "--admin-password", PASSWORD],
+    )
+    .await;
+    (host, format!("ws://{ws}/mqtt"))
+}
+
+async fn check(args: &[&str]) {
+    let script = browser_dir().join("check.mjs");
+    assert!(
+        browser_dir().join("node_modules/playwright-core").exists(),
+        "run scripts/install-deps.sh (npm packages of tests/browser)"
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        Command::new("node")
+            .arg(&script)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the browser check finished in time")
+    .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().any(|l| l == "ok"),
+        "browser check {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_js_in_chromium_receives_what_mosquitto_pub_sends() {
+    let dir = TempDir::new().expect("temp dir");
+    let (host, ws_url) = host(dir.path()).await;
+    let port = host.addr.port().to_string();
+    check(&["mqtt", &ws_url, &port]).await;
+}
+
+/// The console lists a browser's MQTT.js client, shows its session, and its publish form
+/// reaches it. `WHARF_CONSOLE_SCREENSHOT=path` keeps a screenshot (README's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_a_connected_client() {
+    let dir = TempDir::new().expect("temp dir");
+    let (host, ws_url) = host(dir.path()).await;
+    let ops = format!("http://{}", host.edge_ops);
+    let screenshot = std::env::var("WHARF_CONSOLE_SCREENSHOT").unwrap_or_default();
+    let mut args = vec!["console", &ws_url, &ops, PASSWORD];
+    if !screenshot.is_empty() {
+        args.push(&screenshot);
+    }
+    check(&args).await;
+}
