@@ -555,14 +555,7 @@ async fn handle<S: Store>(
             // A retained message this edge received before the SUBSCRIBE is stored first: it
             // may have been routed before this session was subscribed (QoS 0 and 1 are routed
             // before they are stored), and this reply is then its only way in.
-            shared.persist.written().await;
-            let messages =
-                crate::pipeline::retry(limit, "retained", || store::retained_for(store, &filters))
-                    .await?;
-            Reply::Messages {
-                messages,
-                next: None,
-            }
+            retained_written(shared, limit, &filters).await?
         }
         Request::Unsubscribe { client_id, filters } => {
             crate::pipeline::retry(limit, "unsubscribe", || {
@@ -587,18 +580,8 @@ async fn handle<S: Store>(
             let (users, rules) = store.load_auth(users, rules).await?;
             Reply::Auth { users, rules }
         }
-        Request::Retained { filter } => {
-            // What the edges handed over before the question is in the store first.
-            shared.persist.written().await;
-            let filters = [filter];
-            let messages =
-                crate::pipeline::retry(limit, "retained", || store::retained_for(store, &filters))
-                    .await?;
-            Reply::Messages {
-                messages,
-                next: None,
-            }
-        }
+        // What the edges handed over before the question is in the store first.
+        Request::Retained { filter } => retained_written(shared, limit, &[filter]).await?,
         Request::ClearRetained { topic } => {
             shared.persist.written().await;
             crate::pipeline::retry(limit, "clear retained", || store.clear_retained(&topic))
@@ -610,6 +593,22 @@ async fn handle<S: Store>(
         }
     };
     Ok(reply)
+}
+
+/// The retained messages matching `filters`, once the persister's pending writes are done.
+async fn retained_written<S: Store>(
+    shared: &Shared<S>,
+    limit: std::time::Duration,
+    filters: &[String],
+) -> Result<Reply, StoreError> {
+    shared.persist.written().await;
+    let store = &*shared.store;
+    let messages =
+        crate::pipeline::retry(limit, "retained", || store::retained_for(store, filters)).await?;
+    Ok(Reply::Messages {
+        messages,
+        next: None,
+    })
 }
 
 /// A page of what the client still needs from the store, after `after` (from its oldest

@@ -85,6 +85,42 @@ impl TestCa {
     }
 }
 
+/// A test CA and a server certificate for `localhost` and 127.0.0.1, in a temp directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: TestCa,
+    pub ca_path: PathBuf,
+    pub server: Issued,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let ca = TestCa::new("Wharf test CA");
+        let ca_path = ca.write(dir.path(), "ca");
+        let server = ca.issue(
+            dir.path(),
+            "server",
+            "localhost",
+            &["localhost", "127.0.0.1"],
+            true,
+            Validity::Current,
+        );
+        Pki {
+            dir,
+            ca,
+            ca_path,
+            server,
+        }
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A rustls client configuration trusting `ca_pem`, with a client certificate if given.
 pub fn client_config(ca: &Path, client: Option<&Issued>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();

@@ -19,6 +19,27 @@ pub fn venv() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"))
 }
 
+/// Runs a Python script (paho-mqtt and the rest of the venv) that prints "ok" when its checks
+/// pass; fails the test with its output otherwise, or after a minute.
+pub async fn run_python(script: &str) {
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new(venv().join("bin/python"))
+            .args(["-c", script])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("python script finished in time")
+    .expect("run python");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "python: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn free_port() -> u16 {
     crate::process::free_port()
 }

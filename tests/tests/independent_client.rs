@@ -323,7 +323,6 @@ async fn mosquitto_clients_in_5_0_and_3_1() {
 async fn paho_in_5_0() {
     let stack = wharf_tests::stack::Stack::new(wharf_tests::stack::Kind::Embedded).await;
     let port = stack.addr().port();
-    let python = wharf_tests::mongo::venv().join("bin/python");
     let script = format!(
         r#"
 import sys, time, threading
@@ -389,18 +388,6 @@ assert got[0][3] == [("z", "1"), ("a", "2"), ("z", "3")], got
 print("ok")
 "#
     );
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        Command::new(&python).args(["-c", &script]).output(),
-    )
-    .await
-    .expect("paho script finished in time")
-    .expect("run python");
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
-        "paho: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wharf_tests::mongo::run_python(&script).await;
     stack.stop().await;
 }

@@ -4,43 +4,19 @@
 
 use rumqttc::QoS;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
-use tempfile::TempDir;
 use tokio::process::Command;
 use wharf_edge::tls::{ClientCerts, TlsSettings};
 use wharf_edge::Edge;
-use wharf_tests::certs::{client_config, Issued, TestCa, Validity};
+use wharf_tests::certs::{client_config, Issued, Pki, TestCa, Validity};
 use wharf_tests::client::{payloads, Client, Options};
 use wharf_tests::mock_worker::MockWorker;
 use wharf_tests::raw::{self, Raw};
 use wharf_tests::{edge_config, init_tracing, start_edge, PATIENCE};
 
-struct Pki {
-    dir: TempDir,
-    ca: TestCa,
-    ca_path: PathBuf,
-    server: Issued,
-}
-
 fn pki() -> Pki {
-    let dir = TempDir::new().expect("temp dir");
-    let ca = TestCa::new("Wharf test CA");
-    let ca_path = ca.write(dir.path(), "ca");
-    let server = ca.issue(
-        dir.path(),
-        "server",
-        "localhost",
-        &["localhost", "127.0.0.1"],
-        true,
-        Validity::Current,
-    );
-    Pki {
-        dir,
-        ca,
-        ca_path,
-        server,
-    }
+    Pki::new()
 }
 
 fn settings(p: &Pki, client_certs: ClientCerts, cert_identity: bool) -> TlsSettings {

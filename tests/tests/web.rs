@@ -6,17 +6,16 @@ use futures::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::QoS;
 use std::net::SocketAddr;
-use std::time::Duration;
 use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::process::Command;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
 use tokio_tungstenite::tungstenite::Message;
 use wharf_edge::config::{ListenerKind, ProxyListeners};
 use wharf_edge::tls::{ClientCerts, TlsSettings};
-use wharf_tests::certs::{TestCa, Validity};
+use wharf_edge::{Edge, EdgeConfig};
+use wharf_tests::certs::Pki;
 use wharf_tests::client::{payloads, Client};
 use wharf_tests::mock_worker::MockWorker;
 use wharf_tests::process::{free_port, BrokerHost};
@@ -70,6 +69,19 @@ async fn ws_packets(ws: &mut Ws, n: usize) -> Vec<Packet> {
     packets
 }
 
+/// A WebSocket connection on `/mqtt` with its CONNECT accepted.
+async fn ws_session(addr: SocketAddr, client_id: &str) -> Ws {
+    let mut ws = ws_connect(addr, "/mqtt").await.expect("upgrade");
+    ws.send(Message::binary(connect_bytes(client_id, true, 60)))
+        .await
+        .expect("send");
+    assert!(matches!(
+        ws_packets(&mut ws, 1).await[..],
+        [Packet::ConnAck(_)]
+    ));
+    ws
+}
+
 /// Whether the broker closes the WebSocket (a close frame or the end of the stream).
 async fn ws_closed(ws: &mut Ws) -> bool {
     tokio::time::timeout(PATIENCE, async {
@@ -84,15 +96,21 @@ async fn ws_closed(ws: &mut Ws) -> bool {
     .unwrap_or(false)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packets_may_span_websocket_messages_and_share_one() {
+/// An edge with a WebSocket listener (and `configure`'s changes) on a mock worker.
+async fn mock_edge(configure: impl FnOnce(&mut EdgeConfig)) -> (TempDir, MockWorker, Edge) {
     init_tracing();
     let dir = TempDir::new().expect("temp dir");
     let socket = dir.path().join("worker.sock");
-    let _worker = MockWorker::start(&socket);
-    let mut config = edge_config(&socket, "edge-ws");
+    let worker = MockWorker::start(&socket);
+    let mut config = edge_config(&socket, "edge-web");
     config.web.ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let edge = start_edge(config).await;
+    configure(&mut config);
+    (dir, worker, start_edge(config).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_may_span_websocket_messages_and_share_one() {
+    let (_dir, _worker, edge) = mock_edge(|_| {}).await;
     let addr = edge.ws_addr.expect("WebSocket listener");
 
     let mut ws = ws_connect(addr, "/mqtt").await.expect("upgrade");
@@ -162,24 +180,8 @@ async fn packets_may_span_websocket_messages_and_share_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packet_over_the_size_limit_closes_the_websocket() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let socket = dir.path().join("worker.sock");
-    let _worker = MockWorker::start(&socket);
-    let mut config = edge_config(&socket, "edge-ws");
-    config.web.ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.limits.max_packet_size = 1024;
-    let edge = start_edge(config).await;
-    let mut ws = ws_connect(edge.ws_addr.expect("ws"), "/mqtt")
-        .await
-        .expect("upgrade");
-    ws.send(Message::binary(connect_bytes("ws-big", true, 60)))
-        .await
-        .expect("send");
-    assert!(matches!(
-        ws_packets(&mut ws, 1).await[..],
-        [Packet::ConnAck(_)]
-    ));
+    let (_dir, _worker, edge) = mock_edge(|c| c.limits.max_packet_size = 1024).await;
+    let mut ws = ws_session(edge.ws_addr.expect("ws"), "ws-big").await;
     let _ = ws
         .send(Message::binary(publish_bytes(
             "big",
@@ -194,26 +196,6 @@ async fn a_packet_over_the_size_limit_closes_the_websocket() {
         "a message past the limit must close"
     );
     edge.stop().await;
-}
-
-fn python() -> std::path::PathBuf {
-    wharf_tests::mongo::venv().join("bin/python")
-}
-
-async fn run_python(script: &str) {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        Command::new(python()).args(["-c", script]).output(),
-    )
-    .await
-    .expect("python finished in time")
-    .expect("run python");
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
-        "paho: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// paho-mqtt subscribes over WebSocket in 3.1.1 and in 5.0 and gets, by payload, every
@@ -279,7 +261,7 @@ for c in clients:
 print("ok")
 "#
     );
-    run_python(&script).await;
+    wharf_tests::mongo::run_python(&script).await;
     assert_eq!(payloads(&tcp.publishes(1).await), vec!["paho-ws"]);
 }
 
@@ -287,31 +269,21 @@ print("ok")
 /// against the test CA and gets its own message back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_over_secure_websocket() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let ca = TestCa::new("Wharf test CA");
-    let ca_path = ca.write(dir.path(), "ca");
-    let server = ca.issue(
-        dir.path(),
-        "server",
-        "localhost",
-        &["localhost", "127.0.0.1"],
-        true,
-        Validity::Current,
-    );
-    let socket = dir.path().join("worker.sock");
-    let _worker = MockWorker::start(&socket);
-    let mut config = edge_config(&socket, "edge-wss");
-    config.tls = Some(TlsSettings {
-        listen: None,
-        cert: server.cert.clone(),
-        key: server.key.clone(),
-        ca: None,
-        client_certs: ClientCerts::Off,
-        cert_identity: false,
-    });
-    config.web.wss = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let edge = start_edge(config).await;
+    let pki = Pki::new();
+    let (ca_path, server) = (&pki.ca_path, &pki.server);
+    let (_dir, _worker, edge) = mock_edge(|c| {
+        c.web.ws = None;
+        c.tls = Some(TlsSettings {
+            listen: None,
+            cert: server.cert.clone(),
+            key: server.key.clone(),
+            ca: None,
+            client_certs: ClientCerts::Off,
+            cert_identity: false,
+        });
+        c.web.wss = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
     assert!(
         edge.tls_addr.is_none(),
         "no MQTT TLS listener was asked for"
@@ -341,7 +313,7 @@ c.disconnect(); c.loop_stop()
 print("ok")
 "#
     );
-    run_python(&script).await;
+    wharf_tests::mongo::run_python(&script).await;
     edge.stop().await;
 }
 
@@ -363,14 +335,8 @@ fn proxy_v2(source: SocketAddr) -> Vec<u8> {
 /// does not require it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v1_and_v2_are_required_where_configured() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let socket = dir.path().join("worker.sock");
-    let _worker = MockWorker::start(&socket);
-    let mut config = edge_config(&socket, "edge-proxy");
-    config.proxy = ProxyListeners::default().with(ListenerKind::Mqtt);
-    config.web.ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let edge = start_edge(config).await;
+    let (_dir, _worker, edge) =
+        mock_edge(|c| c.proxy = ProxyListeners::default().with(ListenerKind::Mqtt)).await;
     let addr = edge.local_addr;
 
     let headers: [(&str, Vec<u8>); 3] = [
@@ -421,15 +387,6 @@ async fn proxy_protocol_v1_and_v2_are_required_where_configured() {
         );
     }
     // The WebSocket listener does not require a header.
-    let mut ws = ws_connect(edge.ws_addr.expect("ws"), "/mqtt")
-        .await
-        .expect("upgrade");
-    ws.send(Message::binary(connect_bytes("ws-np", true, 60)))
-        .await
-        .expect("send");
-    assert!(matches!(
-        ws_packets(&mut ws, 1).await[..],
-        [Packet::ConnAck(_)]
-    ));
+    ws_session(edge.ws_addr.expect("ws"), "ws-np").await;
     edge.stop().await;
 }
