@@ -3,6 +3,7 @@
 # one host (the deployment scales edges independently), one `wharf-bench idle` per edge, all
 # connected at once when they measure. Prints each edge's figures and the total.
 #   EDGES=3 PER_EDGE=16667 bench/idle-many-edges.sh
+# IDLE_FLAGS="--subscribe" (and "--persistent") for clients subscribed to their own topic.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EDGES="${EDGES:-3}"
@@ -25,9 +26,10 @@ done
 sleep 1
 generators=()
 for e in $(seq "$EDGES"); do
+  # shellcheck disable=SC2086 # IDLE_FLAGS is a list of flags
   target/release/wharf-bench idle --broker "127.0.0.1:$((18860 + e))" --label "wharf-edge$e" \
     --connections "$PER_EDGE" --id-prefix "idle$e" --hold-secs 15 \
-    --pids "${edge_pids[$((e - 1))]}" >"$work/idle$e.json" &
+    --pids "${edge_pids[$((e - 1))]}" ${IDLE_FLAGS:-} >"$work/idle$e.json" &
   generators+=($!)
 done
 # The most connections the edges held at once (server side of each connection).
