@@ -3,7 +3,7 @@
 # command topic `dev/<id>/cmd` at QoS 1, keepalive 600 s, then idles. Wharf (one edge, one
 # store-worker, embedded store) and Mosquitto side by side in the same run, a fresh broker for
 # each variant: clean sessions, then persistent ones. The edge's and the worker's memory per
-# client are reported apart.
+# client are reported apart. Every client pings once PING_AFTER seconds after connecting.
 #   CONNECTIONS=18000 RUNS=3 bench/idle-subscribed.sh
 # One process here may hold at most 20,000 files: for 50,000 clients, see
 # `IDLE_FLAGS="--subscribe" bench/idle-many-edges.sh`.
@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNECTIONS="${CONNECTIONS:-18000}"
 RUNS="${RUNS:-1}"
+# Every client pings once this many seconds after connecting, before the measurement (as
+# devices do every keepalive): the fleet's steady state. 0 measures right after the CONNECTs.
+PING_AFTER="${PING_AFTER:-12}"
 ulimit -n "$(ulimit -Hn)"
 cargo build --release --locked -p wharf-bench -p wharf-edge -p wharf-store-worker >&2
 work=$(mktemp -d)
@@ -43,7 +46,8 @@ for run in $(seq "$RUNS"); do
     wait_port 18871
     # shellcheck disable=SC2086
     target/release/wharf-bench idle --broker 127.0.0.1:18871 --label wharf \
-      --connections "$CONNECTIONS" --pids "$edge" --worker-pids "$worker" $variant | tee -a "$out"
+      --connections "$CONNECTIONS" --pids "$edge" --worker-pids "$worker" \
+      --ping-after-secs "$PING_AFTER" $variant | tee -a "$out"
     kill -TERM "$edge" "$worker"; wait "$edge" "$worker" 2>/dev/null || true
     # Mosquitto: in memory, the same clients.
     printf 'listener 18872 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000\n' \
@@ -53,7 +57,8 @@ for run in $(seq "$RUNS"); do
     wait_port 18872
     # shellcheck disable=SC2086
     target/release/wharf-bench idle --broker 127.0.0.1:18872 --label mosquitto \
-      --connections "$CONNECTIONS" --pids "$mosq" $variant | tee -a "$out"
+      --connections "$CONNECTIONS" --pids "$mosq" --ping-after-secs "$PING_AFTER" $variant \
+      | tee -a "$out"
     kill -TERM "$mosq"; wait "$mosq" 2>/dev/null || true
   done
 done

@@ -33,6 +33,15 @@ pub struct IdleArgs {
     /// Persistent sessions (clean session 0) instead of clean ones.
     #[arg(long)]
     persistent: bool,
+    /// Seconds after connecting at which the clients start sending one PINGREQ each (and
+    /// reading its PINGRESP) before the measurement, as devices do every keepalive: the steady
+    /// state of an idle fleet rather than the moment after its CONNECTs. 0: no ping.
+    #[arg(long, default_value_t = 0)]
+    ping_after_secs: u64,
+    /// Seconds over which the pings are spread evenly (a fleet's pings are spread over its
+    /// keepalive, not sent at one instant).
+    #[arg(long, default_value_t = 10)]
+    ping_spread_secs: u64,
     /// Client ids are `<prefix>-<n>`: several generators at once (one per edge, each under
     /// the per-process open-file limit) need distinct ones.
     #[arg(long, default_value = "idle")]
@@ -101,7 +110,8 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<String> {
         if args.subscribe {
             stream.write_all(&subscribe_packet(&id)).await?;
             let mut suback = [0u8; 5];
-            let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut suback));
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut suback));
             match read.await {
                 Ok(Ok(_)) if suback[0] == 0x90 && suback[4] == 1 => {}
                 _ => {
@@ -111,6 +121,24 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<String> {
             }
         }
         streams.push(stream);
+    }
+    if args.ping_after_secs > 0 {
+        tokio::time::sleep(Duration::from_secs(args.ping_after_secs)).await;
+        // In 100 slices of the spread, each slice's clients ping and read their answers.
+        let slice = streams.len().div_ceil(100).max(1);
+        let pause = Duration::from_millis(args.ping_spread_secs * 10);
+        for chunk in streams.chunks_mut(slice) {
+            let started = tokio::time::Instant::now();
+            for stream in chunk.iter_mut() {
+                stream.write_all(&[0xc0, 0x00]).await?;
+            }
+            for stream in chunk.iter_mut() {
+                let mut pingresp = [0u8; 2];
+                tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut pingresp))
+                    .await??;
+            }
+            tokio::time::sleep_until(started + pause).await;
+        }
     }
     // Let the broker settle (buffers released after the handshakes).
     tokio::time::sleep(Duration::from_secs(2 + args.hold_secs)).await;

@@ -548,7 +548,9 @@ impl Connection {
                         }),
                         Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
                     },
-                    _ = async { tokio::time::sleep(LEASE_RECHECK).await }, if !leased => {}
+                    // Boxed when first polled: a `Sleep` inline would be in every idle
+                    // connection's task, and sessions wait for a lease only rarely.
+                    _ = async { Box::pin(tokio::time::sleep(LEASE_RECHECK)).await }, if !leased => {}
                     read = read_some(reader, &mut self.read_buf, self.read_chunk), if can_read => match read {
                         Ok((0, _)) => return End::Error(SessionError::Protocol("client closed the connection")),
                         Ok((n, room)) => {

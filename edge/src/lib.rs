@@ -44,6 +44,7 @@ pub mod registry;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod small_map;
 pub mod tls;
 pub mod transit;
 pub mod websocket;

@@ -5,6 +5,7 @@
 //! its overlapping subscriptions) and offers the message to each session's bounded queue
 //! without waiting: a full queue never slows the publisher (see [`Offer`]).
 
+use crate::small_map::SmallMap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -392,12 +393,14 @@ pub struct Offer {
 }
 
 #[derive(Default)]
+/// Small maps throughout: most nodes have one child or one subscriber (BENCHMARKS.md, "Idle
+/// devices subscribed to their own topic").
 struct Node {
-    children: HashMap<String, Node>,
+    children: SmallMap<Box<str>, Node>,
     /// Sessions whose filter ends here, with what it grants.
-    here: HashMap<Arc<str>, Grant>,
+    here: SmallMap<Arc<str>, Grant>,
     /// Sessions with a `#` at this level.
-    multi: HashMap<Arc<str>, Grant>,
+    multi: SmallMap<Arc<str>, Grant>,
 }
 
 impl Node {
@@ -414,7 +417,7 @@ impl Node {
             f(client, filter, *grant);
         }
         for (level, child) in &self.children {
-            path.push(level.clone());
+            path.push(level.to_string());
             child.walk(path, f);
             path.pop();
         }
@@ -434,8 +437,7 @@ impl Node {
             }
             [first, rest @ ..] => self
                 .children
-                .entry((*first).to_owned())
-                .or_default()
+                .get_or_insert_with(first, || (*first).into(), Node::default)
                 .insert(rest, client, grant),
         }
     }
@@ -444,11 +446,11 @@ impl Node {
         let removed = match levels {
             [] => self.here.remove(client).is_some(),
             ["#"] => self.multi.remove(client).is_some(),
-            [first, rest @ ..] => match self.children.get_mut(*first) {
+            [first, rest @ ..] => match self.children.get_mut(first) {
                 Some(child) => {
                     let removed = child.remove(rest, client);
                     if child.is_empty() {
-                        self.children.remove(*first);
+                        self.children.remove(first);
                     }
                     removed
                 }
@@ -472,7 +474,7 @@ impl Node {
         match levels {
             [] => out.extend(self.here.iter().map(|(c, q)| (c, *q))),
             [first, rest @ ..] => {
-                if let Some(child) = self.children.get(*first) {
+                if let Some(child) = self.children.get(first) {
                     child.collect(rest, false, out);
                 }
                 if !dollar {

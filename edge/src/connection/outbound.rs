@@ -110,6 +110,18 @@ impl Dedupe {
         }
     }
 
+    /// Closes a window whose time is up. `first_time` does so too, but only when messages
+    /// come: without this an idle session would keep the window of its first fetch for good.
+    fn close_if_expired(&mut self) {
+        if self
+            .window
+            .as_ref()
+            .is_some_and(|w| Instant::now() >= w.until)
+        {
+            self.window = None;
+        }
+    }
+
     /// Whether `id` was seen while the window is open (without remembering it).
     fn seen(&self, id: &MessageId) -> bool {
         self.window.as_ref().is_some_and(|w| w.contains(id))
@@ -446,6 +458,7 @@ impl Outbound {
 
     /// Moves messages into the write buffer while the window and the buffer allow.
     pub fn fill(&mut self) {
+        self.dedupe.close_if_expired();
         let high_water = self.broker.config.limits.write_high_water;
         while self.write_buf.len() < high_water {
             let next = match self.stalled.take() {
@@ -808,6 +821,19 @@ mod tests {
         let mut bytes = [7u8; 12];
         bytes[8..].copy_from_slice(&n.to_be_bytes());
         MessageId(bytes)
+    }
+
+    #[test]
+    fn an_expired_window_is_closed_without_messages() {
+        let mut dedupe = Dedupe::default();
+        dedupe.open([id(1)].into_iter());
+        dedupe.close_if_expired();
+        assert!(dedupe.window.is_some(), "open for DEDUPE_WINDOW");
+        if let Some(w) = dedupe.window.as_mut() {
+            w.until = Instant::now();
+        }
+        dedupe.close_if_expired();
+        assert!(dedupe.window.is_none());
     }
 
     #[test]
