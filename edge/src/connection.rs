@@ -1324,6 +1324,10 @@ impl Connection {
         // A broker shutdown is not the client's failure: no will then. A DISCONNECT took the
         // will away unless its reason asked for it (5.0 0x04).
         let will = will.filter(|_| !matches!(end, End::Shutdown));
+        // Taken over (by a connection here or, through a claim, on another host): the session
+        // resumed, so a delayed will is not owed (MQTT 5.0 3.1.3.2.2).
+        let will = will.filter(|w| !(matches!(end, End::TakenOver(_)) && w.delay_secs > 0));
+        let mut claim = None;
         let persistent = self.session_expiry > 0;
         let state = self.out.into_state();
         match end {
@@ -1339,6 +1343,7 @@ impl Connection {
                     self.session_expiry,
                 ) {
                     Released::Done(generation) => {
+                        claim = generation;
                         // With expiry 0 the worker ends the session, and with it the shared
                         // subscription groups it was the last member of; only if the
                         // session is still this connection's claim.
@@ -1376,10 +1381,15 @@ impl Connection {
             let delay = will.delay_secs.min(self.session_expiry);
             let broker = self.broker.clone();
             let connection_id = self.connection_id;
+            if delay > 0 {
+                broker
+                    .registry
+                    .will_waits(client_id.clone(), connection_id, claim);
+            }
             tokio::spawn(async move {
                 if delay > 0 {
                     tokio::time::sleep(Duration::from_secs(delay.into())).await;
-                    if broker.registry.resumed_after(&client_id, connection_id) {
+                    if !broker.registry.will_due(&client_id, connection_id) {
                         return;
                     }
                     // Stamped when it is sent, so that its expiry counts from then.

@@ -50,6 +50,26 @@ pub enum Released {
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<HashMap<Arc<str>, Entry>>,
+    /// Delayed wills of connections that ended here, until they are due.
+    wills: Mutex<HashMap<Arc<str>, PendingWill>>,
+}
+
+/// A will waiting for its Will Delay Interval.
+struct PendingWill {
+    /// The connection that left it.
+    connection_id: u64,
+    /// That connection's claim of the session, once known (a clean start's CONNACK does not
+    /// wait for it).
+    generation: Option<Generation>,
+    /// The newest claim of the session heard of since: newer than `generation`, the session
+    /// resumed (here or on another host) and the will is not sent.
+    heard: Option<Generation>,
+}
+
+impl PendingWill {
+    fn resumed(&self) -> bool {
+        matches!((self.generation, self.heard), (Some(own), Some(heard)) if heard > own)
+    }
 }
 
 impl Registry {
@@ -97,6 +117,15 @@ impl Registry {
         if lost {
             lose(&mut inner, client_id);
         }
+        drop(inner);
+        // The connection may have ended before its claim came back: its delayed will
+        // compares with it.
+        let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(will) = wills.get_mut(client_id) {
+            if will.connection_id == connection_id {
+                will.generation = Some(confirmed);
+            }
+        }
     }
 
     /// The client's session was claimed elsewhere with `claimed`: a connection or parked
@@ -122,7 +151,48 @@ impl Registry {
         if lost {
             lose(&mut inner, client_id);
         }
+        drop(inner);
+        let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(will) = wills.get_mut(client_id) {
+            will.heard = will.heard.max(Some(claimed));
+        }
         lost
+    }
+
+    /// A delayed will of `connection_id` (whose claim had `generation`) waits: a claim of the
+    /// session heard of meanwhile, here or from another host, means it resumed.
+    pub fn will_waits(
+        &self,
+        client_id: Arc<str>,
+        connection_id: u64,
+        generation: Option<Generation>,
+    ) {
+        let will = PendingWill {
+            connection_id,
+            generation,
+            heard: None,
+        };
+        self.wills
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client_id, will);
+    }
+
+    /// The delay of `connection_id`'s will has passed: whether to send it (the session did not
+    /// resume, on this edge or elsewhere).
+    pub fn will_due(&self, client_id: &str, connection_id: u64) -> bool {
+        let resumed_elsewhere = {
+            let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+            match wills.get(client_id) {
+                Some(w) if w.connection_id == connection_id => {
+                    wills.remove(client_id).is_some_and(|w| w.resumed())
+                }
+                // A newer connection's will waits now: this session resumed.
+                Some(_) => true,
+                None => false,
+            }
+        };
+        !resumed_elsewhere && !self.resumed_after(client_id, connection_id)
     }
 
     /// Whether a connection newer than `connection_id` has taken the client id (the session
@@ -139,7 +209,6 @@ impl Registry {
         }
     }
 
-    /// Forgets parked sessions whose expiry has passed; returns how many.
     /// The parked sessions: client id, subscriptions, and when each expires (`None`: never).
     pub fn parked(&self) -> Vec<(Arc<str>, Vec<String>, Option<Instant>)> {
         self.lock()
@@ -155,6 +224,7 @@ impl Registry {
             .collect()
     }
 
+    /// Forgets parked sessions whose expiry has passed; returns how many.
     pub fn expire_parked(&self, now: Instant) -> usize {
         let mut inner = self.lock();
         let before = inner.len();
@@ -206,5 +276,43 @@ fn lose(inner: &mut HashMap<Arc<str>, Entry>, client_id: &str) {
     if let Some(Entry::Connected { takeover, .. }) = inner.remove(client_id) {
         let (tx, _) = oneshot::channel();
         let _ = takeover.send(tx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(claims: u64) -> Generation {
+        Generation {
+            epoch_ms: 1,
+            claims,
+        }
+    }
+
+    #[test]
+    fn a_delayed_will_is_due_unless_a_newer_claim_was_heard() {
+        let registry = Registry::default();
+        registry.will_waits("stays".into(), 1, Some(claim(3)));
+        registry.claimed_elsewhere("stays", claim(3)); // its own claim, heard late
+        assert!(registry.will_due("stays", 1));
+
+        registry.will_waits("moves".into(), 2, Some(claim(3)));
+        registry.claimed_elsewhere("moves", claim(4)); // resumed on another host
+        assert!(!registry.will_due("moves", 2));
+
+        // Its claim came back after the connection ended, and after a newer one was heard.
+        registry.will_waits("late".into(), 3, None);
+        registry.claimed_elsewhere("late", claim(8));
+        registry.confirm("late", 3, claim(7));
+        assert!(!registry.will_due("late", 3));
+        // Never confirmed: nothing says the session resumed.
+        registry.will_waits("unknown".into(), 4, None);
+        registry.claimed_elsewhere("unknown", claim(8));
+        assert!(registry.will_due("unknown", 4));
+        assert!(
+            registry.wills.lock().expect("lock").is_empty(),
+            "due wills are forgotten"
+        );
     }
 }

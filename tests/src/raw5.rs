@@ -41,6 +41,24 @@ pub fn props(props: &[u8]) -> Vec<u8> {
 }
 
 /// A 5.0 CONNECT with the properties `p` (a list of property bytes), keepalive 60 s.
+/// A 5.0 CONNECT (clean start, Session Expiry Interval 60 s) with a QoS 1 will on
+/// `will/<id>`, payload "gone", Will Delay Interval `delay` seconds, content type text/plain.
+pub fn connect_with_will(client_id: &str, delay: u32) -> Vec<u8> {
+    let mut body = string("MQTT");
+    // Will flag, will QoS 1, clean start.
+    body.extend_from_slice(&[5, 0x0e, 0, 60]);
+    body.extend(props(&[0x11, 0, 0, 0, 60]));
+    body.extend(string(client_id));
+    let mut will_props = vec![0x18];
+    will_props.extend_from_slice(&delay.to_be_bytes());
+    will_props.extend_from_slice(&[0x03]);
+    will_props.extend(string("text/plain"));
+    body.extend(props(&will_props));
+    body.extend(string(&format!("will/{client_id}")));
+    body.extend(string("gone"));
+    packet(0x10, &body)
+}
+
 pub fn connect(client_id: &str, clean_start: bool, p: &[u8]) -> Vec<u8> {
     connect_keep_alive(client_id, clean_start, 60, p)
 }

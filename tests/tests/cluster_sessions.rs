@@ -9,6 +9,7 @@ use wharf_tests::client::{payloads, Client};
 use wharf_tests::init_tracing;
 use wharf_tests::mongo::Secantus;
 use wharf_tests::process::BrokerHost;
+use wharf_tests::raw5::{self, Raw5};
 
 fn series(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
@@ -247,4 +248,42 @@ async fn a_shared_group_over_three_hosts_gives_each_message_once_and_outlives_a_
     )
     .await;
     once_each(&got, &second);
+}
+
+/// MQTT 5.0 3.1.3.2.2: a will with a delay is not sent when the session resumes within it,
+/// also when it resumes on another host: after an ungraceful drop, and after a takeover from
+/// another host. A client that does not come back still gets its will sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_will_is_not_sent_when_the_session_resumes_on_another_host() {
+    let (_dir, _mongo, h1, h2) = two_hosts().await;
+    let mut watcher = Client::connect(h1.addr, "will-watcher", true).await;
+    watcher.subscribe("will/#", QoS::AtLeastOnce).await;
+    // Dropped on h1, back on h2 within the delay.
+    let (dropped, _) = Raw5::session(h1.addr, &raw5::connect_with_will("moves", 3)).await;
+    drop(dropped);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_moved, _) = Raw5::session(
+        h2.addr,
+        &raw5::connect("moves", false, &[0x11, 0, 0, 0, 60]),
+    )
+    .await;
+    // Still connected on h1 when it connects on h2: taken over from another host.
+    let (_old, _) = Raw5::session(h1.addr, &raw5::connect_with_will("taken", 3)).await;
+    let (_new, _) = Raw5::session(
+        h2.addr,
+        &raw5::connect("taken", false, &[0x11, 0, 0, 0, 60]),
+    )
+    .await;
+    // Dropped and not back: its will comes.
+    let (gone, _) = Raw5::session(h1.addr, &raw5::connect_with_will("gone-for-good", 1)).await;
+    drop(gone);
+    let mut wills = Vec::new();
+    while let Some(p) = watcher.publish_within(Duration::from_secs(5)).await {
+        wills.push(p.topic.clone());
+    }
+    assert_eq!(
+        wills,
+        ["will/gone-for-good"],
+        "only the client that stayed away"
+    );
 }

@@ -544,21 +544,7 @@ async fn will_delay_and_disconnect_with_will() {
     let addr = stack.addr();
     let mut watcher = Client5::connect(options(addr, "will-watch", true, None)).await;
     watcher.subscribe_one("will/#", QoS::AtLeastOnce).await;
-    let will_connect = |id: &str, delay: u32| {
-        let mut body = raw5::string("MQTT");
-        // Will flag, will QoS 1, clean start.
-        body.extend_from_slice(&[5, 0x0e, 0, 60]);
-        body.extend(raw5::props(&[0x11, 0, 0, 0, 60]));
-        body.extend(raw5::string(id));
-        let mut will_props = vec![0x18];
-        will_props.extend_from_slice(&delay.to_be_bytes());
-        will_props.extend_from_slice(&[0x03]);
-        will_props.extend(raw5::string("text/plain"));
-        body.extend(raw5::props(&will_props));
-        body.extend(raw5::string(&format!("will/{id}")));
-        body.extend(raw5::string("gone"));
-        raw5::packet(0x10, &body)
-    };
+    let will_connect = raw5::connect_with_will;
     // Dropped, and back within the delay: no will.
     let (resumed, _) = Raw5::session(addr, &will_connect("comes-back", 2)).await;
     drop(resumed);
