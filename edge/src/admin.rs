@@ -111,15 +111,10 @@ impl Admin {
     fn overview(&self) -> HttpResponse {
         let broker = &self.broker;
         let config = &broker.config;
-        let listeners: Vec<Value> = [
-            ("mqtt", config.listen),
-            ("tls", config.tls.as_ref().and_then(|t| t.listen)),
-            ("ws", config.web.ws),
-            ("wss", config.web.wss),
-        ]
-        .into_iter()
-        .filter_map(|(kind, addr)| addr.map(|a| json!({ "kind": kind, "address": a.to_string() })))
-        .collect();
+        let listeners: Vec<Value> = config
+            .listener_addresses()
+            .map(|(kind, addr)| json!({ "kind": kind.name(), "address": addr.to_string() }))
+            .collect();
         reply(
             200,
             json!({
@@ -163,10 +158,7 @@ impl Admin {
         });
         sessions.sort_by(|a, b| a.0.cmp(&b.0));
         let total = sessions.len();
-        let mut counts = std::collections::HashMap::<Arc<str>, usize>::new();
-        for (client, _, _) in self.broker.router.subscriptions(None) {
-            *counts.entry(client).or_default() += 1;
-        }
+        let counts = self.broker.router.subscription_counts();
         let clients: Vec<Value> = sessions
             .iter()
             .take(limit)

@@ -63,6 +63,11 @@ impl ListenerKind {
         ListenerKind::Wss,
     ];
 
+    /// Whether connections start with TLS (and so a client certificate policy applies).
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenerKind::Tls | ListenerKind::Wss)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ListenerKind::Mqtt => "mqtt",
@@ -178,22 +183,27 @@ impl Default for Limits {
 pub use wharf_shared::config::ConfigError;
 
 impl EdgeConfig {
+    /// The listeners that are on, with their configured addresses, in the order they bind.
+    pub fn listener_addresses(&self) -> impl Iterator<Item = (ListenerKind, SocketAddr)> {
+        [
+            (ListenerKind::Mqtt, self.listen),
+            (ListenerKind::Tls, self.tls.as_ref().and_then(|t| t.listen)),
+            (ListenerKind::Ws, self.web.ws),
+            (ListenerKind::Wss, self.web.wss),
+        ]
+        .into_iter()
+        .filter_map(|(kind, addr)| addr.map(|a| (kind, a)))
+    }
+
     /// Each listener's address, and whether it requires a client certificate.
     pub fn listeners(&self) -> Vec<(SocketAddr, bool)> {
         let required = self
             .tls
             .as_ref()
             .is_some_and(|t| t.client_certs == crate::tls::ClientCerts::Required);
-        let tls = self.tls.as_ref().and_then(|t| t.listen);
-        [
-            (self.listen, false),
-            (tls, required),
-            (self.web.ws, false),
-            (self.web.wss, required),
-        ]
-        .into_iter()
-        .filter_map(|(addr, required)| addr.map(|a| (a, required)))
-        .collect()
+        self.listener_addresses()
+            .map(|(kind, addr)| (addr, required && kind.is_tls()))
+            .collect()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -77,6 +77,11 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn wills(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, PendingWill>> {
+        // Each operation under the lock is a single map call: a poisoned map is intact.
+        self.wills.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Registers `connection_id` as the owner of `client_id` and returns what was there.
     pub fn claim(&self, client_id: Arc<str>, connection_id: u64, takeover: TakeoverTx) -> Previous {
         let entry = Entry::Connected {
@@ -120,7 +125,7 @@ impl Registry {
         drop(inner);
         // The connection may have ended before its claim came back: its delayed will
         // compares with it.
-        let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+        let mut wills = self.wills();
         if let Some(will) = wills.get_mut(client_id) {
             if will.connection_id == connection_id {
                 will.generation = Some(confirmed);
@@ -152,7 +157,7 @@ impl Registry {
             lose(&mut inner, client_id);
         }
         drop(inner);
-        let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+        let mut wills = self.wills();
         if let Some(will) = wills.get_mut(client_id) {
             will.heard = will.heard.max(Some(claimed));
         }
@@ -172,17 +177,14 @@ impl Registry {
             generation,
             heard: None,
         };
-        self.wills
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client_id, will);
+        self.wills().insert(client_id, will);
     }
 
     /// The delay of `connection_id`'s will has passed: whether to send it (the session did not
     /// resume, on this edge or elsewhere).
     pub fn will_due(&self, client_id: &str, connection_id: u64) -> bool {
         let resumed_elsewhere = {
-            let mut wills = self.wills.lock().unwrap_or_else(|e| e.into_inner());
+            let mut wills = self.wills();
             match wills.get(client_id) {
                 Some(w) if w.connection_id == connection_id => {
                     wills.remove(client_id).is_some_and(|w| w.resumed())

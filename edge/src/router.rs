@@ -405,19 +405,21 @@ struct Node {
 
 impl Node {
     /// Calls `f` with each subscription under this node: (client, filter, grant).
-    fn walk(&self, path: &mut Vec<String>, f: &mut impl FnMut(&Arc<str>, String, Grant)) {
+    /// `f` gets the client, the filter's levels down to this node, whether the filter ends in
+    /// `#` here, and the grant; [`filter_of`] makes the filter of the last two.
+    fn walk<'a>(
+        &'a self,
+        path: &mut Vec<&'a str>,
+        f: &mut impl FnMut(&'a Arc<str>, &[&'a str], bool, Grant),
+    ) {
         for (client, grant) in &self.here {
-            f(client, path.join("/"), *grant);
+            f(client, path, false, *grant);
         }
         for (client, grant) in &self.multi {
-            let filter = match path.is_empty() {
-                true => "#".to_owned(),
-                false => format!("{}/#", path.join("/")),
-            };
-            f(client, filter, *grant);
+            f(client, path, true, *grant);
         }
         for (level, child) in &self.children {
-            path.push(level.to_string());
+            path.push(level);
             child.walk(path, f);
             path.pop();
         }
@@ -484,6 +486,15 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+/// The filter whose levels are `levels`, followed by `#` if `multi`.
+fn filter_of(levels: &[&str], multi: bool) -> String {
+    match (levels.is_empty(), multi) {
+        (true, true) => "#".to_owned(),
+        (false, true) => format!("{}/#", levels.join("/")),
+        (_, false) => levels.join("/"),
     }
 }
 
@@ -575,17 +586,35 @@ impl Router {
         let inner = self.read();
         let mut found = Vec::new();
         let wanted = |c: &Arc<str>| client.is_none_or(|w| &**c == w);
-        inner.root.walk(&mut Vec::new(), &mut |c, filter, grant| {
-            if wanted(c) {
-                found.push((c.clone(), filter, grant));
-            }
-        });
+        inner
+            .root
+            .walk(&mut Vec::new(), &mut |c, levels, multi, grant| {
+                if wanted(c) {
+                    found.push((c.clone(), filter_of(levels, multi), grant));
+                }
+            });
         for (key, group) in &inner.groups {
             for (c, grant) in group.members.iter().filter(|(c, _)| wanted(c)) {
                 found.push((c.clone(), key.to_string(), *grant));
             }
         }
         found
+    }
+
+    /// How many subscriptions each connected client has (shared ones included), without
+    /// making their filters.
+    pub fn subscription_counts(&self) -> HashMap<Arc<str>, usize> {
+        let inner = self.read();
+        let mut counts = HashMap::<Arc<str>, usize>::new();
+        inner.root.walk(&mut Vec::new(), &mut |c, _, _, _| {
+            *counts.entry(c.clone()).or_default() += 1;
+        });
+        for group in inner.groups.values() {
+            for (c, _) in &group.members {
+                *counts.entry(c.clone()).or_default() += 1;
+            }
+        }
+        counts
     }
 
     /// Connects a session's queue; replaces an older connection of the same client.
@@ -925,6 +954,8 @@ mod tests {
             ["#", "$share/g/x/#", "/lead", "trail/", "x/#", "x/+/y"]
         );
         assert_eq!(router.subscriptions(None).len(), 7);
+        let counts = router.subscription_counts();
+        assert_eq!((counts.get("a"), counts.get("b")), (Some(&6), Some(&1)));
     }
 
     fn session(router: &Router, name: &str, cap: usize) -> (Arc<str>, Arc<SessionTx>) {

@@ -59,23 +59,12 @@ impl Edge {
         let exposure = config.listeners();
         config.auth.log_exposure(&exposure);
         let mut listeners = Vec::new();
-        let addresses = [
-            (ListenerKind::Mqtt, config.listen),
-            (
-                ListenerKind::Tls,
-                config.tls.as_ref().and_then(|t| t.listen),
-            ),
-            (ListenerKind::Ws, config.web.ws),
-            (ListenerKind::Wss, config.web.wss),
-        ];
-        for (kind, addr) in addresses {
-            if let Some(addr) = addr {
-                listeners.push(Listener {
-                    tcp: bind(addr).await?,
-                    kind,
-                    proxy: config.proxy.requires(kind),
-                });
-            }
+        for (kind, addr) in config.listener_addresses() {
+            listeners.push(Listener {
+                tcp: bind(addr).await?,
+                kind,
+                proxy: config.proxy.requires(kind),
+            });
         }
         let address = |kind: ListenerKind| {
             listeners
