@@ -1325,8 +1325,10 @@ impl Connection {
         // will away unless its reason asked for it (5.0 0x04).
         let will = will.filter(|_| !matches!(end, End::Shutdown));
         // Taken over (by a connection here or, through a claim, on another host): the session
-        // resumed, so a delayed will is not owed (MQTT 5.0 3.1.3.2.2).
-        let will = will.filter(|w| !(matches!(end, End::TakenOver(_)) && w.delay_secs > 0));
+        // resumed, so a will still delayed is not owed (MQTT 5.0 3.1.3.2.2). One whose session
+        // ends with this connection (expiry 0) is not delayed: it is sent now.
+        let delayed = |w: &Will| w.delay_secs.min(self.session_expiry) > 0;
+        let will = will.filter(|w| !(matches!(end, End::TakenOver(_)) && delayed(w)));
         let mut claim = None;
         let persistent = self.session_expiry > 0;
         let state = self.out.into_state();

@@ -44,10 +44,17 @@ pub fn props(props: &[u8]) -> Vec<u8> {
 /// A 5.0 CONNECT (clean start, Session Expiry Interval 60 s) with a QoS 1 will on
 /// `will/<id>`, payload "gone", Will Delay Interval `delay` seconds, content type text/plain.
 pub fn connect_with_will(client_id: &str, delay: u32) -> Vec<u8> {
+    connect_with_will_expiring(client_id, delay, 60)
+}
+
+/// [`connect_with_will`] with a Session Expiry Interval of `expiry` seconds.
+pub fn connect_with_will_expiring(client_id: &str, delay: u32, expiry: u32) -> Vec<u8> {
     let mut body = string("MQTT");
     // Will flag, will QoS 1, clean start.
     body.extend_from_slice(&[5, 0x0e, 0, 60]);
-    body.extend(props(&[0x11, 0, 0, 0, 60]));
+    let mut session_expiry = vec![0x11];
+    session_expiry.extend_from_slice(&expiry.to_be_bytes());
+    body.extend(props(&session_expiry));
     body.extend(string(client_id));
     let mut will_props = vec![0x18];
     will_props.extend_from_slice(&delay.to_be_bytes());

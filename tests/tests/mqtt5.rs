@@ -564,6 +564,17 @@ async fn will_delay_and_disconnect_with_will() {
         Some("text/plain")
     );
     watcher.assert_no_publish(Duration::from_secs(3)).await;
+    // Taken over: a session that outlives the connection resumed, so its delayed will is not
+    // sent; one that ends with it (expiry 0) has its will sent at once, delay or not.
+    let (_kept, _) = Raw5::session(addr, &will_connect("kept", 2)).await;
+    let (_kept_again, _) =
+        Raw5::session(addr, &raw5::connect("kept", false, &[0x11, 0, 0, 0, 60])).await;
+    let (_ending, _) =
+        Raw5::session(addr, &raw5::connect_with_will_expiring("ending", 30, 0)).await;
+    let (_ending_again, _) = Raw5::session(addr, &raw5::connect("ending", true, &[])).await;
+    let p = watcher.next_publish().await;
+    assert_eq!(&p.topic[..], b"will/ending");
+    watcher.assert_no_publish(Duration::from_secs(3)).await;
     // DISCONNECT with reason 0x04 sends the will.
     let (mut polite, _) = Raw5::session(addr, &will_connect("with-will", 0)).await;
     polite.send(&[0xe0, 1, 0x04]).await;
