@@ -24,12 +24,13 @@ use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use outbound::Outbound;
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +85,23 @@ enum End {
     /// The edge is shutting down.
     Shutdown,
     Error(SessionError),
+}
+
+/// Why the run loop stopped reading: it ends once what is pending is answered. (Not an
+/// [`End`], which is four times larger and would be part of every connection's task.)
+#[derive(Clone, Copy)]
+enum Closing {
+    Graceful,
+    Shutdown,
+}
+
+impl From<Closing> for End {
+    fn from(closing: Closing) -> End {
+        match closing {
+            Closing::Graceful => End::Graceful,
+            Closing::Shutdown => End::Shutdown,
+        }
+    }
 }
 
 type OpFuture = Pin<Box<dyn Future<Output = Op> + Send>>;
@@ -205,84 +223,151 @@ impl<T: AsyncRead + Send> Reader for tokio::io::ReadHalf<T> {
 
 /// Reads what the socket has into `buf`, offering room for about `chunk` bytes; returns the
 /// bytes read and the room offered. A connection with nothing buffered first waits for the
-/// socket without a buffer (where the transport can): an idle connection holds none.
-/// Cancel-safe: nothing is read until the last step.
-async fn read_some<R: Reader>(
+/// socket without a buffer (where the transport can): an idle connection holds none. A poll
+/// function, so that the run loop's wait holds no future for it.
+fn poll_read_some<R: Reader>(
+    cx: &mut Context<'_>,
     reader: &mut R,
     buf: &mut BytesMut,
     chunk: usize,
-) -> std::io::Result<(usize, usize)> {
+) -> Poll<std::io::Result<(usize, usize)>> {
     if R::EMPTY_READ_WAITS && buf.is_empty() {
-        std::future::poll_fn(|cx| {
+        std::task::ready!(
             Pin::new(&mut *reader).poll_read(cx, &mut tokio::io::ReadBuf::new(&mut []))
-        })
-        .await?;
+        )?;
     }
     if buf.capacity() - buf.len() < chunk / 2 {
         buf.reserve(chunk);
     }
     let room = buf.capacity() - buf.len();
-    let n = reader.read_buf(buf).await?;
-    Ok((n, room))
+    let n = std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(reader), cx, buf))?;
+    Poll::Ready(Ok((n, room)))
 }
 
 /// Serves one accepted socket until it closes; `permit` (a connection slot) is given back
 /// at the end. `identity`: `None` on the plain listener; on the TLS listener the client
 /// certificate's names (empty without a certificate).
 ///
-/// Not an `async fn`: its arguments would be stored twice in the task (once as arguments,
-/// once as locals), and this future is what every idle connection costs.
+/// Not an `async fn`: its arguments would be stored in the task for its whole life, and this
+/// future is what every idle connection costs. They come in one box instead, emptied at the
+/// start: what only the CONNECT phase needs (the address, the certificate's names, the
+/// shutdown token, the broker) is not kept while the session runs.
 #[allow(clippy::manual_async_fn)]
 pub fn serve<S: Transport, P: Send + 'static>(
     broker: Arc<Broker>,
-    mut stream: S,
+    stream: S,
     peer: SocketAddr,
     identity: Option<Box<crate::tls::PeerIdentity>>,
     shutdown: CancellationToken,
     permit: P,
 ) -> impl Future<Output = ()> + Send {
+    let opening = Box::new(Opening {
+        stream,
+        permit,
+        start: Start {
+            broker,
+            peer,
+            identity,
+            shutdown,
+        },
+    });
     async move {
+        let Opening {
+            mut stream,
+            permit,
+            start,
+        } = Opening::unbox(opening);
         let (mut reader, mut writer) = stream.halves();
         // The CONNECT phase and the ending run once per connection: boxed, so that the task
-        // (kept for the whole connection) is only as large as the run loop.
-        let (mut conn, mut takeover_rx) = {
-            let mut read_buf = BytesMut::with_capacity(512);
-            let accepted = Box::pin(handshake::accept(
-                &broker,
-                peer,
-                &mut reader,
-                &mut writer,
-                &mut read_buf,
-                identity.as_deref(),
-                &shutdown,
-            ))
-            .await;
-            match accepted {
-                Ok(Some(hs)) => Connection::new(&broker, *hs, read_buf),
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::info!(%peer, error = %e, "connection closed before the session started");
-                    return;
-                }
-            }
+        // (kept for the whole connection) is only as large as the run loop. `start` goes to
+        // it whole, so that none of it is kept in the task.
+        let Some((mut conn, mut takeover_rx, stopping)) =
+            Box::pin(open(start, &mut reader, &mut writer)).await
+        else {
+            return;
         };
-        tracing::debug!(%peer, client_id = %conn.out.state.client_id, protocol = conn.version.label(), session_expiry = conn.session_expiry, "session started");
         metrics::gauge!("wharf_edge_sessions").increment(1.0);
         let end = conn
-            .run(&mut reader, &mut writer, &mut takeover_rx, &shutdown)
+            .run(&mut reader, &mut writer, &mut takeover_rx, stopping)
             .await;
         if conn.version.is_v5() {
-            // 5.0 clients are told why the server closes (MQTT 5.0 3.14).
-            if let Some((code, why)) = end.disconnect_reason() {
-                let mut buf = BytesMut::new();
-                encode::disconnect(&mut buf, code, why.as_deref());
-                let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&buf)).await;
-            }
+            // Boxed: it runs once, at the end.
+            Box::pin(say_why(&mut writer, &end)).await;
         }
-        Box::pin(conn.finish(end, &peer, &mut takeover_rx)).await;
+        Box::pin(conn.finish(end, &mut takeover_rx)).await;
         metrics::gauge!("wharf_edge_sessions").decrement(1.0);
         drop(permit);
     }
+}
+
+/// The CONNECT phase: the session, its takeover receiver, and whether the edge was already
+/// shutting down when it was attached (later shutdowns arrive as signals on its queue).
+/// `None` when the connection ended before its session started.
+async fn open<R: Reader, W: AsyncWrite + Unpin>(
+    start: Start,
+    reader: &mut R,
+    writer: &mut W,
+) -> Option<(Connection, TakeoverRx, bool)> {
+    let Start {
+        broker,
+        peer,
+        identity,
+        shutdown,
+    } = start;
+    let mut read_buf = BytesMut::with_capacity(512);
+    let accepted = handshake::accept(
+        &broker,
+        peer,
+        reader,
+        writer,
+        &mut read_buf,
+        identity.as_deref(),
+        &shutdown,
+    )
+    .await;
+    let (conn, takeover_rx) = match accepted {
+        Ok(Some(hs)) => Connection::new(&broker, *hs, read_buf),
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "connection closed before the session started");
+            return None;
+        }
+    };
+    tracing::debug!(%peer, client_id = %conn.out.state.client_id, protocol = conn.version.label(), session_expiry = conn.session_expiry, "session started");
+    Some((conn, takeover_rx, shutdown.is_cancelled()))
+}
+
+/// Tells a 5.0 client why the server closes (MQTT 5.0 3.14), if it does.
+async fn say_why<W: AsyncWrite + Unpin>(writer: &mut W, end: &End) {
+    if let Some((code, why)) = end.disconnect_reason() {
+        let mut buf = BytesMut::new();
+        encode::disconnect(&mut buf, code, why.as_deref());
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&buf)).await;
+    }
+}
+
+/// What [`serve`] is given, boxed.
+struct Opening<S, P> {
+    stream: S,
+    permit: P,
+    start: Start,
+}
+
+impl<S, P> Opening<S, P> {
+    /// Takes it out of its box and frees the box now (`*boxed` in place would free it only
+    /// at the end of the connection).
+    #[allow(clippy::boxed_local)]
+    fn unbox(boxed: Box<Self>) -> Self {
+        *boxed
+    }
+}
+
+/// What only the CONNECT phase needs.
+struct Start {
+    broker: Arc<Broker>,
+    peer: SocketAddr,
+    identity: Option<Box<crate::tls::PeerIdentity>>,
+    shutdown: CancellationToken,
 }
 
 impl End {
@@ -323,7 +408,7 @@ struct Connection {
     tracking: InOrder<TrackFuture>,
     read_buf: BytesMut,
     /// How much room to offer the next socket read: doubled whenever a read fills it.
-    read_chunk: usize,
+    read_chunk: u32,
     /// `--max-publish-rate`: the second being counted and its PUBLISHes.
     publish_second: u32,
     publishes: u32,
@@ -387,17 +472,20 @@ impl<F: Future> InOrder<F> {
         self.pending.is_none()
     }
 
-    /// The next result in order; `None` when nothing is pending. Cancel-safe.
-    async fn next(&mut self) -> Option<F::Output> {
-        let pending = self.pending.as_mut()?;
-        let next = pending.futures.next().await;
+    /// The next result in order; `None` when nothing is pending. A poll function rather than
+    /// an `async fn`, whose future would be part of every connection's task.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let next = std::task::ready!(pending.futures.poll_next_unpin(cx));
         if next.is_some() {
             pending.weight -= pending.weights.pop_front().unwrap_or(0);
         }
         if pending.futures.is_empty() {
             self.pending = None;
         }
-        next
+        Poll::Ready(next)
     }
 }
 
@@ -432,7 +520,7 @@ impl Connection {
             catch_up: None,
             ops: InOrder::default(),
             read_buf,
-            read_chunk: MIN_READ,
+            read_chunk: MIN_READ as u32,
             publish_second: 0,
             publishes: 0,
         };
@@ -448,16 +536,15 @@ impl Connection {
         reader: &'a mut R,
         writer: &'a mut W,
         takeover_rx: &'a mut TakeoverRx,
-        shutdown: &'a CancellationToken,
+        stopping: bool,
     ) -> impl Future<Output = End> + 'a
     where
         R: Reader,
         W: AsyncWrite + Unpin,
     {
         async move {
-            // Shutdown and keepalive arrive as signals on the session's queue; a shutdown that
-            // began before this session was attached to the router is seen here.
-            let mut closing: Option<End> = shutdown.is_cancelled().then_some(End::Shutdown);
+            // Shutdown and keepalive arrive as signals on the session's queue.
+            let mut closing: Option<Closing> = stopping.then_some(Closing::Shutdown);
             // The keepalive counts from the start of the session, whatever the end of the
             // CONNECT phase took.
             self.out.session_tx.heard(keepalive::now_ms());
@@ -469,17 +556,18 @@ impl Connection {
                 if let Some(waiting) = self.flush_delivered() {
                     waiting.await;
                 }
-                if !self.out.requests.is_empty() {
+                if self.out.has_requests() {
                     // Rare (QoS 2 delivery steps): boxed, so that it is not part of the task.
                     if let Err(e) = Box::pin(self.send_requests()).await {
                         return End::Error(e);
                     }
                 }
                 if closing.is_none() {
-                    if let Some(request) = self.catch_up_due(false) {
-                        Box::pin(self.send_catch_up(request)).await;
+                    if let Some(sending) = self.catch_up_step() {
+                        sending.await;
                     }
                 }
+                self.out.settle();
                 // Without a current lease (a host sharing its store with others, frozen or cut
                 // off from it) the session neither reads nor writes: another host may have
                 // claimed it meanwhile. See `crate::lease`.
@@ -496,6 +584,8 @@ impl Connection {
                     break;
                 }
                 let can_write = leased && !self.out.write_buf.is_empty();
+                let wants_queue = self.out.wants_queue();
+                let read_chunk = self.read_chunk as usize;
                 // Set by a read; handled after the `select!`, so that its output (as large as
                 // the largest reply) is not held while the packets are handled.
                 let mut read_full = None;
@@ -504,10 +594,10 @@ impl Connection {
                     handover = &mut *takeover_rx, if closing.is_none() && !takeover_rx.is_terminated() => {
                         match handover {
                             Ok(tx) => return End::TakenOver(tx),
-                            Err(_) => closing = Some(End::Shutdown),
+                            Err(_) => closing = Some(Closing::Shutdown),
                         }
                     }
-                    written = writer.write(&self.out.write_buf), if can_write => match written {
+                    written = poll_fn(|cx| Pin::new(&mut *writer).poll_write(cx, &self.out.write_buf)), if can_write => match written {
                         Ok(0) => return End::Error(SessionError::Protocol("socket closed for writing")),
                         Ok(n) => {
                             self.broker.metrics.bytes_sent.increment(n as u64);
@@ -520,7 +610,7 @@ impl Connection {
                         }
                         Err(e) => return End::Error(e.into()),
                     },
-                    Some((pkid, released, result)) = self.tracking.next(), if !self.tracking.is_empty() => {
+                    Some((pkid, released, result)) = poll_fn(|cx| self.tracking.poll_next(cx)), if !self.tracking.is_empty() => {
                         match result {
                             Ok(Reply::Done) => self.out.tracked(pkid, released),
                             // Not recorded: close; the session resumes from what is stored.
@@ -528,20 +618,20 @@ impl Connection {
                             Err(e) => return End::Error(e.into()),
                         }
                     }
-                    Some(op) = self.ops.next(), if !self.ops.is_empty() => {
+                    Some(op) = poll_fn(|cx| self.ops.poll_next(cx)), if !self.ops.is_empty() => {
                         if let Err(e) = self.complete(op) {
                             return End::Error(e);
                         }
                     }
-                    reply = async { self.catch_up.as_mut().expect("guarded").await }, if self.catch_up.is_some() => {
+                    reply = poll_fn(|cx| self.catch_up.as_mut().map_or(Poll::Pending, |rx| Pin::new(rx).poll(cx))), if self.catch_up.is_some() => {
                         self.catch_up = None;
                         self.out.caught_up(reply.unwrap_or(Err(LinkError::Closed)));
                     }
-                    event = self.out.session_tx.recv(self.out.wants_queue()) => match event {
+                    event = poll_fn(|cx| self.out.session_tx.poll_recv(cx, wants_queue)) => match event {
                         Event::Delivery(delivery) => self.out.accept_live(delivery),
                         // Once closing, only the pending replies matter.
                         Event::Signals(_) if closing.is_some() => {}
-                        Event::Signals(s) if s.contains(Signals::SHUTDOWN) => closing = Some(End::Shutdown),
+                        Event::Signals(s) if s.contains(Signals::SHUTDOWN) => closing = Some(Closing::Shutdown),
                         Event::Signals(s) if s.contains(Signals::KICK) => return End::Error(SessionError::Refused {
                             reason: reason::ADMINISTRATIVE_ACTION,
                             why: "disconnected by an administrator",
@@ -551,12 +641,12 @@ impl Connection {
                     // Boxed when first polled: a `Sleep` inline would be in every idle
                     // connection's task, and sessions wait for a lease only rarely.
                     _ = async { Box::pin(tokio::time::sleep(LEASE_RECHECK)).await }, if !leased => {}
-                    read = read_some(reader, &mut self.read_buf, self.read_chunk), if can_read => match read {
+                    read = poll_fn(|cx| poll_read_some(cx, reader, &mut self.read_buf, read_chunk)), if can_read => match read {
                         Ok((0, _)) => return End::Error(SessionError::Protocol("client closed the connection")),
                         Ok((n, room)) => {
                             self.broker.metrics.bytes_received.increment(n as u64);
                             if n == room {
-                                self.read_chunk = (self.read_chunk * 2).min(MAX_READ);
+                                self.read_chunk = (self.read_chunk * 2).min(MAX_READ as u32);
                             }
                             self.out.session_tx.heard(keepalive::now_ms());
                             read_full = Some(n == room);
@@ -569,7 +659,7 @@ impl Connection {
                     // part of every idle connection's task.
                     match Box::pin(self.decode_all()).await {
                         Ok(true) => {}
-                        Ok(false) => closing = Some(End::Graceful),
+                        Ok(false) => closing = Some(Closing::Graceful),
                         Err(e) => return End::Error(e),
                     }
                     if full {
@@ -580,7 +670,7 @@ impl Connection {
                     }
                 }
             }
-            closing.unwrap_or(End::Shutdown)
+            closing.map_or(End::Shutdown, End::from)
         }
     }
 
@@ -609,7 +699,7 @@ impl Connection {
 
     /// Sends the store requests the outbound side asked for (QoS 2 delivery steps).
     async fn send_requests(&mut self) -> Result<(), SessionError> {
-        for request in std::mem::take(&mut self.out.requests) {
+        for request in self.out.take_requests() {
             let step = match &request {
                 Request::TrackQos2Out { pkid, released, .. } => Some((*pkid, *released)),
                 _ => None,
@@ -636,6 +726,13 @@ impl Connection {
             return None;
         }
         self.out.next_catch_up(seed)
+    }
+
+    /// The catch-up due now, boxed (it is rare), if one is. Not an `async fn`: the request
+    /// would be part of every connection's task.
+    fn catch_up_step(&mut self) -> Option<BoxFuture<'_, ()>> {
+        let request = self.catch_up_due(false)?;
+        Some(Box::pin(self.send_catch_up(request)))
     }
 
     async fn send_catch_up(&mut self, request: Request) {
@@ -1300,7 +1397,8 @@ impl Connection {
     /// Ends the session: unregister, hand over or park the state, send the will if owed.
     /// `takeover_rx` outlives the run loop so that a connection claiming the client id while
     /// this one is ending still gets the session state.
-    async fn finish(mut self, end: End, peer: &SocketAddr, takeover_rx: &mut TakeoverRx) {
+    async fn finish(mut self, end: End, takeover_rx: &mut TakeoverRx) {
+        let peer = self.out.session_tx.client.peer;
         let client_id = self.out.state.client_id.clone();
         let filters: Vec<String> = self.out.state.subscriptions.keys().cloned().collect();
         self.broker
@@ -1430,6 +1528,14 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::net::{TcpListener, TcpStream};
+
+    async fn read_some<R: Reader>(
+        reader: &mut R,
+        buf: &mut BytesMut,
+        chunk: usize,
+    ) -> std::io::Result<(usize, usize)> {
+        poll_fn(|cx| poll_read_some(cx, reader, buf, chunk)).await
+    }
 
     #[tokio::test]
     async fn an_idle_tcp_connection_waits_without_a_read_buffer() {

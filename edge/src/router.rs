@@ -6,11 +6,12 @@
 //! without waiting: a full queue never slows the publisher (see [`Offer`]).
 
 use crate::small_map::SmallMap;
+use futures::task::AtomicWaker;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::Notify;
 use wharf_shared::{topic, Message, MessageId, Qos, Subscription, SubscriptionOptions};
 
 /// A message on its way to one session, at the QoS that session gets.
@@ -189,7 +190,8 @@ pub struct SessionTx {
     inflight: std::sync::atomic::AtomicU16,
     queue: Mutex<VecDeque<Delivery>>,
     capacity: usize,
-    ready: Notify,
+    /// The session's task, once it waits (see [`SessionTx::poll_recv`]).
+    ready: AtomicWaker,
     /// `created_ms` of the oldest QoS 1/2 message left to the store since the marker was last
     /// taken ([`NOT_LAGGING`] if none). The session fetches such messages from the store once
     /// it has caught up. The oldest, not the first: messages reach the router in the order
@@ -258,7 +260,7 @@ impl SessionTx {
             inflight: Default::default(),
             queue: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
-            ready: Notify::new(),
+            ready: AtomicWaker::new(),
             lagging_since: AtomicI64::new(NOT_LAGGING),
             signals: AtomicU8::new(0),
             silence_limit_ms: silence_limit.map_or(0, |d| d.as_millis().max(1) as u64),
@@ -282,7 +284,7 @@ impl SessionTx {
         drop(queue);
         // The consumer only sleeps on an empty queue.
         if was_empty {
-            self.ready.notify_one();
+            self.ready.wake();
         }
         Ok(())
     }
@@ -317,7 +319,7 @@ impl SessionTx {
     /// Raises `signals` and wakes the session.
     pub fn signal(&self, signals: Signals) {
         self.signals.fetch_or(signals.0, Ordering::AcqRel);
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
     /// The client was heard from at `now_ms` ([`crate::keepalive::now_ms`]).
@@ -344,20 +346,34 @@ impl SessionTx {
 
     /// Waits for a signal, or for the next delivery if `deliveries` (one consumer: the
     /// session's task). Cancel-safe: nothing is taken until it is returned.
-    pub async fn recv(&self, deliveries: bool) -> Event {
-        loop {
-            let signals = self.signals.swap(0, Ordering::AcqRel);
-            if signals != 0 {
-                return Event::Signals(Signals(signals));
-            }
-            if deliveries {
-                if let Some(delivery) = self.try_pop() {
-                    return Event::Delivery(delivery);
-                }
-            }
-            // A push or signal after the checks above leaves a permit: none is missed.
-            self.ready.notified().await;
+    pub fn poll_recv(&self, cx: &mut Context<'_>, deliveries: bool) -> Poll<Event> {
+        if let Some(event) = self.take_event(deliveries) {
+            return Poll::Ready(event);
         }
+        // Registered before the second look: a push or signal after it wakes the task, so
+        // none is missed. (A waker rather than a `Notify`: its future would be part of every
+        // connection's task.)
+        self.ready.register(cx.waker());
+        match self.take_event(deliveries) {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
+        }
+    }
+
+    /// [`SessionTx::poll_recv`] as a future.
+    pub async fn recv(&self, deliveries: bool) -> Event {
+        std::future::poll_fn(|cx| self.poll_recv(cx, deliveries)).await
+    }
+
+    fn take_event(&self, deliveries: bool) -> Option<Event> {
+        let signals = self.signals.swap(0, Ordering::AcqRel);
+        if signals != 0 {
+            return Some(Event::Signals(Signals(signals)));
+        }
+        if deliveries {
+            return self.try_pop().map(Event::Delivery);
+        }
+        None
     }
 
     /// Takes the lag marker, if any.

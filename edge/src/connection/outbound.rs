@@ -244,14 +244,14 @@ enum CatchUpKind {
     Seed { watermark: i64 },
 }
 
-pub struct Outbound {
-    broker: Arc<Broker>,
-    pub state: SessionState,
-    pub session_tx: Arc<SessionTx>,
-    pub write_buf: BytesMut,
+/// What a session holds only while messages take another way than straight from the router
+/// queue to the socket (store pages, a full inflight window, records and store requests not
+/// yet sent). Boxed, made on first use and dropped once empty again (see
+/// [`Outbound::settle`]): an idle session, which is most of a fleet's, keeps none of it.
+#[derive(Default)]
+struct Busy {
     backlog: VecDeque<Delivery>,
     stalled: Option<Delivery>,
-    dedupe: Dedupe,
     delivered: Vec<DeliveredRecord>,
     /// Records of deliveries made for shared subscription groups, by group.
     group_delivered: Vec<(Arc<str>, DeliveredRecord)>,
@@ -264,20 +264,57 @@ pub struct Outbound {
     /// while it waits, a message is never sent twice however long the catch-up lasts (a
     /// dedupe window of recent ids forgot those fetched at its start).
     held: Vec<Delivery>,
+    catch_up: Option<(CatchUpKind, Instant)>,
+    /// Store requests to send: tracking (the caller waits for the reply, then calls
+    /// [`Outbound::tracked`]) or forgetting (nobody waits).
+    requests: Vec<Request>,
+}
+
+/// What an idle session has of [`Busy`]: nothing.
+static IDLE: Busy = Busy {
+    backlog: VecDeque::new(),
+    stalled: None,
+    delivered: Vec::new(),
+    group_delivered: Vec::new(),
+    store_after: None,
+    held: Vec::new(),
+    catch_up: None,
+    requests: Vec::new(),
+};
+
+impl Busy {
+    fn is_idle(&self) -> bool {
+        self.backlog.is_empty()
+            && self.stalled.is_none()
+            && self.delivered.is_empty()
+            && self.group_delivered.is_empty()
+            && self.store_after.is_none()
+            && self.held.is_empty()
+            && self.catch_up.is_none()
+            && self.requests.is_empty()
+    }
+}
+
+pub struct Outbound {
+    broker: Arc<Broker>,
+    pub state: SessionState,
+    pub session_tx: Arc<SessionTx>,
+    pub write_buf: BytesMut,
+    /// `None` while the session is idle (see [`Busy`]).
+    busy: Option<Box<Busy>>,
+    dedupe: Dedupe,
     /// Other hosts' messages before this time have been asked for.
     watermark_ms: i64,
-    catch_up: Option<(CatchUpKind, Instant)>,
     /// QoS 2 deliveries are recorded in the store at each step (persistent sessions), so
     /// that they survive a crash of this edge.
     durable_qos2: bool,
-    /// Store requests to send: tracking (the caller waits for the reply, then calls
-    /// [`Outbound::tracked`]) or forgetting (nobody waits).
-    pub requests: Vec<Request>,
     last_seed_catch_up: Option<Instant>,
-    max_inflight: usize,
+    /// The server's limit or the client's Receive Maximum, whichever is lower.
+    max_inflight: u16,
     version: Version,
-    /// The client's Maximum Packet Size (`usize::MAX` without one).
-    max_packet_size: usize,
+    /// The client's Maximum Packet Size (`u32::MAX` without one; MQTT's largest packet is
+    /// smaller).
+    max_packet_size: u32,
     /// Boxed, and only for 5.0 clients that take aliases.
     aliases: Option<Box<Aliases>>,
     /// Who the client is and the rules it last read: asked for every message written to it.
@@ -300,22 +337,15 @@ impl Outbound {
             state,
             session_tx,
             write_buf,
-            backlog: VecDeque::new(),
-            stalled: None,
+            busy: None,
             dedupe: Dedupe::default(),
-            delivered: Vec::new(),
-            group_delivered: Vec::new(),
-            store_after: None,
-            held: Vec::new(),
             watermark_ms: 0,
-            catch_up: None,
             last_seed_catch_up: None,
             durable_qos2,
             auth,
-            requests: Vec::new(),
-            max_inflight: (limits.max_inflight as usize).min(peer.receive_maximum as usize),
+            max_inflight: limits.max_inflight.min(peer.receive_maximum),
             version: peer.version,
-            max_packet_size: peer.max_packet_size.map_or(usize::MAX, |m| m as usize),
+            max_packet_size: peer.max_packet_size.unwrap_or(u32::MAX),
             aliases: (peer.version.is_v5() && peer.topic_alias_max > 0).then(|| {
                 Box::new(Aliases {
                     max: peer.topic_alias_max,
@@ -323,6 +353,30 @@ impl Outbound {
                 })
             }),
         }
+    }
+
+    /// The busy part, made if the session had none.
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
+    }
+
+    /// The busy part to read: [`IDLE`] when there is none.
+    fn now(&self) -> &Busy {
+        self.busy.as_deref().unwrap_or(&IDLE)
+    }
+
+    /// Store requests are waiting to be sent.
+    pub fn has_requests(&self) -> bool {
+        !self.now().requests.is_empty()
+    }
+
+    /// The store requests to send: tracking (the caller waits for the reply, then calls
+    /// [`Outbound::tracked`]) or forgetting (nobody waits).
+    pub fn take_requests(&mut self) -> Vec<Request> {
+        self.busy
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.requests))
+            .unwrap_or_default()
     }
 
     /// After CONNACK: re-send what was inflight, ask the store again for the QoS 2 steps it
@@ -337,15 +391,16 @@ impl Outbound {
             }
         }
         for (pkid, delivery, released) in self.state.untracked() {
-            self.requests
-                .push(self.track(pkid, &delivery.message, released));
+            let track = self.track(pkid, &delivery.message, released);
+            self.busy().requests.push(track);
         }
         self.stored(undelivered);
         self.watermark_ms = started_ms - SKEW_MS;
         // Page on if the store has more; otherwise ask once more for what arrived while the
         // router registration was under way.
         let after = next.unwrap_or(Cursor::since(started_ms - SKEW_MS));
-        self.store_after = Some(after.min(self.in_transit_start()));
+        let after = after.min(self.in_transit_start());
+        self.busy().store_after = Some(after);
     }
 
     /// Queues messages from the store that this session has not seen in this window.
@@ -356,7 +411,7 @@ impl Outbound {
             }
             if let Some(delivery) = self.state.delivery_of(&Arc::new(message)) {
                 tracing::trace!(client_id = %self.state.client_id, id = %delivery.message.id, "queued from the store");
-                self.backlog.push_back(delivery);
+                self.busy().backlog.push_back(delivery);
             }
         }
     }
@@ -378,7 +433,7 @@ impl Outbound {
             if let Some(mut delivery) = combine(&message, grants) {
                 // Retained because of a new subscription: flagged so, whatever the options.
                 delivery.retain = true;
-                self.backlog.push_back(delivery);
+                self.busy().backlog.push_back(delivery);
             }
         }
     }
@@ -388,16 +443,17 @@ impl Outbound {
     /// between two pages let a publisher's newer live messages overtake its older stored
     /// ones.)
     fn fetching(&self) -> bool {
-        self.store_after.is_some() || matches!(self.catch_up, Some((CatchUpKind::Store, _)))
+        let now = self.now();
+        now.store_after.is_some() || matches!(now.catch_up, Some((CatchUpKind::Store, _)))
     }
 
     /// Whether the run loop should take the next message off the router queue.
     pub fn wants_queue(&self) -> bool {
         if self.fetching() {
-            return self.held.len() < self.broker.config.limits.max_queued;
+            return self.now().held.len() < self.broker.config.limits.max_queued;
         }
-        self.stalled.is_none()
-            && self.backlog.is_empty()
+        self.now().stalled.is_none()
+            && self.now().backlog.is_empty()
             && self.write_buf.len() < self.broker.config.limits.write_high_water
     }
 
@@ -416,7 +472,7 @@ impl Outbound {
     /// seen: its stored copy, when a page brings it, is the one sent, in order.
     fn hold(&mut self, delivery: Delivery) {
         if !self.dedupe.seen(&delivery.message.id) {
-            self.held.push(delivery);
+            self.busy().held.push(delivery);
         }
     }
 
@@ -424,7 +480,7 @@ impl Outbound {
     /// room, so that each is checked against the pages still to come.
     fn hold_queued(&mut self) {
         let room = self.broker.config.limits.max_queued;
-        while self.held.len() < room {
+        while self.now().held.len() < room {
             match self.session_tx.try_pop() {
                 Some(d) => self.hold(d),
                 None => break,
@@ -440,19 +496,19 @@ impl Outbound {
         if delivery.qos == Qos::AtMostOnce {
             self.encode(&delivery, 0, false);
             self.record(&delivery);
-        } else if self.state.inflight_len() < self.max_inflight {
+        } else if self.state.inflight_len() < self.max_inflight as usize {
             // A shared subscription's QoS 2 delivery is not tracked in the store for this
             // session: if the session ends unacknowledged it goes back to its group instead.
             if delivery.qos == Qos::ExactlyOnce && self.durable_qos2 && delivery.group.is_none() {
                 let pkid = self.state.start_tracked(delivery.clone());
-                self.requests
-                    .push(self.track(pkid, &delivery.message, false));
+                let track = self.track(pkid, &delivery.message, false);
+                self.busy().requests.push(track);
             } else {
                 let pkid = self.state.start(delivery.clone());
                 self.encode(&delivery, pkid, false);
             }
         } else {
-            self.stalled = Some(delivery);
+            self.busy().stalled = Some(delivery);
         }
     }
 
@@ -461,10 +517,10 @@ impl Outbound {
         self.dedupe.close_if_expired();
         let high_water = self.broker.config.limits.write_high_water;
         while self.write_buf.len() < high_water {
-            let next = match self.stalled.take() {
+            let next = self.busy.as_mut().and_then(|b| match b.stalled.take() {
                 Some(d) => Some(d),
-                None => self.backlog.pop_front(),
-            };
+                None => b.backlog.pop_front(),
+            });
             let next = match next {
                 Some(d) => d,
                 None if self.fetching() => {
@@ -483,9 +539,16 @@ impl Outbound {
                 },
             };
             self.push(next);
-            if self.stalled.is_some() {
+            if self.now().stalled.is_some() {
                 break;
             }
+        }
+    }
+
+    /// Gives back the busy part once nothing is in it: called before the session waits.
+    pub fn settle(&mut self) {
+        if self.busy.as_ref().is_some_and(|b| b.is_idle()) {
+            self.busy = None;
         }
     }
 
@@ -501,7 +564,8 @@ impl Outbound {
 
     /// Messages after `since` were left to the store (or may be there).
     fn lagged(&mut self, since: Cursor) {
-        self.store_after = Some(self.store_after.map_or(since, |s| s.min(since)));
+        let busy = self.busy();
+        busy.store_after = Some(busy.store_after.map_or(since, |s| s.min(since)));
     }
 
     /// Whether a delivery may still go to this client: not once its message has expired
@@ -527,11 +591,11 @@ impl Outbound {
             metrics::counter!("wharf_edge_expired_messages_total").increment(1);
             return false;
         }
-        if self.max_packet_size != usize::MAX
+        if self.max_packet_size != u32::MAX
             && encode::publish_len(
                 self.version,
                 &publish_out(d, 0, false, d.message.topic.as_str(), None),
-            ) > self.max_packet_size
+            ) > self.max_packet_size as usize
         {
             metrics::counter!("wharf_edge_too_large_for_client_total").increment(1);
             self.record(d);
@@ -556,7 +620,7 @@ impl Outbound {
         let message = &d.message;
         if let Some(group) = &d.group {
             // QoS 0 too: a later fetch for the group must not give it out again.
-            self.group_delivered.push((
+            self.busy().group_delivered.push((
                 group.clone(),
                 DeliveredRecord {
                     message_id: message.id,
@@ -565,7 +629,7 @@ impl Outbound {
             ));
             return;
         }
-        self.delivered.push(DeliveredRecord {
+        self.busy().delivered.push(DeliveredRecord {
             message_id: message.id,
             topic: message.topic.clone(),
         });
@@ -584,7 +648,10 @@ impl Outbound {
                 encode::pubrel(&mut self.write_buf, self.version, pkid, 0);
             }
             // The delivery record goes with the tracking write; PUBREL once it is durable.
-            PubRec::Track(d) => self.requests.push(self.track(pkid, &d.message, true)),
+            PubRec::Track(d) => {
+                let track = self.track(pkid, &d.message, true);
+                self.busy().requests.push(track);
+            }
             PubRec::PubRel => encode::pubrel(&mut self.write_buf, self.version, pkid, 0),
             PubRec::Wait => {}
         }
@@ -607,10 +674,11 @@ impl Outbound {
     /// A QoS 2 delivery ended: the store forgets its tracking (persistent sessions).
     fn forget_tracked(&mut self, pkid: u16) {
         if self.durable_qos2 {
-            self.requests.push(Request::ForgetQos2Out {
+            let forget = Request::ForgetQos2Out {
                 client_id: String::from(&*self.state.client_id),
                 pkid,
-            });
+            };
+            self.busy().requests.push(forget);
         }
     }
 
@@ -640,13 +708,14 @@ impl Outbound {
     /// the link (before it, a group fetch could overtake the records and give them out again).
     #[allow(clippy::type_complexity)]
     pub fn take_delivered(&mut self) -> Option<(Notice, Option<(Arc<str>, Vec<MessageId>)>)> {
-        if let Some((group, _)) = self.group_delivered.first() {
+        let busy = self.busy.as_mut()?;
+        if let Some((group, _)) = busy.group_delivered.first() {
             // One group's records at a time; the caller asks again.
             let group = group.clone();
-            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.group_delivered)
+            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut busy.group_delivered)
                 .into_iter()
                 .partition(|(g, _)| *g == group);
-            self.group_delivered = rest;
+            busy.group_delivered = rest;
             let records: Vec<DeliveredRecord> = mine.into_iter().map(|(_, r)| r).collect();
             let ids = records.iter().map(|r| r.message_id).collect();
             let notice = Notice::Delivered {
@@ -655,12 +724,12 @@ impl Outbound {
             };
             return Some((notice, Some((group, ids))));
         }
-        if self.delivered.is_empty() {
+        if busy.delivered.is_empty() {
             return None;
         }
         let notice = Notice::Delivered {
             client_id: String::from(&*self.state.client_id),
-            messages: std::mem::take(&mut self.delivered),
+            messages: std::mem::take(&mut busy.delivered),
         };
         Some((notice, None))
     }
@@ -668,20 +737,26 @@ impl Outbound {
     /// The next catch-up to ask the store for, if one is due. `seed` marks a PINGREQ or
     /// PUBLISH, the seed's trigger for other hosts' messages.
     pub fn next_catch_up(&mut self, seed: bool) -> Option<Request> {
-        if self.state.subscriptions.is_empty() && self.store_after.take().is_some() {
+        if self.state.subscriptions.is_empty()
+            && self
+                .busy
+                .as_mut()
+                .and_then(|b| b.store_after.take())
+                .is_some()
+        {
             // Nothing to fetch: nothing holds the live messages back either.
             self.merge_queue();
         }
-        if self.catch_up.is_some() || self.state.subscriptions.is_empty() {
+        if self.now().catch_up.is_some() || self.state.subscriptions.is_empty() {
             return None;
         }
-        if let Some(after) = self.store_after {
+        if let Some(after) = self.now().store_after {
             // The next page is asked for while the last half of this one is still being sent,
             // so that the store's answer time is hidden behind the client's (the cursor is
             // exact: the next page comes after this one whenever it is asked for).
-            if self.backlog.len() <= PREFETCH_BELOW {
+            if self.now().backlog.len() <= PREFETCH_BELOW {
                 self.open_window();
-                self.catch_up = Some((CatchUpKind::Store, Instant::now()));
+                self.busy().catch_up = Some((CatchUpKind::Store, Instant::now()));
                 return Some(Request::CatchUp {
                     client_id: String::from(&*self.state.client_id),
                     after: Some(after),
@@ -690,7 +765,9 @@ impl Outbound {
             }
             return None;
         }
-        if !seed {
+        // The seed's catch-up fetches other hosts' messages: none where no other host shares
+        // the store (the embedded store), and then a ping costs no query and no dedupe window.
+        if !seed || !self.broker.lease.enforced() {
             return None;
         }
         let interval = self.broker.config.limits.catch_up_interval;
@@ -700,7 +777,7 @@ impl Outbound {
         if due {
             self.last_seed_catch_up = Some(Instant::now());
             self.open_window();
-            self.catch_up = Some((
+            self.busy().catch_up = Some((
                 CatchUpKind::Seed {
                     watermark: ids::now_ms() - SKEW_MS,
                 },
@@ -717,18 +794,20 @@ impl Outbound {
 
     fn open_window(&mut self) {
         let mut ids: Vec<MessageId> = self.state.inflight_ids().collect();
-        ids.extend(self.stalled.iter().map(|d| d.message.id));
-        ids.extend(self.backlog.iter().map(|d| d.message.id));
+        ids.extend(self.now().stalled.iter().map(|d| d.message.id));
+        ids.extend(self.now().backlog.iter().map(|d| d.message.id));
         self.dedupe.open(ids.into_iter());
     }
 
     /// The catch-up could not be sent; it is tried again on a later trigger.
     pub fn catch_up_failed(&mut self) {
-        self.catch_up = None;
+        if let Some(busy) = self.busy.as_mut() {
+            busy.catch_up = None;
+        }
     }
 
     pub fn caught_up(&mut self, reply: Result<Reply, crate::link::LinkError>) {
-        let Some((kind, started)) = self.catch_up.take() else {
+        let Some((kind, started)) = self.busy.as_mut().and_then(|b| b.catch_up.take()) else {
             return;
         };
         metrics::histogram!("wharf_edge_catch_up_seconds").record(started.elapsed().as_secs_f64());
@@ -739,19 +818,21 @@ impl Outbound {
                 return;
             }
         };
-        if !self.held.is_empty() && !messages.is_empty() {
+        if !self.now().held.is_empty() && !messages.is_empty() {
             // A held live message that this page brings again is sent from the page.
             let fetched: HashSet<MessageId> = messages.iter().map(|m| m.id).collect();
-            self.held.retain(|d| !fetched.contains(&d.message.id));
+            self.busy()
+                .held
+                .retain(|d| !fetched.contains(&d.message.id));
         }
-        let before = self.backlog.len();
+        let before = self.now().backlog.len();
         self.stored(messages);
         metrics::counter!("wharf_edge_caught_up_messages_total")
-            .increment((self.backlog.len() - before) as u64);
+            .increment((self.now().backlog.len() - before) as u64);
         match kind {
             // The worker's cursor always moves forward, so paging ends.
             CatchUpKind::Store => {
-                self.store_after = next;
+                self.busy().store_after = next;
                 if next.is_none() {
                     self.merge_queue();
                 }
@@ -771,19 +852,25 @@ impl Outbound {
     /// host when the store was asked); each publisher's messages are made in order, so sorting
     /// by creation puts it back before them, whichever way each came.
     fn merge_queue(&mut self) {
-        let before = self.backlog.len();
-        for d in std::mem::take(&mut self.held) {
+        let before = self.now().backlog.len();
+        let held = self
+            .busy
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.held))
+            .unwrap_or_default();
+        for d in held {
             if self.dedupe.first_time(d.message.id) {
-                self.backlog.push_back(d);
+                self.busy().backlog.push_back(d);
             }
         }
         while let Some(d) = self.session_tx.try_pop() {
             if self.dedupe.first_time(d.message.id) {
-                self.backlog.push_back(d);
+                self.busy().backlog.push_back(d);
             }
         }
-        if self.backlog.len() > before {
-            self.backlog
+        if self.now().backlog.len() > before {
+            self.busy()
+                .backlog
                 .make_contiguous()
                 .sort_by_key(|d| (d.message.created_ms, d.message.id));
         }
@@ -799,12 +886,15 @@ impl Outbound {
         } else {
             Vec::new()
         };
+        let Some(busy) = self.busy.as_mut() else {
+            return out;
+        };
         let is_group = |d: &Delivery| d.group.is_some();
-        out.extend(self.stalled.take_if(|d| is_group(d)));
-        out.extend(self.backlog.iter().filter(|d| is_group(d)).cloned());
-        self.backlog.retain(|d| !is_group(d));
-        out.extend(self.held.iter().filter(|d| is_group(d)).cloned());
-        self.held.retain(|d| !is_group(d));
+        out.extend(busy.stalled.take_if(|d| is_group(d)));
+        out.extend(busy.backlog.iter().filter(|d| is_group(d)).cloned());
+        busy.backlog.retain(|d| !is_group(d));
+        out.extend(busy.held.iter().filter(|d| is_group(d)).cloned());
+        busy.held.retain(|d| !is_group(d));
         out
     }
 
