@@ -134,7 +134,7 @@ impl Admin {
         json!({
             "clientId": id,
             "address": tx.client.peer.to_string(),
-            "protocol": tx.client.protocol,
+            "protocol": tx.client.version.label(),
             "connectedAt": tx.client.connected_ms,
             "connectedSeconds": (now - tx.client.connected_ms).max(0) / 1000,
             "subscriptions": subscriptions,

@@ -12,24 +12,45 @@ use wharf_shared::Generation;
 /// Asks a connection to close and hand its session state over (once: it then ends).
 pub type TakeoverTx = oneshot::Sender<oneshot::Sender<Option<SessionState>>>;
 
+/// One per client id on this edge (kept small: an idle fleet's edge holds one per device).
 enum Entry {
     Connected {
         connection_id: u64,
         takeover: TakeoverTx,
-        /// The store's generation of this connection's claim, once its reply came.
-        generation: Option<Generation>,
-        /// The newest claim heard of elsewhere before the reply came.
-        beaten: Option<Generation>,
+        claim: Claim,
     },
     Parked {
-        state: Box<SessionState>,
+        parked: Box<Parked>,
         /// The connection that parked it.
         connection_id: u64,
         generation: Option<Generation>,
-        /// When the session expires (its Session Expiry Interval after the disconnect);
-        /// `None`: never.
-        expires: Option<Instant>,
     },
+}
+
+/// A connection's claim of the session in the store.
+#[derive(Clone, Copy)]
+enum Claim {
+    /// Not answered yet: the newest claim heard of elsewhere meanwhile.
+    Pending { beaten: Option<Generation> },
+    /// The store's generation of it.
+    Confirmed(Generation),
+}
+
+impl Claim {
+    fn generation(self) -> Option<Generation> {
+        match self {
+            Claim::Pending { .. } => None,
+            Claim::Confirmed(generation) => Some(generation),
+        }
+    }
+}
+
+/// A persistent session whose client is away.
+struct Parked {
+    state: SessionState,
+    /// When the session expires (its Session Expiry Interval after the disconnect); `None`:
+    /// never.
+    expires: Option<Instant>,
 }
 
 /// What a claim found under the client id.
@@ -87,18 +108,17 @@ impl Registry {
         let entry = Entry::Connected {
             connection_id,
             takeover,
-            generation: None,
-            beaten: None,
+            claim: Claim::Pending { beaten: None },
         };
         match self.lock().insert(client_id, entry) {
             None => Previous::None,
             Some(Entry::Connected { takeover, .. }) => Previous::Connected(takeover),
-            Some(Entry::Parked { expires, .. })
-                if expires.is_some_and(|at| at <= Instant::now()) =>
+            Some(Entry::Parked { parked, .. })
+                if parked.expires.is_some_and(|at| at <= Instant::now()) =>
             {
                 Previous::None
             }
-            Some(Entry::Parked { state, .. }) => Previous::Parked(state),
+            Some(Entry::Parked { parked, .. }) => Previous::Parked(Box::new(parked.state)),
         }
     }
 
@@ -110,12 +130,12 @@ impl Registry {
         let lost = match inner.get_mut(client_id) {
             Some(Entry::Connected {
                 connection_id: id,
-                generation,
-                beaten,
+                claim,
                 ..
             }) if *id == connection_id => {
-                *generation = Some(confirmed);
-                beaten.is_some_and(|b| b > confirmed)
+                let lost = matches!(claim, Claim::Pending { beaten: Some(b) } if *b > confirmed);
+                *claim = Claim::Confirmed(confirmed);
+                lost
             }
             _ => false,
         };
@@ -139,12 +159,11 @@ impl Registry {
         let mut inner = self.lock();
         let lost = match inner.get_mut(client_id) {
             Some(Entry::Connected {
-                generation: Some(own),
+                claim: Claim::Confirmed(own),
                 ..
             }) => *own < claimed,
             Some(Entry::Connected {
-                generation: None,
-                beaten,
+                claim: Claim::Pending { beaten },
                 ..
             }) => {
                 *beaten = (*beaten).max(Some(claimed));
@@ -216,10 +235,10 @@ impl Registry {
         self.lock()
             .iter()
             .filter_map(|(client, entry)| match entry {
-                Entry::Parked { state, expires, .. } => Some((
+                Entry::Parked { parked, .. } => Some((
                     client.clone(),
-                    state.subscriptions.keys().cloned().collect(),
-                    *expires,
+                    parked.state.subscriptions.keys().cloned().collect(),
+                    parked.expires,
                 )),
                 Entry::Connected { .. } => None,
             })
@@ -230,9 +249,10 @@ impl Registry {
     pub fn expire_parked(&self, now: Instant) -> usize {
         let mut inner = self.lock();
         let before = inner.len();
-        inner.retain(
-            |_, entry| !matches!(entry, Entry::Parked { expires: Some(at), .. } if *at <= now),
-        );
+        inner.retain(|_, entry| {
+            !matches!(entry, Entry::Parked { parked, .. }
+                if parked.expires.is_some_and(|at| at <= now))
+        });
         before - inner.len()
     }
 
@@ -250,20 +270,22 @@ impl Registry {
         let generation = match inner.get(client_id) {
             Some(Entry::Connected {
                 connection_id: id,
-                generation,
+                claim,
                 ..
-            }) if *id == connection_id => *generation,
+            }) if *id == connection_id => claim.generation(),
             _ => return Released::TakenOver(park),
         };
         match park {
             Some(state) => inner.insert(
                 client_id.clone(),
                 Entry::Parked {
-                    state: Box::new(state),
+                    parked: Box::new(Parked {
+                        state,
+                        expires: (session_expiry != u32::MAX)
+                            .then(|| Instant::now() + Duration::from_secs(session_expiry.into())),
+                    }),
                     connection_id,
                     generation,
-                    expires: (session_expiry != u32::MAX)
-                        .then(|| Instant::now() + Duration::from_secs(session_expiry.into())),
                 },
             ),
             None => inner.remove(client_id),

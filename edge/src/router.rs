@@ -189,7 +189,7 @@ pub struct SessionTx {
     /// QoS 1/2 messages sent to the client and not yet acknowledged (kept by its task).
     inflight: std::sync::atomic::AtomicU16,
     queue: Mutex<VecDeque<Delivery>>,
-    capacity: usize,
+    capacity: u32,
     /// The session's task, once it waits (see [`SessionTx::poll_recv`]).
     ready: AtomicWaker,
     /// `created_ms` of the oldest QoS 1/2 message left to the store since the marker was last
@@ -202,7 +202,7 @@ pub struct SessionTx {
     /// [`Signals`] raised and not yet taken.
     signals: AtomicU8,
     /// 1.5 x the client's keepalive in milliseconds; 0 for none.
-    silence_limit_ms: u64,
+    silence_limit_ms: u32,
     /// When the client was last heard from, on [`crate::keepalive::now_ms`]'s clock.
     last_heard_ms: AtomicU64,
 }
@@ -212,7 +212,7 @@ pub struct SessionTx {
 pub struct ClientInfo {
     /// The client's address (the PROXY protocol header's, behind a balancer).
     pub peer: std::net::SocketAddr,
-    pub protocol: &'static str,
+    pub version: crate::protocol::Version,
     /// When the session started, in Unix milliseconds.
     pub connected_ms: i64,
 }
@@ -221,7 +221,7 @@ impl Default for ClientInfo {
     fn default() -> Self {
         ClientInfo {
             peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            protocol: "",
+            version: crate::protocol::Version::V3_1_1,
             connected_ms: 0,
         }
     }
@@ -259,11 +259,13 @@ impl SessionTx {
             client: ClientInfo::default(),
             inflight: Default::default(),
             queue: Mutex::new(VecDeque::new()),
-            capacity: capacity.max(1),
+            capacity: capacity.clamp(1, u32::MAX as usize) as u32,
             ready: AtomicWaker::new(),
             lagging_since: AtomicI64::new(NOT_LAGGING),
             signals: AtomicU8::new(0),
-            silence_limit_ms: silence_limit.map_or(0, |d| d.as_millis().max(1) as u64),
+            // At most 1.5 x 65,535 s: within a u32 of milliseconds.
+            silence_limit_ms: silence_limit
+                .map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
             last_heard_ms: AtomicU64::new(crate::keepalive::now_ms()),
         }
     }
@@ -276,7 +278,7 @@ impl SessionTx {
     /// Queues `delivery`, or gives it back when the queue is full.
     fn offer(&self, delivery: Delivery) -> Result<(), Delivery> {
         let mut queue = self.lock();
-        if queue.len() >= self.capacity {
+        if queue.len() >= self.capacity as usize {
             return Err(delivery);
         }
         let was_empty = queue.is_empty();
@@ -331,7 +333,7 @@ impl SessionTx {
     pub fn overdue(&self, now_ms: u64) -> bool {
         self.silence_limit_ms > 0
             && now_ms.saturating_sub(self.last_heard_ms.load(Ordering::Relaxed))
-                > self.silence_limit_ms
+                > u64::from(self.silence_limit_ms)
     }
 
     /// The next delivery, if one is queued.
@@ -415,8 +417,10 @@ struct Node {
     children: SmallMap<Box<str>, Node>,
     /// Sessions whose filter ends here, with what it grants.
     here: SmallMap<Arc<str>, Grant>,
-    /// Sessions with a `#` at this level.
-    multi: SmallMap<Arc<str>, Grant>,
+    /// Sessions with a `#` at this level: boxed, and only while there are some (few nodes
+    /// have any, and every node would carry an empty map's 24 bytes).
+    #[allow(clippy::box_collection)]
+    multi: Option<Box<SmallMap<Arc<str>, Grant>>>,
 }
 
 impl Node {
@@ -431,7 +435,7 @@ impl Node {
         for (client, grant) in &self.here {
             f(client, path, false, *grant);
         }
-        for (client, grant) in &self.multi {
+        for (client, grant) in self.multi.iter().flat_map(|m| m.iter()) {
             f(client, path, true, *grant);
         }
         for (level, child) in &self.children {
@@ -442,7 +446,7 @@ impl Node {
     }
 
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.here.is_empty() && self.multi.is_empty()
+        self.children.is_empty() && self.here.is_empty() && self.multi.is_none()
     }
 
     fn insert(&mut self, levels: &[&str], client: Arc<str>, grant: Grant) {
@@ -451,7 +455,7 @@ impl Node {
                 self.here.insert(client, grant);
             }
             ["#"] => {
-                self.multi.insert(client, grant);
+                self.multi.get_or_insert_default().insert(client, grant);
             }
             [first, rest @ ..] => self
                 .children
@@ -463,7 +467,16 @@ impl Node {
     fn remove(&mut self, levels: &[&str], client: &str) -> bool {
         let removed = match levels {
             [] => self.here.remove(client).is_some(),
-            ["#"] => self.multi.remove(client).is_some(),
+            ["#"] => {
+                let removed = self
+                    .multi
+                    .as_mut()
+                    .is_some_and(|m| m.remove(client).is_some());
+                if self.multi.as_ref().is_some_and(|m| m.is_empty()) {
+                    self.multi = None;
+                }
+                removed
+            }
             [first, rest @ ..] => match self.children.get_mut(first) {
                 Some(child) => {
                     let removed = child.remove(rest, client);
@@ -487,7 +500,9 @@ impl Node {
         // A topic starting with '$' is not matched by a leading wildcard (MQTT 4.7.2).
         let dollar = first_level && levels.first().is_some_and(|l| l.starts_with('$'));
         if !dollar {
-            out.extend(self.multi.iter().map(|(c, q)| (c, *q)));
+            if let Some(multi) = &self.multi {
+                out.extend(multi.iter().map(|(c, q)| (c, *q)));
+            }
         }
         match levels {
             [] => out.extend(self.here.iter().map(|(c, q)| (c, *q))),

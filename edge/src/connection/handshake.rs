@@ -313,7 +313,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
         (keep_alive_secs > 0).then(|| Duration::from_millis(keep_alive_secs as u64 * 1500));
     let client = crate::router::ClientInfo {
         peer,
-        protocol: version.label(),
+        version,
         connected_ms: crate::ids::now_ms(),
     };
     let session_tx = session_queue(broker, connection_id, keep_alive, client);

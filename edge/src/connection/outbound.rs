@@ -545,10 +545,15 @@ impl Outbound {
         }
     }
 
-    /// Gives back the busy part once nothing is in it: called before the session waits.
+    /// Gives back the busy part and the write buffer once nothing is in them: called before
+    /// the session waits (under a stream `fill` has just written to the buffer, which is then
+    /// kept).
     pub fn settle(&mut self) {
         if self.busy.as_ref().is_some_and(|b| b.is_idle()) {
             self.busy = None;
+        }
+        if self.write_buf.is_empty() && self.write_buf.capacity() > 0 {
+            self.write_buf = BytesMut::new();
         }
     }
 
