@@ -1,6 +1,7 @@
-//! One client connection: CONNECT, then one task with one `select!` over the socket, the
-//! session's queue (deliveries, and the shutdown and keepalive signals), replies from the
-//! store-worker and a takeover by a newer connection.
+//! One client connection: CONNECT, then one task waiting on one poll function
+//! ([`Connection::poll_wake`]) over the socket, the session's queue (deliveries, and the
+//! shutdown and keepalive signals), replies from the store-worker and a takeover by a newer
+//! connection.
 //!
 //! Backpressure: the socket is not read while `max_pending_persists` publishes wait for the
 //! store or while the output buffer is above its high-water mark; the queue is not drained
@@ -85,6 +86,29 @@ enum End {
     /// The edge is shutting down.
     Shutdown,
     Error(SessionError),
+}
+
+/// What the run loop may wait on this turn; `None` for a source it must leave alone.
+struct Sources<'a, R, W> {
+    takeover: Option<&'a mut TakeoverRx>,
+    writer: Option<&'a mut W>,
+    /// The socket, and the room to offer a read.
+    reader: Option<(&'a mut R, usize)>,
+    /// Set while the lease is lost.
+    recheck: Option<&'a mut Pin<Box<tokio::time::Sleep>>>,
+    wants_queue: bool,
+}
+
+/// What woke the run loop.
+enum Wake {
+    Handover(Result<oneshot::Sender<Option<SessionState>>, oneshot::error::RecvError>),
+    Written(std::io::Result<usize>),
+    Tracked((u16, bool, Result<Reply, LinkError>)),
+    Op(Op),
+    CaughtUp(Result<Result<Reply, LinkError>, oneshot::error::RecvError>),
+    Event(Event),
+    Recheck,
+    Read(std::io::Result<(usize, usize)>),
 }
 
 /// Why the run loop stopped reading: it ends once what is pending is answered. (Not an
@@ -290,11 +314,8 @@ pub fn serve<S: Transport, P: Send + 'static>(
         let end = conn
             .run(&mut reader, &mut writer, &mut takeover_rx, stopping)
             .await;
-        if conn.version.is_v5() {
-            // Boxed: it runs once, at the end.
-            Box::pin(say_why(&mut writer, &end)).await;
-        }
-        Box::pin(conn.finish(end, &mut takeover_rx)).await;
+        // Boxed: it runs once. `end` goes to it at once, so that the task keeps no room for it.
+        Box::pin(conn.close(end, &mut writer, &mut takeover_rx)).await;
         metrics::gauge!("wharf_edge_sessions").decrement(1.0);
         drop(permit);
     }
@@ -399,7 +420,6 @@ struct Connection {
     /// QoS 2 PUBLISHes whose PUBCOMP has not been sent (5.0 Receive Maximum, see
     /// [`Connection::publish`]).
     inbound_unacked: u32,
-    connection_id: u64,
     out: Outbound,
     /// The outstanding catch-up query, if any.
     catch_up: Option<ReplyRx>,
@@ -506,7 +526,6 @@ impl Connection {
             will: hs.will.map(Box::new),
             topic_aliases: None,
             inbound_unacked: 0,
-            connection_id: hs.connection_id,
             out: Outbound::new(
                 broker,
                 hs.state,
@@ -586,73 +605,108 @@ impl Connection {
                 let can_write = leased && !self.out.write_buf.is_empty();
                 let wants_queue = self.out.wants_queue();
                 let read_chunk = self.read_chunk as usize;
-                // Set by a read; handled after the `select!`, so that its output (as large as
-                // the largest reply) is not held while the packets are handled.
+                let takeover_open = closing.is_none() && !takeover_rx.is_terminated();
+                // Only while the lease is lost: boxed, so that no idle task holds a `Sleep`.
+                let mut recheck = (!leased).then(|| Box::pin(tokio::time::sleep(LEASE_RECHECK)));
+                // Set by a read; handled after the wait, so that its output (as large as the
+                // largest reply) is not held while the packets are handled.
                 let mut read_full = None;
-                tokio::select! {
-                    biased;
-                    handover = &mut *takeover_rx, if closing.is_none() && !takeover_rx.is_terminated() => {
-                        match handover {
-                            Ok(tx) => return End::TakenOver(tx),
-                            Err(_) => closing = Some(Closing::Shutdown),
-                        }
-                    }
-                    written = poll_fn(|cx| Pin::new(&mut *writer).poll_write(cx, &self.out.write_buf)), if can_write => match written {
-                        Ok(0) => return End::Error(SessionError::Protocol("socket closed for writing")),
-                        Ok(n) => {
-                            self.broker.metrics.bytes_sent.increment(n as u64);
-                            // `advance`, not `split_to`: splitting turns the buffer into a shared
-                            // one, an allocation that an idle connection would keep.
-                            self.out.write_buf.advance(n);
-                            if self.out.write_buf.is_empty() && self.out.write_buf.capacity() > 16 * 1024 {
-                                self.out.write_buf = BytesMut::new();
+                // In a block of its own: what woke the loop is not kept in the task across the
+                // awaits below.
+                {
+                    let wake = {
+                        // One poll function over every source, in priority order, as a biased
+                        // `select!` would, but holding only these references in the task (a
+                        // `select!` keeps a future per branch: 120 bytes in every connection).
+                        let this = &mut *self;
+                        let (reader, writer, takeover_rx, recheck) =
+                            (&mut *reader, &mut *writer, &mut *takeover_rx, &mut recheck);
+                        poll_fn(move |cx| {
+                            this.poll_wake(
+                                cx,
+                                Sources {
+                                    takeover: takeover_open.then_some(&mut *takeover_rx),
+                                    writer: can_write.then_some(&mut *writer),
+                                    reader: can_read.then_some((&mut *reader, read_chunk)),
+                                    recheck: recheck.as_mut(),
+                                    wants_queue,
+                                },
+                            )
+                        })
+                        .await
+                    };
+                    match wake {
+                        Wake::Handover(Ok(tx)) => return End::TakenOver(tx),
+                        Wake::Handover(Err(_)) => closing = Some(Closing::Shutdown),
+                        Wake::Written(written) => match written {
+                            Ok(0) => {
+                                return End::Error(SessionError::Protocol(
+                                    "socket closed for writing",
+                                ))
                             }
-                        }
-                        Err(e) => return End::Error(e.into()),
-                    },
-                    Some((pkid, released, result)) = poll_fn(|cx| self.tracking.poll_next(cx)), if !self.tracking.is_empty() => {
-                        match result {
+                            Ok(n) => {
+                                self.broker.metrics.bytes_sent.increment(n as u64);
+                                // `advance`, not `split_to`: splitting turns the buffer into a shared
+                                // one, an allocation that an idle connection would keep.
+                                self.out.write_buf.advance(n);
+                                if self.out.write_buf.is_empty()
+                                    && self.out.write_buf.capacity() > 16 * 1024
+                                {
+                                    self.out.write_buf = BytesMut::new();
+                                }
+                            }
+                            Err(e) => return End::Error(e.into()),
+                        },
+                        Wake::Tracked((pkid, released, result)) => match result {
                             Ok(Reply::Done) => self.out.tracked(pkid, released),
                             // Not recorded: close; the session resumes from what is stored.
-                            Ok(other) => return End::Error(SessionError::Store(format!("track: {other:?}"))),
-                            Err(e) => return End::Error(e.into()),
-                        }
-                    }
-                    Some(op) = poll_fn(|cx| self.ops.poll_next(cx)), if !self.ops.is_empty() => {
-                        if let Err(e) = self.complete(op) {
-                            return End::Error(e);
-                        }
-                    }
-                    reply = poll_fn(|cx| self.catch_up.as_mut().map_or(Poll::Pending, |rx| Pin::new(rx).poll(cx))), if self.catch_up.is_some() => {
-                        self.catch_up = None;
-                        self.out.caught_up(reply.unwrap_or(Err(LinkError::Closed)));
-                    }
-                    event = poll_fn(|cx| self.out.session_tx.poll_recv(cx, wants_queue)) => match event {
-                        Event::Delivery(delivery) => self.out.accept_live(delivery),
-                        // Once closing, only the pending replies matter.
-                        Event::Signals(_) if closing.is_some() => {}
-                        Event::Signals(s) if s.contains(Signals::SHUTDOWN) => closing = Some(Closing::Shutdown),
-                        Event::Signals(s) if s.contains(Signals::KICK) => return End::Error(SessionError::Refused {
-                            reason: reason::ADMINISTRATIVE_ACTION,
-                            why: "disconnected by an administrator",
-                        }),
-                        Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
-                    },
-                    // Boxed when first polled: a `Sleep` inline would be in every idle
-                    // connection's task, and sessions wait for a lease only rarely.
-                    _ = async { Box::pin(tokio::time::sleep(LEASE_RECHECK)).await }, if !leased => {}
-                    read = poll_fn(|cx| poll_read_some(cx, reader, &mut self.read_buf, read_chunk)), if can_read => match read {
-                        Ok((0, _)) => return End::Error(SessionError::Protocol("client closed the connection")),
-                        Ok((n, room)) => {
-                            self.broker.metrics.bytes_received.increment(n as u64);
-                            if n == room {
-                                self.read_chunk = (self.read_chunk * 2).min(MAX_READ as u32);
+                            Ok(other) => {
+                                return End::Error(SessionError::Store(format!("track: {other:?}")))
                             }
-                            self.out.session_tx.heard(keepalive::now_ms());
-                            read_full = Some(n == room);
+                            Err(e) => return End::Error(e.into()),
+                        },
+                        Wake::Op(op) => {
+                            if let Err(e) = self.complete(op) {
+                                return End::Error(e);
+                            }
                         }
-                        Err(e) => return End::Error(e.into()),
-                    },
+                        Wake::CaughtUp(reply) => {
+                            self.catch_up = None;
+                            self.out.caught_up(reply.unwrap_or(Err(LinkError::Closed)));
+                        }
+                        Wake::Event(event) => match event {
+                            Event::Delivery(delivery) => self.out.accept_live(delivery),
+                            // Once closing, only the pending replies matter.
+                            Event::Signals(_) if closing.is_some() => {}
+                            Event::Signals(s) if s.contains(Signals::SHUTDOWN) => {
+                                closing = Some(Closing::Shutdown)
+                            }
+                            Event::Signals(s) if s.contains(Signals::KICK) => {
+                                return End::Error(SessionError::Refused {
+                                    reason: reason::ADMINISTRATIVE_ACTION,
+                                    why: "disconnected by an administrator",
+                                })
+                            }
+                            Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
+                        },
+                        Wake::Recheck => {}
+                        Wake::Read(read) => match read {
+                            Ok((0, _)) => {
+                                return End::Error(SessionError::Protocol(
+                                    "client closed the connection",
+                                ))
+                            }
+                            Ok((n, room)) => {
+                                self.broker.metrics.bytes_received.increment(n as u64);
+                                if n == room {
+                                    self.read_chunk = (self.read_chunk * 2).min(MAX_READ as u32);
+                                }
+                                self.out.session_tx.heard(keepalive::now_ms());
+                                read_full = Some(n == room);
+                            }
+                            Err(e) => return End::Error(e.into()),
+                        },
+                    }
                 }
                 if let Some(full) = read_full {
                     // Boxed: handling packets awaits the link, and inline that future would be
@@ -672,6 +726,52 @@ impl Connection {
             }
             closing.map_or(End::Shutdown, End::from)
         }
+    }
+
+    /// The first of the run loop's sources that is ready, in priority order: the takeover,
+    /// the socket's write, the store's replies (QoS 2 steps, then persists, then a
+    /// catch-up), the session queue, the lease recheck, the socket's read. Every source
+    /// polled registers the task's waker, so that none is missed.
+    fn poll_wake<R: Reader, W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sources: Sources<'_, R, W>,
+    ) -> Poll<Wake> {
+        if let Some(rx) = sources.takeover {
+            if let Poll::Ready(handover) = Pin::new(rx).poll(cx) {
+                return Poll::Ready(Wake::Handover(handover));
+            }
+        }
+        if let Some(writer) = sources.writer {
+            if let Poll::Ready(written) = Pin::new(writer).poll_write(cx, &self.out.write_buf) {
+                return Poll::Ready(Wake::Written(written));
+            }
+        }
+        if let Poll::Ready(Some(tracked)) = self.tracking.poll_next(cx) {
+            return Poll::Ready(Wake::Tracked(tracked));
+        }
+        if let Poll::Ready(Some(op)) = self.ops.poll_next(cx) {
+            return Poll::Ready(Wake::Op(op));
+        }
+        if let Some(rx) = self.catch_up.as_mut() {
+            if let Poll::Ready(reply) = Pin::new(rx).poll(cx) {
+                return Poll::Ready(Wake::CaughtUp(reply));
+            }
+        }
+        if let Poll::Ready(event) = self.out.session_tx.poll_recv(cx, sources.wants_queue) {
+            return Poll::Ready(Wake::Event(event));
+        }
+        if let Some(sleep) = sources.recheck {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Recheck);
+            }
+        }
+        if let Some((reader, chunk)) = sources.reader {
+            if let Poll::Ready(read) = poll_read_some(cx, reader, &mut self.read_buf, chunk) {
+                return Poll::Ready(Wake::Read(read));
+            }
+        }
+        Poll::Pending
     }
 
     /// Hands the `publishedMessage` records gathered so far to the worker.
@@ -1395,15 +1495,29 @@ impl Connection {
     }
 
     /// Ends the session: unregister, hand over or park the state, send the will if owed.
+    /// The ending: a 5.0 client is told why the server closes, then [`Connection::finish`].
+    async fn close<W: AsyncWrite + Unpin>(
+        self,
+        end: End,
+        writer: &mut W,
+        takeover_rx: &mut TakeoverRx,
+    ) {
+        if self.version.is_v5() {
+            say_why(writer, &end).await;
+        }
+        self.finish(end, takeover_rx).await;
+    }
+
     /// `takeover_rx` outlives the run loop so that a connection claiming the client id while
     /// this one is ending still gets the session state.
     async fn finish(mut self, end: End, takeover_rx: &mut TakeoverRx) {
         let peer = self.out.session_tx.client.peer;
+        let connection_id = self.out.session_tx.connection_id;
         let client_id = self.out.state.client_id.clone();
         let filters: Vec<String> = self.out.state.subscriptions.keys().cloned().collect();
         self.broker
             .router
-            .detach(&client_id, self.connection_id, &filters);
+            .detach(&client_id, connection_id, &filters);
         self.return_group_deliveries(matches!(end, End::TakenOver(_)));
         if let Some(waiting) = self.flush_delivered() {
             waiting.await;
@@ -1438,7 +1552,7 @@ impl Connection {
                 let park = persistent.then_some(state);
                 match self.broker.registry.release(
                     &client_id,
-                    self.connection_id,
+                    connection_id,
                     park,
                     self.session_expiry,
                 ) {
@@ -1480,7 +1594,6 @@ impl Connection {
             // that is sooner, unless the client has come back meanwhile.
             let delay = will.delay_secs.min(self.session_expiry);
             let broker = self.broker.clone();
-            let connection_id = self.connection_id;
             if delay > 0 {
                 broker
                     .registry

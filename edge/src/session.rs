@@ -135,8 +135,10 @@ pub struct SessionState {
     inflight: HashMap<u16, Inflight, PkidHasher>,
     next_pkid: u16,
     next_seq: u64,
-    /// Inbound QoS 2 packet ids answered with PUBREC, waiting for PUBREL.
-    inbound_qos2: HashSet<u16, PkidHasher>,
+    /// Inbound QoS 2 packet ids answered with PUBREC, waiting for PUBREL: boxed, and only
+    /// while there are some (part of every connection's task otherwise).
+    #[allow(clippy::box_collection)]
+    inbound_qos2: Option<Box<HashSet<u16, PkidHasher>>>,
 }
 
 /// SipHash with fixed keys: a packet id table holds at most 65,535 entries, all of one
@@ -151,7 +153,7 @@ impl SessionState {
             inflight: HashMap::default(),
             next_pkid: 0,
             next_seq: 0,
-            inbound_qos2: HashSet::default(),
+            inbound_qos2: None,
         }
     }
 
@@ -372,15 +374,21 @@ impl SessionState {
 
     /// Whether an inbound QoS 2 packet id was already accepted (a re-sent PUBLISH).
     pub fn has_inbound_qos2(&self, pkid: u16) -> bool {
-        self.inbound_qos2.contains(&pkid)
+        self.inbound_qos2
+            .as_ref()
+            .is_some_and(|s| s.contains(&pkid))
     }
 
     pub fn accept_inbound_qos2(&mut self, pkid: u16) {
-        self.inbound_qos2.insert(pkid);
+        self.inbound_qos2.get_or_insert_default().insert(pkid);
     }
 
     pub fn release_inbound_qos2(&mut self, pkid: u16) -> bool {
-        self.inbound_qos2.remove(&pkid)
+        let removed = self.inbound_qos2.as_mut().is_some_and(|s| s.remove(&pkid));
+        if self.inbound_qos2.as_ref().is_some_and(|s| s.is_empty()) {
+            self.inbound_qos2 = None;
+        }
+        removed
     }
 }
 

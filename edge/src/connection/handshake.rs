@@ -34,7 +34,7 @@ pub struct Handshake {
     /// The Session Expiry Interval in force (0: the session ends with the connection).
     pub session_expiry: u32,
     pub will: Option<Will>,
-    pub connection_id: u64,
+    /// The session's queue (with the connection's id).
     pub session_tx: Arc<SessionTx>,
     pub takeover_rx: oneshot::Receiver<oneshot::Sender<Option<SessionState>>>,
     pub undelivered: Vec<Message>,
@@ -349,7 +349,6 @@ async fn start_session<W: AsyncWrite + Unpin>(
         peer,
         session_expiry,
         will: connect.will,
-        connection_id,
         session_tx,
         takeover_rx,
         undelivered,
