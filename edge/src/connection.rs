@@ -1494,7 +1494,6 @@ impl Connection {
         }
     }
 
-    /// Ends the session: unregister, hand over or park the state, send the will if owed.
     /// The ending: a 5.0 client is told why the server closes, then [`Connection::finish`].
     async fn close<W: AsyncWrite + Unpin>(
         self,
@@ -1508,6 +1507,7 @@ impl Connection {
         self.finish(end, takeover_rx).await;
     }
 
+    /// Ends the session: unregister, hand over or park the state, send the will if owed.
     /// `takeover_rx` outlives the run loop so that a connection claiming the client id while
     /// this one is ending still gets the session state.
     async fn finish(mut self, end: End, takeover_rx: &mut TakeoverRx) {

@@ -175,13 +175,12 @@ impl Group {
 const SHRINK_ABOVE: usize = 256;
 
 /// One connected session's mailbox: the router pushes deliveries, the edge signals shutdown
-/// and the keepalive sweep signals silence; the session's task takes both from [`recv`].
+/// and the keepalive sweep signals silence; the session's task takes both with
+/// [`SessionTx::poll_recv`].
 ///
-/// A deque behind a mutex and a `Notify` rather than a tokio channel: an empty queue holds
-/// no buffer (a bounded channel allocates a block of slots up front, about 1 KB per session),
+/// A deque behind a mutex and a waker rather than a tokio channel: an empty queue holds no
+/// buffer (a bounded channel allocates a block of slots up front, about 1 KB per session),
 /// and the signals replace a timer and a cancellation future in every connection's task.
-///
-/// [`recv`]: SessionTx::recv
 pub struct SessionTx {
     pub connection_id: u64,
     /// Who is connected, for the admin API.
