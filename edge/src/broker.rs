@@ -103,7 +103,11 @@ impl Broker {
 
     /// Offers a stored (or QoS 0) message to local subscribers and counts the outcome.
     pub fn route(&self, message: &Arc<Message>) {
-        let offer = self.router.route(message);
+        self.count(self.router.route(message));
+    }
+
+    /// Counts what became of routed messages.
+    pub fn count(&self, offer: crate::router::Offer) {
         if offer.dropped > 0 {
             metrics::counter!("wharf_edge_qos0_dropped_total").increment(offer.dropped as u64);
         }

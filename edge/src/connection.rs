@@ -168,6 +168,9 @@ struct Batch {
     pkids: Vec<u16>,
     /// QoS 1: the batch is in transit until it is routed.
     in_transit: Option<crate::transit::InTransitGuard>,
+    /// The read epoch before this read's bytes arrived ([`SessionTx::read_epoch`]): a
+    /// SUBSCRIBE among them gets what was routed since (`Router::subscribe_after`).
+    read_epoch: u64,
 }
 
 impl Batch {
@@ -767,8 +770,14 @@ impl Connection {
             }
         }
         if let Some((reader, chunk)) = sources.reader {
-            if let Poll::Ready(read) = poll_read_some(cx, reader, &mut self.read_buf, chunk) {
-                return Poll::Ready(Wake::Read(read));
+            // Read with the session's own waker, which notes when the socket turned readable
+            // (`SessionTx::read_waker`).
+            let session = &self.out.session_tx;
+            let waker = session.read_waker(cx.waker());
+            let mut read_cx = Context::from_waker(&waker);
+            match poll_read_some(&mut read_cx, reader, &mut self.read_buf, chunk) {
+                Poll::Ready(read) => return Poll::Ready(Wake::Read(read)),
+                Poll::Pending => session.read_idle(),
             }
         }
         Poll::Pending
@@ -852,7 +861,10 @@ impl Connection {
         // Consecutive QoS 0 or QoS 1 PUBLISHes of this read: sent to the worker together, then
         // routed (see `send_batch`). A local, not a field: this future is boxed, the
         // connection's task is not.
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            read_epoch: self.out.session_tx.read_epoch(),
+            ..Batch::default()
+        };
         let result = loop {
             let packet = match crate::protocol::decode(&mut self.read_buf, Some(self.version), max)
             {
@@ -971,7 +983,10 @@ impl Connection {
                 pkid,
                 filters,
                 identifier,
-            } => self.subscribe(pkid, filters, identifier).await?,
+            } => {
+                self.subscribe(pkid, filters, identifier, batch.read_epoch)
+                    .await?
+            }
             Inbound::Unsubscribe { pkid, filters } => self.unsubscribe(pkid, filters).await?,
             Inbound::PingReq => {
                 encode::pingresp(&mut self.out.write_buf);
@@ -1273,6 +1288,7 @@ impl Connection {
         pkid: u16,
         filters: Vec<SubscribeFilter>,
         identifier: Option<u32>,
+        read_epoch: u64,
     ) -> Result<(), SessionError> {
         let v5 = self.version.is_v5();
         let mut codes = Vec::with_capacity(filters.len());
@@ -1322,9 +1338,13 @@ impl Connection {
                 .subscriptions
                 .insert(f.filter.clone(), grant)
                 .is_some();
-            self.broker
-                .router
-                .subscribe(&self.out.state.client_id, &f.filter, grant);
+            let offer = self.broker.router.subscribe_after(
+                &self.out.state.client_id,
+                &f.filter,
+                grant,
+                read_epoch,
+            );
+            self.broker.count(offer);
             // Retain Handling: 0 always, 1 for a new subscription only, 2 never; a shared
             // subscription gets no retained messages (MQTT 5.0 4.8.2).
             let retained = f.retain_handling == 0 || (f.retain_handling == 1 && !existed);

@@ -204,6 +204,11 @@ pub struct SessionTx {
     silence_limit_ms: u32,
     /// When the client was last heard from, on [`crate::keepalive::now_ms`]'s clock.
     last_heard_ms: AtomicU64,
+    /// The task, woken through [`SessionTx::read_waker`] when the socket turns readable.
+    read_task: AtomicWaker,
+    /// The read epoch ([`next_read_epoch`]) at which the socket last turned readable, or was
+    /// last found empty: what the client sends next reached the edge after it.
+    read_epoch: AtomicU64,
 }
 
 /// What the admin API shows of a connection.
@@ -266,7 +271,27 @@ impl SessionTx {
             silence_limit_ms: silence_limit
                 .map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
             last_heard_ms: AtomicU64::new(crate::keepalive::now_ms()),
+            read_task: AtomicWaker::new(),
+            read_epoch: AtomicU64::new(next_read_epoch()),
         }
+    }
+
+    /// The waker to read the client's socket with: it wakes the task `task` and first records
+    /// the moment, as a read epoch, in the order the runtime's I/O driver saw the sockets turn
+    /// readable (see [`Router::subscribe_after`]).
+    pub fn read_waker(self: &Arc<Self>, task: &std::task::Waker) -> std::task::Waker {
+        self.read_task.register(task);
+        std::task::Waker::from(self.clone())
+    }
+
+    /// The socket had nothing to read: whatever comes next arrives after this epoch.
+    pub fn read_idle(&self) {
+        self.read_epoch.store(next_read_epoch(), Ordering::Release);
+    }
+
+    /// The read epoch before the bytes read last arrived.
+    pub fn read_epoch(&self) -> u64 {
+        self.read_epoch.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Delivery>> {
@@ -389,6 +414,25 @@ impl SessionTx {
         self.lagging_since.load(Ordering::Acquire) != NOT_LAGGING
     }
 
+    /// Queues `delivery` (a message being routed), or leaves it to the store or drops it.
+    fn deliver(&self, delivery: Delivery, offer: &mut Offer) {
+        // A lagging session takes QoS 1/2 from the store until it has caught up, so that
+        // nothing newer overtakes what is waiting there.
+        if delivery.qos != Qos::AtMostOnce && self.lagging() {
+            self.defer(&delivery.message);
+            offer.deferred += 1;
+            return;
+        }
+        match self.offer(delivery) {
+            Ok(()) => offer.queued += 1,
+            Err(d) if d.qos == Qos::AtMostOnce => offer.dropped += 1,
+            Err(d) => {
+                self.defer(&d.message);
+                offer.deferred += 1;
+            }
+        }
+    }
+
     /// Leaves `message` to the store: the session fetches it once it has caught up.
     fn defer(&self, message: &Message) {
         self.lagging_since
@@ -396,8 +440,88 @@ impl SessionTx {
     }
 }
 
+impl std::task::Wake for SessionTx {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.read_idle();
+        self.read_task.wake();
+    }
+}
+
 /// [`SessionTx::lagging_since`] when nothing was left to the store.
 const NOT_LAGGING: i64 = i64::MAX;
+
+/// Counts the moments sockets turned readable (or were found empty), process-wide, in the
+/// order the I/O driver reported them; each routed message is stamped with the count.
+static READ_EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// A new read epoch, later than every message routed so far.
+fn next_read_epoch() -> u64 {
+    READ_EPOCH.fetch_add(1, Ordering::AcqRel) + 1
+}
+
+/// The messages routed last, each with the read epoch it was routed in (see
+/// [`Router::subscribe_after`]). Striped by thread, so that routing threads do not share a
+/// lock; a message larger than [`RECENT_MAX_PAYLOAD`] is not kept.
+#[derive(Default)]
+struct Recent {
+    stripes: [Stripe; RECENT_STRIPES],
+}
+
+/// One thread's share of [`Recent`], on a cache line of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe(Mutex<VecDeque<(u64, Arc<Message>)>>);
+
+const RECENT_STRIPES: usize = 4;
+const RECENT_PER_STRIPE: usize = 64;
+const RECENT_MAX_PAYLOAD: usize = 16 * 1024;
+
+impl Stripe {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<Message>)>> {
+        // Single deque calls under the lock: a poisoned one is intact.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Recent {
+    fn record(&self, message: &Arc<Message>) {
+        if message.payload.len() > RECENT_MAX_PAYLOAD {
+            return;
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % RECENT_STRIPES;
+        }
+        let stripe = STRIPE.with(|s| *s);
+        let epoch = READ_EPOCH.load(Ordering::Acquire);
+        let mut recent = self.stripes[stripe].lock();
+        if recent.len() == RECENT_PER_STRIPE {
+            recent.pop_front();
+        }
+        recent.push_back((epoch, message.clone()));
+    }
+
+    /// The messages on `filter` routed at or after read epoch `since`, oldest first.
+    fn since(&self, since: u64, filter: &str) -> Vec<Arc<Message>> {
+        let mut found: Vec<(u64, Arc<Message>)> = Vec::new();
+        for stripe in &self.stripes {
+            found.extend(
+                stripe
+                    .lock()
+                    .iter()
+                    .filter(|(epoch, m)| *epoch >= since && topic::matches(&m.topic, filter))
+                    .cloned(),
+            );
+        }
+        found.sort_by_key(|(epoch, _)| *epoch);
+        found.dedup_by(|a, b| a.1.id == b.1.id);
+        found.into_iter().map(|(_, m)| m).collect()
+    }
+}
 
 /// What happened to a routed message, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -542,6 +666,16 @@ struct Inner {
 }
 
 impl Inner {
+    /// Whether one of `client`'s subscriptions (not a shared one) takes `message`.
+    fn takes(&self, client: &str, message: &Message) -> bool {
+        let levels: Vec<&str> = message.topic.split('/').collect();
+        let mut matched = Vec::new();
+        self.root.collect(&levels, true, &mut matched);
+        matched
+            .iter()
+            .any(|(c, grant)| &***c == client && grant.takes(client, message))
+    }
+
     /// Gives `message` to one member of `group`; false when none could take it.
     fn give(&self, key: &Arc<str>, group: &Group, message: &Arc<Message>) -> bool {
         let n = group.members.len();
@@ -575,6 +709,7 @@ impl Inner {
 #[derive(Default)]
 pub struct Router {
     inner: RwLock<Inner>,
+    recent: Recent,
 }
 
 impl Router {
@@ -710,6 +845,46 @@ impl Router {
         }
         let levels: Vec<&str> = filter.split('/').collect();
         self.write().root.insert(&levels, client.clone(), grant);
+    }
+
+    /// Subscribes as [`Router::subscribe`] does, for a SUBSCRIBE that reached the socket
+    /// after read epoch `since` ([`SessionTx::read_epoch`]), and gives the session the
+    /// messages on `filter` routed since then that none of its subscriptions took: their
+    /// PUBLISH reached another connection's socket after this SUBSCRIBE did, but that task ran
+    /// first (two threads; tokio runs the task woken last first). Mosquitto, one thread,
+    /// handles sockets in the order they turned readable; this keeps that order for what
+    /// [`Recent`] holds. Shared subscriptions are not given such messages.
+    pub fn subscribe_after(
+        &self,
+        client: &Arc<str>,
+        filter: &str,
+        grant: Grant,
+        since: u64,
+    ) -> Offer {
+        if topic::shared(filter).is_some() {
+            self.subscribe(client, filter, grant);
+            return Offer::default();
+        }
+        let levels: Vec<&str> = filter.split('/').collect();
+        // Under the write lock: no message is being routed, so each one either is in `recent`
+        // or will see the new subscription.
+        let mut inner = self.write();
+        let missed: Vec<Arc<Message>> = self
+            .recent
+            .since(since, filter)
+            .into_iter()
+            .filter(|m| grant.takes(client, m) && !inner.takes(client, m))
+            .collect();
+        inner.root.insert(&levels, client.clone(), grant);
+        let mut offer = Offer::default();
+        if let Some(session) = inner.sessions.get(client) {
+            for message in &missed {
+                if let Some(delivery) = combine(message, std::iter::once(grant)) {
+                    session.deliver(delivery, &mut offer);
+                }
+            }
+        }
+        offer
     }
 
     pub fn unsubscribe(&self, client: &str, filter: &str) -> bool {
@@ -891,6 +1066,8 @@ impl Router {
             &on_heap
         };
         let inner = self.read();
+        // Under the read lock (see `subscribe_after`).
+        self.recent.record(message);
         let mut matched = Vec::new();
         inner.root.collect(levels, true, &mut matched);
         matched.retain(|(client, grant)| grant.takes(client, message));
@@ -910,21 +1087,7 @@ impl Router {
             let Some(delivery) = combine(message, grants.iter().map(|(_, g)| *g)) else {
                 continue;
             };
-            // A lagging session takes QoS 1/2 from the store until it has caught up, so that
-            // nothing newer overtakes what is waiting there.
-            if delivery.qos != Qos::AtMostOnce && session.lagging() {
-                session.defer(&delivery.message);
-                offer.deferred += 1;
-                continue;
-            }
-            match session.offer(delivery) {
-                Ok(()) => offer.queued += 1,
-                Err(d) if d.qos == Qos::AtMostOnce => offer.dropped += 1,
-                Err(d) => {
-                    session.defer(&d.message);
-                    offer.deferred += 1;
-                }
-            }
+            session.deliver(delivery, &mut offer);
         }
         for (key, group) in &inner.groups {
             // A group another edge owns gets the message there, live or from the store.
@@ -993,6 +1156,52 @@ mod tests {
         let client: Arc<str> = name.into();
         router.attach(client.clone(), rx.clone());
         (client, rx)
+    }
+
+    fn message_from(topic: &str, client: &str, n: u8) -> Arc<Message> {
+        let mut m = (*message(topic, Qos::AtMostOnce)).clone();
+        m.id = MessageId([n; 12]);
+        m.client_id = client.into();
+        Arc::new(m)
+    }
+
+    #[test]
+    fn a_subscription_gets_what_was_routed_since_its_socket_turned_readable() {
+        let router = Router::default();
+        let (b, rx) = session(&router, "b", 8);
+        router.subscribe(&b, "t/1", Grant::qos(Qos::AtMostOnce));
+        router.route(&message_from("t/2", "a", 1));
+        // B's socket turns readable (its SUBSCRIBE arrives): what is routed from now on, but
+        // before B's task reads it, is B's too.
+        std::task::Wake::wake_by_ref(&rx);
+        let since = rx.read_epoch();
+        for (n, topic) in [(2, "t/2"), (3, "t/1"), (4, "u/2"), (5, "t/3")] {
+            router.route(&message_from(topic, "a", n));
+        }
+        // B's own message under No Local, and one after the subscription, are not repeated.
+        router.route(&message_from("t/3", "b", 6));
+        assert_eq!(rx.try_pop().map(|d| d.message.id.0[0]), Some(3));
+        let offer = router.subscribe_after(
+            &b,
+            "t/+",
+            Grant {
+                no_local: true,
+                ..Grant::qos(Qos::AtMostOnce)
+            },
+            since,
+        );
+        assert_eq!(offer.queued, 2);
+        router.route(&message_from("t/4", "a", 7));
+        let got: Vec<u8> = std::iter::from_fn(|| rx.try_pop())
+            .map(|d| d.message.id.0[0])
+            .collect();
+        // Not 1 (before B's socket turned readable), 3 (taken by t/1), 4 and 6.
+        assert_eq!(got, [2, 5, 7]);
+        // The socket found empty starts a new epoch: nothing routed before it is given again.
+        rx.read_idle();
+        router.unsubscribe("b", "t/+");
+        let offer = router.subscribe_after(&b, "t/+", Grant::qos(Qos::AtMostOnce), rx.read_epoch());
+        assert_eq!(offer, Offer::default());
     }
 
     #[test]
