@@ -775,9 +775,10 @@ impl Connection {
             let session = &self.out.session_tx;
             let waker = session.read_waker(cx.waker());
             let mut read_cx = Context::from_waker(&waker);
-            match poll_read_some(&mut read_cx, reader, &mut self.read_buf, chunk) {
-                Poll::Ready(read) => return Poll::Ready(Wake::Read(read)),
-                Poll::Pending => session.read_idle(),
+            if let Poll::Ready(read) =
+                poll_read_some(&mut read_cx, reader, &mut self.read_buf, chunk)
+            {
+                return Poll::Ready(Wake::Read(read));
             }
         }
         Poll::Pending

@@ -206,8 +206,10 @@ pub struct SessionTx {
     last_heard_ms: AtomicU64,
     /// The task, woken through [`SessionTx::read_waker`] when the socket turns readable.
     read_task: AtomicWaker,
-    /// The read epoch ([`next_read_epoch`]) at which the socket last turned readable, or was
-    /// last found empty: what the client sends next reached the edge after it.
+    /// The read epoch ([`next_read_epoch`]) at which the socket last turned readable (or the
+    /// session started): what the client sends next reached the edge after it, or was already
+    /// there when the socket was last read (a read that finds bytes without a wake keeps an
+    /// older epoch: a wider window, never a narrower one).
     read_epoch: AtomicU64,
 }
 
@@ -284,8 +286,8 @@ impl SessionTx {
         std::task::Waker::from(self.clone())
     }
 
-    /// The socket had nothing to read: whatever comes next arrives after this epoch.
-    pub fn read_idle(&self) {
+    /// The socket turned readable: whatever comes now arrived after this epoch.
+    fn read_woken(&self) {
         self.read_epoch.store(next_read_epoch(), Ordering::Release);
     }
 
@@ -446,7 +448,7 @@ impl std::task::Wake for SessionTx {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.read_idle();
+        self.read_woken();
         self.read_task.wake();
     }
 }
@@ -1197,8 +1199,8 @@ mod tests {
             .collect();
         // Not 1 (before B's socket turned readable), 3 (taken by t/1), 4 and 6.
         assert_eq!(got, [2, 5, 7]);
-        // The socket found empty starts a new epoch: nothing routed before it is given again.
-        rx.read_idle();
+        // The socket's next wake starts a new epoch: nothing routed before it is given again.
+        std::task::Wake::wake_by_ref(&rx);
         router.unsubscribe("b", "t/+");
         let offer = router.subscribe_after(&b, "t/+", Grant::qos(Qos::AtMostOnce), rx.read_epoch());
         assert_eq!(offer, Offer::default());

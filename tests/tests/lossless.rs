@@ -206,8 +206,8 @@ async fn eight_publishers_on_two_hosts_reach_lagging_subscribers() {
 /// suite's `test_subscribe_options` and `test_request_response` do (and a request-response
 /// client on two connections would). Both sockets turn readable in the same instant; tokio
 /// runs the task woken last first, so the edge used to route A's message before it had read
-/// B's subscription, in about one round of twenty (and in most rounds at QoS 0). MQTT does not
-/// require this order; Mosquitto, one thread in arrival order, keeps it.
+/// B's subscription in about a third of the rounds (ARCHITECTURE.md, "Order across
+/// connections"). MQTT does not require this order; Mosquitto, one thread, keeps it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_read_before_a_message_on_another_connection_gets_it() {
     use rumqttc::mqttbytes::v4::Packet;
