@@ -456,8 +456,8 @@ impl std::task::Wake for SessionTx {
 /// [`SessionTx::lagging_since`] when nothing was left to the store.
 const NOT_LAGGING: i64 = i64::MAX;
 
-/// Counts the moments sockets turned readable (or were found empty), process-wide, in the
-/// order the I/O driver reported them; each routed message is stamped with the count.
+/// Counts the moments sockets turned readable, process-wide, in the order the I/O driver
+/// reported them; each routed message is stamped with the count.
 static READ_EPOCH: AtomicU64 = AtomicU64::new(1);
 
 /// A new read epoch, later than every message routed so far.
