@@ -479,7 +479,7 @@ struct Recent {
 struct Stripe(Mutex<VecDeque<(u64, Arc<Message>)>>);
 
 const RECENT_STRIPES: usize = 4;
-const RECENT_PER_STRIPE: usize = 64;
+const RECENT_PER_STRIPE: usize = 8;
 const RECENT_MAX_PAYLOAD: usize = 16 * 1024;
 
 impl Stripe {
