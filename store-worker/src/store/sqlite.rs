@@ -22,7 +22,7 @@ PRAGMA synchronous = FULL;
 ";
 
 /// The layout `SCHEMA` creates; older files are brought to it by [`migrate`].
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 /// A delivery notice with at least this many records is stored as record blocks (one row per
 /// block); smaller ones (a fan-out's one message per subscriber) as a row per record, which
@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS delivery_block (
     seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL, first BLOB NOT NULL, last BLOB NOT NULL,
     ids BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS delivery_block_client ON delivery_block (client_id, first);
+CREATE INDEX IF NOT EXISTS delivery_block_span ON delivery_block (client_id, first, last);
 CREATE INDEX IF NOT EXISTS delivery_block_last ON delivery_block (last);
 CREATE TABLE IF NOT EXISTS qos2_inflight (
     client_id TEXT NOT NULL, pkid INTEGER NOT NULL, message_id BLOB NOT NULL,
@@ -116,7 +116,8 @@ const RETAIN_AS_PUBLISHED: i64 = 2;
 /// subscriptions is known by them, as it was then); 6 lacked the MQTT 5.0 columns
 /// ([`ADDED_COLUMNS`]; its message blocks are read as they are, see
 /// `wharf_shared::codec::decode_stored_block`); 7 lacked session generations (its records
-/// start at generation (0, 1) at their next claim).
+/// start at generation (0, 1) at their next claim); 8 indexed record blocks by (client_id,
+/// first) only.
 fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
@@ -152,6 +153,9 @@ fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
             ))?;
         }
     }
+    // Version 8's index on (client_id, first) made a catch-up page read every record block of
+    // the last two seconds from the table to compare its `last`; `delivery_block_span` holds it.
+    tx.execute_batch("DROP INDEX IF EXISTS delivery_block_client")?;
     tx.execute_batch(SCHEMA)?;
     if old_messages {
         let mut rows = tx.prepare(&format!(
@@ -839,9 +843,13 @@ impl Store for SqliteStore {
             let (Some(low), Some(high)) = (ids.iter().min(), ids.iter().max()) else {
                 return Ok(HashSet::new());
             };
+            // One read transaction for the whole page: outside one, every lookup below would
+            // be a transaction of its own, taking and releasing the file's lock (two `fcntl`
+            // calls) and the WAL's read lock, which cost more than the lookup itself.
+            let tx = c.transaction()?;
             // Blocks that can hold an id in [low, high] begin at most the span before low.
             let from = low.timestamp_secs().saturating_sub(RECORD_BLOCK_SPAN_SECS);
-            let mut blocks = c.prepare_cached(
+            let mut blocks = tx.prepare_cached(
                 "SELECT ids FROM delivery_block
                  WHERE client_id = ?1 AND first >= ?2 AND first <= ?3 AND last >= ?4",
             )?;
@@ -851,9 +859,14 @@ impl Store for SqliteStore {
                 |r| r.get::<_, Vec<u8>>(0),
             )?;
             for data in rows {
-                in_blocks.extend(data?.chunks_exact(12).map(id_of));
+                in_blocks.extend(
+                    data?
+                        .chunks_exact(12)
+                        .map(id_of)
+                        .filter(|id| low <= id && id <= high),
+                );
             }
-            let mut stmt = c.prepare_cached(
+            let mut stmt = tx.prepare_cached(
                 "SELECT 1 FROM published_message WHERE message_id = ?2 AND client_id = ?1",
             )?;
             let mut out = HashSet::new();
@@ -870,6 +883,8 @@ impl Store for SqliteStore {
                     out.insert(id);
                 }
             }
+            drop((blocks, stmt));
+            tx.commit()?;
             Ok(out)
         })
         .await
@@ -1366,6 +1381,61 @@ mod tests {
         assert!(found.contains(&spread[0]), "the newest stays");
         assert!(!found.contains(&id(0, now - 60_000)), "the oldest went");
         assert!(found.contains(&few[0]));
+    }
+
+    /// A version 8 file indexed record blocks by (client_id, first) only: it gets the index
+    /// that holds `last` too, and its records are still found.
+    #[tokio::test]
+    async fn a_version_8_file_gets_the_record_block_span_index() {
+        let dir = tempfile::tempdir().expect("dir");
+        let first = at(1, 1_000_000, Qos::AtLeastOnce).id;
+        let ids: Vec<MessageId> = (1..=8u32)
+            .map(|n| at(n, 1_000_000, Qos::AtLeastOnce).id)
+            .collect();
+        {
+            let store = SqliteStore::open(dir.path()).expect("open");
+            store
+                .record_delivered(Arc::new(vec![Deliveries {
+                    client_id: "a".into(),
+                    host: "h".into(),
+                    created_ms: 1_000_000,
+                    records: ids
+                        .iter()
+                        .map(|&message_id| wharf_shared::DeliveredRecord {
+                            message_id,
+                            topic: "t".into(),
+                        })
+                        .collect(),
+                }]))
+                .await
+                .expect("record");
+            store
+                .with(|c| {
+                    c.execute_batch(
+                        "DROP INDEX delivery_block_span;
+                         CREATE INDEX delivery_block_client ON delivery_block (client_id, first);
+                         PRAGMA user_version = 8;",
+                    )
+                })
+                .await
+                .expect("as version 8");
+        }
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        assert_eq!(read_i64(&store, "PRAGMA user_version"), SCHEMA_VERSION);
+        let index = |name: &str| {
+            read_i64(
+                &store,
+                &format!(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = '{name}'"
+                ),
+            )
+        };
+        assert_eq!(
+            (index("delivery_block_client"), index("delivery_block_span")),
+            (0, 1)
+        );
+        let found = store.delivered_among("a", vec![first]).await.expect("read");
+        assert_eq!(found, HashSet::from([first]));
     }
 
     fn at(n: u32, created_ms: i64, qos: Qos) -> Message {
