@@ -1334,18 +1334,7 @@ mod tests {
         let store = SqliteStore::open(dir.path()).expect("open");
         let now = 40 * 24 * 3600 * 1000;
         let id = |n: u32, ms: i64| at(n, ms, Qos::AtMostOnce).id;
-        let notice = |client: &str, ids: &[MessageId]| Deliveries {
-            client_id: client.into(),
-            host: "h".into(),
-            created_ms: now,
-            records: ids
-                .iter()
-                .map(|&message_id| wharf_shared::DeliveredRecord {
-                    message_id,
-                    topic: "t".into(),
-                })
-                .collect(),
-        };
+        let notice = |client: &str, ids: &[MessageId]| notice(client, ids, now);
         // A catch-up's worth for "a": ids one second apart over 40 s (several blocks), in no
         // particular order, one twice; a small notice (rows); another client's big notice.
         let spread: Vec<MessageId> = (0..40u32)
@@ -1428,18 +1417,7 @@ mod tests {
         {
             let store = SqliteStore::open(dir.path()).expect("open");
             store
-                .record_delivered(Arc::new(vec![Deliveries {
-                    client_id: "a".into(),
-                    host: "h".into(),
-                    created_ms: 1_000_000,
-                    records: ids
-                        .iter()
-                        .map(|&message_id| wharf_shared::DeliveredRecord {
-                            message_id,
-                            topic: "t".into(),
-                        })
-                        .collect(),
-                }]))
+                .record_delivered(Arc::new(vec![notice("a", &ids, 1_000_000)]))
                 .await
                 .expect("record");
             store
@@ -1469,6 +1447,22 @@ mod tests {
         );
         let found = store.delivered_among("a", vec![first]).await.expect("read");
         assert_eq!(found, HashSet::from([first]));
+    }
+
+    /// A client's delivery records of `ids`, made at `created_ms`.
+    fn notice(client: &str, ids: &[MessageId], created_ms: i64) -> Deliveries {
+        Deliveries {
+            client_id: client.into(),
+            host: "h".into(),
+            created_ms,
+            records: ids
+                .iter()
+                .map(|&message_id| wharf_shared::DeliveredRecord {
+                    message_id,
+                    topic: "t".into(),
+                })
+                .collect(),
+        }
     }
 
     fn at(n: u32, created_ms: i64, qos: Qos) -> Message {
