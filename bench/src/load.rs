@@ -68,6 +68,11 @@ pub struct LoadArgs {
     /// the last message).
     #[arg(long)]
     offline: bool,
+    /// Seconds without a message after which the wait for the rest ends and what is missing
+    /// counts as lost (default 3, or 30 with --offline). A store whose catch-up pages take
+    /// seconds needs more, or a slow page reads as loss.
+    #[arg(long)]
+    drain_quiet_secs: Option<u64>,
     /// MQTT version of every client: 4 (3.1.1) or 5 (5.0).
     #[arg(long, default_value_t = 4)]
     mqtt: u8,
@@ -363,7 +368,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
     }
     // Drain: until everything arrived, or nothing arrived for 3 s (30 s for a returning
     // session: a broker may be slow to start handing over its backlog).
-    let quiet = Duration::from_secs(if args.offline { 30 } else { 3 });
+    let quiet =
+        Duration::from_secs(
+            args.drain_quiet_secs
+                .unwrap_or(if args.offline { 30 } else { 3 }),
+        );
     let mut last = u64::MAX;
     let mut quiet_since = Instant::now();
     loop {
