@@ -140,8 +140,7 @@ impl Dedupe {
                 return true;
             }
             if now >= window.since + DEDUPE_WINDOW {
-                window.older = std::mem::take(&mut window.ids);
-                window.since = now;
+                window.next_generation(now);
             }
         }
         let new = !window.contains(&id);
@@ -160,10 +159,16 @@ impl Window {
     /// then in flight again (`open`), and a page is far smaller than a generation.
     fn insert(&mut self, id: MessageId) {
         if self.ids.len() >= DEDUPE_CAP {
-            self.older = std::mem::take(&mut self.ids);
-            self.since = Instant::now();
+            self.next_generation(Instant::now());
         }
         self.ids.insert(id);
+    }
+
+    /// The current generation becomes the older one (the older one is forgotten) and a new
+    /// one begins at `now`: every `DEDUPE_WINDOW`, or sooner when the current one is full.
+    fn next_generation(&mut self, now: Instant) {
+        self.older = std::mem::take(&mut self.ids);
+        self.since = now;
     }
 }
 
