@@ -367,7 +367,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<String> {
         }
     }
     // Drain: until everything arrived, or nothing arrived for 3 s (30 s for a returning
-    // session: a broker may be slow to start handing over its backlog).
+    // session: a broker may be slow to start handing over its backlog), or --drain-quiet-secs.
     let quiet =
         Duration::from_secs(
             args.drain_quiet_secs
