@@ -95,6 +95,39 @@ pub fn encode_stored_block(messages: &[&crate::wire::Message]) -> Result<Vec<u8>
     Ok(out)
 }
 
+/// Where one message lies in a block that [`encode_stored_block_indexed`] wrote: its byte
+/// offset and length, for [`decode_stored_message`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSpan {
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// [`encode_stored_block`] (the same bytes), with the span of each message in the block, so
+/// that a reader can decode one message without the rest.
+pub fn encode_stored_block_indexed(
+    messages: &[&crate::wire::Message],
+) -> Result<(Vec<u8>, Vec<BlockSpan>), CodecError> {
+    let mut out = vec![STORED_BLOCK_V2];
+    // A slice encodes as its length (a varint, as `u64`), then its items.
+    bincode::encode_into_std_write(messages.len() as u64, &mut out, config())?;
+    let mut spans = Vec::with_capacity(messages.len());
+    for m in messages {
+        let offset = out.len();
+        bincode::encode_into_std_write(m, &mut out, config())?;
+        spans.push(BlockSpan {
+            offset: offset as u32,
+            len: (out.len() - offset) as u32,
+        });
+    }
+    Ok((out, spans))
+}
+
+/// One message of a current-layout block, from the bytes of its [`BlockSpan`].
+pub fn decode_stored_message(bytes: &[u8]) -> Result<crate::wire::Message, CodecError> {
+    decode_body(bytes)
+}
+
 /// A row of messages written by [`encode_stored_block`], or by an earlier version.
 pub fn decode_stored_block(data: &[u8]) -> Result<Vec<crate::wire::Message>, CodecError> {
     match data.split_first() {
@@ -245,6 +278,25 @@ mod tests {
             decode_stored_block(&new).expect("new layout"),
             vec![m, with]
         );
+    }
+
+    /// The indexed encoder writes the plain encoder's bytes, and each span decodes alone.
+    #[test]
+    fn an_indexed_block_is_a_block_whose_spans_decode_alone() {
+        let mut messages: Vec<Message> = (0..300).map(|_| sample_message()).collect();
+        for (i, m) in messages.iter_mut().enumerate() {
+            m.topic = format!("dev/{i}/cmd");
+            m.payload = vec![b'x'; i];
+        }
+        let refs: Vec<&Message> = messages.iter().collect();
+        let plain = encode_stored_block(&refs).expect("encode");
+        let (indexed, spans) = encode_stored_block_indexed(&refs).expect("encode");
+        assert_eq!(plain, indexed);
+        assert_eq!(spans.len(), messages.len());
+        for (span, m) in spans.iter().zip(&messages) {
+            let bytes = &indexed[span.offset as usize..(span.offset + span.len) as usize];
+            assert_eq!(&decode_stored_message(bytes).expect("decode"), m);
+        }
     }
 
     #[test]

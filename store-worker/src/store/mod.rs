@@ -146,6 +146,18 @@ pub trait Store: Send + Sync + 'static {
         not_host: Option<String>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// Messages on the topics of `scope` after `after` in (created, id) order, oldest first,
+    /// at most `limit`, not from `not_host`: read through the messages' topic index, so its
+    /// cost follows the messages of those topics, not all traffic. `None` where the scope is
+    /// a prefix holding more than [`PREFIX_CANDIDATES`] messages after `after`: the caller
+    /// reads by time ([`Store::messages_after`]) instead.
+    fn messages_on(
+        &self,
+        scope: TopicScope,
+        after: Cursor,
+        not_host: Option<String>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Option<Vec<Message>>, StoreError>> + Send;
     /// Records a QoS 2 delivery under way to a persistent session (`released` carries the
     /// delivery record to write with it once PUBREC arrived).
     fn track_qos2_out(
@@ -280,6 +292,45 @@ pub struct Owner<'a> {
     pub generation: Option<Generation>,
 }
 
+/// The topics a catch-up query reads through the topic index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TopicScope {
+    /// Exactly this topic (a filter without wildcards).
+    Exact(String),
+    /// This topic and every topic below it (`p` and `p/...`): the literal prefix of a filter
+    /// with a wildcard after its first level.
+    Prefix(String),
+}
+
+impl TopicScope {
+    /// The scope a session's filter reads, or `None` for one that must read by time (it
+    /// starts with a wildcard, so every topic may match). Shared subscriptions (`$share/...`)
+    /// are served by their group, never by a session's catch-up: `Some(None)`.
+    fn of(filter: &str) -> Option<Option<TopicScope>> {
+        if filter.starts_with("$share/") {
+            return Some(None);
+        }
+        if !filter.contains(['+', '#']) {
+            return Some(Some(TopicScope::Exact(filter.to_owned())));
+        }
+        literal_prefix(filter).map(|p| Some(TopicScope::Prefix(p)))
+    }
+
+    /// Whether `topic` is in this scope.
+    pub fn contains(&self, topic: &str) -> bool {
+        match self {
+            TopicScope::Exact(t) => topic == t,
+            TopicScope::Prefix(p) => topic
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        }
+    }
+}
+
+/// Most messages a prefix scope may hold after a catch-up's position for the topic index to
+/// serve it: past that, reading by time costs less than sorting the prefix's messages.
+pub const PREFIX_CANDIDATES: usize = 20_000;
+
 /// The literal part of a filter before its first wildcard, or `None` for a filter that starts
 /// with one. `a/#` matches `a` itself, so its prefix is `a`.
 pub fn literal_prefix(filter: &str) -> Option<String> {
@@ -360,16 +411,30 @@ pub async fn undelivered_before<S: Store>(
         });
     };
     let mut position = after.map_or(Cursor::since(oldest), |a| a.max(Cursor::since(oldest)));
+    let mut scopes = scopes_of(&subscriptions);
     let mut out = Vec::new();
     for _ in 0..MAX_PAGES_PER_QUERY {
-        let mut page = store
-            .messages_after(
-                position,
-                not_host.map(str::to_owned),
-                MAX_MESSAGES_PER_REPLY,
-            )
-            .await?;
-        let mut next = Cursor::after_full_page(&page, MAX_MESSAGES_PER_REPLY);
+        let read = match &scopes {
+            Some(scopes) => indexed_page(store, scopes, position, not_host).await?,
+            None => None,
+        };
+        let (mut page, mut next) = match read {
+            Some(read) => read,
+            None => {
+                // A filter that starts with a wildcard, or a prefix too busy for the index:
+                // read every topic by time, as long as this session's catch-up lasts.
+                scopes = None;
+                let page = store
+                    .messages_after(
+                        position,
+                        not_host.map(str::to_owned),
+                        MAX_MESSAGES_PER_REPLY,
+                    )
+                    .await?;
+                let next = Cursor::after_full_page(&page, MAX_MESSAGES_PER_REPLY);
+                (page, next)
+            }
+        };
         // Cut where the byte budget or the horizon ends the page, whichever comes first.
         let fits = fitting(&page, MAX_BYTES_PER_REPLY);
         let complete = horizon.map_or(page.len(), |h| page.partition_point(|m| m.created_ms < h));
@@ -420,6 +485,91 @@ pub async fn undelivered_before<S: Store>(
         next: Some(position),
         at_horizon: false,
     })
+}
+
+/// The scopes a session's subscriptions read through the topic index, each from the oldest
+/// creation time of the subscriptions that read it; `None` when one must read by time.
+fn scopes_of(subscriptions: &[StoredSubscription]) -> Option<Vec<(TopicScope, i64)>> {
+    let mut scopes: std::collections::BTreeMap<TopicScope, i64> = Default::default();
+    for s in subscriptions {
+        if let Some(scope) = TopicScope::of(&s.filter)? {
+            let since = scopes.entry(scope).or_insert(s.created_ms);
+            *since = (*since).min(s.created_ms);
+        }
+    }
+    // A prefix covers the exact topics and narrower prefixes inside it.
+    let prefixes: Vec<TopicScope> = scopes
+        .keys()
+        .filter(|s| matches!(s, TopicScope::Prefix(_)))
+        .cloned()
+        .collect();
+    let covered: Vec<(TopicScope, i64)> = scopes
+        .iter()
+        .filter_map(|(scope, since)| {
+            let topic = match scope {
+                TopicScope::Exact(t) | TopicScope::Prefix(t) => t,
+            };
+            let outer = prefixes.iter().find(|p| *p != scope && p.contains(topic))?;
+            Some((outer.clone(), *since))
+        })
+        .collect();
+    for (outer, since) in covered {
+        let s = scopes.entry(outer).or_insert(since);
+        *s = (*s).min(since);
+    }
+    let outer: Vec<(TopicScope, i64)> = scopes
+        .into_iter()
+        .filter(|(scope, _)| {
+            let topic = match scope {
+                TopicScope::Exact(t) | TopicScope::Prefix(t) => t,
+            };
+            !prefixes.iter().any(|p| p != scope && p.contains(topic))
+        })
+        .collect();
+    Some(outer)
+}
+
+/// One page through the topic index: each scope read after `position` (and from its oldest
+/// subscription), merged in (created, id) order, each message once. The page ends where the
+/// first full scope ends (a scope's messages past its last one read are not known yet) or at
+/// [`MAX_MESSAGES_PER_REPLY`]; the cursor after it is `None` when no scope has more. `None`
+/// when a scope is too busy for the index.
+async fn indexed_page<S: Store>(
+    store: &S,
+    scopes: &[(TopicScope, i64)],
+    position: Cursor,
+    not_host: Option<&str>,
+) -> Result<Option<(Vec<Message>, Option<Cursor>)>, StoreError> {
+    let limit = MAX_MESSAGES_PER_REPLY;
+    let mut merged = Vec::new();
+    let mut cut: Option<Cursor> = None;
+    for (scope, since) in scopes {
+        let from = position.max(Cursor::since(*since));
+        let Some(found) = store
+            .messages_on(scope.clone(), from, not_host.map(str::to_owned), limit)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if found.len() >= limit {
+            let last = found.last().map(Cursor::of);
+            cut = match (cut, last) {
+                (Some(c), Some(l)) => Some(c.min(l)),
+                (c, l) => c.or(l),
+            };
+        }
+        merged.extend(found);
+    }
+    merged.sort_by_key(|m| (m.created_ms, m.id));
+    merged.dedup_by_key(|m| m.id);
+    if let Some(cut) = cut {
+        merged.retain(|m| !cut.precedes(m));
+    }
+    if merged.len() > limit {
+        merged.truncate(limit);
+        cut = merged.last().map(Cursor::of);
+    }
+    Ok(Some((merged, cut)))
 }
 
 /// The client's QoS 2 deliveries under way, with their messages (those past the TTL dropped).

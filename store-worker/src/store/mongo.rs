@@ -12,8 +12,8 @@
 //! Indexes are made at start-up with fixed names; a TTL that differs is changed with collMod.
 
 use super::{
-    Deliveries, Owner, Store, StoreError, StoredSubscription, WriteBatch, MESSAGE_TTL_SECS,
-    PUBLISHED_TTL_SECS,
+    Deliveries, Owner, Store, StoreError, StoredSubscription, TopicScope, WriteBatch,
+    MESSAGE_TTL_SECS, PREFIX_CANDIDATES, PUBLISHED_TTL_SECS,
 };
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Document};
@@ -460,10 +460,11 @@ impl MongoStore {
         self.ensure_ttl("qos2Outbound", &self.qos2_out, PUBLISHED_TTL_SECS)
             .await?;
         let indexes = [
+            // Session catch-ups on their own topics (`messages_on`).
             (
                 &self.messages,
-                doc! { "topic": 1, "created": 1 },
-                "topic_created",
+                doc! { "topic": 1, "created": 1, "_id": 1 },
+                "topic_created_id",
                 false,
             ),
             (
@@ -510,6 +511,10 @@ impl MongoStore {
             // Whether a shared subscription group has members left.
             (&self.subscriptions, doc! { "topic": 1 }, "topic", false),
         ];
+        // `topic_created_id` serves every query the older `topic_created` did.
+        if let Err(e) = self.messages.drop_index("topic_created").await {
+            tracing::debug!(error = %e, "no index topic_created to drop");
+        }
         for (collection, keys, name, unique) in indexes {
             let options = IndexOptions::builder()
                 .name(name.to_owned())
@@ -1203,6 +1208,72 @@ impl Store for MongoStore {
             });
         }
         Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
+    }
+
+    async fn messages_on(
+        &self,
+        scope: TopicScope,
+        after: Cursor,
+        not_host: Option<String>,
+        limit: usize,
+    ) -> Result<Option<Vec<Message>>, StoreError> {
+        // Served by `topic_created_id`: equality (or a range) on the topic, then the cursor
+        // on (created, _id), so a page reads the scope's own messages and no others.
+        let mut filter = match &scope {
+            TopicScope::Exact(topic) => doc! { "topic": topic },
+            TopicScope::Prefix(p) => doc! { "$or": [
+                { "topic": p },
+                { "topic": { "$gte": format!("{p}/"), "$lt": format!("{p}0") } },
+            ] },
+        };
+        if let Some(host) = not_host {
+            filter.insert("host", doc! { "$ne": host });
+        }
+        if let TopicScope::Prefix(_) = scope {
+            let mut counted = filter.clone();
+            counted.insert(
+                "created",
+                doc! { "$gte": DateTime::from_millis(after.created_ms) },
+            );
+            let candidates = self
+                .messages
+                .count_documents(counted)
+                .limit(PREFIX_CANDIDATES as u64 + 1)
+                .await
+                .map_err(classify)?;
+            if candidates > PREFIX_CANDIDATES as u64 {
+                return Ok(None);
+            }
+        }
+        let sort = doc! { "created": 1, "_id": 1 };
+        // The rest of the cursor's millisecond, then what comes after it.
+        let mut same_ms = filter.clone();
+        same_ms.insert("created", DateTime::from_millis(after.created_ms));
+        same_ms.insert("_id", doc! { "$gt": oid(&after.id) });
+        let mut docs = all(self
+            .messages
+            .find(same_ms)
+            .sort(sort.clone())
+            .limit(limit as i64))
+        .await?;
+        if docs.len() < limit {
+            let mut later = filter;
+            later.insert(
+                "created",
+                doc! { "$gt": DateTime::from_millis(after.created_ms) },
+            );
+            docs.extend(
+                all(self
+                    .messages
+                    .find(later)
+                    .sort(sort)
+                    .limit((limit - docs.len()) as i64))
+                .await?,
+            );
+        }
+        Ok(Some(
+            docs.iter().filter_map(|d| message_of(d, "_id")).collect(),
+        ))
     }
 
     async fn follow_other_hosts(
