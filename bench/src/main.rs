@@ -7,6 +7,7 @@
 //! - [`idle`]: many idle connections from several loopback source addresses; broker RSS.
 //! - [`catchup`]: the store's catch-up and session-restore query times against history size.
 //! - [`sync`]: what a durable acknowledgement costs on a disk (synced writes, store commits).
+//! - [`storm`]: a fleet of persistent sessions reconnecting at once to their backlogs.
 //! - [`proc_stats`]: CPU seconds and RSS of broker processes from /proc.
 
 mod catchup;
@@ -15,6 +16,7 @@ mod idle;
 mod load;
 mod mqtt;
 mod proc_stats;
+mod storm;
 mod sync;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +40,8 @@ enum Command {
     Sync(sync::SyncArgs),
     /// CONNECTs with a wrong password at a fixed rate.
     Flood(flood::FloodArgs),
+    /// Persistent devices that come back at once to what they are owed.
+    Storm(storm::StormArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
             Command::Catchup(a) => catchup::run(a).await,
             Command::Sync(a) => sync::run(a).await,
             Command::Flood(a) => flood::run(a).await,
+            Command::Storm(a) => storm::run(a).await,
         }
     })?;
     println!("{line}");
