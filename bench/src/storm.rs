@@ -246,12 +246,11 @@ async fn come_back(args: Arc<StormArgs>, i: u32, start: Instant, delay: Duration
             };
             if !seen.insert(seq) {
                 outcome.twice += 1;
-            } else if {
+            } else {
                 outcome.got += 1;
-                false
-            } {
-            } else if last.is_some_and(|l| seq < l) {
-                outcome.out_of_order += 1;
+                if last.is_some_and(|l| seq < l) {
+                    outcome.out_of_order += 1;
+                }
             }
             last = Some(seq);
         }
