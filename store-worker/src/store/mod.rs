@@ -316,6 +316,13 @@ impl TopicScope {
         literal_prefix(filter).map(|p| Some(TopicScope::Prefix(p)))
     }
 
+    /// The topic, or the prefix, this scope names.
+    fn topic(&self) -> &str {
+        match self {
+            TopicScope::Exact(t) | TopicScope::Prefix(t) => t,
+        }
+    }
+
     /// Whether `topic` is in this scope.
     pub fn contains(&self, topic: &str) -> bool {
         match self {
@@ -506,10 +513,9 @@ fn scopes_of(subscriptions: &[StoredSubscription]) -> Option<Vec<(TopicScope, i6
     let covered: Vec<(TopicScope, i64)> = scopes
         .iter()
         .filter_map(|(scope, since)| {
-            let topic = match scope {
-                TopicScope::Exact(t) | TopicScope::Prefix(t) => t,
-            };
-            let outer = prefixes.iter().find(|p| *p != scope && p.contains(topic))?;
+            let outer = prefixes
+                .iter()
+                .find(|p| *p != scope && p.contains(scope.topic()))?;
             Some((outer.clone(), *since))
         })
         .collect();
@@ -520,10 +526,9 @@ fn scopes_of(subscriptions: &[StoredSubscription]) -> Option<Vec<(TopicScope, i6
     let outer: Vec<(TopicScope, i64)> = scopes
         .into_iter()
         .filter(|(scope, _)| {
-            let topic = match scope {
-                TopicScope::Exact(t) | TopicScope::Prefix(t) => t,
-            };
-            !prefixes.iter().any(|p| p != scope && p.contains(topic))
+            !prefixes
+                .iter()
+                .any(|p| p != scope && p.contains(scope.topic()))
         })
         .collect();
     Some(outer)

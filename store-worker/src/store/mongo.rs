@@ -347,6 +347,25 @@ const FIRST_WINDOW_MS: i64 = 16;
 const OPEN_AFTER_MS: i64 = 60_000;
 
 impl MongoStore {
+    /// Messages matching `filter` in the cursor's own millisecond after its id, in (created,
+    /// _id) order, at most `limit`: the first range scan of a catch-up page.
+    async fn rest_of_millisecond(
+        &self,
+        filter: &Document,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Vec<Document>, StoreError> {
+        let mut same_ms = filter.clone();
+        same_ms.insert("created", DateTime::from_millis(after.created_ms));
+        same_ms.insert("_id", doc! { "$gt": oid(&after.id) });
+        all(self
+            .messages
+            .find(same_ms)
+            .sort(doc! { "created": 1, "_id": 1 })
+            .limit(limit as i64))
+        .await
+    }
+
     /// `publishedMessage` records; `relaxed`: with the write concern for what nobody waits
     /// for (see the field), else the collection's durable one.
     async fn insert_records(&self, batch: &[Deliveries], relaxed: bool) -> Result<(), StoreError> {
@@ -1146,15 +1165,7 @@ impl Store for MongoStore {
         // server walks the index in order: the rest of the cursor's millisecond, then time
         // windows after it.
         let sort = doc! { "created": 1, "_id": 1 };
-        let mut same_ms = filter.clone();
-        same_ms.insert("created", DateTime::from_millis(after.created_ms));
-        same_ms.insert("_id", doc! { "$gt": oid(&after.id) });
-        let mut docs = all(self
-            .messages
-            .find(same_ms)
-            .sort(sort.clone())
-            .limit(limit as i64))
-        .await?;
+        let mut docs = self.rest_of_millisecond(&filter, after, limit).await?;
         let open_after = crate::server::now_ms() + OPEN_AFTER_MS;
         use std::sync::atomic::Ordering::Relaxed;
         let density = f64::from_bits(self.density.load(Relaxed));
@@ -1247,15 +1258,7 @@ impl Store for MongoStore {
         }
         let sort = doc! { "created": 1, "_id": 1 };
         // The rest of the cursor's millisecond, then what comes after it.
-        let mut same_ms = filter.clone();
-        same_ms.insert("created", DateTime::from_millis(after.created_ms));
-        same_ms.insert("_id", doc! { "$gt": oid(&after.id) });
-        let mut docs = all(self
-            .messages
-            .find(same_ms)
-            .sort(sort.clone())
-            .limit(limit as i64))
-        .await?;
+        let mut docs = self.rest_of_millisecond(&filter, after, limit).await?;
         if docs.len() < limit {
             let mut later = filter;
             later.insert(
