@@ -8,5 +8,7 @@ cd "$(dirname "$0")/.."
 export WHARF_VENV="${WHARF_VENV:-$PWD/.venv}"
 # Some tests run the real binaries as processes (to kill them): build those first.
 cargo build --workspace --bins --locked
+# Some tests hold a thousand sessions and more in one process (both ends of each socket).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo test --workspace --locked -- --test-threads="${WHARF_TEST_THREADS:-4}"
 ./scripts/check-deploy.sh

@@ -20,8 +20,15 @@ pub struct Broker {
     pub in_transit: Arc<InTransit>,
     pub auth: Arc<crate::auth::Auth>,
     pub lease: crate::lease::Lease,
+    /// Turns for persistent sessions' fetches from the store, taken in the order the CONNECTs
+    /// came (tokio's semaphore is fair): a reconnect storm queues here instead of in the
+    /// link, so that a CONNECT's timeout runs only once its fetch is under way.
+    pub session_fetches: tokio::sync::Semaphore,
     next_connection_id: AtomicU64,
 }
+
+/// Persistent sessions fetched from the store at once (about four per lane of the worker).
+pub const SESSION_FETCHES_AT_ONCE: usize = 32;
 
 /// Handles of the metrics recorded for every message or socket operation, registered once:
 /// the macros look their key up in the recorder on every call.
@@ -70,6 +77,7 @@ impl Broker {
             metrics: HotMetrics::register(),
             in_transit: Arc::default(),
             lease: Default::default(),
+            session_fetches: tokio::sync::Semaphore::new(SESSION_FETCHES_AT_ONCE),
             next_connection_id: AtomicU64::new(1),
         }
     }

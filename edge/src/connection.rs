@@ -91,7 +91,8 @@ enum End {
 /// What the run loop may wait on this turn; `None` for a source it must leave alone.
 struct Sources<'a, R, W> {
     takeover: Option<&'a mut TakeoverRx>,
-    writer: Option<&'a mut W>,
+    /// The socket, and how much of the output may be written.
+    writer: Option<(&'a mut W, usize)>,
     /// The socket, and the room to offer a read.
     reader: Option<(&'a mut R, usize)>,
     /// Set while the lease is lost.
@@ -444,6 +445,9 @@ struct Connection {
 /// 64 KiB, QoS 0 flat out lost a third of its messages at a full subscriber queue.
 const MIN_READ: usize = 128;
 const MAX_READ: usize = 16 * 1024;
+/// While held back for the store, the socket is read (for PINGREQs) only while less than
+/// this much is waiting in the read buffer: the rest stays in the kernel.
+const HELD_READ_LIMIT: usize = 1024;
 /// How often a session without a lease looks whether it has one again.
 const LEASE_RECHECK: Duration = Duration::from_millis(20);
 
@@ -570,6 +574,12 @@ impl Connection {
             // The keepalive counts from the start of the session, whatever the end of the
             // CONNECT phase took.
             self.out.session_tx.heard(keepalive::now_ms());
+            // Whether the session is held back for the store (see `store_held`), and how many
+            // bytes at the front of the output are PINGRESPs written without the lease.
+            let mut held = false;
+            let mut pongs = 0usize;
+            // Packets read while held back, to handle once the session may read again.
+            let mut undecoded = false;
             loop {
                 self.out.fill();
                 self.out
@@ -594,10 +604,34 @@ impl Connection {
                 // off from it) the session neither reads nor writes: another host may have
                 // claimed it meanwhile. See `crate::lease`.
                 let leased = self.broker.lease.holds();
+                let store_slow =
+                    self.ops.weight() >= self.broker.config.limits.max_pending_persists;
                 let can_read = leased
                     && closing.is_none()
-                    && self.ops.weight() < self.broker.config.limits.max_pending_persists
+                    && !store_slow
                     && self.out.write_buf.len() < self.broker.config.limits.write_high_water;
+                // Held back for the store's sake (the lease lost, or persists outstanding): the
+                // client is not silent, the edge is not reading, so its keepalive does not run
+                // meanwhile; and a PINGREQ at the front of what it sent is still answered (it
+                // delivers and acknowledges nothing), so that its own keepalive does not fire.
+                let store_held = closing.is_none() && (!leased || store_slow);
+                if store_held != held {
+                    held = store_held;
+                    if held {
+                        self.out.session_tx.hold();
+                    } else {
+                        self.out.session_tx.heard(keepalive::now_ms());
+                    }
+                }
+                // Without the lease only those answers may be written: nothing else is.
+                let writable = if leased {
+                    self.out.write_buf.len()
+                } else {
+                    pongs.min(self.out.write_buf.len())
+                };
+                let ping_read = store_held
+                    && self.read_buf.len() < HELD_READ_LIMIT
+                    && (leased || pongs == self.out.write_buf.len());
                 if closing.is_some()
                     && self.ops.is_empty()
                     && self.tracking.is_empty()
@@ -605,7 +639,19 @@ impl Connection {
                 {
                     break;
                 }
-                let can_write = leased && !self.out.write_buf.is_empty();
+                if can_read && undecoded {
+                    // What was read while held back, now that the session may read again.
+                    undecoded = false;
+                    match Box::pin(self.decode_all()).await {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            closing = Some(Closing::Graceful);
+                            continue;
+                        }
+                        Err(e) => return End::Error(e),
+                    }
+                }
+                let can_write = writable > 0;
                 let wants_queue = self.out.wants_queue();
                 let read_chunk = self.read_chunk as usize;
                 let takeover_open = closing.is_none() && !takeover_rx.is_terminated();
@@ -629,8 +675,9 @@ impl Connection {
                                 cx,
                                 Sources {
                                     takeover: takeover_open.then_some(&mut *takeover_rx),
-                                    writer: can_write.then_some(&mut *writer),
-                                    reader: can_read.then_some((&mut *reader, read_chunk)),
+                                    writer: can_write.then_some((&mut *writer, writable)),
+                                    reader: (can_read || ping_read)
+                                        .then_some((&mut *reader, read_chunk)),
                                     recheck: recheck.as_mut(),
                                     wants_queue,
                                 },
@@ -652,6 +699,7 @@ impl Connection {
                                 // `advance`, not `split_to`: splitting turns the buffer into a shared
                                 // one, an allocation that an idle connection would keep.
                                 self.out.write_buf.advance(n);
+                                pongs = pongs.saturating_sub(n);
                                 if self.out.write_buf.is_empty()
                                     && self.out.write_buf.capacity() > 16 * 1024
                                 {
@@ -704,8 +752,13 @@ impl Connection {
                                 if n == room {
                                     self.read_chunk = (self.read_chunk * 2).min(MAX_READ as u32);
                                 }
-                                self.out.session_tx.heard(keepalive::now_ms());
-                                read_full = Some(n == room);
+                                if can_read {
+                                    self.out.session_tx.heard(keepalive::now_ms());
+                                    read_full = Some(n == room);
+                                } else {
+                                    pongs += self.answer_pings(leased, pongs);
+                                    undecoded = !self.read_buf.is_empty();
+                                }
                             }
                             Err(e) => return End::Error(e.into()),
                         },
@@ -745,8 +798,9 @@ impl Connection {
                 return Poll::Ready(Wake::Handover(handover));
             }
         }
-        if let Some(writer) = sources.writer {
-            if let Poll::Ready(written) = Pin::new(writer).poll_write(cx, &self.out.write_buf) {
+        if let Some((writer, writable)) = sources.writer {
+            let buf = &self.out.write_buf[..writable];
+            if let Poll::Ready(written) = Pin::new(writer).poll_write(cx, buf) {
                 return Poll::Ready(Wake::Written(written));
             }
         }
@@ -854,6 +908,22 @@ impl Connection {
             Ok(rx) => self.catch_up = Some(rx),
             Err(_) => self.out.catch_up_failed(),
         }
+    }
+
+    /// While the session is held back for the store: answers the PINGREQs at the front of
+    /// the read buffer (anything else waits there, in order, for the store) and returns the
+    /// bytes it added to the output. Without the lease (`leased` false) only while the output
+    /// holds nothing but earlier answers (`pongs` bytes): nothing else may be written then.
+    fn answer_pings(&mut self, leased: bool, pongs: usize) -> usize {
+        let mut added = 0;
+        while self.read_buf.starts_with(&[0xc0, 0])
+            && (leased || self.out.write_buf.len() == pongs + added)
+        {
+            self.read_buf.advance(2);
+            encode::pingresp(&mut self.out.write_buf);
+            added += 2;
+        }
+        added
     }
 
     /// Handles every complete packet in the read buffer; `Ok(false)` after DISCONNECT.

@@ -355,7 +355,14 @@ impl SessionTx {
         self.last_heard_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Whether the client has been silent for longer than its keepalive allows.
+    /// The edge stops reading the client for a while (see [`SessionTx::overdue`]): its
+    /// silence does not count until the next [`SessionTx::heard`].
+    pub fn hold(&self) {
+        self.last_heard_ms.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// Whether the client has been silent for longer than its keepalive allows (never while
+    /// held: the "last heard" moment is then in the future).
     pub fn overdue(&self, now_ms: u64) -> bool {
         self.silence_limit_ms > 0
             && now_ms.saturating_sub(self.last_heard_ms.load(Ordering::Relaxed))

@@ -735,6 +735,51 @@ async fn silent_clients_are_closed_by_keepalive_and_connect_timeout() {
     }
 }
 
+/// A publisher the edge stops reading because the store is slow (its persists outstanding)
+/// is not closed for keepalive meanwhile, and its PINGREQs are still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_held_back_for_a_slow_store_is_not_timed_out() {
+    let s = setup_with(|c| c.limits.max_pending_persists = 2).await;
+    s.worker.set_persist_delay(Duration::from_secs(5));
+    let mut raw = Raw::connect(s.edge.local_addr).await;
+    // Keepalive 1 s: closed after 1.5 s of silence.
+    raw.send(&raw::connect_bytes("held", true, 1)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
+    for pkid in 1..=2 {
+        raw.send(&raw::publish_bytes("slow", 1, pkid, false, b"x"))
+            .await;
+    }
+    // The edge holds the rest back; each PINGREQ is answered all the same.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        raw.send(&[0xc0, 0]).await;
+        let answer = raw.recv_within(Duration::from_millis(600)).await;
+        assert!(
+            matches!(answer, Some(Packet::PingResp)),
+            "PINGREQ while held back: {answer:?}"
+        );
+    }
+    // A PUBLISH sent while held back waits for the store, in order, and is taken then.
+    raw.send(&raw::publish_bytes("slow", 1, 3, false, b"y"))
+        .await;
+    let mut acked = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+    while acked.len() < 3 && tokio::time::Instant::now() < deadline {
+        // Pinging on, as a client waiting for its PUBACKs does.
+        raw.send(&[0xc0, 0]).await;
+        while let Some(packet) = raw.recv_within(Duration::from_millis(700)).await {
+            match packet {
+                Packet::PubAck(a) => acked.push(a.pkid),
+                Packet::PingResp => {}
+                other => panic!("expected PUBACKs, got {other:?} after {acked:?}"),
+            }
+        }
+    }
+    assert_eq!(acked, vec![1, 2, 3]);
+    // Reading again, the keepalive runs again: silence now closes it.
+    raw.expect_closed().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_pending_persists_before_closing() {
     let s = setup().await;

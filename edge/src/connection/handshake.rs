@@ -24,8 +24,12 @@ use wharf_shared::{Message, Reply, Request, StoredSession};
 pub const MAX_CLIENT_ID_LEN: usize = 1024;
 /// How long a new connection waits for the one it takes over to hand its session over.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a persistent session waits for its stored state.
+/// How long a persistent session waits for its stored state once its fetch is sent.
 const SESSION_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a persistent session waits for its turn to fetch (see
+/// [`Broker::session_fetches`]): a storm of 10,000 returning devices is through in seconds;
+/// a queue that does not move for this long means the store is not answering.
+const SESSION_TURN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A session that has been accepted (CONNACK 0 written to the buffer).
 pub struct Handshake {
@@ -383,6 +387,10 @@ async fn fetch_session(
         clean_start: false,
         session_expiry,
     };
+    let _turn = tokio::time::timeout(SESSION_TURN_TIMEOUT, broker.session_fetches.acquire())
+        .await
+        .map_err(|_| SessionError::Store("no turn to fetch the session in time".into()))?
+        .map_err(|_| SessionError::Link(crate::link::LinkError::Closed))?;
     let rx = broker.link.request(request, Policy::FailFast).await?;
     let reply = tokio::time::timeout(SESSION_FETCH_TIMEOUT, rx)
         .await
