@@ -42,6 +42,23 @@ pub struct StormArgs {
     /// Keepalive the devices send, in seconds.
     #[arg(long, default_value_t = 60)]
     keepalive: u16,
+    /// Every device subscribes to one topic, `fleet/<prefix>/all`, and `owed` messages are
+    /// published there once (each stored once, delivered to every device).
+    #[arg(long)]
+    broadcast: bool,
+    /// The broker's processes (comma-separated): their CPU during the storm is reported.
+    #[arg(long, value_delimiter = ',')]
+    pids: Vec<u32>,
+}
+
+impl StormArgs {
+    fn filter(&self, id: &str) -> String {
+        if self.broadcast {
+            format!("fleet/{}/all", self.prefix)
+        } else {
+            format!("dev/{id}/cmd")
+        }
+    }
 }
 
 fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
@@ -157,7 +174,7 @@ async fn prepare(args: &StormArgs, i: u32) -> anyhow::Result<()> {
     let (mut conn, code) = Conn::open(args, &id).await?;
     anyhow::ensure!(code == 0, "CONNACK {code}");
     conn.stream
-        .write_all(&subscribe_packet(&format!("dev/{id}/cmd")))
+        .write_all(&subscribe_packet(&args.filter(&id)))
         .await?;
     loop {
         let (header, _) = conn.next().await?;
@@ -306,7 +323,20 @@ pub async fn run(args: StormArgs) -> anyhow::Result<String> {
     let noise_secs = noise_started.elapsed().as_secs_f64();
     let owed_started = Instant::now();
     let (devices, owed) = (args.devices as u64, args.owed as u64);
-    let publishers = 4u64.min(devices.max(1));
+    // Broadcast: one publisher, so that the sequence numbers are in publishing order.
+    let publishers = if args.broadcast {
+        0
+    } else {
+        4u64.min(devices.max(1))
+    };
+    if args.broadcast {
+        let topic = args.filter("");
+        let prefix = args.prefix.clone();
+        publish_all(&args, &format!("{}-pub", args.prefix), owed, move |k| {
+            (topic.clone(), format!("{prefix}:{k}").into_bytes())
+        })
+        .await?;
+    }
     let mut pubs = tokio::task::JoinSet::new();
     for p in 0..publishers {
         let args = args.clone();
@@ -335,6 +365,7 @@ pub async fn run(args: StormArgs) -> anyhow::Result<String> {
     }
     let owed_secs = owed_started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu_before = crate::proc_stats::total_cpu(&args.pids);
     let start = Instant::now();
     let mut storm = tokio::task::JoinSet::new();
     for i in 0..args.devices {
@@ -345,6 +376,7 @@ pub async fn run(args: StormArgs) -> anyhow::Result<String> {
     while let Some(o) = storm.join_next().await {
         outcomes.push(o?);
     }
+    let broker_cpu_secs = crate::proc_stats::total_cpu(&args.pids) - cpu_before;
     let mut times: Vec<f64> = outcomes.iter().filter_map(|o| o.complete_secs).collect();
     times.sort_by(f64::total_cmp);
     let got: u64 = outcomes.iter().map(|o| o.got as u64).sum();
@@ -356,7 +388,8 @@ pub async fn run(args: StormArgs) -> anyhow::Result<String> {
             "\"ramp_secs\":{},\"refused\":{},\"failed\":{},\"complete\":{},",
             "\"missing\":{},\"twice\":{},\"out_of_order\":{},\"p50_secs\":{:.3},",
             "\"p99_secs\":{:.3},\"last_secs\":{:.3},\"restore_msgs_per_sec\":{:.0},",
-            "\"prepare_secs\":{:.1},\"unrelated_secs\":{:.1},\"owed_publish_secs\":{:.1}}}"
+            "\"prepare_secs\":{:.1},\"unrelated_secs\":{:.1},\"owed_publish_secs\":{:.1},",
+            "\"broadcast\":{},\"broker_cpu_secs\":{:.2},\"cpu_us_per_msg\":{:.1}}}"
         ),
         devices,
         owed,
@@ -375,5 +408,8 @@ pub async fn run(args: StormArgs) -> anyhow::Result<String> {
         prepare_secs,
         noise_secs,
         owed_secs,
+        args.broadcast,
+        broker_cpu_secs,
+        broker_cpu_secs * 1e6 / got.max(1) as f64,
     ))
 }

@@ -24,6 +24,9 @@ pub struct Broker {
     /// came (tokio's semaphore is fair): a reconnect storm queues here instead of in the
     /// link, so that a CONNECT's timeout runs only once its fetch is under way.
     pub session_fetches: tokio::sync::Semaphore,
+    /// When a session fetch last completed ([`crate::keepalive::now_ms`]): a queue of waiting
+    /// fetches gives up only once none has for a while.
+    pub session_fetch_done_ms: AtomicU64,
     next_connection_id: AtomicU64,
 }
 
@@ -78,6 +81,7 @@ impl Broker {
             in_transit: Arc::default(),
             lease: Default::default(),
             session_fetches: tokio::sync::Semaphore::new(SESSION_FETCHES_AT_ONCE),
+            session_fetch_done_ms: AtomicU64::new(crate::keepalive::now_ms()),
             next_connection_id: AtomicU64::new(1),
         }
     }

@@ -1368,9 +1368,12 @@ impl Connection {
         let mut groups = Vec::new();
         for f in filters {
             let shared = topic::shared(&f.filter);
-            let valid = match shared {
-                Some(_) => topic::valid_shared(&f.filter),
-                None => topic::valid_filter(&f.filter),
+            // `$share/group` with no filter after it is an invalid shared subscription, not a
+            // filter of its own (MQTT 5.0 4.8.2).
+            let valid = if f.filter.starts_with("$share/") {
+                topic::valid_shared(&f.filter)
+            } else {
+                topic::valid_filter(&f.filter)
             };
             if !valid {
                 codes.push(if v5 {

@@ -142,6 +142,36 @@ fn passwords(dir: &Path) -> PathBuf {
     file
 }
 
+/// `wharf-passwd` refuses what the broker could not use: a user name the file's readers take
+/// for a comment, and a password bcrypt would cut at 72 bytes (its first 72 bytes with any tail
+/// would then log in).
+#[test]
+fn wharf_passwd_refuses_unusable_names_and_passwords() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let file = dir.path().join("passwords");
+    let run = |args: &[&str]| {
+        Command::new(bin("wharf-passwd"))
+            .args(args)
+            .output()
+            .expect("wharf-passwd")
+    };
+    let path = file.to_str().expect("path");
+    assert!(run(&["-c", "-b", path, "ok", "pw"]).status.success());
+    for user in ["#dev", " #dev", "dev\nx"] {
+        let out = run(&["-b", path, user, "pw"]);
+        assert!(!out.status.success(), "user name {user:?} accepted");
+    }
+    let long = "p".repeat(93);
+    let out = run(&["-b", "-H", "bcrypt", path, "dev", &long]);
+    assert!(!out.status.success(), "a 93-byte bcrypt password accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("72"));
+    assert!(run(&["-b", "-H", "bcrypt", path, "dev", &long[..72]])
+        .status
+        .success());
+    let text = std::fs::read_to_string(&file).expect("file");
+    assert_eq!(text.lines().count(), 2, "{text}");
+}
+
 async fn secured(kind: Kind, dir: &Path) -> Stack {
     let settings = AuthSettings {
         password_file: Some(passwords(dir)),

@@ -502,17 +502,24 @@ async fn reason_codes() {
     assert_eq!(connack.body[3], 0x1f, "a Reason String says why");
 
     let (mut a, _) = Raw5::session(addr, &raw5::connect("codes", true, &[])).await;
-    // An invalid filter, and an invalid shared one: 0x8F.
+    // An invalid filter, and invalid shared ones (a share name with a wildcard; a share name
+    // and no filter after it): 0x8F.
     a.send(&raw5::subscribe(
         1,
         &[],
-        &[("c/#", 1), ("c/#/x", 1), ("$share/g+/c", 1)],
+        &[
+            ("c/#", 1),
+            ("c/#/x", 1),
+            ("$share/g+/c", 1),
+            ("$share/group", 1),
+            ("$share/", 1),
+        ],
     ))
     .await;
     let suback = a.recv().await.expect("SUBACK");
     assert_eq!(
         (suback.kind(), &suback.body[2..]),
-        (9, &[0u8, 1, 0x8f, 0x8f][..])
+        (9, &[0u8, 1, 0x8f, 0x8f, 0x8f, 0x8f][..])
     );
     // UNSUBSCRIBE of a filter never subscribed: 0x11.
     a.send(&raw5::unsubscribe(2, &["c/#", "nothing"])).await;

@@ -122,7 +122,11 @@ impl Hash {
                     Err(_) => false,
                 }
             }
-            Hash::Bcrypt(stored) => bcrypt::verify(password, stored).unwrap_or(false),
+            // Not cut to bcrypt's 72 bytes: a longer password is not the one hashed.
+            Hash::Bcrypt(stored) => {
+                password.len() <= BCRYPT_MAX_PASSWORD
+                    && bcrypt::verify(password, stored).unwrap_or(false)
+            }
             Hash::Salted {
                 sha512,
                 salt,
@@ -224,6 +228,12 @@ impl Hash {
 
     /// A new bcrypt hash (`$2b$`) of the given cost.
     pub fn new_bcrypt(password: &[u8], cost: u32) -> Result<Hash, String> {
+        if password.len() > BCRYPT_MAX_PASSWORD {
+            return Err(format!(
+                "bcrypt reads only the first {BCRYPT_MAX_PASSWORD} bytes of a password: use a \
+                 shorter one, or pbkdf2 or argon2id"
+            ));
+        }
         bcrypt::hash(password, cost)
             .map(Hash::Bcrypt)
             .map_err(|e| e.to_string())
@@ -302,6 +312,43 @@ pub struct FileError {
 #[derive(Debug, Default)]
 pub struct PasswordFile {
     users: HashMap<String, Hash>,
+    /// What an unknown user's password is checked against: a hash of the algorithm and cost
+    /// most of the users have (one of theirs; the result is ignored), so that a wrong user name
+    /// costs what a wrong password does.
+    decoy: Option<Hash>,
+}
+
+/// bcrypt reads at most this many bytes of a password and ignores the rest: longer passwords
+/// are refused (by `wharf-passwd`, and at login against a bcrypt hash) rather than cut.
+pub const BCRYPT_MAX_PASSWORD: usize = 72;
+
+/// The algorithm and cost of a hash: what its verification costs.
+fn cost_class(hash: &Hash) -> String {
+    match hash {
+        Hash::Pbkdf2Sha512 { iterations, .. } => format!("pbkdf2:{iterations}"),
+        Hash::Sha512 { .. } => "sha512".into(),
+        // `$argon2id$v=19$m=..,t=..,p=..$salt$hash`: the parameters are the fourth field.
+        Hash::Argon2(phc) => format!("argon2:{}", phc.split('$').nth(3).unwrap_or("")),
+        // `$2b$10$...`: the cost is the third field.
+        Hash::Bcrypt(stored) => format!("bcrypt:{}", stored.split('$').nth(2).unwrap_or("")),
+        Hash::Salted { sha512, .. } => format!("salted:{sha512}"),
+    }
+}
+
+/// The hash of the most common cost class (the first such user's, in name order).
+fn decoy_of(users: &HashMap<String, Hash>) -> Option<Hash> {
+    let mut names: Vec<&String> = users.keys().collect();
+    names.sort();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for name in &names {
+        *counts.entry(cost_class(&users[*name])).or_default() += 1;
+    }
+    let most = counts.values().copied().max()?;
+    names
+        .into_iter()
+        .map(|name| &users[name])
+        .find(|hash| counts[&cost_class(hash)] == most)
+        .cloned()
 }
 
 impl PasswordFile {
@@ -333,7 +380,8 @@ impl PasswordFile {
                 reason: "no users".into(),
             });
         }
-        Ok(PasswordFile { users })
+        let decoy = decoy_of(&users);
+        Ok(PasswordFile { users, decoy })
     }
 
     /// The users of the store's user documents; a document whose hash cannot be read is
@@ -350,7 +398,8 @@ impl PasswordFile {
                 }
             }
         }
-        PasswordFile { users: out }
+        let decoy = decoy_of(&out);
+        PasswordFile { users: out, decoy }
     }
 
     /// Whether `user` exists with this password (an unknown user costs a hash too, so that
@@ -359,12 +408,9 @@ impl PasswordFile {
         match self.users.get(user) {
             Some(hash) => hash.verify(password),
             None => {
-                let decoy = Hash::Pbkdf2Sha512 {
-                    iterations: NonZeroU32::MIN.saturating_add(100),
-                    salt: vec![0; 12],
-                    hash: vec![0; 64],
-                };
-                let _ = decoy.verify(password);
+                if let Some(decoy) = &self.decoy {
+                    let _ = decoy.verify(password);
+                }
                 false
             }
         }
@@ -409,6 +455,38 @@ dave:$argon2id$v=19$m=1024,t=1,p=1$scEcvKzmLizFKW91ulnFJw$51cSMh1xkWCu/DMqRt1GM5
             assert!(!file.check(user, b""), "{user} with an empty password");
         }
         assert!(!file.check("mallory", b"s3cret"));
+    }
+
+    /// An unknown user is checked against a hash of the algorithm and cost most users have
+    /// (a PBKDF2 of 101 iterations took 0.1 ms where a bcrypt user took 60 ms: a timing oracle).
+    #[test]
+    fn an_unknown_user_costs_what_the_users_cost() {
+        let bcrypt = |cost| Hash::new_bcrypt(b"pw", cost).expect("bcrypt");
+        let mut text = String::new();
+        for (user, hash) in [("a", bcrypt(5)), ("b", bcrypt(5)), ("c", bcrypt(4))] {
+            text = set_user(&text, user, &hash);
+        }
+        let pbkdf2 = Hash::new_pbkdf2(b"pw", NonZeroU32::MIN.saturating_add(100)).expect("pbkdf2");
+        text = set_user(&text, "d", &pbkdf2);
+        let file = PasswordFile::parse(&text).expect("parse");
+        let decoy = file.decoy.as_ref().expect("a decoy");
+        assert_eq!(cost_class(decoy), "bcrypt:05");
+        assert!(
+            !file.check("mallory", b"pw"),
+            "an unknown user never logs in"
+        );
+    }
+
+    /// bcrypt ignores what follows byte 72: such passwords are neither hashed nor accepted.
+    #[test]
+    fn bcrypt_refuses_passwords_it_would_cut() {
+        let long = [b'x'; 93];
+        assert!(Hash::new_bcrypt(&long, 4).is_err());
+        assert!(Hash::new_bcrypt(&long[..72], 4).is_ok());
+        // A hash made elsewhere of the first 72 bytes: the 93-byte password is not it.
+        let cut = Hash::Bcrypt(bcrypt::hash(&long[..72], 4).expect("bcrypt"));
+        assert!(cut.verify(&long[..72]));
+        assert!(!cut.verify(&long));
     }
 
     #[test]

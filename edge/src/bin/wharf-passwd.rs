@@ -53,6 +53,10 @@ fn run(args: Args) -> Result<(), String> {
     if args.user.is_empty() || args.user.contains(':') {
         return Err("a user name must be non-empty and without ':'".into());
     }
+    // The file's readers take such a line for a comment, or cut it: the user could not log in.
+    if args.user.trim_start().starts_with('#') || args.user.chars().any(char::is_control) {
+        return Err("a user name must not start with '#' or hold control characters".into());
+    }
     if args.password.is_some() != args.batch {
         return Err("a password on the command line goes with -b (and -b needs one)".into());
     }

@@ -13,6 +13,7 @@ use crate::router::{Delivery, Grant, SessionTx};
 use crate::session::SessionState;
 use crate::{ids, topic};
 use bytes::BytesMut;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -26,10 +27,11 @@ pub const MAX_CLIENT_ID_LEN: usize = 1024;
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a persistent session waits for its stored state once its fetch is sent.
 const SESSION_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a persistent session waits for its turn to fetch (see
-/// [`Broker::session_fetches`]): a storm of 10,000 returning devices is through in seconds;
-/// a queue that does not move for this long means the store is not answering.
-const SESSION_TURN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a persistent session waiting for its turn to fetch (see
+/// [`Broker::session_fetches`]) looks whether the queue still moves: it waits as long as fetches
+/// complete, and gives up once none has for [`SESSION_FETCH_TIMEOUT`] (the store is not
+/// answering).
+const SESSION_TURN_CHECK: Duration = Duration::from_secs(1);
 
 /// A session that has been accepted (CONNACK 0 written to the buffer).
 pub struct Handshake {
@@ -387,15 +389,31 @@ async fn fetch_session(
         clean_start: false,
         session_expiry,
     };
-    let _turn = tokio::time::timeout(SESSION_TURN_TIMEOUT, broker.session_fetches.acquire())
-        .await
-        .map_err(|_| SessionError::Store("no turn to fetch the session in time".into()))?
-        .map_err(|_| SessionError::Link(crate::link::LinkError::Closed))?;
+    let waiting_since = crate::keepalive::now_ms();
+    let turn = broker.session_fetches.acquire();
+    tokio::pin!(turn);
+    let _turn = loop {
+        tokio::select! {
+            permit = &mut turn => {
+                break permit.map_err(|_| SessionError::Link(crate::link::LinkError::Closed))?
+            }
+            _ = tokio::time::sleep(SESSION_TURN_CHECK) => {
+                let moved = broker.session_fetch_done_ms.load(Ordering::Relaxed);
+                let idle = crate::keepalive::now_ms().saturating_sub(moved.max(waiting_since));
+                if idle > SESSION_FETCH_TIMEOUT.as_millis() as u64 {
+                    return Err(SessionError::Store("the session fetches stopped moving".into()));
+                }
+            }
+        }
+    };
     let rx = broker.link.request(request, Policy::FailFast).await?;
     let reply = tokio::time::timeout(SESSION_FETCH_TIMEOUT, rx)
         .await
         .map_err(|_| SessionError::Store("session fetch timed out".into()))?
         .map_err(|_| SessionError::Link(crate::link::LinkError::Closed))??;
+    broker
+        .session_fetch_done_ms
+        .store(crate::keepalive::now_ms(), Ordering::Relaxed);
     match reply {
         Reply::Session(session) => Ok(session),
         other => Err(SessionError::Store(format!("connect: {other:?}"))),
