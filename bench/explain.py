@@ -61,6 +61,25 @@ def main():
         "message: the rest of the cursor's millisecond",
         lambda: messages.find({"created": at, "_id": {"$gt": after_id}}).sort(order).limit(page),
     )
+    # A session's catch-up by topic (`messages_on`): its exact topic after the cursor, then a
+    # prefix (a filter such as `dev/#`) as the topic itself or a range of the topics under it.
+    topic = middle["topic"]
+    show(
+        f"message: one topic ({topic}) after the cursor (topic_created_id)",
+        lambda: messages.find({"topic": topic, "created": {"$gt": at}}).sort(order).limit(page),
+    )
+    # A prefix is two queries (a single `$or` was planned as a scan of `created`): the topic
+    # itself, and the range of the topics under it; each counted first (at most 20,001).
+    prefix = "/".join(topic.split("/")[:2])
+    under = {"topic": {"$gte": prefix + "/", "$lt": prefix + "0"}}
+    show(
+        f"message: the prefix's own topic ({prefix}) after the cursor",
+        lambda: messages.find({"topic": prefix, "created": {"$gt": at}}).sort(order).limit(page),
+    )
+    show(
+        f"message: the topics under the prefix ({prefix}/#) after the cursor, a page",
+        lambda: messages.find({**under, "created": {"$gt": at}}).sort(order).limit(page),
+    )
     window = {"$gt": at, "$lte": at + timedelta(milliseconds=100)}
     show(
         "message: a 100 ms window after it",
