@@ -17,7 +17,7 @@ use crate::link::{LinkError, Policy, ReplyRx};
 use crate::protocol::{encode, reason, Inbound, PublishIn, SubscribeFilter, Version, Will};
 use crate::registry::Released;
 use crate::router::{Event, Grant, SessionTx, Signals};
-use crate::session::{Ack, SessionState};
+use crate::session::Ack;
 use crate::topic;
 use bytes::{Buf, BytesMut};
 use futures::future::{BoxFuture, Either};
@@ -82,7 +82,7 @@ enum End {
     /// DISCONNECT received: no will.
     Graceful,
     /// Another connection took the client id; the state goes to it.
-    TakenOver(oneshot::Sender<Option<SessionState>>),
+    TakenOver(crate::registry::Handover),
     /// The edge is shutting down.
     Shutdown,
     Error(SessionError),
@@ -102,7 +102,7 @@ struct Sources<'a, R, W> {
 
 /// What woke the run loop.
 enum Wake {
-    Handover(Result<oneshot::Sender<Option<SessionState>>, oneshot::error::RecvError>),
+    Handover(Result<crate::registry::Handover, oneshot::error::RecvError>),
     Written(std::io::Result<usize>),
     Tracked((u16, bool, Result<Reply, LinkError>)),
     Op(Op),
@@ -132,7 +132,7 @@ impl From<Closing> for End {
 type OpFuture = Pin<Box<dyn Future<Output = Op> + Send>>;
 
 /// Where a newer connection with the same client id asks for the session state.
-type TakeoverRx = oneshot::Receiver<oneshot::Sender<Option<SessionState>>>;
+type TakeoverRx = oneshot::Receiver<crate::registry::Handover>;
 
 /// Replies the client waits for, answered in the order its packets arrived.
 enum Op {
@@ -363,10 +363,16 @@ async fn open<R: Reader, W: AsyncWrite + Unpin>(
 }
 
 /// Tells a 5.0 client why the server closes (MQTT 5.0 3.14), if it does.
-async fn say_why<W: AsyncWrite + Unpin>(writer: &mut W, end: &End) {
+/// Without the Reason String if it would take the packet over the client's Maximum Packet
+/// Size (`max_packet`).
+async fn say_why<W: AsyncWrite + Unpin>(writer: &mut W, end: &End, max_packet: Option<u32>) {
     if let Some((code, why)) = end.disconnect_reason() {
         let mut buf = BytesMut::new();
         encode::disconnect(&mut buf, code, why.as_deref());
+        if max_packet.is_some_and(|max| buf.len() > max as usize) {
+            buf.clear();
+            encode::disconnect(&mut buf, code, None);
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&buf)).await;
     }
 }
@@ -1596,7 +1602,7 @@ impl Connection {
         takeover_rx: &mut TakeoverRx,
     ) {
         if self.version.is_v5() {
-            say_why(writer, &end).await;
+            say_why(writer, &end, Some(self.out.max_packet_size)).await;
         }
         self.finish(end, takeover_rx).await;
     }
@@ -1635,12 +1641,22 @@ impl Connection {
         // ends with this connection (expiry 0) is not delayed: it is sent now.
         let delayed = |w: &Will| w.delay_secs.min(self.session_expiry) > 0;
         let will = will.filter(|w| !(matches!(end, End::TakenOver(_)) && delayed(w)));
-        let mut claim = None;
         let persistent = self.session_expiry > 0;
+        // 3.1/3.1.1 list no takeover among a will's causes: sent only when the session ends
+        // with it (either connection clean), as Mosquitto does. 5.0: as above.
+        let will = will.filter(|_| match &end {
+            End::TakenOver(handover) if !self.version.is_v5() => {
+                !(persistent && handover.keeps_session)
+            }
+            _ => true,
+        });
+        let mut claim = None;
+        // Whom the will is checked for again when it is sent (a reload may have revoked it).
+        let principal = self.out.auth.principal().cloned();
         let state = self.out.into_state();
         match end {
-            End::TakenOver(tx) => {
-                let _ = tx.send(persistent.then_some(state));
+            End::TakenOver(handover) => {
+                let _ = handover.reply.send(persistent.then_some(state));
             }
             _ => {
                 let park = persistent.then_some(state);
@@ -1671,8 +1687,8 @@ impl Connection {
                         if !takeover_rx.is_terminated() {
                             let handover =
                                 tokio::time::timeout(Duration::from_secs(5), takeover_rx);
-                            if let Ok(Ok(tx)) = handover.await {
-                                let _ = tx.send(state);
+                            if let Ok(Ok(handover)) = handover.await {
+                                let _ = handover.reply.send(state);
                             }
                         }
                     }
@@ -1701,6 +1717,19 @@ impl Connection {
                     }
                     // Stamped when it is sent, so that its expiry counts from then.
                     (message.created_ms, message.id) = crate::ids::stamp();
+                }
+                // Checked again: the write right may have been revoked since CONNECT
+                // (Mosquitto 2.0 checks at sending too).
+                let allowed = broker.auth.policy().allows(
+                    &client_id,
+                    principal.as_ref(),
+                    Access::Write,
+                    &message.topic,
+                );
+                if !allowed {
+                    tracing::info!(client_id = %client_id, topic = %message.topic, "will not sent: no longer authorized");
+                    metrics::counter!("wharf_edge_denied_total", "action" => "will").increment(1);
+                    return;
                 }
                 broker.publish_detached(message).await;
             });

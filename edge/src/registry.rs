@@ -10,7 +10,15 @@ use tokio::sync::oneshot;
 use wharf_shared::Generation;
 
 /// Asks a connection to close and hand its session state over (once: it then ends).
-pub type TakeoverTx = oneshot::Sender<oneshot::Sender<Option<SessionState>>>;
+pub type TakeoverTx = oneshot::Sender<Handover>;
+
+/// What a connection taken over is handed: where to send its session state, and whether the
+/// session goes on (the new connection keeps it), which decides a 3.1/3.1.1 will.
+#[derive(Debug)]
+pub struct Handover {
+    pub reply: oneshot::Sender<Option<SessionState>>,
+    pub keeps_session: bool,
+}
 
 /// One per client id on this edge (kept small: an idle fleet's edge holds one per device).
 enum Entry {
@@ -298,8 +306,13 @@ impl Registry {
 /// end as if taken over, with nobody to take its state.
 fn lose(inner: &mut HashMap<Arc<str>, Entry>, client_id: &str) {
     if let Some(Entry::Connected { takeover, .. }) = inner.remove(client_id) {
-        let (tx, _) = oneshot::channel();
-        let _ = takeover.send(tx);
+        let (reply, _) = oneshot::channel();
+        // The claim elsewhere carries the session on (how that connection started is not
+        // known here).
+        let _ = takeover.send(Handover {
+            reply,
+            keeps_session: true,
+        });
     }
 }
 

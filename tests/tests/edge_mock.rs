@@ -564,6 +564,40 @@ async fn will_is_published_on_ungraceful_close_only() {
     watcher.assert_no_publish(QUIET).await;
 }
 
+/// 3.1.1 names no takeover among a will's causes: a will is published on a takeover only when
+/// the session ends with it (either connection clean), as Mosquitto does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3_1_1_takeover_sends_the_will_only_when_the_session_ends() {
+    let s = setup().await;
+    let addr = s.edge.local_addr;
+    let mut watcher = Client::connect(addr, "watcher", true).await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await;
+    for (id, old_clean, new_clean, sent) in [
+        ("kept", false, false, false),
+        ("then-clean", false, true, true),
+        ("was-clean", true, false, true),
+    ] {
+        let options = |clean: bool| Options {
+            clean,
+            will: Some(LastWill::new(
+                format!("wills/{id}"),
+                "gone",
+                QoS::AtLeastOnce,
+                false,
+            )),
+            ..Options::default()
+        };
+        let _old = Client::connect_with(addr, id, options(old_clean)).await;
+        let new = Client::connect_with(addr, id, options(new_clean)).await;
+        if sent {
+            let got = watcher.publishes(1).await;
+            assert_eq!(got[0].topic, format!("wills/{id}"));
+        }
+        watcher.assert_no_publish(QUIET).await;
+        new.disconnect().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_connection_with_the_same_id_takes_over() {
     let s = setup().await;

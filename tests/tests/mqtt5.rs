@@ -501,6 +501,15 @@ async fn reason_codes() {
     assert_eq!((connack.kind(), connack.reason()), (2, 0x8c));
     assert_eq!(connack.body[3], 0x1f, "a Reason String says why");
 
+    // A refusal whose Reason String would exceed the client's Maximum Packet Size (8 bytes)
+    // comes without it (MQTT 5.0 3.1.2.11.4).
+    let mut raw = Raw5::connect(addr).await;
+    raw.send(&raw5::connect("$share/x", true, &[0x27, 0, 0, 0, 8]))
+        .await;
+    let connack = raw.recv().await.expect("CONNACK");
+    assert_eq!((connack.kind(), connack.reason()), (2, 0x85));
+    assert_eq!(&connack.body[..], &[0u8, 0x85, 0], "no properties");
+
     let (mut a, _) = Raw5::session(addr, &raw5::connect("codes", true, &[])).await;
     // An invalid filter, and invalid shared ones (a share name with a wildcard; a share name
     // and no filter after it): 0x8F.
@@ -625,6 +634,43 @@ async fn mqtt_3_1_clients_are_served() {
     nameless.send(&raw5::connect_v31("", true)).await;
     let connack = nameless.recv().await.expect("CONNACK");
     assert_eq!(&connack.body[..], &[0u8, 2]);
+    stack.stop().await;
+}
+
+/// A 3.1 client resends an unfinished QoS 2 PUBLISH after a reconnect to its persistent
+/// session, DUP set, and then its PUBREL, which 3.1 sends as QoS 1 and marks DUP when it is a
+/// resend (0x6A): each gets its answer, and the message is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3_1_qos2_flow_resent_after_a_reconnect_completes() {
+    let stack = Stack::new(Kind::Embedded).await;
+    let addr = stack.addr();
+    let (mut sub, _) = Raw5::session(addr, &raw5::connect("q2-sub", true, &[])).await;
+    sub.send(&raw5::subscribe(1, &[], &[("old/q2", 2)])).await;
+    assert_eq!(sub.recv().await.map(|f| f.kind()), Some(9));
+    let mut body = raw5::string("old/q2");
+    body.extend_from_slice(&[0, 7]);
+    body.extend_from_slice(b"once");
+    let mut first = Raw5::connect(addr).await;
+    first.send(&raw5::connect_v31("old-q2", false)).await;
+    first.recv().await.expect("CONNACK");
+    first.send(&raw5::packet(0x34, &body)).await;
+    let pubrec = first.recv().await.expect("PUBREC");
+    assert_eq!((pubrec.byte1, &pubrec.body[..]), (0x50, &[0u8, 7][..]));
+    drop(first);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let mut again = Raw5::connect(addr).await;
+    again.send(&raw5::connect_v31("old-q2", false)).await;
+    let connack = again.recv().await.expect("CONNACK");
+    assert_eq!(connack.body[1], 0, "accepted");
+    again.send(&raw5::packet(0x3c, &body)).await; // DUP, QoS 2
+    let pubrec = again.recv().await.expect("PUBREC again");
+    assert_eq!((pubrec.byte1, &pubrec.body[..]), (0x50, &[0u8, 7][..]));
+    again.send(&raw5::packet(0x6a, &[0, 7])).await; // PUBREL, QoS 1, DUP
+    let pubcomp = again.recv().await.expect("PUBCOMP");
+    assert_eq!((pubcomp.byte1, &pubcomp.body[..]), (0x70, &[0u8, 7][..]));
+    let delivered = sub.recv().await.expect("PUBLISH");
+    assert_eq!(delivered.topic_and_payload(true).1, b"once".to_vec());
     stack.stop().await;
 }
 

@@ -345,17 +345,17 @@ impl Acl {
     }
 
     /// The rules of the store's documents (EMQX's MongoDB shape). A document that cannot be
-    /// read is skipped and said: it grants nothing.
-    pub fn from_documents(docs: &[wharf_shared::StoredRule]) -> Acl {
+    /// read refuses the whole set (the caller keeps the rules in force): skipped, a deny rule
+    /// would let the allow rules beside it through.
+    pub fn from_documents(docs: &[wharf_shared::StoredRule]) -> Result<Acl, String> {
         let mut acl = Acl::default();
         for doc in docs {
-            let rules = match store_rules(doc) {
-                Ok(rules) => rules,
-                Err(e) => {
-                    tracing::warn!(username = ?doc.username, clientid = ?doc.client_id, error = %e, "authorization document skipped");
-                    continue;
-                }
-            };
+            let rules = store_rules(doc).map_err(|e| {
+                format!(
+                    "a rule document (username {:?}, clientid {:?}) cannot be read: {e}",
+                    doc.username, doc.client_id
+                )
+            })?;
             let list = match (&doc.username, &doc.client_id) {
                 (Some(user), _) => acl.users.entry(user.clone()).or_default(),
                 (None, Some(client)) => acl.clients.entry(client.clone()).or_default(),
@@ -363,7 +363,7 @@ impl Acl {
             };
             list.extend(rules);
         }
-        acl
+        Ok(acl)
     }
 
     /// What a topic nothing matches gets: denied (the default) or allowed.
@@ -403,7 +403,17 @@ impl Acl {
 
     /// May `who` publish to (`Write`) or receive from (`Read`) this topic name?
     pub fn allows(&self, who: &Who, access: Access, topic: &str) -> bool {
-        self.decide(who, access, |r| r.matches(topic, who))
+        self.decide(who, access, |r| {
+            r.matches(topic, who)
+                // An `eq` filter that grants a subscription grants what it delivers: the
+                // messages it matches (a deny `eq` rule stays literal, the narrower reading).
+                || (matches!(access, Access::Read)
+                    && !r.grant.deny
+                    && r.exact.as_deref().is_some_and(|filter| {
+                        wharf_shared::topic::valid_filter(filter)
+                            && wharf_shared::topic::matches(topic, filter)
+                    }))
+        })
     }
 
     /// May `who` subscribe to this filter (the filter inside a `$share/group/` one)? Every
@@ -596,9 +606,8 @@ pattern deny dev/blocked/#
             ),
             doc(None, Some("c9"), "allow", "all", &["c9/#"]),
             doc(None, None, "allow", "subscribe", &["public/#"]),
-            doc(None, None, "allow", "everything", &["#"]),
-            doc(None, None, "allow", "all", &["a${clientid}/x"]),
-        ]);
+        ])
+        .expect("readable documents");
         let dev1 = Who {
             client_id: "c1",
             username: Some("dev1"),
@@ -621,6 +630,11 @@ pattern deny dev/blocked/#
             "eq: nothing under it"
         );
         assert!(
+            acl.allows(&dev1, Access::Read, "fleet/a"),
+            "eq: what the filter delivers"
+        );
+        assert!(!acl.allows(&dev1, Access::Write, "fleet/a"));
+        assert!(
             !acl.allows(&dev1, Access::Read, "special/x"),
             "for another client id"
         );
@@ -637,20 +651,35 @@ pattern deny dev/blocked/#
         assert!(acl.allows(&c9, Access::Write, "c9/t"));
         assert!(acl.allows_subscribe(&c9, "public/#"));
         assert!(!acl.allows(&c9, Access::Write, "public/x"));
-        assert!(
-            !acl.allows(&c9, Access::Read, "anything"),
-            "skipped documents grant nothing"
-        );
-        assert!(
-            !acl.allows(&c9, Access::Read, "ac9/x"),
-            "partial placeholder skipped"
-        );
+        assert!(!acl.allows(&c9, Access::Read, "anything"));
         let open = acl.clone().with_no_match(true);
         assert!(open.allows(&c9, Access::Read, "anything"));
         assert!(
             !open.allows(&dev1, Access::Write, "dev/x/cmd"),
             "deny still wins"
         );
+    }
+
+    /// A document that cannot be read refuses the whole set: skipped, the deny rule here would
+    /// have let the allow rule beside it through.
+    #[test]
+    fn an_unreadable_document_refuses_the_rules() {
+        let allow = doc(Some("dev1"), None, "allow", "all", &["dev/#"]);
+        for unreadable in [
+            doc(Some("dev1"), None, "deny", "Publish", &["dev/dev1/x"]),
+            doc(None, None, "allow", "everything", &["#"]),
+            doc(None, None, "allow", "all", &["a${clientid}/x"]),
+            doc(
+                None,
+                None,
+                "unreadable document: username is not a string",
+                "all",
+                &["#"],
+            ),
+        ] {
+            let result = Acl::from_documents(&[allow.clone(), unreadable.clone()]);
+            assert!(result.is_err(), "{unreadable:?} read");
+        }
     }
 
     #[test]

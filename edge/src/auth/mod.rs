@@ -191,7 +191,13 @@ pub struct StoreAuth {
 }
 
 impl Policy {
-    fn load(settings: &AuthSettings, store: Option<&StoreAuth>) -> Result<Policy, ConfigError> {
+    /// `in_force`: the policy this one replaces, whose store rules stay if the store's new
+    /// ones cannot be read.
+    fn load(
+        settings: &AuthSettings,
+        store: Option<&StoreAuth>,
+        in_force: Option<&Policy>,
+    ) -> Result<Policy, ConfigError> {
         let passwords = read_file("passwordFile", &settings.password_file, PasswordFile::parse)?;
         let acl = read_file("aclFile", &settings.acl_file, Acl::parse)?;
         let (passwords, users_pending, superusers) = match (settings.store_users, store) {
@@ -215,7 +221,18 @@ impl Policy {
             (false, _) => acl,
             // Until the rules come, nothing is allowed.
             (true, None) => Some(Acl::default()),
-            (true, Some(store)) => Some(Acl::from_documents(&store.rules)),
+            (true, Some(store)) => match Acl::from_documents(&store.rules) {
+                Ok(acl) => Some(acl),
+                Err(e) => {
+                    // Never a narrower reading of what the store says: the last rules read
+                    // whole stay (none at start: nothing is allowed), until the documents
+                    // are mended.
+                    tracing::error!(error = %e, "the store's rules are refused; the rules in force stay");
+                    metrics::counter!("wharf_edge_auth_reload_failures_total", "source" => "store")
+                        .increment(1);
+                    Some(in_force.and_then(|p| p.acl.clone()).unwrap_or_default())
+                }
+            },
         };
         let acl = acl.map(|a| a.with_no_match(settings.no_match_allows));
         Ok(Policy {
@@ -313,7 +330,7 @@ pub struct Auth {
 
 impl Auth {
     pub fn load(settings: AuthSettings, hashing_wait: Duration) -> Result<Auth, ConfigError> {
-        let policy = Policy::load(&settings, None)?;
+        let policy = Policy::load(&settings, None, None)?;
         let mut cache_key = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut cache_key)
             .map_err(|_| ConfigError::new("passwordFile", "", "no system randomness"))?;
@@ -346,7 +363,11 @@ impl Auth {
     pub fn reload(&self, settings: Option<AuthSettings>) -> Result<(), ConfigError> {
         let settings = settings.unwrap_or_else(|| self.settings());
         let store = self.store.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let policy = Policy::load(&settings, store.as_deref())?;
+        let policy =
+            Policy::load(&settings, store.as_deref(), Some(&self.policy())).inspect_err(|_| {
+                metrics::counter!("wharf_edge_auth_reload_failures_total", "source" => "file")
+                    .increment(1);
+            })?;
         *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
         self.swap(policy);
         tracing::info!("authentication and authorization rules reloaded");
@@ -372,7 +393,7 @@ impl Auth {
         }
         let snapshot = Arc::new(snapshot);
         let settings = self.settings();
-        let policy = Policy::load(&settings, Some(&snapshot))?;
+        let policy = Policy::load(&settings, Some(&snapshot), Some(&self.policy()))?;
         tracing::info!(
             users = snapshot.users.len(),
             rules = snapshot.rules.len(),

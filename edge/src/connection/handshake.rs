@@ -42,7 +42,7 @@ pub struct Handshake {
     pub will: Option<Will>,
     /// The session's queue (with the connection's id).
     pub session_tx: Arc<SessionTx>,
-    pub takeover_rx: oneshot::Receiver<oneshot::Sender<Option<SessionState>>>,
+    pub takeover_rx: oneshot::Receiver<crate::registry::Handover>,
     pub undelivered: Vec<Message>,
     pub next: Option<wharf_shared::Cursor>,
     pub connect_started_ms: i64,
@@ -73,7 +73,7 @@ where
             Ok(Err(SessionError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
                 // In the 3.1.1 format: a client of an unknown level reads that one (MQTT-3.1.2-2).
                 tracing::info!(level, "unsupported protocol level");
-                refuse(writer, Version::V3_1_1, Refusal::ProtocolVersion).await;
+                refuse(writer, Version::V3_1_1, Refusal::ProtocolVersion, None).await;
                 metrics::counter!("wharf_edge_connections_refused_total", "reason" => "protocol_version").increment(1);
                 return Ok(None);
             }
@@ -92,13 +92,25 @@ where
         // No enhanced authentication method is served (MQTT 5.0 4.12): say so. Methods plug in
         // here, before the session starts.
         tracing::info!(method = %method, "unsupported authentication method");
-        refuse(writer, version, Refusal::BadAuthenticationMethod).await;
+        refuse(
+            writer,
+            version,
+            Refusal::BadAuthenticationMethod,
+            connect.max_packet_size,
+        )
+        .await;
         return Ok(None);
     }
     let client_id = match assign_client_id(&connect) {
         Some(id) => id,
         None => {
-            refuse(writer, version, Refusal::ClientIdentifier).await;
+            refuse(
+                writer,
+                version,
+                Refusal::ClientIdentifier,
+                connect.max_packet_size,
+            )
+            .await;
             return Ok(None);
         }
     };
@@ -106,7 +118,13 @@ where
         let required = broker.config.tls.as_ref().is_some_and(|t| t.cert_identity);
         if required && !identity.allows(&client_id) {
             tracing::warn!(client_id = %client_id, certificate = ?identity.names, "client id not in the client certificate");
-            refuse(writer, version, Refusal::NotAuthorized).await;
+            refuse(
+                writer,
+                version,
+                Refusal::NotAuthorized,
+                connect.max_packet_size,
+            )
+            .await;
             return Ok(None);
         }
     }
@@ -118,7 +136,7 @@ where
     let principal = match broker.auth.authenticate(credentials).await {
         Ok(principal) => principal,
         Err(refusal) => {
-            refuse(writer, version, refusal).await;
+            refuse(writer, version, refusal, connect.max_packet_size).await;
             return Ok(None);
         }
     };
@@ -130,7 +148,13 @@ where
         if !allowed {
             tracing::info!(client_id = %client_id, topic = %will.topic, "will topic not authorized");
             metrics::counter!("wharf_edge_denied_total", "action" => "will").increment(1);
-            refuse(writer, version, Refusal::NotAuthorized).await;
+            refuse(
+                writer,
+                version,
+                Refusal::NotAuthorized,
+                connect.max_packet_size,
+            )
+            .await;
             return Ok(None);
         }
     }
@@ -177,7 +201,14 @@ fn assign_client_id(connect: &Connect) -> Option<Arc<str>> {
     Some(connect.client_id.as_str().into())
 }
 
-async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, version: Version, refusal: Refusal) {
+/// `max_packet`: the client's Maximum Packet Size (5.0), which the CONNACK must not exceed:
+/// without its Reason String if that would.
+async fn refuse<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    version: Version,
+    refusal: Refusal,
+    max_packet: Option<u32>,
+) {
     let mut buf = BytesMut::new();
     // 5.0: a Reason String says why (MQTT 5.0 3.2.2.3.7).
     let why = match refusal {
@@ -189,11 +220,16 @@ async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, version: Version, refusal
         Refusal::BadAuthenticationMethod => "no enhanced authentication method is served",
         Refusal::ServerBusy => "too many connections waiting for a password check",
     };
-    let props = ConnackProperties {
+    let mut props = ConnackProperties {
         reason_string: version.is_v5().then(|| why.to_owned()),
         ..ConnackProperties::default()
     };
     encode::connack(&mut buf, version, false, refusal.code(version), &props);
+    if max_packet.is_some_and(|max| buf.len() > max as usize) {
+        buf.clear();
+        props.reason_string = None;
+        encode::connack(&mut buf, version, false, refusal.code(version), &props);
+    }
     let _ = writer.write_all(&buf).await;
     let _ = writer.shutdown().await;
 }
@@ -214,7 +250,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
     {
         Previous::None => None,
         Previous::Parked(state) => Some(*state),
-        Previous::Connected(old) => take_over(old).await,
+        Previous::Connected(old) => take_over(old, !connect.clean_start).await,
     };
     let limits = &broker.config.limits;
     let version = connect.version;
@@ -303,7 +339,13 @@ async fn start_session<W: AsyncWrite + Unpin>(
                 broker
                     .registry
                     .release(&client_id, connection_id, prior, u32::MAX);
-                refuse(writer, version, Refusal::ServerUnavailable).await;
+                refuse(
+                    writer,
+                    version,
+                    Refusal::ServerUnavailable,
+                    connect.max_packet_size,
+                )
+                .await;
                 return Ok(None);
             }
         }
@@ -365,9 +407,13 @@ async fn start_session<W: AsyncWrite + Unpin>(
     })))
 }
 
-async fn take_over(old: crate::registry::TakeoverTx) -> Option<SessionState> {
-    let (tx, rx) = oneshot::channel();
-    if old.send(tx).is_err() {
+async fn take_over(old: crate::registry::TakeoverTx, keeps_session: bool) -> Option<SessionState> {
+    let (reply, rx) = oneshot::channel();
+    let handover = crate::registry::Handover {
+        reply,
+        keeps_session,
+    };
+    if old.send(handover).is_err() {
         return None;
     }
     match tokio::time::timeout(TAKEOVER_TIMEOUT, rx).await {

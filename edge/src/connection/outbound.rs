@@ -324,7 +324,7 @@ pub struct Outbound {
     version: Version,
     /// The client's Maximum Packet Size (`u32::MAX` without one; MQTT's largest packet is
     /// smaller).
-    max_packet_size: u32,
+    pub max_packet_size: u32,
     /// Boxed, and only for 5.0 clients that take aliases.
     aliases: Option<Box<Aliases>>,
     /// Who the client is and the rules it last read: asked for every message written to it.

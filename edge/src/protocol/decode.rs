@@ -21,6 +21,12 @@ pub fn decode(
     version: Option<Version>,
     max_packet_size: usize,
 ) -> Result<Option<Inbound>, DecodeError> {
+    // Before the CONNECT, the first byte decides: anything but CONNECT's (a PROXY header on a
+    // listener without `--proxy-protocol`, TLS on the plain port, HTTP) is refused at once,
+    // not held until its announced length arrives or the CONNECT timeout.
+    if version.is_none() && buf.first().is_some_and(|&b| b != 0x10) {
+        return Err(DecodeError::Protocol("first packet is not CONNECT".into()));
+    }
     let Some((header_len, remaining)) = fixed_header(buf)? else {
         return Ok(None);
     };
@@ -77,6 +83,9 @@ fn check_flags(byte1: u8, version: Version) -> Result<(), DecodeError> {
             let qos = (flags >> 1) & 0b11;
             qos != 3 && !(qos == 0 && flags & 0b1000 != 0)
         }
+        // 3.1 (3.6): PUBREL, SUBSCRIBE and UNSUBSCRIBE carry QoS 1 and may carry DUP when
+        // resent; 3.1.1 and 5.0 fix the flags to 0010.
+        6 | 8 | 10 if version == Version::V3_1 => flags & 0b0111 == 0b0010,
         6 | 8 | 10 => flags == 0b0010,
         1 | 4 | 5 | 7 | 12 | 14 => flags == 0,
         15 if version.is_v5() => flags == 0,

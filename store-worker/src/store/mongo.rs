@@ -73,6 +73,65 @@ fn text(doc: &Document, field: &str) -> Option<String> {
     }
 }
 
+/// A rule document (EMQX's shape). One that cannot be read whole (a field of the wrong type, a
+/// topic that is not a string, no topics) comes out with a permission the edge refuses, so
+/// that it never reads as a narrower document: a `username` of 4242 read as "no user name"
+/// applied to every client.
+fn rule_of(doc: &Document) -> StoredRule {
+    let mut unreadable = Vec::new();
+    let mut field = |name: &str| match doc.get(name) {
+        None | Some(Bson::Null) => None,
+        Some(Bson::String(s)) => Some(s.clone()),
+        Some(_) => {
+            unreadable.push(format!("{name} is not a string"));
+            None
+        }
+    };
+    let (username, client_id) = (field("username"), field("clientid"));
+    let (permission, action, topic) = (field("permission"), field("action"), field("topic"));
+    let topics = match doc.get("topics") {
+        Some(Bson::Array(items)) => items
+            .iter()
+            .map(|t| t.as_str().map(str::to_owned))
+            .collect::<Option<Vec<String>>>()
+            .unwrap_or_else(|| {
+                unreadable.push("a topic is not a string".into());
+                Vec::new()
+            }),
+        Some(Bson::String(t)) => vec![t.clone()],
+        None | Some(Bson::Null) => Vec::new(),
+        Some(_) => {
+            unreadable.push("topics is not a list".into());
+            Vec::new()
+        }
+    };
+    // EMQX 4's field name was `topic`.
+    let topics = if topics.is_empty() {
+        topic.into_iter().collect()
+    } else {
+        topics
+    };
+    if topics.is_empty() && unreadable.is_empty() {
+        unreadable.push("no topics".into());
+    }
+    let permission = if unreadable.is_empty() {
+        permission.unwrap_or_default()
+    } else {
+        format!(
+            "unreadable document {}: {}",
+            doc.get("_id").map_or_else(String::new, |id| id.to_string()),
+            unreadable.join(", ")
+        )
+    };
+    StoredRule {
+        username,
+        client_id,
+        permission,
+        action: action.unwrap_or_default(),
+        topics,
+    }
+}
+
 fn truthy(doc: &Document, field: &str) -> bool {
     match doc.get(field) {
         Some(Bson::Boolean(b)) => *b,
@@ -644,27 +703,7 @@ impl Store for MongoStore {
                 .await
                 .map_err(classify)?;
             while let Some(doc) = cursor.try_next().await.map_err(classify)? {
-                let topics = match doc.get("topics") {
-                    Some(Bson::Array(items)) => items
-                        .iter()
-                        .filter_map(|t| t.as_str().map(str::to_owned))
-                        .collect(),
-                    Some(Bson::String(t)) => vec![t.clone()],
-                    _ => Vec::new(),
-                };
-                // EMQX 4's field name was `topic`.
-                let topics = if topics.is_empty() {
-                    text(&doc, "topic").into_iter().collect()
-                } else {
-                    topics
-                };
-                out_rules.push(StoredRule {
-                    username: text(&doc, "username"),
-                    client_id: text(&doc, "clientid"),
-                    permission: text(&doc, "permission").unwrap_or_default(),
-                    action: text(&doc, "action").unwrap_or_default(),
-                    topics,
-                });
+                out_rules.push(rule_of(&doc));
             }
         }
         Ok((out_users, out_rules))
