@@ -605,6 +605,152 @@ async fn users_and_rules_from_mongodb_in_emqx_shape() {
     stack.stop().await;
 }
 
+/// A will is checked again when it is sent: a client whose write right to its will topic
+/// was revoked by a reload since its CONNECT leaves no will behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_revoked_by_a_reload_is_not_sent() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let stack = secured(Kind::Embedded, dir.path()).await;
+    let (mut admin, _) = connect(&stack, "admin", Some(("admin", "admin-pw"))).await;
+    subscribe(&mut admin, 1, "dev/#").await;
+    let (kept, code) = connect_with_will(
+        &stack,
+        "dev1-kept",
+        Some(("dev1", "dev1-pw")),
+        Some("dev/dev1/telemetry"),
+    )
+    .await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    // Before any reload the will goes out as ever.
+    drop(kept);
+    let got = received(&mut admin, Duration::from_millis(700)).await;
+    assert_eq!(got.len(), 1, "the will before the reload: {got:?}");
+
+    let (revoked, code) = connect_with_will(
+        &stack,
+        "dev1-revoked",
+        Some(("dev1", "dev1-pw")),
+        Some("dev/dev1/telemetry"),
+    )
+    .await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    let rules = ACL.replace("pattern write dev/%u/telemetry\n", "");
+    std::fs::write(dir.path().join("acl"), rules).expect("rewrite rules");
+    stack
+        .edge
+        .as_ref()
+        .expect("edge")
+        .reload_auth(None)
+        .expect("reload");
+    drop(revoked);
+    let got = received(&mut admin, Duration::from_millis(700)).await;
+    assert!(got.is_empty(), "a revoked will was sent: {got:?}");
+    stack.stop().await;
+}
+
+/// Rule documents the edge cannot read never widen rights: the store's rules are refused
+/// whole (at start nothing is allowed), the last whole set stays in force, and an `eq` filter
+/// delivers what it grants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_rule_documents_never_widen_rights() {
+    use mongodb::bson::doc;
+    let settings = AuthSettings {
+        store_users: true,
+        store_rules: true,
+        ..Default::default()
+    };
+    let stack = Stack::with_auth(Kind::Mongo, Limits::default(), settings).await;
+    let db = stack.db().await;
+    db.collection::<mongodb::bson::Document>("mqtt_user")
+        .insert_many([
+            doc! {"username": "emqx_u", "salt": "slat_foo123", "is_superuser": true,
+            "password_hash": "44edc2d57cde8d79c98145003e105b90a14f1460b79186ea9cfe83942fc5abb5"},
+            doc! {"username": "dev1",
+            "password_hash": "$2b$04$EjUOidkaARJSY6pPGFMEoOxG8HGl4Sesyf2lHKLrDXqVqEZt32tJS"},
+        ])
+        .await
+        .expect("users");
+    let rules = db.collection::<mongodb::bson::Document>("mqtt_acl");
+    rules
+        .insert_many([
+            doc! {"username": "dev1", "permission": "allow", "action": "all",
+            "topics": ["dev/dev1/#", "eq fleet/#"]},
+            // A deny rule with a misspelt action: skipped, the allow beside it would pass it.
+            doc! {"_id": "bad", "username": "dev1", "permission": "deny", "action": "Publish",
+            "topics": ["dev/dev1/secret"]},
+        ])
+        .await
+        .expect("rules");
+    let dev1 = Some(("dev1", "opensesame"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut d1, mut admin) = loop {
+        let (d1, code) = connect(&stack, "d1", dev1).await;
+        let (admin, admin_code) = connect(&stack, "admin", Some(("emqx_u", "public"))).await;
+        if code == ConnectReturnCode::Success && admin_code == ConnectReturnCode::Success {
+            break (d1, admin);
+        }
+        assert!(std::time::Instant::now() < deadline, "users never read");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+    assert_eq!(subscribe(&mut admin, 1, "dev/#").await, ok);
+    // The rules were refused: nothing is allowed (not the allow rule without its deny).
+    assert_eq!(
+        subscribe(&mut d1, 1, "fleet/#").await,
+        SubscribeReasonCode::Failure
+    );
+    publish_acked(&mut d1, "dev/dev1/secret", 2, "leaked").await;
+    assert!(received(&mut admin, Duration::from_millis(500))
+        .await
+        .is_empty());
+
+    // Mended: the set is read whole.
+    rules
+        .update_one(doc! {"_id": "bad"}, doc! {"$set": {"action": "publish"}})
+        .await
+        .expect("mend");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if subscribe(&mut d1, 3, "fleet/#").await == ok {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mended rules never read"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    publish_acked(&mut admin, "fleet/a", 4, "to-all").await;
+    let got = received(&mut d1, Duration::from_millis(700)).await;
+    assert_eq!(
+        got,
+        vec![("fleet/a".to_owned(), "to-all".to_owned())],
+        "eq delivers"
+    );
+    publish_acked(&mut d1, "dev/dev1/secret", 5, "denied").await;
+    publish_acked(&mut d1, "dev/dev1/ok", 6, "allowed").await;
+    let got = received(&mut admin, Duration::from_millis(700)).await;
+    assert_eq!(got, vec![("dev/dev1/ok".to_owned(), "allowed".to_owned())]);
+
+    // A user name that is not a string must not read as "every client".
+    rules
+        .insert_one(
+            doc! {"username": 4242, "permission": "allow", "action": "all", "topics": ["#"]},
+        )
+        .await
+        .expect("insert");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        subscribe(&mut d1, 7, "#").await,
+        SubscribeReasonCode::Failure
+    );
+    // The last whole set stays in force meanwhile.
+    publish_acked(&mut admin, "fleet/b", 8, "still").await;
+    let got = received(&mut d1, Duration::from_millis(700)).await;
+    assert_eq!(got, vec![("fleet/b".to_owned(), "still".to_owned())]);
+    stack.stop().await;
+}
+
 /// Abuse limits: new connections per second from one address, PUBLISHes per second from one
 /// client (5.0: refused with 0x97; 3.1.1: closed). Windows are whole seconds, so a burst can
 /// straddle two: the checks allow for that.

@@ -23,6 +23,7 @@
 //! | CONNECT reserved flag set, wrong protocol name | closed without CONNACK | same |
 //! | a 64 KB client id | CONNACK 2 (identifier rejected) | same |
 //! | empty client id without clean session | CONNACK 2 | same |
+//! | a PROXY header, TLS or HTTP on a plain listener | closed at its first byte, not at the connect timeout | `a_first_byte_that_is_no_connect_closes_at_once` below |
 //! | a TCP connection that never sends CONNECT | closed after the connect timeout | `edge_mock::silent_clients_are_closed_by_keepalive_and_connect_timeout` |
 //! | silence past 1.5 × keepalive | closed, will published | same, and `edge_mock::will_is_published_on_ungraceful_close_only` |
 //! | a client that never reads | its queue and write buffer stay bounded (QoS 0 dropped and counted); others unaffected | `a_client_that_never_reads_costs_bounded_memory` below |
@@ -114,6 +115,27 @@ async fn connect_disconnect_loops_do_not_leak() {
 /// MQTT 3.1.1 rules an independent suite checks: other protocol levels learn why they are
 /// refused; U+0000 and CONNECT flags that do not match the payload close the connection; an
 /// acknowledgement of the wrong kind is a protocol error.
+/// A PROXY v1 header (or anything else that cannot begin a CONNECT) on a listener that does
+/// not expect one: closed at once, as other brokers do, not held for the 10 s connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_byte_that_is_no_connect_closes_at_once() {
+    let (_dir, host) = BrokerHost::single().await;
+    for (name, bytes) in [
+        (
+            "PROXY v1",
+            &b"PROXY TCP4 10.0.0.1 10.0.0.2 51000 1883\r\n"[..],
+        ),
+        ("PROXY v1, its first byte alone", &b"P"[..]),
+        ("HTTP", &b"GET / HTTP/1.1\r\n"[..]),
+        ("TLS ClientHello", &[0x16, 0x03, 0x01, 0x00, 0xa5][..]),
+    ] {
+        let mut raw = Raw::connect(host.addr).await;
+        raw.send(bytes).await;
+        let closed = tokio::time::timeout(Duration::from_secs(2), raw.expect_closed()).await;
+        assert!(closed.is_ok(), "{name}: not closed within 2 s");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_rules_of_3_1_1() {
     use rumqttc::mqttbytes::v4::ConnectReturnCode;
