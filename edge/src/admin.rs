@@ -54,6 +54,36 @@ fn same(a: &ring::digest::Digest, b: &ring::digest::Digest) -> bool {
     a.as_ref() == b.as_ref()
 }
 
+/// A request that changes state (anything but GET and HEAD) is refused when a browser may have
+/// sent it for another site holding the console's credentials: its `Origin`, if it has one,
+/// must be this host (403 otherwise, `null` included), and its body JSON (415 otherwise: a form
+/// or `text/plain` body is what a cross-site page can send without asking).
+fn cross_site(request: &HttpRequest) -> Option<HttpResponse> {
+    if matches!(request.method.as_str(), "GET" | "HEAD") {
+        return None;
+    }
+    if let Some(origin) = &request.origin {
+        let authority = origin
+            .split_once("://")
+            .map(|(_, rest)| rest.trim_end_matches('/'));
+        let same = authority.is_some_and(|a| Some(a) == request.host.as_deref().map(str::trim));
+        if !same {
+            return Some(error(403, "cross-origin requests are refused"));
+        }
+    }
+    let json = request.content_type.as_deref().is_some_and(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    (!json).then(|| {
+        error(
+            415,
+            "state-changing requests take Content-Type: application/json",
+        )
+    })
+}
+
 fn reply(status: u16, body: Value) -> HttpResponse {
     HttpResponse::new(status, "application/json", body.to_string())
 }
@@ -86,6 +116,10 @@ impl Admin {
                 .headers
                 .push(("WWW-Authenticate", "Basic realm=\"wharf\"".to_owned()));
             return response;
+        }
+        if let Some(refused) = cross_site(&request) {
+            metrics::counter!("wharf_edge_admin_cross_site_refused_total").increment(1);
+            return refused;
         }
         let path = request.path.trim_end_matches('/');
         let client = path.strip_prefix("/api/v1/clients/");

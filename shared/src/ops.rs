@@ -41,6 +41,11 @@ pub struct HttpRequest {
     /// The query string's pairs, percent-decoded.
     pub query: Vec<(String, String)>,
     pub authorization: Option<String>,
+    /// The `Origin`, `Host` and `Content-Type` headers, for the checks against cross-site
+    /// requests.
+    pub origin: Option<String>,
+    pub host: Option<String>,
+    pub content_type: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -162,8 +167,17 @@ fn parse_head(bytes: &[u8]) -> Head {
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Head::Bad("chunked request bodies are not accepted");
-        } else if h.name.eq_ignore_ascii_case("authorization") {
-            request.authorization = std::str::from_utf8(h.value).ok().map(str::to_owned);
+        } else {
+            let value = || std::str::from_utf8(h.value).ok().map(str::to_owned);
+            if h.name.eq_ignore_ascii_case("authorization") {
+                request.authorization = value();
+            } else if h.name.eq_ignore_ascii_case("origin") {
+                request.origin = value();
+            } else if h.name.eq_ignore_ascii_case("host") {
+                request.host = value();
+            } else if h.name.eq_ignore_ascii_case("content-type") {
+                request.content_type = value();
+            }
         }
     }
     Head::Complete {

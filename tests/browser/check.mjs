@@ -91,6 +91,26 @@ try {
       await page.waitForTimeout(2500); // a second sample, for the rates
       await page.screenshot({ path: screenshot, fullPage: true });
     }
+  } else if (mode === "console-credentials-url") {
+    // Opened as http://admin:PW@host/console, with no other credentials: the console's
+    // requests must still work (fetch refuses URLs that carry credentials).
+    const [opsUrl, password] = rest;
+    const device = await devicePage(await browser.newContext(), "url-device", "url/#");
+    const page = await (await browser.newContext()).newPage();
+    const errors = [];
+    page.on("console", (m) => console.error("[console]", m.text()));
+    page.on("pageerror", (e) => errors.push(String(e)));
+    const withCredentials = new URL(opsUrl + "/console");
+    withCredentials.username = "admin";
+    withCredentials.password = password;
+    await page.goto(withCredentials.href);
+    await page.locator('tr[data-client-id="url-device"]').waitFor({ timeout: patience });
+    await page.fill("#p-topic", "url/test");
+    await page.fill("#p-payload", "from a credentials URL");
+    await page.click('#publish button[type="submit"]');
+    await page.locator("#p-result", { hasText: "published" }).waitFor({ timeout: patience });
+    await received(device, "from a credentials URL");
+    if (errors.length) throw new Error("page errors: " + errors.join("; "));
   } else {
     throw new Error("unknown mode " + mode);
   }

@@ -28,7 +28,14 @@ async fn host_with(args: &[&str]) -> (TempDir, BrokerHost) {
 }
 
 async fn call(host: &BrokerHost, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let response = http(host.edge_ops, method, path, &[BASIC], body).await;
+    let response = http(
+        host.edge_ops,
+        method,
+        path,
+        &[BASIC, "Content-Type: application/json"],
+        body,
+    )
+    .await;
     let json = serde_json::from_str(&response.body)
         .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {response:?}"));
     (response.status, json)
@@ -150,6 +157,57 @@ async fn clients_sessions_retained_and_publish() {
     device.assert_no_publish(Duration::from_millis(300)).await;
     let (status, bad) = call(&host, "POST", "/api/v1/publish", r#"{"topic":"a/+"}"#).await;
     assert_eq!(status, 400, "{bad}");
+    // What a page on another site could make a browser holding the credentials send: refused,
+    // and nothing published. A same-origin request is taken.
+    let body = r#"{"topic":"cmd/dev-17","payload":"forged","qos":1}"#;
+    let same_origin = format!("Origin: http://{}", host.edge_ops);
+    for (headers, status) in [
+        (
+            vec![
+                BASIC,
+                "Content-Type: application/json",
+                "Origin: http://evil.example",
+            ],
+            403,
+        ),
+        (vec![BASIC, "Content-Type: text/plain"], 415),
+        (
+            vec![BASIC, "Content-Type: application/x-www-form-urlencoded"],
+            415,
+        ),
+        (vec![BASIC], 415),
+        (
+            vec![BASIC, "Content-Type: application/json", "Origin: null"],
+            403,
+        ),
+    ] {
+        let response = http(host.edge_ops, "POST", "/api/v1/publish", &headers, body).await;
+        assert_eq!(response.status, status, "{headers:?}: {response:?}");
+    }
+    let response = http(
+        host.edge_ops,
+        "DELETE",
+        "/api/v1/clients/dev-17",
+        &[
+            BASIC,
+            "Content-Type: application/json",
+            "Origin: http://evil.example",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(response.status, 403, "a cross-site kick");
+    device.assert_no_publish(Duration::from_millis(300)).await;
+    let response = http(
+        host.edge_ops,
+        "POST",
+        "/api/v1/publish",
+        &[BASIC, "Content-Type: application/json", &same_origin],
+        r#"{"topic":"cmd/dev-17","payload":"same-origin","qos":1}"#,
+    )
+    .await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(payloads(&device.publishes(1).await), vec!["same-origin"]);
 
     // Retained messages: listed, cleared, and a new subscriber then gets none.
     let port = host.addr.port().to_string();

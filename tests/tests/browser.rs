@@ -77,3 +77,13 @@ async fn the_console_shows_a_connected_client() {
     }
     check(&args).await;
 }
+
+/// The console opened from a URL that carries the credentials (`http://admin:PW@host/console`)
+/// lists clients and publishes: its requests are built from the page's origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_works_from_a_url_with_credentials() {
+    let dir = TempDir::new().expect("temp dir");
+    let (host, ws_url) = host(dir.path()).await;
+    let ops = format!("http://{}", host.edge_ops);
+    check(&["console-credentials-url", &ws_url, &ops, PASSWORD]).await;
+}

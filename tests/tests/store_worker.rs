@@ -193,7 +193,8 @@ async fn the_admin_api_lists_and_clears_retained_messages(kind: Kind) {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             authorization: Some("Bearer console-secret-1".into()),
-            body: Vec::new(),
+            content_type: Some("application/json".into()),
+            ..HttpRequest::default()
         })
     };
     let mut watcher = Client::connect(s.addr(), "watcher", true).await;
