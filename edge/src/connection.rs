@@ -744,6 +744,17 @@ impl Connection {
                                     why: "disconnected by an administrator",
                                 })
                             }
+                            Event::Signals(s)
+                                if s.contains(Signals::REAUTH)
+                                    && !s.contains(Signals::KEEPALIVE) =>
+                            {
+                                if !self.broker.auth.still_admits(self.out.auth.principal()) {
+                                    return End::Error(SessionError::Refused {
+                                        reason: reason::NOT_AUTHORIZED,
+                                        why: "the user was removed or its password changed",
+                                    });
+                                }
+                            }
                             Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
                         },
                         Wake::Recheck => {}

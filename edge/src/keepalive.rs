@@ -24,10 +24,18 @@ const PARKED_EVERY: u32 = 10;
 
 /// Signals overdue sessions every [`SWEEP_EVERY`] until `shutdown`, and forgets parked
 /// sessions whose Session Expiry Interval has passed (the store forgets its copy too).
-pub async fn sweep(router: &Router, registry: &Registry, shutdown: &CancellationToken) {
+/// A reload that changed the users (`auth`'s generation moved) makes every session check its
+/// login ([`Signals::REAUTH`]).
+pub async fn sweep(
+    router: &Router,
+    registry: &Registry,
+    auth: &crate::auth::Auth,
+    shutdown: &CancellationToken,
+) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweeps = 0u32;
+    let mut users = auth.users_generation();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -43,7 +51,12 @@ pub async fn sweep(router: &Router, registry: &Registry, shutdown: &Cancellation
         }
         let now = now_ms();
         let mut expired = 0u64;
+        let reauth = auth.users_generation() != users;
+        users = auth.users_generation();
         router.for_each_session(|session| {
+            if reauth {
+                session.signal(Signals::REAUTH);
+            }
             if session.overdue(now) {
                 session.signal(Signals::KEEPALIVE);
                 expired += 1;

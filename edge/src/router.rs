@@ -244,6 +244,8 @@ impl Signals {
     pub const KEEPALIVE: Signals = Signals(2);
     /// An operator asked for the connection to be closed (admin API).
     pub const KICK: Signals = Signals(4);
+    /// The users were reloaded: the session checks that its login still holds.
+    pub const REAUTH: Signals = Signals(8);
 
     pub fn contains(self, other: Signals) -> bool {
         self.0 & other.0 == other.0

@@ -326,7 +326,7 @@ async fn run(
     ));
     let sweeper = tokio::spawn({
         let (broker, shutdown) = (broker.clone(), shutdown.clone());
-        async move { keepalive::sweep(&broker.router, &broker.registry, &shutdown).await }
+        async move { keepalive::sweep(&broker.router, &broker.registry, &broker.auth, &shutdown).await }
     });
     let tracker = TaskTracker::new();
     let rate = Arc::new(std::sync::Mutex::new(ConnectionRate::new(

@@ -514,6 +514,8 @@ async fn users_and_rules_from_mongodb_in_emqx_shape() {
             doc! {"username": "dev1",
             "password_hash": "$2b$04$EjUOidkaARJSY6pPGFMEoOxG8HGl4Sesyf2lHKLrDXqVqEZt32tJS"},
             doc! {"username": "dev2", "password_hash": "plain-text-is-refused"},
+            doc! {"username": "ops", "salt": "slat_foo123", "is_superuser": true,
+            "password_hash": "44edc2d57cde8d79c98145003e105b90a14f1460b79186ea9cfe83942fc5abb5"},
         ])
         .await
         .expect("users");
@@ -599,9 +601,47 @@ async fn users_and_rules_from_mongodb_in_emqx_shape() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    publish_acked(&mut admin, "dev/dev1/cmd", 3, "after").await;
+    // The removed user's connection is ended within the refresh period.
+    admin.expect_closed().await;
+    let (mut ops, code) = connect(&stack, "ops", Some(("ops", "public"))).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    publish_acked(&mut ops, "dev/dev1/cmd", 3, "after").await;
     let got = received(&mut d1, Duration::from_millis(700)).await;
     assert!(got.is_empty(), "revoked rule still delivers: {got:?}");
+    stack.stop().await;
+}
+
+/// A reload that removes a user from the password file, or changes its password, ends that
+/// user's connections; the others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_or_changes_a_user_ends_its_connections() {
+    let dir = tempfile::TempDir::new().expect("dir");
+    let stack = secured(Kind::Embedded, dir.path()).await;
+    let (mut admin, _) = connect(&stack, "admin", Some(("admin", "admin-pw"))).await;
+    let (mut dev1, code) = connect(&stack, "d1", Some(("dev1", "dev1-pw"))).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    let (mut dev2, code) = connect(&stack, "d2", Some(("dev2", "dev2-pw"))).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    let file = dir.path().join("passwords");
+    let passwd = |args: &[&str]| {
+        let status = Command::new(bin("wharf-passwd"))
+            .args(args)
+            .status()
+            .expect("wharf-passwd");
+        assert!(status.success(), "wharf-passwd {args:?}");
+    };
+    let path = file.to_str().expect("path");
+    passwd(&["-D", path, "dev1"]);
+    passwd(&["-b", path, "dev2", "new-pw"]);
+    let edge = stack.edge.as_ref().expect("edge");
+    edge.reload_auth(None).expect("reload");
+    dev1.expect_closed().await;
+    dev2.expect_closed().await;
+    // The user the reload left as it was keeps its connection.
+    admin.send(&[0xc0, 0]).await;
+    assert!(matches!(admin.recv().await, Some(Packet::PingResp)));
+    let (_, code) = connect(&stack, "d2", Some(("dev2", "new-pw"))).await;
+    assert_eq!(code, ConnectReturnCode::Success);
     stack.stop().await;
 }
 

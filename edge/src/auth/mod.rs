@@ -302,6 +302,10 @@ pub struct Principal {
     pub username: Option<Arc<str>>,
     /// The TLS client certificate's identity.
     pub identity: Option<Arc<str>>,
+    /// The user's stored hash the password was checked against, for a password login: a
+    /// reload that removes the user or changes its password ends the connection
+    /// ([`Auth::still_admits`]).
+    pub login_hash: Option<password::Hash>,
 }
 
 /// A CONNECT's credentials.
@@ -326,6 +330,8 @@ pub struct Auth {
     hashing_wait: Duration,
     /// The users and rules last read from the store, when they come from there.
     store: Mutex<Option<Arc<StoreAuth>>>,
+    /// See [`Auth::users_generation`].
+    users_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Auth {
@@ -342,6 +348,7 @@ impl Auth {
             hashing: Arc::new(Semaphore::new(1)),
             hashing_wait,
             store: Mutex::default(),
+            users_generation: Default::default(),
         })
     }
 
@@ -375,6 +382,14 @@ impl Auth {
     }
 
     fn swap(&self, policy: Policy) {
+        let same_users = match (&policy.passwords, &self.policy().passwords) {
+            (Some(new), Some(old)) => new.same_users(old),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same_users {
+            self.users_generation.fetch_add(1, Ordering::Relaxed);
+        }
         let old = std::mem::replace(
             &mut *self.policy.write().unwrap_or_else(|e| e.into_inner()),
             Arc::new(policy),
@@ -428,6 +443,7 @@ impl Auth {
                 return Ok(Some(Principal {
                     username: Some(name.clone()),
                     identity: identity.clone(),
+                    login_hash: None,
                 }));
             }
         }
@@ -435,6 +451,19 @@ impl Auth {
             (username.is_some() || identity.is_some()).then(|| Principal {
                 username: username.map(Arc::from),
                 identity: identity.clone(),
+                login_hash: None,
+            })
+        };
+        // A password login keeps the hash it was checked against.
+        let logged_in = |user: &str| {
+            let login_hash = policy
+                .passwords
+                .as_ref()
+                .and_then(|p| p.hash_of(user))
+                .cloned();
+            Some(Principal {
+                login_hash,
+                ..principal(Some(user)).expect("a user name")
             })
         };
         if policy.users_pending && credentials.username.is_some() {
@@ -472,7 +501,7 @@ impl Auth {
             .is_some_and(|d| password::constant_time_eq(d, &digest));
         if cached {
             metrics::counter!("wharf_edge_auth_cache_hits_total").increment(1);
-            return Ok(principal(Some(user)));
+            return Ok(logged_in(user));
         }
         if credentials.password.is_none() {
             failed("bad_credentials", Some(user));
@@ -516,7 +545,32 @@ impl Auth {
             }
             cache.insert(Arc::from(user), digest);
         }
-        Ok(principal(Some(user)))
+        Ok(logged_in(user))
+    }
+
+    /// Whether a connection that logged in as `principal` would still be let in as it was:
+    /// false once its user is gone from the password file or the store, or its hash changed.
+    /// (A connection without a password login is left to the rules.)
+    pub fn still_admits(&self, principal: Option<&Principal>) -> bool {
+        let Some(hash) = principal.and_then(|p| p.login_hash.as_ref()) else {
+            return true;
+        };
+        let policy = self.policy();
+        match (
+            &policy.passwords,
+            principal.and_then(|p| p.username.as_deref()),
+        ) {
+            (Some(file), Some(user)) => file.hash_of(user) == Some(hash),
+            // Passwords no longer checked (settings changed): nothing to hold it to.
+            (None, _) => true,
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Counts reloads whose users differ from the users before (see [`Auth::swap`]): the
+    /// keepalive sweep then asks every session whether its login still holds.
+    pub fn users_generation(&self) -> u64 {
+        self.users_generation.load(Ordering::Relaxed)
     }
 }
 

@@ -420,6 +420,16 @@ impl PasswordFile {
         self.users.len()
     }
 
+    /// The stored hash of `user`.
+    pub fn hash_of(&self, user: &str) -> Option<&Hash> {
+        self.users.get(user)
+    }
+
+    /// Whether both hold the same users with the same hashes.
+    pub fn same_users(&self, other: &PasswordFile) -> bool {
+        self.users == other.users
+    }
+
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
