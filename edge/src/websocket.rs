@@ -24,18 +24,160 @@ const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 pub enum UpgradeError {
     #[error("WebSocket handshake failed: {0}")]
     Handshake(#[from] tokio_tungstenite::tungstenite::Error),
+    /// Answered with this HTTP status (RFC 6455 4.2.2: an error response, not a silent close).
+    #[error("HTTP {0}: {1}")]
+    Refused(u16, &'static str),
+    #[error("reading the upgrade request: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The longest request head read (tungstenite's own limit is larger; browsers send ~1 KiB).
+const MAX_HEAD: usize = 8 * 1024;
+
+/// Reads the request head and checks what tungstenite would refuse without an answer: the
+/// method, the HTTP version, the upgrade headers, the WebSocket version, the path. Returns
+/// the bytes read (the head, and whatever followed it) for tungstenite to read again, or
+/// writes the HTTP error (400; 404 for another path; 426 naming version 13) and says so.
+async fn check_request<S>(stream: &mut S, path: &str) -> Result<Vec<u8>, UpgradeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(1024);
+    let verdict = loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(UpgradeError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        head.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => break judge(&request, path),
+            Ok(httparse::Status::Partial) if head.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => break Err((400, "request head too large")),
+            Err(_) => break Err((400, "not an HTTP request")),
+        }
+    };
+    let Err((status, why)) = verdict else {
+        return Ok(head);
+    };
+    let reason = match status {
+        404 => "Not Found",
+        426 => "Upgrade Required",
+        _ => "Bad Request",
+    };
+    let extra = if status == 426 {
+        "Sec-WebSocket-Version: 13\r\n"
+    } else {
+        ""
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n\
+         Content-Length: {}\r\n{extra}\r\n{why}",
+        why.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    Err(UpgradeError::Refused(status, why))
+}
+
+/// What a complete request head is answered with, if not an upgrade.
+fn judge(request: &httparse::Request<'_, '_>, path: &str) -> Result<(), (u16, &'static str)> {
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .collect::<Vec<&str>>()
+    };
+    let has_token = |name: &str, token: &str| {
+        header(name)
+            .iter()
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if request.method != Some("GET") {
+        return Err((400, "a WebSocket upgrade is a GET"));
+    }
+    if request.version != Some(1) {
+        return Err((400, "a WebSocket upgrade needs HTTP/1.1"));
+    }
+    let target = request.path.unwrap_or("");
+    if target.split('?').next() != Some(path) {
+        return Err((404, "MQTT over WebSocket is not served on this path"));
+    }
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err((400, "only WebSocket upgrades are served here"));
+    }
+    if header("sec-websocket-version") != ["13"] {
+        return Err((426, "WebSocket version 13 only"));
+    }
+    if header("sec-websocket-key").len() != 1 {
+        return Err((400, "no Sec-WebSocket-Key"));
+    }
+    Ok(())
+}
+
+/// A stream that first yields bytes already read from it.
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = buf.remaining().min(self.prefix.len());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            if self.prefix.is_empty() {
+                // Let the allocation go: an idle connection keeps none.
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Answers the HTTP upgrade on `path` and returns the connection as a byte stream. Messages
 /// and frames are bounded by `max_message` bytes (the packet size limit).
 pub async fn accept<S>(
-    stream: S,
+    mut stream: S,
     path: &str,
     max_message: usize,
 ) -> Result<WsStream<S>, UpgradeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let head = check_request(&mut stream, path).await?;
+    let stream = Prefixed {
+        prefix: Bytes::from(head),
+        inner: stream,
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         // Every message goes straight to the socket: the connection batches its own writes.
@@ -112,7 +254,7 @@ fn refusal(status: StatusCode, why: String) -> ErrorResponse {
 /// caller must offer the same bytes first again (the connection's write buffer does: it only
 /// grows at the end until a write returns).
 pub struct WsStream<S> {
-    inner: WebSocketStream<S>,
+    inner: WebSocketStream<Prefixed<S>>,
     /// The rest of the binary message being read.
     pending: Bytes,
     /// The length of a message sent and not yet flushed.

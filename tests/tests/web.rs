@@ -390,3 +390,55 @@ async fn proxy_protocol_v1_and_v2_are_required_where_configured() {
     ws_session(edge.ws_addr.expect("ws"), "ws-np").await;
     edge.stop().await;
 }
+
+/// Plain HTTP on the WebSocket port gets an HTTP error (RFC 6455 4.2.2), not a silent close:
+/// 400 for what is no upgrade, 404 for another path, 426 naming version 13 for another
+/// WebSocket version. A real upgrade still works after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_the_websocket_port_gets_an_http_error() {
+    use tokio::io::AsyncReadExt;
+    let (_dir, _worker, edge) = mock_edge(|_| {}).await;
+    let addr = edge.ws_addr.expect("ws");
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases = [
+        ("GET /mqtt HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), 400),
+        (
+            "POST /mqtt HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_owned(),
+            400,
+        ),
+        (
+            format!("GET /mqtt HTTP/1.0\r\nHost: x\r\n{upgrade}Sec-WebSocket-Version: 13\r\n\r\n"),
+            400,
+        ),
+        (
+            "GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(),
+            404,
+        ),
+        (
+            format!("GET /mqtt HTTP/1.1\r\nHost: x\r\n{upgrade}Sec-WebSocket-Version: 8\r\n\r\n"),
+            426,
+        ),
+    ];
+    for (request, status) in cases {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+            .await
+            .expect("answered and closed")
+            .expect("read");
+        let first = response.lines().next().unwrap_or("");
+        assert!(
+            first.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{request:?}: {response:?}"
+        );
+        if status == 426 {
+            assert!(
+                response.contains("Sec-WebSocket-Version: 13"),
+                "{response:?}"
+            );
+        }
+    }
+    // ws_session asserts the CONNACK.
+    let _ws = ws_session(addr, "after-http").await;
+}
