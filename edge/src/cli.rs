@@ -124,6 +124,10 @@ pub struct Args {
     /// [etcd: topicAliasMaximum].
     #[arg(long, env = "WHARF_TOPIC_ALIAS_MAXIMUM", default_value_t = Limits::default().topic_alias_max)]
     pub topic_alias_maximum: u16,
+    /// Most levels a topic name or filter may have (1-1024); deeper ones are refused
+    /// [etcd: maxTopicLevels].
+    #[arg(long, env = "WHARF_MAX_TOPIC_LEVELS", default_value_t = Limits::default().max_topic_levels)]
+    pub max_topic_levels: usize,
     /// Topic aliases the server gives a 5.0 client that takes them; 0 for none
     /// [etcd: topicAliasesOut].
     #[arg(long, env = "WHARF_TOPIC_ALIASES_OUT", default_value_t = Limits::default().topic_alias_max_out)]
@@ -374,6 +378,11 @@ pub fn load(
             "topic_aliases_out",
             "topicAliasesOut",
             args.topic_aliases_out,
+        )?,
+        max_topic_levels: layers.value(
+            "max_topic_levels",
+            "maxTopicLevels",
+            args.max_topic_levels,
         )?,
         max_session_expiry: layers.pick(
             "max_session_expiry",

@@ -155,6 +155,9 @@ pub struct Limits {
     /// PUBLISHes accepted per second from one client; 0: no limit. Past it QoS 0 is
     /// dropped; QoS 1/2 get 0x97 (5.0) or close the connection (3.1/3.1.1).
     pub max_publish_rate: u32,
+    /// Most levels a topic name or filter may have (deeper: SUBACK 0x80/0x8F, or the PUBLISH
+    /// refused as malformed); at most `wharf_shared::topic::MAX_LEVELS_CEILING`.
+    pub max_topic_levels: usize,
 }
 
 impl Default for Limits {
@@ -176,6 +179,7 @@ impl Default for Limits {
             server_keep_alive: None,
             max_connection_rate: 0,
             max_publish_rate: 0,
+            max_topic_levels: wharf_shared::topic::DEFAULT_MAX_LEVELS,
         }
     }
 }
@@ -269,6 +273,12 @@ impl EdgeConfig {
             "receive-maximum",
             l.receive_maximum.to_string(),
             "must be at least 1",
+        )?;
+        check(
+            (1..=wharf_shared::topic::MAX_LEVELS_CEILING).contains(&l.max_topic_levels),
+            "max-topic-levels",
+            l.max_topic_levels.to_string(),
+            "must be between 1 and 1024",
         )?;
         check(
             !l.connect_timeout.is_zero(),

@@ -1138,6 +1138,31 @@ mod tests {
         })
     }
 
+    /// The deepest filter and topic `--max-topic-levels` allows are matched, listed and
+    /// removed (the tree is recursive) within half of a runtime worker's 2 MiB stack (4,096
+    /// levels overflowed 2 MiB in a debug build: hence the ceiling of 1,024).
+    #[test]
+    fn the_deepest_topics_allowed_fit_a_worker_threads_stack() {
+        let deep = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(|| {
+                let levels = wharf_shared::topic::MAX_LEVELS_CEILING;
+                let topic = vec!["l"; levels].join("/");
+                let filter = format!("{}/#", vec!["l"; levels - 1].join("/"));
+                let router = Router::default();
+                let (a, rx) = session(&router, "a", 8);
+                router.subscribe(&a, &topic, Grant::qos(Qos::AtLeastOnce));
+                router.subscribe(&a, &filter, Grant::qos(Qos::AtLeastOnce));
+                assert_eq!(router.route(&message(&topic, Qos::AtLeastOnce)).queued, 1);
+                assert!(rx.try_pop().is_some());
+                assert_eq!(router.subscriptions(Some("a")).len(), 2);
+                router.unsubscribe(&a, &topic);
+                drop(router);
+            })
+            .expect("thread");
+        deep.join().expect("no stack overflow");
+    }
+
     #[test]
     fn subscriptions_are_listed_as_they_were_made() {
         let router = Router::default();

@@ -48,6 +48,7 @@ impl Edge {
     /// serving. Nothing is bound when the configuration is bad.
     pub async fn start(config: EdgeConfig) -> Result<Edge, StartError> {
         config.validate()?;
+        wharf_shared::topic::set_max_levels(config.limits.max_topic_levels);
         let tls = match &config.tls {
             Some(settings) => Some(Arc::new(Tls::new(settings.clone())?)),
             None => None,

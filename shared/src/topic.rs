@@ -1,12 +1,33 @@
 //! MQTT 3.1.1 topic names and filters (section 4.7): validation and matching.
 
-/// Most levels a topic or filter may have; deeper ones are refused so that matching stays
-/// cheap whatever a client sends.
-pub const MAX_LEVELS: usize = 128;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Most levels a topic or filter may have by default. Neither 3.1.1 nor 5.0 sets a limit below
+/// the packet size; this one keeps the subscription tree's recursion (matching, inserting,
+/// removing) far within a thread's stack. Mosquitto's is 200.
+pub const DEFAULT_MAX_LEVELS: usize = 512;
+/// The highest the limit may be set to (`--max-topic-levels`): deeper trees would risk the
+/// stack of the threads that match them.
+pub const MAX_LEVELS_CEILING: usize = 1024;
+
+static MAX_LEVELS: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_LEVELS);
+
+/// Sets the most levels a topic or filter may have, for the whole process (the edge's
+/// `--max-topic-levels`), within 1..=[`MAX_LEVELS_CEILING`].
+pub fn set_max_levels(levels: usize) {
+    MAX_LEVELS.store(levels.clamp(1, MAX_LEVELS_CEILING), Ordering::Relaxed);
+}
+
+/// The most levels a topic or filter may have now.
+pub fn max_levels() -> usize {
+    MAX_LEVELS.load(Ordering::Relaxed)
+}
 
 /// A topic name a client may publish to: non-empty, no wildcards, no NUL.
 pub fn valid_topic_name(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.split('/').count() <= MAX_LEVELS
+    !topic.is_empty()
+        && !topic.contains(['+', '#', '\0'])
+        && topic.split('/').count() <= max_levels()
 }
 
 /// A filter a client may subscribe to: `+` only as a whole level, `#` only as the last level.
@@ -15,7 +36,7 @@ pub fn valid_filter(filter: &str) -> bool {
         return false;
     }
     let levels: Vec<&str> = filter.split('/').collect();
-    if levels.len() > MAX_LEVELS {
+    if levels.len() > max_levels() {
         return false;
     }
     let last = levels.len() - 1;

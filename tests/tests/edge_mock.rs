@@ -564,6 +564,38 @@ async fn will_is_published_on_ungraceful_close_only() {
     watcher.assert_no_publish(QUIET).await;
 }
 
+/// Topics of hundreds of levels are served (MQTT sets no limit below the packet size); past
+/// `--max-topic-levels` (512 by default) a filter gets SUBACK 0x80.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_of_hundreds_of_levels_are_served() {
+    let s = setup().await;
+    let addr = s.edge.local_addr;
+    let deep = vec!["l"; 300].join("/");
+    let too_deep = vec!["l"; 513].join("/");
+    let mut sub = Raw::session(addr, "deep-sub", true).await;
+    sub.send(&raw::subscribe_bytes(1, &[(&deep, 1), (&too_deep, 1)]))
+        .await;
+    match sub.recv().await {
+        Some(Packet::SubAck(a)) => assert_eq!(
+            a.return_codes,
+            vec![
+                rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    let mut publisher = Raw::session(addr, "deep-pub", true).await;
+    publisher
+        .send(&raw::publish_bytes(&deep, 1, 1, false, b"deep"))
+        .await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    match sub.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"deep"),
+        other => panic!("expected the PUBLISH, got {other:?}"),
+    }
+}
+
 /// 3.1.1 names no takeover among a will's causes: a will is published on a takeover only when
 /// the session ends with it (either connection clean), as Mosquitto does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
