@@ -354,9 +354,10 @@ impl Admin {
             return error(413, "payload larger than the packet size limit");
         }
         let retain = body["retain"].as_bool().unwrap_or(false);
-        let message = self
-            .broker
-            .message("wharf-admin", topic.to_owned(), &payload, qos, retain);
+        let mut message =
+            self.broker
+                .message("wharf-admin", topic.to_owned(), &payload, qos, retain);
+        message.properties = self.broker.stamp_identity(None, "wharf-admin", None);
         let id = message.id.to_string();
         match self.broker.clone().publish(message).await {
             Ok(()) => reply(

@@ -113,6 +113,48 @@ impl Broker {
         }
     }
 
+    /// The properties a message is stored and forwarded with: with `--publisher-identity`,
+    /// the publisher's own User Properties under the identity keys removed (they cannot be
+    /// forged) and its identity added: the client id, and the user name and the certificate
+    /// identity where it has them. Unchanged without the setting.
+    pub fn stamp_identity(
+        &self,
+        properties: Option<Box<wharf_shared::Properties>>,
+        client_id: &str,
+        principal: Option<&crate::auth::Principal>,
+    ) -> Option<Box<wharf_shared::Properties>> {
+        let Some(keys) = &self.config.publisher_identity else {
+            return properties;
+        };
+        let mut props = properties.unwrap_or_default();
+        let before = props.user_properties.len();
+        props.user_properties.retain(|(key, _)| !keys.contains(key));
+        let forged = before - props.user_properties.len();
+        if forged > 0 {
+            metrics::counter!("wharf_edge_identity_properties_removed_total")
+                .increment(forged as u64);
+            tracing::debug!(
+                client_id,
+                forged,
+                "the publisher's own identity properties removed"
+            );
+        }
+        props
+            .user_properties
+            .push((keys.client_id.clone(), client_id.to_owned()));
+        if let Some(user) = principal.and_then(|p| p.username.as_deref()) {
+            props
+                .user_properties
+                .push((keys.username.clone(), user.to_owned()));
+        }
+        if let Some(identity) = principal.and_then(|p| p.identity.as_deref()) {
+            props
+                .user_properties
+                .push((keys.certificate.clone(), identity.to_owned()));
+        }
+        Some(props)
+    }
+
     /// Offers a stored (or QoS 0) message to local subscribers and counts the outcome.
     pub fn route(&self, message: &Arc<Message>) {
         self.count(self.router.route(message));

@@ -71,6 +71,34 @@ pub struct Args {
     /// password [etcd: useIdentityAsUsername].
     #[arg(long, env = "WHARF_USE_IDENTITY_AS_USERNAME", default_value = "false")]
     pub use_identity_as_username: String,
+    /// Every message carries its publisher's identity as MQTT 5.0 User Properties (the client
+    /// id, and where known the user name and the certificate identity, under the
+    /// --identity-key-* keys): true or false. A publisher's own properties with those keys are
+    /// removed [etcd: publisherIdentity].
+    #[arg(long, env = "WHARF_PUBLISHER_IDENTITY", default_value = "false")]
+    pub publisher_identity: String,
+    /// The User Property key of the publisher's client id [etcd: identityKeyClientId].
+    #[arg(
+        long,
+        env = "WHARF_IDENTITY_KEY_CLIENT_ID",
+        default_value = "wharf-client-id"
+    )]
+    pub identity_key_client_id: String,
+    /// The User Property key of the publisher's user name [etcd: identityKeyUsername].
+    #[arg(
+        long,
+        env = "WHARF_IDENTITY_KEY_USERNAME",
+        default_value = "wharf-username"
+    )]
+    pub identity_key_username: String,
+    /// The User Property key of the publisher's certificate identity
+    /// [etcd: identityKeyCertificate].
+    #[arg(
+        long,
+        env = "WHARF_IDENTITY_KEY_CERTIFICATE",
+        default_value = "wharf-certificate"
+    )]
+    pub identity_key_certificate: String,
     /// Users from the store-worker's MongoDB users collection (EMQX's document shape; the
     /// worker's --users-* flags name it) [etcd: storeUsers].
     #[arg(long, env = "WHARF_STORE_USERS", default_value = "false")]
@@ -412,6 +440,45 @@ pub fn load(
         max_pending_persists: defaults.max_pending_persists.min(limits.max_held_persists),
         ..limits
     };
+    let publisher_identity = if layers.pick(
+        "publisher_identity",
+        "publisherIdentity",
+        parse_bool("publisherIdentity", &args.publisher_identity)?,
+        parse_bool,
+    )? {
+        let keys = crate::config::IdentityKeys {
+            client_id: layers.value(
+                "identity_key_client_id",
+                "identityKeyClientId",
+                args.identity_key_client_id.clone(),
+            )?,
+            username: layers.value(
+                "identity_key_username",
+                "identityKeyUsername",
+                args.identity_key_username.clone(),
+            )?,
+            certificate: layers.value(
+                "identity_key_certificate",
+                "identityKeyCertificate",
+                args.identity_key_certificate.clone(),
+            )?,
+        };
+        let names = [&keys.client_id, &keys.username, &keys.certificate];
+        if names.iter().any(|k| k.is_empty())
+            || names[0] == names[1]
+            || names[0] == names[2]
+            || names[1] == names[2]
+        {
+            return Err(ConfigError::new(
+                "identityKeyClientId",
+                format!("{names:?}"),
+                "the identity keys must be non-empty and distinct",
+            ));
+        }
+        Some(keys)
+    } else {
+        None
+    };
     let config = EdgeConfig {
         listen,
         tls,
@@ -429,6 +496,7 @@ pub fn load(
             parse_secs,
         )?,
         auth,
+        publisher_identity,
     };
     config.validate()?;
     Ok(config)

@@ -24,6 +24,33 @@ pub struct EdgeConfig {
     pub shutdown_grace: Duration,
     /// Authentication and authorization.
     pub auth: crate::auth::AuthSettings,
+    /// `--publisher-identity`: the User Property keys under which every message carries its
+    /// publisher's identity; `None` (the default) adds nothing.
+    pub publisher_identity: Option<IdentityKeys>,
+}
+
+/// The User Property keys of a publisher's identity (see [`EdgeConfig::publisher_identity`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityKeys {
+    pub client_id: String,
+    pub username: String,
+    pub certificate: String,
+}
+
+impl IdentityKeys {
+    pub fn contains(&self, key: &str) -> bool {
+        key == self.client_id || key == self.username || key == self.certificate
+    }
+}
+
+impl Default for IdentityKeys {
+    fn default() -> Self {
+        IdentityKeys {
+            client_id: "wharf-client-id".into(),
+            username: "wharf-username".into(),
+            certificate: "wharf-certificate".into(),
+        }
+    }
 }
 
 /// MQTT over WebSocket: plain, and secure with the TLS settings' certificates and client

@@ -1213,7 +1213,11 @@ impl Connection {
             p.qos,
             p.retain,
         );
-        message.properties = p.properties;
+        message.properties = self.broker.stamp_identity(
+            p.properties,
+            &self.out.state.client_id,
+            self.out.auth.principal(),
+        );
         let message = Arc::new(message);
         match p.qos {
             Qos::AtMostOnce => {
@@ -1710,7 +1714,9 @@ impl Connection {
             let mut message =
                 self.broker
                     .message(&client_id, will.topic, &will.payload, will.qos, will.retain);
-            message.properties = will.properties;
+            message.properties =
+                self.broker
+                    .stamp_identity(will.properties, &client_id, principal.as_ref());
             // 5.0 Will Delay Interval: sent when it has passed, or when the session ends if
             // that is sooner, unless the client has come back meanwhile.
             let delay = will.delay_secs.min(self.session_expiry);

@@ -61,6 +61,7 @@ pub fn edge_config(worker_socket: &Path, host: &str) -> EdgeConfig {
         limits: Limits::default(),
         shutdown_grace: Duration::from_secs(5),
         auth: Default::default(),
+        publisher_identity: None,
     }
 }
 

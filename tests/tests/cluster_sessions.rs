@@ -46,6 +46,10 @@ async fn a_connect_on_another_host_ends_the_old_connection_and_takes_the_session
         .publish_many_acked("cmd/dev-1", QoS::AtLeastOnce, series("before", 5))
         .await;
     assert_eq!(payloads(&old.publishes(5).await), series("before", 5));
+    // Their delivery records reach the store first: a PUBACK still on its way when the session
+    // moves leaves its message owed, to be delivered again as QoS 1 allows (seen under the
+    // full suite's load), which is not what this test is about.
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut new = Client::connect(h2.addr, "dev-1", false).await;
     assert!(
