@@ -131,3 +131,79 @@ async fn subscribers_learn_the_publisher_on_every_path_two_hosts_mongodb() {
     let h2 = BrokerHost::start_with_args(dir.path(), "h2", Some(mongo.uri()), &[], &args).await;
     run(&[&h1, &h2]).await;
 }
+
+/// With the setting off (the default), a 5.0 delivery is byte for byte what was published: no
+/// identity property, the publisher's own properties (identity keys included) untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_setting_deliveries_are_unchanged() {
+    use wharf_tests::raw5::{self, Raw5};
+    use wharf_tests::stack::{Kind, Stack};
+    let stack = Stack::new(Kind::Embedded).await;
+    let addr = stack.addr();
+    let (mut sub, _) = Raw5::session(addr, &raw5::connect("plain-sub", true, &[])).await;
+    sub.send(&raw5::subscribe(1, &[], &[("plain/#", 0)])).await;
+    assert_eq!(sub.recv().await.map(|f| f.kind()), Some(9));
+    let (mut publisher, _) = Raw5::session(addr, &raw5::connect("plain-pub", true, &[])).await;
+    let mut props = vec![0x26];
+    props.extend(raw5::string("wharf-client-id"));
+    props.extend(raw5::string("mine"));
+    let sent = raw5::publish("plain/t", 0, 0, &props, b"payload");
+    publisher.send(&sent).await;
+    let got = sub.recv().await.expect("PUBLISH");
+    assert_eq!(got.byte1, sent[0]);
+    assert_eq!(
+        got.body,
+        sent[2..].to_vec(),
+        "the delivery is what was published"
+    );
+    stack.stop().await;
+}
+
+/// `mosquitto_sub -V mqttv5` (an independent 5.0 client) sees the identity among the User
+/// Properties, and not the one `mosquitto_pub` tried to forge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_sees_the_publisher() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let host = BrokerHost::start_with_args(
+        dir.path(),
+        "h1",
+        None,
+        &[],
+        &["--publisher-identity", "true"],
+    )
+    .await;
+    let port = host.addr.port().to_string();
+    let sub = tokio::process::Command::new("mosquitto_sub")
+        .args([
+            "-V", "mqttv5", "-p", &port, "-t", "ms/#", "-C", "1", "-F", "%t %p %P",
+        ])
+        .args(["-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto_sub");
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args([
+            "-V", "mqttv5", "-p", &port, "-i", "ms-pub", "-q", "1", "-t", "ms/t",
+        ])
+        .args([
+            "-m",
+            "hello",
+            "-D",
+            "publish",
+            "user-property",
+            "wharf-client-id",
+            "forged",
+        ])
+        .status()
+        .await
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let out = sub.wait_with_output().await.expect("mosquitto_sub output");
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(line.starts_with("ms/t hello"), "{line:?}");
+    assert!(line.contains("wharf-client-id:ms-pub"), "{line:?}");
+    assert!(!line.contains("forged"), "{line:?}");
+}
