@@ -110,6 +110,18 @@ try {
     await page.click('#publish button[type="submit"]');
     await page.locator("#p-result", { hasText: "published" }).waitFor({ timeout: patience });
     await received(device, "from a credentials URL");
+    // A retained message, listed with its publisher (the admin API's client id).
+    await page.fill("#p-topic", "url/state");
+    await page.fill("#p-payload", "kept");
+    await page.check("#p-retain");
+    await page.click('#publish button[type="submit"]');
+    await page.locator("#p-result", { hasText: "published" }).waitFor({ timeout: patience });
+    await page.fill("#retained-filter", "url/#");
+    await page.click("#retained-load");
+    const retained = page.locator("#retained tbody tr", { hasText: "url/state" });
+    await retained.waitFor({ timeout: patience });
+    const cells = await retained.locator("td").allTextContents();
+    if (cells[3] !== "wharf-admin") throw new Error("retained row " + JSON.stringify(cells));
     if (errors.length) throw new Error("page errors: " + errors.join("; "));
   } else {
     throw new Error("unknown mode " + mode);

@@ -85,12 +85,21 @@ w.loop_stop(); w.socket().close()
 _, payload, props = [m for m in wait("sub", 4) if m[0] == "id/will"][0]
 assert payload == "gone" and identity(props) == ["dev-w"], props
 
+# A shared subscription's member.
+member = client("member", h1)
+member.subscribe("$share/g/id/shared", qos=1)
+time.sleep(0.5)
+publish(dev, "id/shared", "shared", forged=True)
+_, payload, props = wait("member", 1)[0]
+assert payload == "shared" and identity(props) == ["dev-7"], props
+wait("sub", 5)
+
 # From another host of the cluster.
 if h2:
     other = client("dev-h2", h2)
     time.sleep(0.3)
     publish(other, "id/other", "elsewhere", forged=True)
-    _, payload, props = [m for m in wait("sub", 5) if m[0] == "id/other"][0]
+    _, payload, props = [m for m in wait("sub", 6) if m[0] == "id/other"][0]
     assert payload == "elsewhere" and identity(props) == ["dev-h2"], props
 print("ok")
 "#;
