@@ -1,6 +1,6 @@
 //! The admin HTTP API and the console, served on the ops address beside `/metrics` when an
 //! admin password is configured. Every request needs the credentials (HTTP Basic, or
-//! `Authorization: Bearer <password>`). JSON in and out; README "Admin API" has examples.
+//! `Authorization: Bearer <password>`). JSON in and out; docs/configuration.md, "Admin API and console", has examples.
 //!
 //! What it shows is this edge's: its connected clients (from the router's queues, which carry
 //! the address, protocol and counts) and its parked sessions. Retained messages are the

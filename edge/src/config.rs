@@ -139,7 +139,7 @@ impl std::str::FromStr for ProxyListeners {
     }
 }
 
-/// Limits with documented behaviour when reached (README, "Limits").
+/// Limits with documented behaviour when reached (docs/mqtt.md, "Limits").
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// A connection that sends no CONNECT within this time is closed.

@@ -64,7 +64,7 @@ async fn mqtt_js_in_chromium_receives_what_mosquitto_pub_sends() {
 }
 
 /// The console lists a browser's MQTT.js client, shows its session, and its publish form
-/// reaches it. `WHARF_CONSOLE_SCREENSHOT=path` keeps a screenshot (README's).
+/// reaches it. `WHARF_CONSOLE_SCREENSHOT=path` keeps a screenshot (docs/console.png).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_a_connected_client() {
     let dir = TempDir::new().expect("temp dir");

@@ -279,8 +279,8 @@ fn message_doc(m: &Message) -> Document {
     d
 }
 
-/// A message's MQTT 5.0 properties, as the optional `properties` field (README, "Stored
-/// documents"): only the properties the publisher set.
+/// A message's MQTT 5.0 properties, as the optional `properties` field (docs/storage.md, "Stored
+/// data"): only the properties the publisher set.
 fn properties_doc(p: &Properties) -> Document {
     let mut d = Document::new();
     if let Some(v) = p.payload_format_indicator {
@@ -910,7 +910,7 @@ impl Store for MongoStore {
     ) -> Result<(), StoreError> {
         for s in subscriptions {
             // The MQTT 5.0 options are set only when on, so that 3.1.1 subscriptions keep the
-            // seed's shape (README, "Stored documents").
+            // seed's shape (docs/storage.md).
             let mut set = doc! { "qos": s.qos.as_u8() as i32 };
             let mut unset = Document::new();
             let o = s.options;
