@@ -24,7 +24,7 @@ pub struct Broker {
     /// came (tokio's semaphore is fair): a reconnect storm queues here instead of in the
     /// link, so that a CONNECT's timeout runs only once its fetch is under way.
     pub session_fetches: tokio::sync::Semaphore,
-    /// When a session fetch last completed ([`crate::keepalive::now_ms`]): a queue of waiting
+    /// When a session fetch last completed ([`crate::ids::monotonic_ms`]): a queue of waiting
     /// fetches gives up only once none has for a while.
     pub session_fetch_done_ms: AtomicU64,
     next_connection_id: AtomicU64,
@@ -50,12 +50,12 @@ impl HotMetrics {
         HotMetrics {
             bytes_sent: metrics::counter!("wharf_edge_bytes_sent_total"),
             bytes_received: metrics::counter!("wharf_edge_bytes_received_total"),
-            received: qos.map(|q| {
-                metrics::counter!("wharf_edge_messages_received_total", "qos" => crate::connection::qos_label(q))
-            }),
-            sent: qos.map(|q| {
-                metrics::counter!("wharf_edge_messages_sent_total", "qos" => crate::connection::qos_label(q))
-            }),
+            received: qos.map(
+                |q| metrics::counter!("wharf_edge_messages_received_total", "qos" => qos_label(q)),
+            ),
+            sent: qos.map(
+                |q| metrics::counter!("wharf_edge_messages_sent_total", "qos" => qos_label(q)),
+            ),
             persist_seconds: metrics::histogram!("wharf_edge_persist_seconds"),
         }
     }
@@ -81,7 +81,7 @@ impl Broker {
             in_transit: Arc::default(),
             lease: Default::default(),
             session_fetches: tokio::sync::Semaphore::new(SESSION_FETCHES_AT_ONCE),
-            session_fetch_done_ms: AtomicU64::new(crate::keepalive::now_ms()),
+            session_fetch_done_ms: AtomicU64::new(crate::ids::monotonic_ms()),
             next_connection_id: AtomicU64::new(1),
         }
     }
@@ -207,5 +207,14 @@ impl Broker {
                 message.topic
             )),
         }
+    }
+}
+
+/// A QoS as a metric label.
+pub fn qos_label(qos: Qos) -> &'static str {
+    match qos {
+        Qos::AtMostOnce => "0",
+        Qos::AtLeastOnce => "1",
+        Qos::ExactlyOnce => "2",
     }
 }

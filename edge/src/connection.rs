@@ -12,7 +12,6 @@ mod outbound;
 
 use crate::auth::{acl::Access, PublishDenied};
 use crate::broker::Broker;
-use crate::keepalive;
 use crate::link::{LinkError, Policy, ReplyRx};
 use crate::protocol::{encode, reason, Inbound, PublishIn, SubscribeFilter, Version, Will};
 use crate::registry::Released;
@@ -579,7 +578,7 @@ impl Connection {
             let mut closing: Option<Closing> = stopping.then_some(Closing::Shutdown);
             // The keepalive counts from the start of the session, whatever the end of the
             // CONNECT phase took.
-            self.out.session_tx.heard(keepalive::now_ms());
+            self.out.session_tx.heard(crate::ids::monotonic_ms());
             // Whether the session is held back for the store (see `store_held`), and how many
             // bytes at the front of the output are PINGRESPs written without the lease.
             let mut held = false;
@@ -626,7 +625,7 @@ impl Connection {
                     if held {
                         self.out.session_tx.hold();
                     } else {
-                        self.out.session_tx.heard(keepalive::now_ms());
+                        self.out.session_tx.heard(crate::ids::monotonic_ms());
                     }
                 }
                 // Without the lease only those answers may be written: nothing else is.
@@ -770,7 +769,7 @@ impl Connection {
                                     self.read_chunk = (self.read_chunk * 2).min(MAX_READ as u32);
                                 }
                                 if can_read {
-                                    self.out.session_tx.heard(keepalive::now_ms());
+                                    self.out.session_tx.heard(crate::ids::monotonic_ms());
                                     read_full = Some(n == room);
                                 } else {
                                     pongs += self.answer_pings(leased, pongs);
@@ -1342,7 +1341,7 @@ impl Connection {
 
     /// Counts a PUBLISH against `--max-publish-rate` (one-second windows).
     fn within_publish_rate(&mut self, limit: u32) -> bool {
-        let second = (keepalive::now_ms() / 1000) as u32;
+        let second = (crate::ids::monotonic_ms() / 1000) as u32;
         if second != self.publish_second {
             self.publish_second = second;
             self.publishes = 0;
@@ -1751,14 +1750,6 @@ impl Connection {
                 broker.publish_detached(message).await;
             });
         }
-    }
-}
-
-pub fn qos_label(qos: Qos) -> &'static str {
-    match qos {
-        Qos::AtMostOnce => "0",
-        Qos::AtLeastOnce => "1",
-        Qos::ExactlyOnce => "2",
     }
 }
 

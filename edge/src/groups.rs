@@ -62,7 +62,7 @@ pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
 
 /// Asks the store which of this edge's groups it owns, and tells the router.
 async fn own_groups(broker: &Broker, owner: &str) -> Result<(), String> {
-    let asked = crate::keepalive::now_ms();
+    let asked = crate::ids::monotonic_ms();
     let groups = broker.router.group_keys();
     let request = Request::OwnGroups {
         owner: owner.to_owned(),

@@ -5,19 +5,12 @@
 
 use crate::registry::Registry;
 use crate::router::{Router, Signals};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// How often sessions are checked: a silent client is closed at most this much later than its
 /// keepalive allows, never sooner.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(500);
-
-/// Milliseconds on a monotonic clock that starts with the process.
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
 
 /// Parked sessions (whose clients are away) are checked for expiry every this many sweeps.
 const PARKED_EVERY: u32 = 10;
@@ -49,7 +42,7 @@ pub async fn sweep(
                     .increment(expired as u64);
             }
         }
-        let now = now_ms();
+        let now = crate::ids::monotonic_ms();
         let mut expired = 0u64;
         let reauth = auth.users_generation() != users;
         users = auth.users_generation();

@@ -141,7 +141,7 @@ struct Group {
     /// Messages acknowledged while a fetch was under way: its store read may have come before
     /// their records, so it must not give them out again. Forgotten when no fetch is left.
     done_while_fetching: Mutex<HashSet<MessageId>>,
-    /// Until when (`keepalive::now_ms`) this edge delivers the group's messages. Where hosts
+    /// Until when (`crate::ids::monotonic_ms`) this edge delivers the group's messages. Where hosts
     /// share the store one edge at a time does, the one the store says owns the group;
     /// otherwise always ([`u64::MAX`]).
     owned_until: AtomicU64,
@@ -152,7 +152,7 @@ struct Group {
 impl Group {
     fn owned(&self) -> bool {
         let until = self.owned_until.load(Ordering::Acquire);
-        until == u64::MAX || until > crate::keepalive::now_ms()
+        until == u64::MAX || until > crate::ids::monotonic_ms()
     }
 
     fn outstanding(&self) -> std::sync::MutexGuard<'_, HashSet<MessageId>> {
@@ -202,7 +202,7 @@ pub struct SessionTx {
     signals: AtomicU8,
     /// 1.5 x the client's keepalive in milliseconds; 0 for none.
     silence_limit_ms: u32,
-    /// When the client was last heard from, on [`crate::keepalive::now_ms`]'s clock.
+    /// When the client was last heard from, on [`crate::ids::monotonic_ms`]'s clock.
     last_heard_ms: AtomicU64,
     /// The task, woken through [`SessionTx::read_waker`] when the socket turns readable.
     read_task: AtomicWaker,
@@ -274,7 +274,7 @@ impl SessionTx {
             // At most 1.5 x 65,535 s: within a u32 of milliseconds.
             silence_limit_ms: silence_limit
                 .map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32),
-            last_heard_ms: AtomicU64::new(crate::keepalive::now_ms()),
+            last_heard_ms: AtomicU64::new(crate::ids::monotonic_ms()),
             read_task: AtomicWaker::new(),
             read_epoch: AtomicU64::new(next_read_epoch()),
         }
@@ -352,7 +352,7 @@ impl SessionTx {
         self.ready.wake();
     }
 
-    /// The client was heard from at `now_ms` ([`crate::keepalive::now_ms`]).
+    /// The client was heard from at `now_ms` ([`crate::ids::monotonic_ms`]).
     pub fn heard(&self, now_ms: u64) {
         self.last_heard_ms.store(now_ms, Ordering::Relaxed);
     }
@@ -1031,7 +1031,7 @@ impl Router {
     }
 
     /// The store's answer to who owns the groups `asked` about: `owned` are this edge's until
-    /// `until_ms` (`keepalive::now_ms`), the others are not. A group this edge takes over
+    /// `until_ms` (`crate::ids::monotonic_ms`), the others are not. A group this edge takes over
     /// fetches everything its session is owed: what the previous owner had not had
     /// acknowledged.
     pub fn own_groups(&self, asked: &[String], owned: &HashSet<String>, until_ms: u64) {

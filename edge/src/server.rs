@@ -427,7 +427,7 @@ async fn run(
 /// Counts a new connection from `peer` against the connection rate; false (and counted as
 /// refused) past it.
 fn admit(rate: &std::sync::Mutex<ConnectionRate>, peer: SocketAddr) -> bool {
-    let second = crate::keepalive::now_ms() / 1000;
+    let second = crate::ids::monotonic_ms() / 1000;
     let admitted = rate
         .lock()
         .unwrap_or_else(|e| e.into_inner())

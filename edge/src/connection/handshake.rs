@@ -435,7 +435,7 @@ async fn fetch_session(
         clean_start: false,
         session_expiry,
     };
-    let waiting_since = crate::keepalive::now_ms();
+    let waiting_since = crate::ids::monotonic_ms();
     let turn = broker.session_fetches.acquire();
     tokio::pin!(turn);
     let _turn = loop {
@@ -445,7 +445,7 @@ async fn fetch_session(
             }
             _ = tokio::time::sleep(SESSION_TURN_CHECK) => {
                 let moved = broker.session_fetch_done_ms.load(Ordering::Relaxed);
-                let idle = crate::keepalive::now_ms().saturating_sub(moved.max(waiting_since));
+                let idle = crate::ids::monotonic_ms().saturating_sub(moved.max(waiting_since));
                 if idle > SESSION_FETCH_TIMEOUT.as_millis() as u64 {
                     return Err(SessionError::Store("the session fetches stopped moving".into()));
                 }
@@ -459,7 +459,7 @@ async fn fetch_session(
         .map_err(|_| SessionError::Link(crate::link::LinkError::Closed))??;
     broker
         .session_fetch_done_ms
-        .store(crate::keepalive::now_ms(), Ordering::Relaxed);
+        .store(crate::ids::monotonic_ms(), Ordering::Relaxed);
     match reply {
         Reply::Session(session) => Ok(session),
         other => Err(SessionError::Store(format!("connect: {other:?}"))),
