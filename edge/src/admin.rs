@@ -12,7 +12,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
-use wharf_shared::ops::{Api, HttpRequest, HttpResponse};
+use wharf_ops::http::{Api, HttpRequest, HttpResponse};
 use wharf_shared::{Message, Qos, Reply, Request};
 
 /// The console: one page of HTML and JavaScript, shipped in the binary.

@@ -8,7 +8,7 @@ use clap::{ArgMatches, Parser};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use wharf_shared::config::{parse, parse_bool, parse_secs, ConfigSource, Layers};
+use wharf_ops::config::{parse, parse_bool, parse_secs, ConfigSource, Layers};
 
 /// Wharf edge: MQTT 3.1, 3.1.1 and 5.0 sessions, backed by a store-worker.
 #[derive(Parser, Debug)]
@@ -196,7 +196,7 @@ pub struct Args {
     #[arg(long, env = "WHARF_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
     #[command(flatten)]
-    pub etcd: wharf_shared::config::EtcdArgs,
+    pub etcd: wharf_ops::config::EtcdArgs,
 }
 
 fn listen_value(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {

@@ -211,7 +211,7 @@ impl Default for Limits {
     }
 }
 
-pub use wharf_shared::config::ConfigError;
+pub use wharf_ops::config::ConfigError;
 
 impl EdgeConfig {
     /// The listeners that are on, with their configured addresses, in the order they bind.

@@ -18,15 +18,9 @@ use wharf_shared::MessageId;
 /// Unix time in milliseconds: what messages are stamped with (can go back with the clock).
 pub use wharf_shared::now_ms;
 
-/// Milliseconds on a monotonic clock that starts with the process: for timeouts, keepalive,
-/// leases and rates (never goes back).
-pub fn monotonic_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
+/// Milliseconds of the host's monotonic clock: for timeouts, keepalive, leases and rates
+/// (never goes back).
+pub use wharf_shared::monotonic_ms;
 
 const COUNTER_BITS: u32 = 24;
 const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 use wharf_edge::cli::{self, Args};
 use wharf_edge::Edge;
-use wharf_shared::config::{self, etcd, EX_USAGE};
+use wharf_ops::config::{self, etcd, EX_USAGE};
 
 fn usage(message: impl std::fmt::Display) -> ! {
     eprintln!("edge: {message}");
@@ -10,7 +10,7 @@ fn usage(message: impl std::fmt::Display) -> ! {
 
 fn main() -> anyhow::Result<()> {
     let (args, matches) = config::parse_with_matches::<Args>();
-    wharf_shared::init_logging();
+    wharf_ops::init_logging();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         // Configuration first: nothing is bound if any of it is unusable.
@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         let admin = cli::admin_settings(&args, &matches, source).unwrap_or_else(|e| usage(e));
         // Installed before the edge starts, so that everything it records is captured.
         let metrics = metrics_listen
-            .map(|_| wharf_shared::ops::install_metrics().unwrap_or_else(|e| usage(e)));
+            .map(|_| wharf_ops::http::install_metrics().unwrap_or_else(|e| usage(e)));
         let edge = Arc::new(Edge::start(config).await.unwrap_or_else(|e| usage(e)));
         let ops_shutdown = tokio_util::sync::CancellationToken::new();
         if let (Some(addr), Some(metrics)) = (metrics_listen, metrics) {
@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
                 tracing::warn!(%addr, "the admin API is served over plain HTTP on a network address: put it behind TLS (a reverse proxy) or keep metricsListen on loopback");
             }
             let api = admin.map(|settings| edge.admin_api(settings));
-            let served = wharf_shared::ops::serve_on(
+            let served = wharf_ops::http::serve_on(
                 addr,
                 metrics,
                 edge.ready_check(),
@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         if let Some(snapshot) = snapshot {
             tokio::spawn(follow_etcd(edge.clone(), args, matches, snapshot));
         }
-        wharf_shared::shutdown_signal().await;
+        wharf_ops::shutdown_signal().await;
         tracing::info!("shutdown signal received");
         ops_shutdown.cancel();
         edge.stop().await;

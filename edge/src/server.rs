@@ -148,12 +148,12 @@ impl Edge {
     }
 
     /// The admin API and console for the ops endpoint (see [`crate::admin`]).
-    pub fn admin_api(&self, settings: crate::admin::AdminSettings) -> wharf_shared::ops::Api {
+    pub fn admin_api(&self, settings: crate::admin::AdminSettings) -> wharf_ops::http::Api {
         crate::admin::api(self.broker.clone(), settings)
     }
 
     /// The readiness probe for the ops endpoint.
-    pub fn ready_check(&self) -> wharf_shared::ops::ReadyCheck {
+    pub fn ready_check(&self) -> wharf_ops::http::ReadyCheck {
         let link = self.link.clone();
         std::sync::Arc::new(move || {
             let up = link.is_up();

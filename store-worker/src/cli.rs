@@ -7,7 +7,7 @@ use clap::{ArgMatches, Parser};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use wharf_shared::config::{parse_secs, ConfigError, ConfigSource, Layers};
+use wharf_ops::config::{parse_secs, ConfigError, ConfigSource, Layers};
 
 /// Wharf store-worker: persists what the edges receive, in MongoDB or an embedded store.
 #[derive(Parser, Debug)]
@@ -86,7 +86,7 @@ pub struct Args {
     #[arg(long, env = "WHARF_ACL_FILTER", default_value = "{}")]
     pub acl_filter: String,
     #[command(flatten)]
-    pub etcd: wharf_shared::config::EtcdArgs,
+    pub etcd: wharf_ops::config::EtcdArgs,
 }
 
 /// A MongoDB filter written as JSON (extended JSON allowed).

@@ -92,11 +92,11 @@ pub enum StartError {
 pub struct Worker {
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
-    ready: wharf_shared::ops::ReadyCheck,
+    ready: wharf_ops::http::ReadyCheck,
 }
 
 /// Readiness of a store: it answers a ping.
-fn ready_check<S: Store>(store: Arc<S>) -> wharf_shared::ops::ReadyCheck {
+fn ready_check<S: Store>(store: Arc<S>) -> wharf_ops::http::ReadyCheck {
     Arc::new(move || {
         let store = store.clone();
         Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
@@ -146,7 +146,7 @@ impl Worker {
     }
 
     /// The readiness probe for the ops endpoint: the store answers.
-    pub fn ready_check(&self) -> wharf_shared::ops::ReadyCheck {
+    pub fn ready_check(&self) -> wharf_ops::http::ReadyCheck {
         self.ready.clone()
     }
 

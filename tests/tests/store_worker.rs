@@ -7,7 +7,7 @@ use rumqttc::QoS;
 use std::time::Duration;
 use tempfile::TempDir;
 use wharf_edge::admin::AdminSettings;
-use wharf_shared::ops::HttpRequest;
+use wharf_ops::http::HttpRequest;
 use wharf_store_worker::{Backend, Worker, WorkerConfig};
 use wharf_tests::client::{payloads, Client};
 use wharf_tests::stack::{Kind, Stack};

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
-use wharf_shared::config::ConfigError;
+use wharf_ops::config::ConfigError;
 
 /// What a 3.1/3.1.1 client's PUBLISH to a topic it may not write gets (5.0 clients get a
 /// PUBACK or PUBREC with reason 0x87).

@@ -9,13 +9,13 @@
 //! - [`codec`]: length-delimited framing with a hard maximum, bincode 2 inside; the only module
 //!   that knows the encoding.
 //! - [`topic`]: MQTT topic and filter rules, which both sides apply.
-//! - [`ops`]: the metrics, health and readiness endpoint both processes serve.
-//! - [`config`]: layered, typed configuration (flags, environment, etcd, defaults).
+//!
+//! What both processes do for their operators (configuration layers with etcd, the metrics
+//! and health endpoint, logging) is `wharf-ops`: this crate depends on no server library, so
+//! the fuzz targets and anything reading the frames build it alone.
 #![forbid(unsafe_code)]
 
 pub mod codec;
-pub mod config;
-pub mod ops;
 pub mod topic;
 pub mod wire;
 
@@ -43,29 +43,6 @@ pub fn host_name() -> String {
         })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
-}
-
-/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// Milliseconds of the host's monotonic clock (`CLOCK_MONOTONIC`): every process on the host
