@@ -450,6 +450,11 @@ struct Connection {
 /// 64 KiB, QoS 0 flat out lost a third of its messages at a full subscriber queue.
 const MIN_READ: usize = 128;
 const MAX_READ: usize = 16 * 1024;
+/// Whether `buf` holds PINGRESPs and nothing else (read from a packet boundary).
+fn only_pingresps(buf: &[u8]) -> bool {
+    !buf.is_empty() && buf.len() % 2 == 0 && buf.chunks(2).all(|p| p == [0xd0, 0])
+}
+
 /// While held back for the store, the socket is read (for PINGREQs) only while less than
 /// this much is waiting in the read buffer: the rest stays in the kernel.
 const HELD_READ_LIMIT: usize = 1024;
@@ -781,12 +786,19 @@ impl Connection {
                     }
                 }
                 if let Some(full) = read_full {
+                    let was_empty = self.out.write_buf.is_empty();
                     // Boxed: handling packets awaits the link, and inline that future would be
                     // part of every idle connection's task.
                     match Box::pin(self.decode_all()).await {
                         Ok(true) => {}
                         Ok(false) => closing = Some(Closing::Graceful),
                         Err(e) => return End::Error(e),
+                    }
+                    // Read while the lease held and answered after it lapsed: PINGRESPs alone
+                    // may still be written (from an empty buffer, a run of `d0 00` is nothing
+                    // but PINGRESPs).
+                    if was_empty && only_pingresps(&self.out.write_buf) {
+                        pongs = self.out.write_buf.len();
                     }
                     if full {
                         // More is waiting on the socket: let the sessions this read fed take

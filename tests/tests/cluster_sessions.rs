@@ -291,3 +291,36 @@ async fn a_delayed_will_is_not_sent_when_the_session_resumes_on_another_host() {
         "only the client that stayed away"
     );
 }
+
+/// With the shared database frozen every session loses its lease and stops reading and
+/// delivering; a PINGREQ is still answered (it delivers and acknowledges nothing), so that the
+/// clients' own keepalive timers do not start a reconnect storm, and the edge does not close
+/// them for a silence that is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pingreq_is_answered_while_the_database_is_frozen() {
+    use rumqttc::mqttbytes::v4::Packet;
+    use wharf_tests::raw::{connect_bytes, Raw};
+    let (_dir, mongo, h1, _h2) = two_hosts().await;
+    let mut raw = Raw::connect(h1.addr).await;
+    // Keepalive 2 s: the edge closes it after 3 s of silence.
+    raw.send(&connect_bytes("pinger", false, 2)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
+    mongo.freeze();
+    // Long past the lease (about a second without the store).
+    for n in 0..8 {
+        tokio::time::sleep(Duration::from_millis(750)).await;
+        raw.send(&[0xc0, 0]).await;
+        let answer = raw.recv_within(Duration::from_secs(1)).await;
+        if !matches!(answer, Some(Packet::PingResp)) {
+            mongo.thaw();
+            panic!("PINGREQ {n} with the database frozen: {answer:?}");
+        }
+    }
+    mongo.thaw();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    raw.send(&[0xc0, 0]).await;
+    assert!(
+        matches!(raw.recv().await, Some(Packet::PingResp)),
+        "still connected"
+    );
+}
