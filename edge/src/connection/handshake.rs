@@ -82,7 +82,6 @@ where
         },
         _ = shutdown.cancelled() => return Ok(None),
     };
-    let version = connect.version;
     if let Some(will) = &connect.will {
         if !topic::valid_topic_name(&will.topic) {
             return Err(SessionError::Protocol("invalid will topic"));
@@ -92,25 +91,13 @@ where
         // No enhanced authentication method is served (MQTT 5.0 4.12): say so. Methods plug in
         // here, before the session starts.
         tracing::info!(method = %method, "unsupported authentication method");
-        refuse(
-            writer,
-            version,
-            Refusal::BadAuthenticationMethod,
-            connect.max_packet_size,
-        )
-        .await;
+        refuse_connect(writer, &connect, Refusal::BadAuthenticationMethod).await;
         return Ok(None);
     }
     let client_id = match assign_client_id(&connect) {
         Some(id) => id,
         None => {
-            refuse(
-                writer,
-                version,
-                Refusal::ClientIdentifier,
-                connect.max_packet_size,
-            )
-            .await;
+            refuse_connect(writer, &connect, Refusal::ClientIdentifier).await;
             return Ok(None);
         }
     };
@@ -118,13 +105,7 @@ where
         let required = broker.config.tls.as_ref().is_some_and(|t| t.cert_identity);
         if required && !identity.allows(&client_id) {
             tracing::warn!(client_id = %client_id, certificate = ?identity.names, "client id not in the client certificate");
-            refuse(
-                writer,
-                version,
-                Refusal::NotAuthorized,
-                connect.max_packet_size,
-            )
-            .await;
+            refuse_connect(writer, &connect, Refusal::NotAuthorized).await;
             return Ok(None);
         }
     }
@@ -136,7 +117,7 @@ where
     let principal = match broker.auth.authenticate(credentials).await {
         Ok(principal) => principal,
         Err(refusal) => {
-            refuse(writer, version, refusal, connect.max_packet_size).await;
+            refuse_connect(writer, &connect, refusal).await;
             return Ok(None);
         }
     };
@@ -148,13 +129,7 @@ where
         if !allowed {
             tracing::info!(client_id = %client_id, topic = %will.topic, "will topic not authorized");
             metrics::counter!("wharf_edge_denied_total", "action" => "will").increment(1);
-            refuse(
-                writer,
-                version,
-                Refusal::NotAuthorized,
-                connect.max_packet_size,
-            )
-            .await;
+            refuse_connect(writer, &connect, Refusal::NotAuthorized).await;
             return Ok(None);
         }
     }
@@ -199,6 +174,15 @@ fn assign_client_id(connect: &Connect) -> Option<Arc<str>> {
         return Some(format!("wharf-{id}").into());
     }
     Some(connect.client_id.as_str().into())
+}
+
+/// [`refuse`] with the CONNECT's version and Maximum Packet Size.
+async fn refuse_connect<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    connect: &Connect,
+    refusal: Refusal,
+) {
+    refuse(writer, connect.version, refusal, connect.max_packet_size).await;
 }
 
 /// `max_packet`: the client's Maximum Packet Size (5.0), which the CONNACK must not exceed:
@@ -339,13 +323,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
                 broker
                     .registry
                     .release(&client_id, connection_id, prior, u32::MAX);
-                refuse(
-                    writer,
-                    version,
-                    Refusal::ServerUnavailable,
-                    connect.max_packet_size,
-                )
-                .await;
+                refuse_connect(writer, &connect, Refusal::ServerUnavailable).await;
                 return Ok(None);
             }
         }
