@@ -115,18 +115,27 @@ async fn run(hosts: &[&BrokerHost]) {
         .expect("the paho script finishes");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribers_learn_the_publisher_on_every_path_embedded() {
+/// A host (edge and worker processes) with `--publisher-identity true`.
+async fn start_with_identity(
+    dir: &std::path::Path,
+    mongodb_uri: Option<String>,
+    name: &str,
+) -> BrokerHost {
+    let args = ["--publisher-identity", "true"];
+    BrokerHost::start_with_args(dir, name, mongodb_uri, &[], &args).await
+}
+
+/// One such host on the embedded store, in a directory of its own.
+async fn host_with_identity() -> (TempDir, BrokerHost) {
     init_tracing();
     let dir = TempDir::new().expect("temp dir");
-    let host = BrokerHost::start_with_args(
-        dir.path(),
-        "h1",
-        None,
-        &[],
-        &["--publisher-identity", "true"],
-    )
-    .await;
+    let host = start_with_identity(dir.path(), None, "h1").await;
+    (dir, host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_learn_the_publisher_on_every_path_embedded() {
+    let (_dir, host) = host_with_identity().await;
     run(&[&host]).await;
 }
 
@@ -135,9 +144,8 @@ async fn subscribers_learn_the_publisher_on_every_path_two_hosts_mongodb() {
     init_tracing();
     let dir = TempDir::new().expect("temp dir");
     let mongo = Secantus::start(dir.path()).await;
-    let args = ["--publisher-identity", "true"];
-    let h1 = BrokerHost::start_with_args(dir.path(), "h1", Some(mongo.uri()), &[], &args).await;
-    let h2 = BrokerHost::start_with_args(dir.path(), "h2", Some(mongo.uri()), &[], &args).await;
+    let h1 = start_with_identity(dir.path(), Some(mongo.uri()), "h1").await;
+    let h2 = start_with_identity(dir.path(), Some(mongo.uri()), "h2").await;
     run(&[&h1, &h2]).await;
 }
 
@@ -172,16 +180,7 @@ async fn without_the_setting_deliveries_are_unchanged() {
 /// Properties, and not the one `mosquitto_pub` tried to forge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_sub_sees_the_publisher() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let host = BrokerHost::start_with_args(
-        dir.path(),
-        "h1",
-        None,
-        &[],
-        &["--publisher-identity", "true"],
-    )
-    .await;
+    let (_dir, host) = host_with_identity().await;
     let port = host.addr.port().to_string();
     let sub = tokio::process::Command::new("mosquitto_sub")
         .args([
