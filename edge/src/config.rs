@@ -159,8 +159,6 @@ pub struct Limits {
     /// QoS 1/2 publishes waiting for the store across the edge (held while the worker is
     /// away); past it publishers are not read from.
     pub max_held_persists: usize,
-    /// Least time between two catch-up queries of one session.
-    pub catch_up_interval: Duration,
     /// Bytes waiting to be written to one client before the edge stops queueing more.
     pub write_high_water: usize,
     /// 5.0 Receive Maximum: QoS 2 PUBLISHes a 5.0 client may have unreleased; more closes the
@@ -197,7 +195,6 @@ impl Default for Limits {
             max_connections: 100_000,
             max_pending_persists: 256,
             max_held_persists: 10_000,
-            catch_up_interval: Duration::from_secs(1),
             write_high_water: 64 * 1024,
             receive_maximum: u16::MAX,
             topic_alias_max: 10,

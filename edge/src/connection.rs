@@ -154,6 +154,8 @@ enum Op {
         filters: Vec<(String, Grant)>,
         /// The new subscriptions that take retained messages now (5.0 Retain Handling).
         retained_for: Vec<(String, Grant)>,
+        /// When the SUBSCRIBE was taken (Unix ms).
+        since_ms: i64,
         result: Result<Reply, LinkError>,
     },
     /// An acknowledgement with its reason code, kept behind those still waiting for the store.
@@ -759,7 +761,11 @@ impl Connection {
                                     });
                                 }
                             }
-                            Event::Signals(_) => return End::Error(SessionError::KeepAliveTimeout),
+                            Event::Signals(s) if s.contains(Signals::KEEPALIVE) => {
+                                return End::Error(SessionError::KeepAliveTimeout)
+                            }
+                            // SETTLE: the catch-up it asks for is taken at the loop's top.
+                            Event::Signals(_) => {}
                         },
                         Wake::Recheck => {}
                         Wake::Read(read) => match read {
@@ -906,24 +912,24 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends the catch-up query that is due, if any (`seed`: on PINGREQ or PUBLISH).
-    async fn start_catch_up(&mut self, seed: bool) {
-        if let Some(request) = self.catch_up_due(seed) {
+    /// Sends the catch-up query that is due, if any.
+    async fn start_catch_up(&mut self) {
+        if let Some(request) = self.catch_up_due() {
             self.send_catch_up(request).await;
         }
     }
 
-    fn catch_up_due(&mut self, seed: bool) -> Option<Request> {
+    fn catch_up_due(&mut self) -> Option<Request> {
         if self.catch_up.is_some() {
             return None;
         }
-        self.out.next_catch_up(seed)
+        self.out.next_catch_up()
     }
 
     /// The catch-up due now, boxed (it is rare), if one is. Not an `async fn`: the request
     /// would be part of every connection's task.
     fn catch_up_step(&mut self) -> Option<BoxFuture<'_, ()>> {
-        let request = self.catch_up_due(false)?;
+        let request = self.catch_up_due()?;
         Some(Box::pin(self.send_catch_up(request)))
     }
 
@@ -1028,7 +1034,7 @@ impl Connection {
             self.broker.route(&message);
         }
         batch.in_transit = None;
-        self.start_catch_up(true).await;
+        self.start_catch_up().await;
         Ok(())
     }
 
@@ -1039,7 +1045,7 @@ impl Connection {
                 self.publish(p, batch).await?;
                 // QoS 0 and 1: once their batch is sent (`send_batch`).
                 if qos == Qos::ExactlyOnce {
-                    self.start_catch_up(true).await;
+                    self.start_catch_up().await;
                 }
             }
             Inbound::PubAck(ack) => {
@@ -1089,7 +1095,7 @@ impl Connection {
             Inbound::Unsubscribe { pkid, filters } => self.unsubscribe(pkid, filters).await?,
             Inbound::PingReq => {
                 encode::pingresp(&mut self.out.write_buf);
-                self.start_catch_up(true).await;
+                self.start_catch_up().await;
             }
             Inbound::Disconnect {
                 reason: code,
@@ -1394,6 +1400,7 @@ impl Connection {
         read_epoch: u64,
     ) -> Result<(), SessionError> {
         let v5 = self.version.is_v5();
+        let since_ms = crate::ids::now_ms();
         let mut codes = Vec::with_capacity(filters.len());
         let mut accepted = Vec::new();
         let mut retained_for = Vec::new();
@@ -1507,6 +1514,7 @@ impl Connection {
                 codes,
                 filters: accepted,
                 retained_for,
+                since_ms,
                 result,
             }
         }));
@@ -1574,12 +1582,18 @@ impl Connection {
                 mut codes,
                 filters,
                 retained_for,
+                since_ms,
                 result,
             } => {
                 match result {
                     Ok(Reply::Messages { messages, .. }) => {
                         encode::suback(&mut self.out.write_buf, self.version, pkid, &codes);
                         self.out.retained(messages, &retained_for);
+                        // The routes are written (the reply waited for them); hosts that had
+                        // not read them yet stored messages for these filters unaddressed.
+                        if !filters.is_empty() {
+                            self.out.settle_from(since_ms);
+                        }
                     }
                     Ok(other) => {
                         tracing::warn!(client_id = %self.out.state.client_id, reply = ?other, "subscription not stored");

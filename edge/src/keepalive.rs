@@ -19,16 +19,22 @@ const PARKED_EVERY: u32 = 10;
 /// sessions whose Session Expiry Interval has passed (the store forgets its copy too).
 /// A reload that changed the users (`auth`'s generation moved) makes every session check its
 /// login ([`Signals::REAUTH`]).
+///
+/// It also raises [`Signals::SETTLE`] for sessions whose catch-up of other hosts' messages is
+/// due, and arms one for every session when the store lease came back after running out (a
+/// gap: see `crate::lease`).
 pub async fn sweep(
     router: &Router,
     registry: &Registry,
     auth: &crate::auth::Auth,
+    lease: &crate::lease::Lease,
     shutdown: &CancellationToken,
 ) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweeps = 0u32;
     let mut users = auth.users_generation();
+    let mut gaps = lease.gaps().0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -46,9 +52,21 @@ pub async fn sweep(
         let mut expired = 0u64;
         let reauth = auth.users_generation() != users;
         users = auth.users_generation();
+        let (now_gaps, gap_from_ms) = lease.gaps();
+        let gap = (now_gaps != gaps).then_some(gap_from_ms - wharf_shared::LATE_MS);
+        gaps = now_gaps;
+        if gap.is_some() {
+            tracing::info!("the store lease is back after a gap: every session asks for other hosts' messages it may have missed");
+        }
         router.for_each_session(|session| {
             if reauth {
                 session.signal(Signals::REAUTH);
+            }
+            if let Some(from_ms) = gap {
+                session.settle(from_ms, now + wharf_shared::SETTLE_MS as u64);
+            }
+            if session.settle_due(now) {
+                session.signal(Signals::SETTLE);
             }
             if session.overdue(now) {
                 session.signal(Signals::KEEPALIVE);

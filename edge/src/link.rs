@@ -81,6 +81,7 @@ struct Pending {
 pub struct Link {
     tx: mpsc::Sender<Command>,
     up: watch::Receiver<bool>,
+    connections: Arc<std::sync::atomic::AtomicU64>,
     hold: Arc<Semaphore>,
     /// The pool's size: no request takes more.
     max_held: u32,
@@ -111,13 +112,15 @@ impl Link {
     ) -> (Link, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
         let (up, up_rx) = watch::channel(false);
+        let connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let link = Link {
             tx,
             up: up_rx,
+            connections: connections.clone(),
             hold: Arc::new(Semaphore::new(config.max_held)),
             max_held: u32::try_from(config.max_held).unwrap_or(u32::MAX),
         };
-        let task = tokio::spawn(run(config, deliveries, rx, up, shutdown));
+        let task = tokio::spawn(run(config, deliveries, rx, up, connections, shutdown));
         (link, task)
     }
 
@@ -136,6 +139,12 @@ impl Link {
     /// Whether the worker handshake has completed and the socket is open.
     pub fn is_up(&self) -> bool {
         *self.up.borrow()
+    }
+
+    /// How many times the link has connected to a worker (a new one: the worker knows
+    /// nothing this edge told an earlier one).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Sends a request; the reply arrives on the returned receiver. A `Hold` request waits
@@ -379,6 +388,7 @@ async fn run(
     deliveries: mpsc::Sender<Pushed>,
     mut rx: mpsc::Receiver<Command>,
     up: watch::Sender<bool>,
+    connections: Arc<std::sync::atomic::AtomicU64>,
     shutdown: CancellationToken,
 ) {
     let mut state = State {
@@ -438,6 +448,7 @@ async fn run(
                 .map_err(|e| e.to_string());
         }
         if result.is_ok() {
+            connections.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             up.send_replace(true);
             metrics::gauge!("wharf_edge_worker_link_up").set(1.0);
             result = serve(&mut state, &mut rx, &mut reader, &mut writer, &shutdown).await;

@@ -211,6 +211,18 @@ pub struct SessionTx {
     /// there when the socket was last read (a read that finds bytes without a wake keeps an
     /// older epoch: a wider window, never a narrower one).
     read_epoch: AtomicU64,
+    /// When a catch-up of other hosts' messages is due ([`crate::ids::monotonic_ms`];
+    /// `u64::MAX`: none), read by the keepalive sweep; `settle` holds it with the time since
+    /// which messages are asked for.
+    settle_at_ms: AtomicU64,
+    settle: Mutex<Option<Settle>>,
+}
+
+/// A catch-up of other hosts' messages made since `from_ms` (Unix ms), due at `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settle {
+    pub from_ms: i64,
+    pub at_ms: u64,
 }
 
 /// What the admin API shows of a connection.
@@ -246,6 +258,8 @@ impl Signals {
     pub const KICK: Signals = Signals(4);
     /// The users were reloaded: the session checks that its login still holds.
     pub const REAUTH: Signals = Signals(8);
+    /// A catch-up of other hosts' messages is due ([`SessionTx::settle`]).
+    pub const SETTLE: Signals = Signals(16);
 
     pub fn contains(self, other: Signals) -> bool {
         self.0 & other.0 == other.0
@@ -277,7 +291,41 @@ impl SessionTx {
             last_heard_ms: AtomicU64::new(crate::ids::monotonic_ms()),
             read_task: AtomicWaker::new(),
             read_epoch: AtomicU64::new(next_read_epoch()),
+            settle_at_ms: AtomicU64::new(u64::MAX),
+            settle: Mutex::new(None),
         }
+    }
+
+    /// Asks for a catch-up of other hosts' messages made since `from_ms`, at `at_ms` or
+    /// later: one armed already covers both (the earlier start, the later time).
+    pub fn settle(&self, from_ms: i64, at_ms: u64) {
+        let mut settle = self.settle.lock().unwrap_or_else(|e| e.into_inner());
+        let next = match *settle {
+            Some(s) => Settle {
+                from_ms: s.from_ms.min(from_ms),
+                at_ms: s.at_ms.max(at_ms),
+            },
+            None => Settle { from_ms, at_ms },
+        };
+        *settle = Some(next);
+        self.settle_at_ms.store(next.at_ms, Ordering::Release);
+    }
+
+    /// Whether the catch-up armed by [`SessionTx::settle`] is due.
+    pub fn settle_due(&self, now_ms: u64) -> bool {
+        self.settle_at_ms.load(Ordering::Acquire) <= now_ms
+    }
+
+    /// The catch-up armed, if it is due: taken.
+    pub fn take_settle(&self, now_ms: u64) -> Option<Settle> {
+        if !self.settle_due(now_ms) {
+            return None;
+        }
+        let mut settle = self.settle.lock().unwrap_or_else(|e| e.into_inner());
+        let due = settle.take_if(|s| s.at_ms <= now_ms);
+        self.settle_at_ms
+            .store(settle.map_or(u64::MAX, |s| s.at_ms), Ordering::Release);
+        due
     }
 
     /// The waker to read the client's socket with: it wakes the task `task` and first records
@@ -583,14 +631,11 @@ impl Node {
         self.children.is_empty() && self.here.is_empty() && self.multi.is_none()
     }
 
-    fn insert(&mut self, levels: &[&str], client: Arc<str>, grant: Grant) {
+    /// Adds or changes `client`'s subscription; true if it is new.
+    fn insert(&mut self, levels: &[&str], client: Arc<str>, grant: Grant) -> bool {
         match levels {
-            [] => {
-                self.here.insert(client, grant);
-            }
-            ["#"] => {
-                self.multi.get_or_insert_default().insert(client, grant);
-            }
+            [] => self.here.insert(client, grant),
+            ["#"] => self.multi.get_or_insert_default().insert(client, grant),
             [first, rest @ ..] => self
                 .children
                 .get_or_insert_with(first, || (*first).into(), Node::default)
@@ -669,6 +714,11 @@ const STACK_LEVELS: usize = 16;
 #[derive(Default)]
 struct Inner {
     root: Node,
+    /// How many subscriptions each filter has here (a shared group counts once, by the filter
+    /// inside it): this edge's routes, which other hosts address their messages by.
+    routes: HashMap<Box<str>, u32>,
+    /// Filters that became routes (`true`) or stopped being ones since last taken.
+    route_changes: HashMap<Box<str>, bool>,
     sessions: HashMap<Arc<str>, Arc<SessionTx>>,
     /// Shared subscription groups, by key (`$share/{name}/{filter}`).
     groups: HashMap<Arc<str>, Group>,
@@ -677,6 +727,40 @@ struct Inner {
 }
 
 impl Inner {
+    fn route_added(&mut self, filter: &str) {
+        let n = self.routes.entry(filter.into()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.route_changes.insert(filter.into(), true);
+        }
+    }
+
+    fn route_removed(&mut self, filter: &str) {
+        if let Some(n) = self.routes.get_mut(filter) {
+            *n -= 1;
+            if *n == 0 {
+                self.routes.remove(filter);
+                self.route_changes.insert(filter.into(), false);
+            }
+        }
+    }
+
+    fn insert(&mut self, filter: &str, client: Arc<str>, grant: Grant) {
+        let levels: Vec<&str> = filter.split('/').collect();
+        if self.root.insert(&levels, client, grant) {
+            self.route_added(filter);
+        }
+    }
+
+    fn remove(&mut self, filter: &str, client: &str) -> bool {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = self.root.remove(&levels, client);
+        if removed {
+            self.route_removed(filter);
+        }
+        removed
+    }
+
     /// Whether one of `client`'s subscriptions (not a shared one) takes `message`.
     fn takes(&self, client: &str, message: &Message) -> bool {
         let levels: Vec<&str> = message.topic.split('/').collect();
@@ -812,8 +896,7 @@ impl Router {
                 Self::leave(&mut inner, filter, client);
                 continue;
             }
-            let levels: Vec<&str> = filter.split('/').collect();
-            inner.root.remove(&levels, client);
+            inner.remove(filter, client);
         }
     }
 
@@ -825,9 +908,35 @@ impl Router {
         group.members.retain(|(c, _)| &**c != client);
         let left = group.members.len() < before;
         if group.members.is_empty() {
-            inner.groups.remove(key);
+            if let Some(group) = inner.groups.remove(key) {
+                inner.route_removed(&group.filter);
+            }
         }
         left
+    }
+
+    /// The routes that changed since last asked: (added, removed); `None` if none did.
+    pub fn take_route_changes(&self) -> Option<(Vec<String>, Vec<String>)> {
+        if self.read().route_changes.is_empty() {
+            return None;
+        }
+        let mut inner = self.write();
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (filter, present) in inner.route_changes.drain() {
+            if present {
+                added.push(filter.into());
+            } else {
+                removed.push(filter.into());
+            }
+        }
+        Some((added, removed))
+    }
+
+    /// Every route, with the changes taken: for a worker that hears of this edge anew.
+    pub fn all_routes(&self) -> Vec<String> {
+        let mut inner = self.write();
+        inner.route_changes.clear();
+        inner.routes.keys().map(|f| f.to_string()).collect()
     }
 
     /// Subscribes a session; a `$share/{name}/{filter}` filter makes it a member of that
@@ -836,6 +945,9 @@ impl Router {
         if let Some((_, inner_filter)) = topic::shared(filter) {
             let mut inner = self.write();
             let shared_store = inner.shared_store;
+            if !inner.groups.contains_key(filter) {
+                inner.route_added(inner_filter);
+            }
             let group = inner.groups.entry(filter.into()).or_insert_with(|| Group {
                 filter: inner_filter.to_owned(),
                 members: Vec::new(),
@@ -854,8 +966,7 @@ impl Router {
             }
             return;
         }
-        let levels: Vec<&str> = filter.split('/').collect();
-        self.write().root.insert(&levels, client.clone(), grant);
+        self.write().insert(filter, client.clone(), grant);
     }
 
     /// Subscribes as [`Router::subscribe`] does, for a SUBSCRIBE that reached the socket
@@ -876,7 +987,6 @@ impl Router {
             self.subscribe(client, filter, grant);
             return Offer::default();
         }
-        let levels: Vec<&str> = filter.split('/').collect();
         // Under the write lock: no message is being routed, so each one either is in `recent`
         // or will see the new subscription.
         let mut inner = self.write();
@@ -886,7 +996,7 @@ impl Router {
             .into_iter()
             .filter(|m| grant.takes(client, m) && !inner.takes(client, m))
             .collect();
-        inner.root.insert(&levels, client.clone(), grant);
+        inner.insert(filter, client.clone(), grant);
         let mut offer = Offer::default();
         if let Some(session) = inner.sessions.get(client) {
             for message in &missed {
@@ -902,8 +1012,7 @@ impl Router {
         if topic::shared(filter).is_some() {
             return Self::leave(&mut self.write(), filter, client);
         }
-        let levels: Vec<&str> = filter.split('/').collect();
-        self.write().root.remove(&levels, client)
+        self.write().remove(filter, client)
     }
 
     /// A group delivery a member gave back (its session ended, or its connection did, before

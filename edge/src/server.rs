@@ -243,6 +243,43 @@ async fn route_from_other_hosts(
     }
 }
 
+/// Tells the worker this edge's routes (the filters its sessions subscribe to) where hosts
+/// share the store: the whole set once per link connection, then what changed, every 50 ms.
+async fn report_routes(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported_on = None;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let connection = broker.link.connections();
+        if !broker.link.is_up() || !broker.lease.enforced() {
+            // Nobody to tell: the changes are dropped (the whole set goes when it matters).
+            broker.router.take_route_changes();
+            continue;
+        }
+        let notice = if reported_on != Some(connection) {
+            reported_on = Some(connection);
+            wharf_shared::Notice::Routes {
+                added: broker.router.all_routes(),
+                removed: Vec::new(),
+                whole: true,
+            }
+        } else if let Some((added, removed)) = broker.router.take_route_changes() {
+            wharf_shared::Notice::Routes {
+                added,
+                removed,
+                whole: false,
+            }
+        } else {
+            continue;
+        };
+        broker.link.notify(notice).await;
+    }
+}
+
 /// The worker link task and what the server needs of it.
 struct LinkParts {
     link: Link,
@@ -320,6 +357,7 @@ async fn run(
     let connections = Arc::new(Semaphore::new(broker.config.limits.max_connections));
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     tokio::spawn(crate::groups::fetch_loop(broker.clone(), shutdown.clone()));
+    tokio::spawn(report_routes(broker.clone(), shutdown.clone()));
     tokio::spawn(crate::auth::follow_store(
         broker.auth.clone(),
         broker.link.clone(),
@@ -327,7 +365,16 @@ async fn run(
     ));
     let sweeper = tokio::spawn({
         let (broker, shutdown) = (broker.clone(), shutdown.clone());
-        async move { keepalive::sweep(&broker.router, &broker.registry, &broker.auth, &shutdown).await }
+        async move {
+            keepalive::sweep(
+                &broker.router,
+                &broker.registry,
+                &broker.auth,
+                &broker.lease,
+                &shutdown,
+            )
+            .await
+        }
     });
     let tracker = TaskTracker::new();
     let rate = Arc::new(std::sync::Mutex::new(ConnectionRate::new(

@@ -68,11 +68,11 @@ impl<K: Borrow<str> + Eq + Hash, V> SmallMap<K, V> {
         self.get_mut(key).expect("present: inserted above")
     }
 
-    /// Sets `key` to `value`.
-    pub fn insert(&mut self, key: K, value: V) {
+    /// Sets `key` to `value`; true if `key` is new.
+    pub fn insert(&mut self, key: K, value: V) -> bool {
         if let Some(slot) = self.get_mut(key.borrow()) {
             *slot = value;
-            return;
+            return false;
         }
         match self {
             SmallMap::Few(v) if v.len() < SPILL => {
@@ -89,6 +89,7 @@ impl<K: Borrow<str> + Eq + Hash, V> SmallMap<K, V> {
                 m.insert(key, value);
             }
         }
+        true
     }
 
     pub fn remove(&mut self, key: &str) -> Option<V> {

@@ -17,6 +17,7 @@
 pub mod cli;
 pub mod fanout;
 pub mod pipeline;
+pub mod routes;
 pub mod server;
 pub mod store;
 
@@ -117,7 +118,7 @@ impl Worker {
                 let listener =
                     server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
                 tracing::info!(dir = %data_dir.display(), socket = %config.socket.display(), "worker ready (embedded store)");
-                tokio::spawn(run(store, config, listener, shutdown.clone()))
+                tokio::spawn(run(store, None, config, listener, shutdown.clone()))
             }
             Backend::Mongo {
                 uri,
@@ -132,10 +133,18 @@ impl Worker {
                 );
                 ready = ready_check(store.clone());
                 tokio::spawn(expire_sessions(store.clone(), shutdown.clone()));
+                let book = Arc::new(routes::RouteBook::new(config.host.clone()));
+                tokio::spawn(routes::follow(
+                    store.clone(),
+                    book.clone(),
+                    store.route_view(),
+                    shutdown.clone(),
+                ));
+                tokio::spawn(routes::write(store.clone(), book.clone(), shutdown.clone()));
                 let listener =
                     server::bind(&config.socket, config.socket_mode, config.socket_group).await?;
                 tracing::info!(database = %database, socket = %config.socket.display(), "worker ready (MongoDB)");
-                tokio::spawn(run(store, config, listener, shutdown.clone()))
+                tokio::spawn(run(store, Some(book), config, listener, shutdown.clone()))
             }
         };
         Ok(Worker {
@@ -159,6 +168,7 @@ impl Worker {
 
 async fn run<S: Store>(
     store: Arc<S>,
+    routes: Option<Arc<routes::RouteBook>>,
     config: WorkerConfig,
     listener: UnixListener,
     shutdown: CancellationToken,
@@ -184,6 +194,8 @@ async fn run<S: Store>(
         let edges = edges.clone();
         async move {
             while let Some(messages) = feed_rx.recv().await {
+                metrics::counter!("wharf_worker_followed_messages_total")
+                    .increment(messages.len() as u64);
                 edges.fanout(&messages, true).await;
             }
         }
@@ -192,6 +204,7 @@ async fn run<S: Store>(
         tokio::spawn(follow_claims(
             store.clone(),
             edges.clone(),
+            routes.clone(),
             config.host.clone(),
             shutdown.clone(),
         ));
@@ -209,6 +222,7 @@ async fn run<S: Store>(
         persist,
         record,
         edges,
+        routes,
         retry_limit: config.retry_limit,
     });
     server::serve(shared, listener, shutdown, tracker.clone()).await;
@@ -237,6 +251,7 @@ const CLAIMS_LATE_MS: i64 = 2_000;
 async fn follow_claims<S: Store>(
     store: Arc<S>,
     edges: Arc<fanout::Edges>,
+    routes: Option<Arc<routes::RouteBook>>,
     host: String,
     shutdown: CancellationToken,
 ) {
@@ -267,9 +282,13 @@ async fn follow_claims<S: Store>(
                         .broadcast(wharf_shared::WorkerFrame::Claims { claims })
                         .await;
                 }
-                edges
-                    .broadcast(wharf_shared::WorkerFrame::Lease { as_of_ms })
-                    .await;
+                // Without a recent heartbeat other hosts stop addressing this one: its
+                // sessions wait rather than miss what is sent meanwhile.
+                if routes.as_ref().is_none_or(|r| r.heartbeat_holds()) {
+                    edges
+                        .broadcast(wharf_shared::WorkerFrame::Lease { as_of_ms })
+                        .await;
+                }
                 since = started_ms - CLAIMS_LATE_MS;
                 sent.retain(|_, read| *read >= since - CLAIMS_LATE_MS);
             }

@@ -72,6 +72,8 @@ pub struct Shared<S> {
     pub persist: crate::pipeline::PersistQueue,
     pub record: crate::pipeline::RecordQueue,
     pub edges: Arc<crate::fanout::Edges>,
+    /// This host's routes, where hosts share the store.
+    pub routes: Option<Arc<crate::routes::RouteBook>>,
     pub retry_limit: Duration,
 }
 
@@ -223,12 +225,25 @@ async fn connection<S: Store>(
                 };
                 shared.record.send(deliveries).await.is_ok()
             }
+            EdgeFrame::Notice(Notice::Routes {
+                added,
+                removed,
+                whole,
+            }) => {
+                if let Some(routes) = &shared.routes {
+                    routes.edge_routes(edge_id, added, removed, whole);
+                }
+                true
+            }
         };
         if !sent {
             break;
         }
     }
     shared.edges.remove(edge_id);
+    if let Some(routes) = &shared.routes {
+        routes.edge_gone(edge_id);
+    }
     tracing::info!(edge = %edge.instance, "edge connection closing");
     metrics::gauge!("wharf_worker_edges").decrement(1.0);
 }
@@ -512,6 +527,13 @@ async fn handle<S: Store>(
             let subscriptions =
                 crate::pipeline::retry(limit, "session", || store.subscriptions(&client_id))
                     .await?;
+            // Other hosts address this one for the session's filters before it is told what
+            // the store holds: what they store afterwards comes live.
+            if let Some(routes) = &shared.routes {
+                routes
+                    .ensure(subscriptions.iter().map(|s| s.filter.as_str()))
+                    .await?;
+            }
             let (undelivered, next) =
                 catch_up_page(shared, &client_id, None, false, edge_host).await?;
             let outbound_qos2 = crate::pipeline::retry(limit, "session", || {
@@ -547,6 +569,9 @@ async fn handle<S: Store>(
             subscriptions,
         } => {
             let filters: Vec<String> = subscriptions.iter().map(|s| s.filter.clone()).collect();
+            if let Some(routes) = &shared.routes {
+                routes.ensure(filters.iter().map(String::as_str)).await?;
+            }
             let now = now_ms();
             crate::pipeline::retry(limit, "subscribe", || {
                 store.upsert_subscriptions(&client_id, subscriptions.clone(), now)

@@ -257,6 +257,20 @@ impl Client {
         let _ = tokio::time::timeout(PATIENCE, self.task).await;
     }
 
+    /// Disconnects and returns the PUBLISHes that arrived before and were not read yet
+    /// (rumqttc acknowledges a QoS 1 PUBLISH as it reads it: those count as received).
+    pub async fn disconnect_draining(mut self) -> Vec<Publish> {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(PATIENCE, self.task).await;
+        let mut got = Vec::new();
+        while let Ok(packet) = self.incoming.try_recv() {
+            if let Packet::Publish(p) = packet {
+                got.push(p);
+            }
+        }
+        got
+    }
+
     /// Whether the connection has ended (the broker closed it, or it failed).
     pub fn is_closed(&self) -> bool {
         self.incoming.is_closed()

@@ -34,6 +34,8 @@ pub struct MockStore {
     pub store_notices: Vec<usize>,
     /// Sessions claimed so far (each CONNECT's generation counts on from here).
     pub claims: u64,
+    /// The edge's routes as its `Routes` notices left them.
+    pub routes: HashSet<String>,
 }
 
 impl MockStore {
@@ -251,6 +253,19 @@ fn notice(store: &Mutex<MockStore>, notice: Notice) {
             for m in messages {
                 store.delivered.insert((client_id.clone(), m.message_id));
             }
+        }
+        Notice::Routes {
+            added,
+            removed,
+            whole,
+        } => {
+            if whole {
+                store.routes.clear();
+            }
+            for filter in removed {
+                store.routes.remove(&filter);
+            }
+            store.routes.extend(added);
         }
     }
 }

@@ -265,7 +265,18 @@ async fn mongodb_documents_have_the_seed_shapes() {
     keys.sort();
     assert_eq!(
         keys,
-        vec!["_id", "clientId", "created", "data", "host", "qos", "retain", "topic"]
+        vec!["_id", "clientId", "created", "data", "host", "hosts", "qos", "retain", "topic"]
+    );
+    // Wharf's own optional field: the other hosts the message was sent to (none here, or
+    // every host in the worker's first moments, before it has read the routes).
+    assert!(
+        [
+            Bson::Array(vec![]),
+            Bson::Array(vec![Bson::String("*".into())])
+        ]
+        .contains(field(text, "hosts")),
+        "{:?}",
+        field(text, "hosts")
     );
     assert!(matches!(field(text, "_id"), Bson::ObjectId(_)));
     assert_eq!(field(text, "topic"), &Bson::String("local".into()));

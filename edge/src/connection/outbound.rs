@@ -21,7 +21,9 @@ use tokio::time::Instant;
 use wharf_shared::{Cursor, DeliveredRecord, Message, MessageId, Notice, Qos, Reply, Request};
 
 /// Clock skew allowed between hosts when asking the store for "messages since".
-const SKEW_MS: i64 = 2_000;
+const SKEW_MS: i64 = wharf_shared::LATE_MS;
+/// How soon a settle that failed (the link or the store) is tried again.
+const RETRY_SETTLE_MS: u64 = 1_000;
 /// A catch-up asks for the next page once the messages still to send from the last one are
 /// this few.
 const PREFETCH_BELOW: usize = wharf_shared::MAX_MESSAGES_PER_REPLY / 2;
@@ -250,8 +252,9 @@ impl Aliases {
 enum CatchUpKind {
     /// Everything undelivered since a time (resume gap, lag, more pages).
     Store,
-    /// The seed's catch-up on PINGREQ/PUBLISH: other hosts' messages.
-    Seed { watermark: i64 },
+    /// Other hosts' messages since `from_ms` that routing may have missed (a new
+    /// subscription, a resumed session, a gap in this host's following: [`SessionTx::settle`]).
+    Settle { from_ms: i64 },
 }
 
 /// What a session holds only while messages take another way than straight from the router
@@ -313,12 +316,9 @@ pub struct Outbound {
     /// `None` while the session is idle (see [`Busy`]).
     busy: Option<Box<Busy>>,
     dedupe: Dedupe,
-    /// Other hosts' messages before this time have been asked for.
-    watermark_ms: i64,
     /// QoS 2 deliveries are recorded in the store at each step (persistent sessions), so
     /// that they survive a crash of this edge.
     durable_qos2: bool,
-    last_seed_catch_up: Option<Instant>,
     /// The server's limit or the client's Receive Maximum, whichever is lower.
     max_inflight: u16,
     version: Version,
@@ -349,8 +349,6 @@ impl Outbound {
             write_buf,
             busy: None,
             dedupe: Dedupe::default(),
-            watermark_ms: 0,
-            last_seed_catch_up: None,
             durable_qos2,
             auth,
             max_inflight: limits.max_inflight.min(peer.receive_maximum),
@@ -405,7 +403,9 @@ impl Outbound {
             self.busy().requests.push(track);
         }
         self.stored(undelivered);
-        self.watermark_ms = started_ms - SKEW_MS;
+        // Another host may have stored messages for this session's filters without this
+        // host's address until it read the routes this connection made.
+        self.settle_from(started_ms);
         // Page on if the store has more; otherwise ask once more for what arrived while the
         // router registration was under way.
         let after = next.unwrap_or(Cursor::since(started_ms - SKEW_MS));
@@ -749,9 +749,20 @@ impl Outbound {
         Some((notice, None))
     }
 
-    /// The next catch-up to ask the store for, if one is due. `seed` marks a PINGREQ or
-    /// PUBLISH, the seed's trigger for other hosts' messages.
-    pub fn next_catch_up(&mut self, seed: bool) -> Option<Request> {
+    /// Arms a catch-up of other hosts' messages made since `since_ms` (less the allowance for
+    /// late writes and clocks), due once a route written now has reached every host
+    /// ([`wharf_shared::SETTLE_MS`]). Only where hosts share the store.
+    pub fn settle_from(&mut self, since_ms: i64) {
+        if self.broker.lease.enforced() {
+            self.session_tx.settle(
+                since_ms - SKEW_MS,
+                ids::monotonic_ms() + wharf_shared::SETTLE_MS as u64,
+            );
+        }
+    }
+
+    /// The next catch-up to ask the store for, if one is due.
+    pub fn next_catch_up(&mut self) -> Option<Request> {
         if self.state.subscriptions.is_empty()
             && self
                 .busy
@@ -762,7 +773,12 @@ impl Outbound {
             // Nothing to fetch: nothing holds the live messages back either.
             self.merge_queue();
         }
-        if self.now().catch_up.is_some() || self.state.subscriptions.is_empty() {
+        if self.now().catch_up.is_some() {
+            return None;
+        }
+        if self.state.subscriptions.is_empty() {
+            // Nothing to ask for: a settle armed meanwhile is dropped.
+            self.session_tx.take_settle(ids::monotonic_ms());
             return None;
         }
         if let Some(after) = self.now().store_after {
@@ -780,31 +796,21 @@ impl Outbound {
             }
             return None;
         }
-        // The seed's catch-up fetches other hosts' messages: none where no other host shares
-        // the store (the embedded store), and then a ping costs no query and no dedupe window.
-        if !seed || !self.broker.lease.enforced() {
-            return None;
-        }
-        let interval = self.broker.config.limits.catch_up_interval;
-        let due = self
-            .last_seed_catch_up
-            .is_none_or(|t| t.elapsed() >= interval);
-        if due {
-            self.last_seed_catch_up = Some(Instant::now());
-            self.open_window();
-            self.busy().catch_up = Some((
-                CatchUpKind::Seed {
-                    watermark: ids::now_ms() - SKEW_MS,
-                },
-                Instant::now(),
-            ));
-            return Some(Request::CatchUp {
-                client_id: String::from(&*self.state.client_id),
-                after: Some(Cursor::since(self.watermark_ms)),
-                other_hosts_only: true,
-            });
-        }
-        None
+        // Other hosts' messages that routing may have missed: one query per new
+        // subscription, resume or gap, not a query per session and interval.
+        let settle = self.session_tx.take_settle(ids::monotonic_ms())?;
+        self.open_window();
+        self.busy().catch_up = Some((
+            CatchUpKind::Settle {
+                from_ms: settle.from_ms,
+            },
+            Instant::now(),
+        ));
+        Some(Request::CatchUp {
+            client_id: String::from(&*self.state.client_id),
+            after: Some(Cursor::since(settle.from_ms)),
+            other_hosts_only: true,
+        })
     }
 
     fn open_window(&mut self) {
@@ -814,10 +820,18 @@ impl Outbound {
         self.dedupe.open(ids.into_iter());
     }
 
-    /// The catch-up could not be sent; it is tried again on a later trigger.
+    /// The catch-up could not be sent; it is tried again on a later trigger (a settle a
+    /// second from now).
     pub fn catch_up_failed(&mut self) {
-        if let Some(busy) = self.busy.as_mut() {
-            busy.catch_up = None;
+        if let Some((kind, _)) = self.busy.as_mut().and_then(|b| b.catch_up.take()) {
+            self.settle_again(kind);
+        }
+    }
+
+    fn settle_again(&self, kind: CatchUpKind) {
+        if let CatchUpKind::Settle { from_ms } = kind {
+            self.session_tx
+                .settle(from_ms, ids::monotonic_ms() + RETRY_SETTLE_MS);
         }
     }
 
@@ -830,6 +844,7 @@ impl Outbound {
             Ok(Reply::Messages { messages, next }) => (messages, next),
             other => {
                 tracing::debug!(client_id = %self.state.client_id, reply = ?other, "catch-up failed");
+                self.settle_again(kind);
                 return;
             }
         };
@@ -852,8 +867,7 @@ impl Outbound {
                     self.merge_queue();
                 }
             }
-            CatchUpKind::Seed { watermark } => {
-                self.watermark_ms = watermark;
+            CatchUpKind::Settle { .. } => {
                 if let Some(next) = next {
                     self.lagged(next);
                 }

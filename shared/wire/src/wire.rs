@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -312,8 +312,9 @@ pub enum Request {
         filters: Vec<String>,
     },
     /// Messages on the client's subscriptions after `after` (and since each subscription
-    /// was made), not yet delivered to it, oldest first. `other_hosts_only` is the seed's
-    /// catch-up on PINGREQ/PUBLISH. Reply [`Reply::Messages`].
+    /// was made), not yet delivered to it, oldest first. `other_hosts_only`: those made on
+    /// other hosts, which routing may have missed (see [`SETTLE_MS`]). Reply
+    /// [`Reply::Messages`].
     CatchUp {
         client_id: String,
         after: Option<Cursor>,
@@ -377,7 +378,30 @@ pub enum Notice {
         client_id: String,
         messages: Vec<DeliveredRecord>,
     },
+    /// The topic filters this edge's connected sessions subscribe to (a shared subscription's
+    /// filter inside `$share/{group}/`): what changed since the last such notice, or the
+    /// whole set (`whole`, the first after the link connected). The worker keeps their union
+    /// over its edges as this host's routes, which tell other hosts what to send here.
+    Routes {
+        added: Vec<String>,
+        removed: Vec<String>,
+        whole: bool,
+    },
 }
+
+/// How long after a worker read the routes it may still address messages by that reading
+/// (later it addresses them to every host): with [`LATE_MS`], how long a new route can go
+/// unseen by a publishing host.
+pub const ROUTE_FRESH_MS: i64 = 1_000;
+
+/// How much later than its `created` time a message may be stored and still be found by a
+/// query over a window of time (batching, retries, clocks of hosts within this of each other).
+pub const LATE_MS: i64 = 2_000;
+
+/// How long after a session subscribed (or its host regained the store) it asks the store once
+/// for other hosts' messages it lacks: a publishing host that had not read the new route yet
+/// stored them without this host's address.
+pub const SETTLE_MS: i64 = ROUTE_FRESH_MS + LATE_MS + 500;
 
 /// One `publishedMessage` record.
 #[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]

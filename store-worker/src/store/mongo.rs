@@ -15,6 +15,7 @@ use super::{
     Deliveries, Owner, Store, StoreError, StoredSubscription, TopicScope, WriteBatch,
     MESSAGE_TTL_SECS, PREFIX_CANDIDATES, PUBLISHED_TTL_SECS,
 };
+use crate::routes::{RouteDoc, RouteStore, RouteView, EVERY_HOST};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Document};
 use mongodb::options::{Acknowledgment, IndexOptions, WriteConcern};
@@ -156,6 +157,13 @@ pub struct MongoStore {
     /// session; `expiresAt` is set while its client is away and the session can expire.
     sessions: Collection<Document>,
     change_streams: bool,
+    /// `{_id: {host, filter}, host, filter, updated, removed?}`: each host's routes (Wharf's
+    /// own; see `crate::routes`).
+    routes: Collection<Document>,
+    /// `{_id: host, alive}`: each host's heartbeat.
+    hosts: Collection<Document>,
+    /// Every host's routes, which address each message written (`hosts`).
+    view: Arc<RouteView>,
     /// For what nobody waits for (QoS 0 batches, delivery records): acknowledged by the
     /// primary, without waiting for the journal or the other members. A later durable write
     /// carries them with it (the oplog is ordered); a failover may roll back the last of them,
@@ -406,6 +414,37 @@ const FIRST_WINDOW_MS: i64 = 16;
 const OPEN_AFTER_MS: i64 = 60_000;
 
 impl MongoStore {
+    /// Messages addressed to `address` (a host, or `"*"`) not made on `own` after `after`, in
+    /// cursor order, at most `limit`: equality on `hosts` and a range on `created`, one scan of
+    /// `hosts_created` (an `$in` of both addresses was planned as a collection scan by the
+    /// Python MongoDB-wire server).
+    async fn addressed_after(
+        &self,
+        address: &str,
+        own: &str,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let filter = doc! { "hosts": address, "host": { "$ne": own } };
+        let mut docs = self.rest_of_millisecond(&filter, after, limit).await?;
+        if docs.len() < limit {
+            let mut later = filter;
+            later.insert(
+                "created",
+                doc! { "$gt": DateTime::from_millis(after.created_ms) },
+            );
+            docs.extend(
+                all(self
+                    .messages
+                    .find(later)
+                    .sort(doc! { "created": 1, "_id": 1 })
+                    .limit((limit - docs.len()) as i64))
+                .await?,
+            );
+        }
+        Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
+    }
+
     /// Messages matching `filter` in the cursor's own millisecond after its id, in (created,
     /// _id) order, at most `limit`: the first range scan of a catch-up page.
     async fn rest_of_millisecond(
@@ -509,6 +548,9 @@ impl MongoStore {
             qos2: collection("qos2Inflight"),
             qos2_out: collection("qos2Outbound"),
             sessions: collection("session"),
+            routes: collection("route"),
+            hosts: collection("host"),
+            view: Arc::default(),
             change_streams,
             relaxed: WriteConcern::builder()
                 .w(Acknowledgment::Nodes(1))
@@ -520,6 +562,11 @@ impl MongoStore {
         };
         store.ensure_indexes().await?;
         Ok(store)
+    }
+
+    /// The view of every host's routes that addresses the messages this store writes.
+    pub fn route_view(&self) -> Arc<RouteView> {
+        self.view.clone()
     }
 
     /// Reads users and rules from these collections and fields.
@@ -588,6 +635,21 @@ impl MongoStore {
             ),
             // Whether a shared subscription group has members left.
             (&self.subscriptions, doc! { "topic": 1 }, "topic", false),
+            // The follower's poll and sweep: what is addressed to a host.
+            (
+                &self.messages,
+                doc! { "hosts": 1, "created": 1 },
+                "hosts_created",
+                false,
+            ),
+            // Route changes since a reader's last read.
+            (&self.routes, doc! { "updated": 1 }, "updated", false),
+            (
+                &self.routes,
+                doc! { "host": 1, "filter": 1 },
+                "host_filter",
+                false,
+            ),
         ];
         // `topic_created_id` serves every query the older `topic_created` did.
         if let Err(e) = self.messages.drop_index("topic_created").await {
@@ -660,6 +722,117 @@ impl MongoStore {
                 Ok(())
             }
         }
+    }
+}
+
+impl RouteStore for MongoStore {
+    async fn add_routes(&self, host: &str, filters: &[String]) -> Result<(), StoreError> {
+        let now = DateTime::now();
+        let docs: Vec<Document> = filters
+            .iter()
+            .map(|f| doc! { "_id": { "host": host, "filter": f }, "host": host, "filter": f, "updated": now })
+            .collect();
+        match self.routes.insert_many(docs).ordered(false).await {
+            Ok(_) => Ok(()),
+            // Written before (a tombstone, or a route from before a restart): revived.
+            Err(e) if only_duplicates(&e) => {
+                self.routes
+                    .update_many(
+                        doc! { "host": host, "filter": { "$in": filters }, "removed": true },
+                        doc! { "$set": { "updated": now }, "$unset": { "removed": "" } },
+                    )
+                    .await
+                    .map_err(classify)?;
+                Ok(())
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn remove_routes(&self, host: &str, filters: &[String]) -> Result<(), StoreError> {
+        self.routes
+            .update_many(
+                doc! { "host": host, "filter": { "$in": filters } },
+                doc! { "$set": { "removed": true, "updated": DateTime::now() } },
+            )
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn routes_since(&self, since_ms: Option<i64>) -> Result<Vec<RouteDoc>, StoreError> {
+        let filter = match since_ms {
+            Some(ms) => doc! { "updated": { "$gte": DateTime::from_millis(ms) } },
+            None => doc! { "removed": { "$ne": true } },
+        };
+        let docs = all(self
+            .routes
+            .find(filter)
+            .projection(doc! { "_id": 0, "host": 1, "filter": 1, "removed": 1 }))
+        .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(RouteDoc {
+                    host: d.get_str("host").ok()?.to_owned(),
+                    filter: d.get_str("filter").ok()?.to_owned(),
+                    removed: d.get_bool("removed").unwrap_or(false),
+                })
+            })
+            .collect())
+    }
+
+    async fn heartbeat(&self, host: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.hosts
+            .update_one(
+                doc! { "_id": host },
+                doc! { "$set": { "alive": DateTime::from_millis(now_ms) } },
+            )
+            .upsert(true)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn heartbeats(&self) -> Result<HashMap<String, i64>, StoreError> {
+        let docs = all(self.hosts.find(doc! {})).await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some((
+                    d.get_str("_id").ok()?.to_owned(),
+                    d.get_datetime("alive").ok()?.timestamp_millis(),
+                ))
+            })
+            .collect())
+    }
+
+    async fn purge_routes(
+        &self,
+        host: &str,
+        before_ms: i64,
+        dead: &[String],
+    ) -> Result<(), StoreError> {
+        self.routes
+            .delete_many(doc! {
+                "host": host,
+                "removed": true,
+                "updated": { "$lt": DateTime::from_millis(before_ms) },
+            })
+            .await
+            .map_err(classify)?;
+        if !dead.is_empty() {
+            self.routes
+                .delete_many(doc! { "host": { "$in": dead } })
+                .await
+                .map_err(classify)?;
+            self.hosts
+                .delete_many(doc! { "_id": { "$in": dead } })
+                .await
+                .map_err(classify)?;
+            tracing::info!(hosts = ?dead, "forgot the routes of hosts dead for an hour");
+        }
+        Ok(())
     }
 }
 
@@ -737,7 +910,15 @@ impl Store for MongoStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let docs: Vec<Document> = batch.iter().map(message_doc).collect();
+        // Addressed as late as possible: a view read just before the write.
+        let docs: Vec<Document> = batch
+            .iter()
+            .map(|m| {
+                let mut d = message_doc(m);
+                d.insert("hosts", self.view.address(&m.topic, &m.host));
+                d
+            })
+            .collect();
         let mut insert = self.messages.insert_many(docs).ordered(false);
         if write.relaxed {
             insert = insert.write_concern(self.relaxed.clone());
@@ -1349,7 +1530,7 @@ impl Store for MongoStore {
             watermark_ms: crate::server::now_ms(),
         };
         if !self.change_streams {
-            tracing::info!("following other hosts' messages by polling every 100 ms");
+            tracing::info!("following messages addressed to this host by polling every 100 ms");
             while follower
                 .poll(&shutdown, Duration::from_secs(3600))
                 .await
@@ -1443,9 +1624,7 @@ fn owned_by(owner: &Owner<'_>) -> Document {
     filter
 }
 
-/// How late a message from another host may be stored after its `created` time (batching,
-/// retries, clock skew) and still be found by polling.
-const LATE_MS: i64 = 2_000;
+use wharf_shared::LATE_MS;
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// Follows other workers' inserts: a change stream where the server has one, else a poll of
@@ -1481,30 +1660,41 @@ impl Follower<'_> {
         self.sink.send(fresh).await.map_err(|_| Stopped)
     }
 
-    /// Everything from other hosts since the watermark (less the lateness allowance), page
-    /// by page: a busy window holds more than one page.
+    /// Everything addressed to this host (or to every host) since the watermark, less the
+    /// lateness allowance, page by page: a busy window holds more than one page.
     async fn sweep(&mut self) -> Result<(), Stopped> {
         const PAGE: usize = 10_000;
-        let mut after = Cursor::since(self.watermark_ms - LATE_MS);
-        loop {
-            let page = match self
-                .store
-                .messages_after(after, Some(self.own_host.clone()), PAGE)
-                .await
-            {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::warn!(error = %e, "polling for other hosts' messages failed");
-                    return Ok(());
+        let since = Cursor::since(self.watermark_ms - LATE_MS);
+        let mut found = Vec::new();
+        for address in [self.own_host.clone(), EVERY_HOST.to_owned()] {
+            let mut after = since;
+            loop {
+                let page = match self
+                    .store
+                    .addressed_after(&address, &self.own_host, after, PAGE)
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "polling for messages addressed here failed");
+                        return Ok(());
+                    }
+                };
+                let next = Cursor::after_full_page(&page, PAGE);
+                found.extend(page);
+                match next {
+                    Some(next) => after = next,
+                    None => break,
                 }
-            };
-            let next = Cursor::after_full_page(&page, PAGE);
-            self.send(page).await?;
-            match next {
-                Some(next) => after = next,
-                None => return Ok(()),
             }
         }
+        // The two addresses' messages in one order (a publishing host addresses to every host
+        // only while its routes are stale).
+        found.sort_by_key(|m| (m.created_ms, m.id));
+        for page in found.chunks(PAGE) {
+            self.send(page.to_vec()).await?;
+        }
+        Ok(())
     }
 
     async fn poll(
@@ -1526,8 +1716,11 @@ impl Follower<'_> {
     /// Follows a change stream; `Ok` on shutdown, `Err` when the stream is not available or
     /// breaks (the caller polls meanwhile; resuming after a sweep closes the gap).
     async fn stream(&mut self, shutdown: &CancellationToken) -> Result<(), String> {
+        // Only what is addressed here: a host is sent what its sessions want, not the cluster's
+        // traffic.
         let pipeline = vec![doc! { "$match": {
             "operationType": "insert",
+            "fullDocument.hosts": { "$in": [&self.own_host, EVERY_HOST] },
             "fullDocument.host": { "$ne": &self.own_host },
         } }];
         let mut stream = self
@@ -1537,7 +1730,7 @@ impl Follower<'_> {
             .pipeline(pipeline)
             .await
             .map_err(|e| classify(e).to_string())?;
-        tracing::info!("following other hosts' messages through a change stream");
+        tracing::info!("following messages addressed to this host through a change stream");
         // What was stored before the stream opened.
         if self.sweep().await.is_err() {
             return Ok(());
