@@ -11,6 +11,7 @@
 //! - [`proc_stats`]: CPU seconds and RSS of broker processes from /proc.
 
 mod catchup;
+mod fleet;
 mod flood;
 mod idle;
 mod load;
@@ -42,6 +43,8 @@ enum Command {
     Flood(flood::FloodArgs),
     /// Persistent devices that come back at once to what they are owed.
     Storm(storm::StormArgs),
+    /// A fleet over a cluster: CPU, follower documents and latency per host.
+    Fleet(fleet::FleetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             Command::Sync(a) => sync::run(a).await,
             Command::Flood(a) => flood::run(a).await,
             Command::Storm(a) => storm::run(a).await,
+            Command::Fleet(a) => fleet::run(a).await,
         }
     })?;
     println!("{line}");

@@ -75,14 +75,14 @@ fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     }
 }
 
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn packet(header: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![header];
     remaining_length(body.len(), &mut out);
     out.extend_from_slice(body);
     out
 }
 
-fn string(s: &[u8], out: &mut Vec<u8>) {
+pub(crate) fn string(s: &[u8], out: &mut Vec<u8>) {
     out.extend((s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
@@ -97,14 +97,14 @@ fn connect_packet(id: &str, keepalive: u16) -> Vec<u8> {
     packet(0x10, &body)
 }
 
-fn subscribe_packet(filter: &str) -> Vec<u8> {
+pub(crate) fn subscribe_packet(filter: &str) -> Vec<u8> {
     let mut body = vec![0, 1];
     string(filter.as_bytes(), &mut body);
     body.push(1);
     packet(0x82, &body)
 }
 
-fn publish_packet(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn publish_packet(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     string(topic.as_bytes(), &mut body);
     body.extend(pkid.to_be_bytes());
@@ -113,7 +113,7 @@ fn publish_packet(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// One whole packet from `buf`: (first byte, body), or `None` when more bytes are needed.
-fn take_packet(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, BytesMut)>> {
+pub(crate) fn take_packet(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, BytesMut)>> {
     let (mut len, mut used, mut shift) = (0usize, 1usize, 0);
     loop {
         let Some(&b) = buf.get(used) else {
