@@ -38,6 +38,11 @@ pub struct Args {
     /// or by polling the `created` index ("poll") [etcd: follow].
     #[arg(long, env = "WHARF_FOLLOW", default_value = "auto")]
     pub follow: String,
+    /// Filters (comma-separated) that stand for every topic name they match in this host's
+    /// routes: `dev/+/cmd` makes one route of a fleet's per-device command subscriptions, at
+    /// the cost of each command going to every host with such a device [etcd: routeAggregate].
+    #[arg(long, env = "WHARF_ROUTE_AGGREGATE", default_value = "")]
+    pub route_aggregate: String,
     /// Directory of the embedded store [etcd: dataDir].
     #[arg(long, env = "WHARF_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -126,6 +131,25 @@ fn follow(key: &str, value: &str) -> Result<bool, ConfigError> {
         "poll" => Ok(false),
         _ => Err(ConfigError::new(key, value, "expected auto or poll")),
     }
+}
+
+fn aggregates(key: &str, value: &str) -> Result<Vec<String>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            if wharf_shared::topic::valid_filter(f) && !f.starts_with("$share/") {
+                Ok(f.to_owned())
+            } else {
+                Err(ConfigError::new(
+                    key,
+                    value,
+                    format!("{f:?} is not a topic filter"),
+                ))
+            }
+        })
+        .collect()
 }
 
 /// A group's id from its name (via /etc/group) or its number.
@@ -247,6 +271,12 @@ pub fn load(
             filter,
         )?,
     };
+    config.route_aggregate = layers.pick(
+        "route_aggregate",
+        "routeAggregate",
+        aggregates("routeAggregate", &args.route_aggregate)?,
+        aggregates,
+    )?;
     let metrics = layers.value_opt("metrics_listen", "workerMetricsListen", args.metrics_listen)?;
     Ok((config, metrics))
 }

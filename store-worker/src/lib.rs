@@ -63,6 +63,8 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// MongoDB: where the users and authorization rules are kept.
     pub auth_collections: store::mongo::AuthCollections,
+    /// Filters that stand for the topic names they match in this host's routes.
+    pub route_aggregate: Vec<String>,
 }
 
 impl WorkerConfig {
@@ -77,6 +79,7 @@ impl WorkerConfig {
             retry_limit: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             auth_collections: Default::default(),
+            route_aggregate: Vec::new(),
         }
     }
 }
@@ -133,7 +136,10 @@ impl Worker {
                 );
                 ready = ready_check(store.clone());
                 tokio::spawn(expire_sessions(store.clone(), shutdown.clone()));
-                let book = Arc::new(routes::RouteBook::new(config.host.clone()));
+                let book = Arc::new(
+                    routes::RouteBook::new(config.host.clone())
+                        .aggregating(config.route_aggregate.clone()),
+                );
                 tokio::spawn(routes::follow(
                     store.clone(),
                     book.clone(),

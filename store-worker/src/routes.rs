@@ -276,6 +276,8 @@ impl RouteView {
 /// it to be written.
 pub struct RouteBook {
     host: String,
+    /// Filters that stand for the topic names they match (see [`RouteBook::aggregating`]).
+    aggregate: Vec<String>,
     inner: Mutex<BookInner>,
     /// Wakes the writer: a route waits to be written.
     wake: tokio::sync::Notify,
@@ -287,8 +289,9 @@ pub struct RouteBook {
 
 #[derive(Default)]
 struct BookInner {
-    /// Each edge connection's filters, as it reported them.
-    edges: HashMap<u64, HashSet<String>>,
+    /// Each edge connection's routes, with how many of the filters it reported make each
+    /// (several, with aggregate filters).
+    edges: HashMap<u64, HashMap<String, u32>>,
     /// Filters written as this host's routes, with the last time one was wanted.
     written: HashMap<String, Instant>,
     /// Filters wanted that are not written yet.
@@ -302,11 +305,34 @@ impl RouteBook {
     pub fn new(host: String) -> Self {
         RouteBook {
             host,
+            aggregate: Vec::new(),
             inner: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             rounds: tokio::sync::watch::Sender::new(0),
             heartbeat_ok_ms: AtomicU64::new(0),
         }
+    }
+
+    /// A subscription to a topic name (no wildcard) that one of `filters` matches is routed as
+    /// that filter: a fleet whose devices each subscribe to `dev/<id>/cmd` makes one route per
+    /// host (`dev/+/cmd`), not one per device, and every host with such a device is sent every
+    /// command.
+    pub fn aggregating(mut self, filters: Vec<String>) -> Self {
+        self.aggregate = filters;
+        self
+    }
+
+    /// The route a subscription's filter makes: a shared subscription's is the filter inside
+    /// it; a topic name an aggregate filter matches makes that filter.
+    fn route_of<'a>(&'a self, filter: &'a str) -> &'a str {
+        let filter = route_of(filter);
+        if filter.contains(['+', '#']) {
+            return filter;
+        }
+        self.aggregate
+            .iter()
+            .find(|a| wharf_shared::topic::matches(filter, a))
+            .map_or(filter, String::as_str)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BookInner> {
@@ -324,7 +350,7 @@ impl RouteBook {
             let now = Instant::now();
             let mut inner = self.lock();
             let mut need = Vec::new();
-            for filter in filters.into_iter().map(route_of) {
+            for filter in filters.into_iter().map(|f| self.route_of(f)) {
                 match inner.written.get_mut(filter) {
                     Some(wanted) => *wanted = now,
                     None if !need.iter().any(|f| f == filter) => {
@@ -370,14 +396,20 @@ impl RouteBook {
                 set.clear();
             }
             for filter in &removed {
-                set.remove(route_of(filter));
+                let route = self.route_of(filter);
+                if let Some(n) = set.get_mut(route) {
+                    *n -= 1;
+                    if *n == 0 {
+                        set.remove(route);
+                    }
+                }
             }
             for filter in added {
-                let filter = route_of(&filter).to_owned();
+                let filter = self.route_of(&filter).to_owned();
                 if !inner.written.contains_key(&filter) {
                     wake |= inner.pending.insert(filter.clone());
                 }
-                set.insert(filter);
+                *set.entry(filter).or_default() += 1;
             }
         }
         if wake {
@@ -405,7 +437,7 @@ impl RouteBook {
         let add: Vec<String> = inner.pending.iter().cloned().collect();
         let mut remove = Vec::new();
         for (filter, wanted) in inner.written.iter_mut() {
-            if inner.edges.values().any(|s| s.contains(filter)) {
+            if inner.edges.values().any(|s| s.contains_key(filter)) {
                 *wanted = now;
             } else if now.duration_since(*wanted) >= GRACE {
                 remove.push(filter.clone());
@@ -666,6 +698,38 @@ mod tests {
             ["*"],
             "an old reading addresses every host"
         );
+    }
+
+    #[test]
+    fn aggregate_filters_stand_for_the_topic_names_they_match() {
+        let book = RouteBook::new("h".into()).aggregating(vec!["dev/+/cmd".into()]);
+        assert_eq!(book.route_of("dev/7/cmd"), "dev/+/cmd");
+        assert_eq!(book.route_of("$share/g/dev/7/cmd"), "dev/+/cmd");
+        assert_eq!(
+            book.route_of("dev/7/#"),
+            "dev/7/#",
+            "a wildcard filter stays itself"
+        );
+        assert_eq!(book.route_of("dev/7/cmd/x"), "dev/7/cmd/x");
+        book.edge_routes(
+            1,
+            vec!["dev/1/cmd".into(), "dev/2/cmd".into()],
+            vec![],
+            true,
+        );
+        let (add, _) = book.due(Instant::now());
+        assert_eq!(
+            add,
+            ["dev/+/cmd"],
+            "one route for the fleet's command topics"
+        );
+        book.written(add);
+        book.edge_routes(1, vec![], vec!["dev/1/cmd".into()], false);
+        let (_, remove) = book.due(Instant::now() + GRACE * 2);
+        assert!(remove.is_empty(), "dev/2/cmd still makes it");
+        book.edge_routes(1, vec![], vec!["dev/2/cmd".into()], false);
+        let (_, remove) = book.due(Instant::now() + GRACE * 4);
+        assert_eq!(remove, ["dev/+/cmd"]);
     }
 
     #[test]

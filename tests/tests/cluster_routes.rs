@@ -86,11 +86,20 @@ async fn each_host_is_sent_only_what_its_sessions_want() {
     let dir = TempDir::new().expect("temp dir");
     let mongo = Secantus::start(dir.path()).await;
     let h1 = BrokerHost::start(dir.path(), "h1", Some(mongo.uri())).await;
-    let h2 = BrokerHost::start(dir.path(), "h2", Some(mongo.uri())).await;
+    // h2 routes every device's command topic as one filter.
+    let h2 = BrokerHost::start_with(
+        dir.path(),
+        "h2",
+        Some(mongo.uri()),
+        &["--route-aggregate", "dev/+/cmd"],
+    )
+    .await;
     let h3 =
         BrokerHost::start_with(dir.path(), "h3", Some(mongo.uri()), &["--follow", "poll"]).await;
     let stored = messages(&mongo.uri()).await;
 
+    let mut device = Client::connect(h2.addr, "dev-7", true).await;
+    device.subscribe("dev/7/cmd", QoS::AtLeastOnce).await;
     let mut on_b = Client::connect(h2.addr, "on-b", true).await;
     on_b.subscribe("site/b/#", QoS::AtLeastOnce).await;
     let mut on_c = Client::connect(h3.addr, "on-c", false).await;
@@ -105,6 +114,10 @@ async fn each_host_is_sent_only_what_its_sessions_want() {
     until_addressed(&mut publisher, &stored, "site/c/probe", &["h3"]).await;
     until_addressed(&mut publisher, &stored, "site/s/probe", &["h3"]).await;
     until_addressed(&mut publisher, &stored, "site/both", &[]).await;
+    // An aggregate route: a device's command reaches it; another device's goes to the host too.
+    until_addressed(&mut publisher, &stored, "dev/7/cmd", &["h2"]).await;
+    assert!(device.publishes(1).await[0].topic == "dev/7/cmd");
+    until_addressed(&mut publisher, &stored, "dev/8/cmd", &["h2"]).await;
     let (b_probes, c_probes) = (
         on_b.publishes(addressed(&stored, "site/b/probe").await.len())
             .await,
