@@ -239,19 +239,35 @@ async fn read_until(client: &mut Client, last: usize) -> Vec<usize> {
     got
 }
 
+/// Hosts `h1`, `h2`, ... on one MongoDB-wire server; the last follows by polling when
+/// `poll_last`.
+async fn hosts(n: usize, poll_last: bool) -> (TempDir, Secantus, Vec<BrokerHost>) {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let mongo = Secantus::start(dir.path()).await;
+    let mut hosts = Vec::new();
+    for i in 1..=n {
+        let args: &[&str] = if poll_last && i == n {
+            &["--follow", "poll"]
+        } else {
+            &[]
+        };
+        let name = format!("h{i}");
+        hosts.push(BrokerHost::start_with(dir.path(), &name, Some(mongo.uri()), args).await);
+    }
+    (dir, mongo, hosts)
+}
+
 /// A subscription made on one host while another publishes: the publishing host stores what
 /// it publishes before it has read the new route without this host's address, and those
 /// messages come from the session's catch-up once the route has reached every host
 /// (`SETTLE_MS` after the SUBACK); later ones come live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_made_while_another_host_publishes_misses_nothing() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let mongo = Secantus::start(dir.path()).await;
-    let h1 = BrokerHost::start(dir.path(), "h1", Some(mongo.uri())).await;
-    let h2 = BrokerHost::start(dir.path(), "h2", Some(mongo.uri())).await;
-    let h3 =
-        BrokerHost::start_with(dir.path(), "h3", Some(mongo.uri()), &["--follow", "poll"]).await;
+    let (_dir, _mongo, hosts) = hosts(3, true).await;
+    let [h1, h2, h3] = &hosts[..] else {
+        unreachable!()
+    };
 
     let next = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -262,10 +278,10 @@ async fn a_subscription_made_while_another_host_publishes_misses_nothing() {
     // Persistent and clean sessions, by change stream (h2) and by poll (h3).
     let mut subscribers = Vec::new();
     for (host, id, clean) in [
-        (&h2, "race-persistent-2", false),
-        (&h2, "race-clean-2", true),
-        (&h3, "race-persistent-3", false),
-        (&h3, "race-clean-3", true),
+        (h2, "race-persistent-2", false),
+        (h2, "race-clean-2", true),
+        (h3, "race-persistent-3", false),
+        (h3, "race-clean-3", true),
     ] {
         let mut c = Client::connect(host.addr, id, clean).await;
         c.subscribe("race/#", QoS::AtLeastOnce).await;
@@ -298,12 +314,10 @@ async fn a_subscription_made_while_another_host_publishes_misses_nothing() {
 /// message is delivered on one host or the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_moving_between_hosts_misses_nothing() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let mongo = Secantus::start(dir.path()).await;
-    let h1 = BrokerHost::start(dir.path(), "h1", Some(mongo.uri())).await;
-    let h2 = BrokerHost::start(dir.path(), "h2", Some(mongo.uri())).await;
-    let h3 = BrokerHost::start(dir.path(), "h3", Some(mongo.uri())).await;
+    let (_dir, _mongo, hosts) = hosts(3, false).await;
+    let [h1, h2, h3] = &hosts[..] else {
+        unreachable!()
+    };
 
     let mut mover = Client::connect(h2.addr, "mover", false).await;
     mover.subscribe("move/#", QoS::AtLeastOnce).await;
@@ -314,7 +328,7 @@ async fn a_session_moving_between_hosts_misses_nothing() {
     let publishing = publish_steadily(publisher, "move/t", next.clone(), stop.clone());
 
     let mut got = Vec::new();
-    for (i, host) in [&h3, &h2, &h3].into_iter().enumerate() {
+    for (i, host) in [h3, h2, h3].into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         while let Some(p) = mover.publish_within(Duration::from_millis(20)).await {
             got.extend(numbers(&[p]));
@@ -368,12 +382,10 @@ async fn a_worker_restart_under_a_session_is_caught_up() {
 /// elsewhere with what they are owed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_outlive_their_last_session_briefly_and_a_dead_host_not_at_all() {
-    init_tracing();
-    let dir = TempDir::new().expect("temp dir");
-    let mongo = Secantus::start(dir.path()).await;
-    let h1 = BrokerHost::start(dir.path(), "h1", Some(mongo.uri())).await;
-    let h2 = BrokerHost::start(dir.path(), "h2", Some(mongo.uri())).await;
-    let mut h3 = BrokerHost::start(dir.path(), "h3", Some(mongo.uri())).await;
+    let (_dir, mongo, mut hosts) = hosts(3, false).await;
+    let [h1, h2, h3] = &mut hosts[..] else {
+        unreachable!()
+    };
     let stored = messages(&mongo.uri()).await;
     let mut publisher = Client::connect(h1.addr, "pub", true).await;
 

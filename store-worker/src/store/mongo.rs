@@ -426,6 +426,18 @@ impl MongoStore {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let filter = doc! { "hosts": address, "host": { "$ne": own } };
+        let docs = self.after_cursor(filter, after, limit).await?;
+        Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
+    }
+
+    /// Messages matching `filter` after `after`, in cursor order, at most `limit`: the rest of
+    /// the cursor's millisecond, then what comes after it.
+    async fn after_cursor(
+        &self,
+        filter: Document,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Vec<Document>, StoreError> {
         let mut docs = self.rest_of_millisecond(&filter, after, limit).await?;
         if docs.len() < limit {
             let mut later = filter;
@@ -442,7 +454,7 @@ impl MongoStore {
                 .await?,
             );
         }
-        Ok(docs.iter().filter_map(|d| message_of(d, "_id")).collect())
+        Ok(docs)
     }
 
     /// Messages matching `filter` in the cursor's own millisecond after its id, in (created,
@@ -1490,23 +1502,7 @@ impl Store for MongoStore {
         }
         let mut messages = Vec::new();
         for filter in filters {
-            // The rest of the cursor's millisecond, then what comes after it.
-            let mut docs = self.rest_of_millisecond(&filter, after, limit).await?;
-            if docs.len() < limit {
-                let mut later = filter;
-                later.insert(
-                    "created",
-                    doc! { "$gt": DateTime::from_millis(after.created_ms) },
-                );
-                docs.extend(
-                    all(self
-                        .messages
-                        .find(later)
-                        .sort(doc! { "created": 1, "_id": 1 })
-                        .limit((limit - docs.len()) as i64))
-                    .await?,
-                );
-            }
+            let docs = self.after_cursor(filter, after, limit).await?;
             messages.extend(docs.iter().filter_map(|d| message_of(d, "_id")));
         }
         // Two sorted lists (a prefix): merged, the first `limit` kept (each list holds its
