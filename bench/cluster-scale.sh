@@ -15,6 +15,7 @@
 #   bench/cluster-scale.sh     FOLLOW=poll HOSTS="1 2 4 8" RUNS=3 DEVICES=400 RATE=1000 DURATION=20 bench/cluster-scale.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 HOSTS="${HOSTS:-1 2 4 8}"
 RUNS="${RUNS:-3}"
 DEVICES="${DEVICES:-400}"
@@ -24,19 +25,13 @@ DURATION="${DURATION:-20}"
 SHAPES="${SHAPES:-fleet one}"
 FOLLOW="${FOLLOW:-auto}"
 cargo build --release --locked -p wharf-bench -p wharf-edge -p wharf-store-worker
-secantus="${SECANTUSD:-$(command -v secantusd-rs || echo "$HOME/.cargo/bin/secantusd-rs")}"
-if [ ! -x "$secantus" ]; then
-  command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
-  cargo install secantus-mdb --version 0.5.3-beta.196 --locked --ignore-rust-version
-  secantus="$HOME/.cargo/bin/secantusd-rs"
-fi
+secantus="$(secantus_bin)"
 mkdir -p bench/results
 out="bench/results/$(date -u +%Y%m%dT%H%M%SZ)-cluster-scale.jsonl"
 work=$(mktemp -d)
 pids=()
 stop_all() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
 trap 'stop_all; rm -rf "$work"' EXIT
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 for n in $HOSTS; do
   rm -rf "$work/db" && mkdir -p "$work/db"

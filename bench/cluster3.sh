@@ -8,23 +8,18 @@
 #   bench/cluster3.sh        RUNS=5 RATE=1000 DURATION=30 FOLLOW=auto bench/cluster3.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 RUNS="${RUNS:-5}"
 RATE="${RATE:-1000}"
 DURATION="${DURATION:-30}"
 FOLLOW="${FOLLOW:-auto}"
 cargo build --release --locked -p wharf-bench -p wharf-edge -p wharf-store-worker
-secantus="${SECANTUSD:-$(command -v secantusd-rs || echo "$HOME/.cargo/bin/secantusd-rs")}"
-if [ ! -x "$secantus" ]; then
-  command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
-  cargo install secantus-mdb --version 0.5.3-beta.196 --locked --ignore-rust-version
-  secantus="$HOME/.cargo/bin/secantusd-rs"
-fi
+secantus="$(secantus_bin)"
 out="bench/results/$(date -u +%Y%m%dT%H%M%SZ)-cluster3.jsonl"
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 "$secantus" --host 127.0.0.1 --port 18880 --storage-path "$work/db" >"$work/secantus.log" 2>&1 &
 pids+=($!)

@@ -21,6 +21,7 @@
 # run to run as a real database's does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 RUNS="${RUNS:-3}"
 WARM="${WARM:-0}"
 BACKEND="${BACKEND:-embedded}"
@@ -61,16 +62,10 @@ stop_mongo() {
 }
 trap 'stop; stop_mongo; rm -rf "$work" "$data"' EXIT
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 store_args=()
 if [ "$BACKEND" = mongo ]; then
-  secantus="${SECANTUSD:-$(command -v secantusd-rs || echo "$HOME/.cargo/bin/secantusd-rs")}"
-  if [ ! -x "$secantus" ]; then
-    command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
-    cargo install secantus-mdb --version 0.5.3-beta.196 --locked --ignore-rust-version
-    secantus="$HOME/.cargo/bin/secantusd-rs"
-  fi
+  secantus="$(secantus_bin)"
   mkdir -p "$data/mongo"
   "$secantus" --host 127.0.0.1 --port 18857 --storage-path "$data/mongo" >"$work/secantus.log" 2>&1 &
   mongo_pid=$!

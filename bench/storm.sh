@@ -13,6 +13,7 @@
 # installed with cargo if missing), mosquitto (Debian's, in memory, queues unbounded).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 RUNS="${RUNS:-3}"
 DEVICES="${DEVICES:-10000}"
 OWED="${OWED:-20}"
@@ -36,17 +37,6 @@ stop() {
   pids=""
 }
 trap 'stop; rm -rf "$work" target/storm-data' EXIT
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-
-secantus() {
-  local bin="${SECANTUSD:-$(command -v secantusd-rs || echo "$HOME/.cargo/bin/secantusd-rs")}"
-  if [ ! -x "$bin" ]; then
-    command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
-    cargo install secantus-mdb --version 0.5.3-beta.196 --locked --ignore-rust-version
-    bin="$HOME/.cargo/bin/secantusd-rs"
-  fi
-  echo "$bin"
-}
 
 start() { # broker -> sets port and pids
   rm -rf target/storm-data; mkdir -p target/storm-data
@@ -54,7 +44,7 @@ start() { # broker -> sets port and pids
     wharf|wharf-mongo)
       local store=()
       if [ "$1" = wharf-mongo ]; then
-        "$(secantus)" --host 127.0.0.1 --port 18867 --storage-path target/storm-data/mongo >"$work/secantus.log" 2>&1 &
+        "$(secantus_bin)" --host 127.0.0.1 --port 18867 --storage-path target/storm-data/mongo >"$work/secantus.log" 2>&1 &
         pids="$!,"
         wait_port 18867
         store=(--mongodb-uri "mongodb://127.0.0.1:18867/?directConnection=true" --mongodb-database storm)

@@ -12,8 +12,7 @@
 //! what was acknowledged and never delivered. Raw MQTT 3.1.1 on plain sockets: the clients cost
 //! little next to the brokers.
 
-use crate::storm::{packet, publish_packet, string, subscribe_packet, take_packet};
-use bytes::BytesMut;
+use crate::storm::{packet, publish_packet, string, subscribe_packet, take_packet, Conn};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,46 +97,20 @@ struct Ctx {
     measuring: AtomicBool,
 }
 
-struct Conn {
-    stream: TcpStream,
-    buf: BytesMut,
+/// Connects `id` to `addr`; an error unless the CONNACK accepts it.
+async fn open(addr: &str, id: &str, clean: bool) -> anyhow::Result<Conn> {
+    let (conn, code) = Conn::connect(addr, &connect_packet(id, clean)).await?;
+    anyhow::ensure!(code == 0, "{id}: CONNACK {code}");
+    Ok(conn)
 }
 
-impl Conn {
-    async fn open(addr: &str, id: &str, clean: bool) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let mut conn = Conn {
-            stream,
-            buf: BytesMut::with_capacity(4096),
-        };
-        conn.stream.write_all(&connect_packet(id, clean)).await?;
-        let (header, body) = conn.next().await?;
-        anyhow::ensure!(
-            header >> 4 == 2 && body.len() >= 2 && body[1] == 0,
-            "{id}: CONNACK refused"
-        );
-        Ok(conn)
-    }
-
-    async fn next(&mut self) -> anyhow::Result<(u8, BytesMut)> {
-        loop {
-            if let Some(p) = take_packet(&mut self.buf)? {
-                return Ok(p);
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                anyhow::bail!("closed");
-            }
-        }
-    }
-
-    async fn subscribe(&mut self, filter: &str) -> anyhow::Result<()> {
-        self.stream.write_all(&subscribe_packet(filter)).await?;
-        loop {
-            let (header, _) = self.next().await?;
-            if header >> 4 == 9 {
-                return Ok(());
-            }
+/// Subscribes at QoS 1 and waits for the SUBACK.
+async fn subscribe(conn: &mut Conn, filter: &str) -> anyhow::Result<()> {
+    conn.stream.write_all(&subscribe_packet(filter)).await?;
+    loop {
+        let (header, _) = conn.next().await?;
+        if header >> 4 == 9 {
+            return Ok(());
         }
     }
 }
@@ -371,16 +344,16 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<String> {
     });
     let prefix = &args.prefix;
     // Connected and subscribed, all of them, before anything is published.
-    let mut consumer = Conn::open(&args.brokers[0], &format!("{prefix}-consumer"), false).await?;
-    consumer.subscribe(&format!("fleet/{prefix}/#")).await?;
+    let mut consumer = open(&args.brokers[0], &format!("{prefix}-consumer"), false).await?;
+    subscribe(&mut consumer, &format!("fleet/{prefix}/#")).await?;
     let mut conns = Vec::new();
     for i in 0..args.devices {
         let addr = &args.brokers[(i % hosts) as usize];
-        let mut conn = Conn::open(addr, &format!("{prefix}-d{i}"), true).await?;
-        conn.subscribe(&format!("dev/{prefix}-d{i}/cmd")).await?;
+        let mut conn = open(addr, &format!("{prefix}-d{i}"), true).await?;
+        subscribe(&mut conn, &format!("dev/{prefix}-d{i}/cmd")).await?;
         conns.push((i, conn));
     }
-    let commander = Conn::open(&args.brokers[0], &format!("{prefix}-commander"), true).await?;
+    let commander = open(&args.brokers[0], &format!("{prefix}-commander"), true).await?;
     eprintln!("fleet: {} devices connected and subscribed", args.devices);
     // Every host has read every route.
     tokio::time::sleep(Duration::from_secs(2)).await;

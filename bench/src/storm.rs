@@ -135,28 +135,33 @@ pub(crate) fn take_packet(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, Byte
     Ok(Some((header, buf.split_to(len))))
 }
 
-struct Conn {
-    stream: TcpStream,
-    buf: BytesMut,
+/// One raw MQTT connection: the socket and what was read of it.
+pub(crate) struct Conn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
 }
 
 impl Conn {
     async fn open(args: &StormArgs, id: &str) -> anyhow::Result<(Conn, u8)> {
-        let stream = TcpStream::connect((args.host.as_str(), args.port)).await?;
+        let addr = format!("{}:{}", args.host, args.port);
+        Conn::connect(&addr, &connect_packet(id, args.keepalive)).await
+    }
+
+    /// Connects to `addr`, sends `connect` (a CONNECT packet) and returns the CONNACK's code.
+    pub(crate) async fn connect(addr: &str, connect: &[u8]) -> anyhow::Result<(Conn, u8)> {
+        let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let mut conn = Conn {
             stream,
             buf: BytesMut::with_capacity(4096),
         };
-        conn.stream
-            .write_all(&connect_packet(id, args.keepalive))
-            .await?;
+        conn.stream.write_all(connect).await?;
         let (header, body) = conn.next().await?;
         anyhow::ensure!(header >> 4 == 2 && body.len() >= 2, "no CONNACK");
         Ok((conn, body[1]))
     }
 
-    async fn next(&mut self) -> anyhow::Result<(u8, BytesMut)> {
+    pub(crate) async fn next(&mut self) -> anyhow::Result<(u8, BytesMut)> {
         loop {
             if let Some(p) = take_packet(&mut self.buf)? {
                 return Ok(p);
