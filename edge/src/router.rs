@@ -631,11 +631,20 @@ impl Node {
         self.children.is_empty() && self.here.is_empty() && self.multi.is_none()
     }
 
-    /// Adds or changes `client`'s subscription; true if it is new.
+    /// Adds or changes `client`'s subscription; whether the filter had no subscription
+    /// before (a new route of this edge).
     fn insert(&mut self, levels: &[&str], client: Arc<str>, grant: Grant) -> bool {
         match levels {
-            [] => self.here.insert(client, grant),
-            ["#"] => self.multi.get_or_insert_default().insert(client, grant),
+            [] => {
+                let first = self.here.is_empty();
+                self.here.insert(client, grant);
+                first
+            }
+            ["#"] => {
+                let first = self.multi.is_none();
+                self.multi.get_or_insert_default().insert(client, grant);
+                first
+            }
             [first, rest @ ..] => self
                 .children
                 .get_or_insert_with(first, || (*first).into(), Node::default)
@@ -643,9 +652,14 @@ impl Node {
         }
     }
 
-    fn remove(&mut self, levels: &[&str], client: &str) -> bool {
-        let removed = match levels {
-            [] => self.here.remove(client).is_some(),
+    /// Removes `client`'s subscription: (whether it had one, whether it was the filter's
+    /// last).
+    fn remove(&mut self, levels: &[&str], client: &str) -> (bool, bool) {
+        match levels {
+            [] => {
+                let removed = self.here.remove(client).is_some();
+                (removed, removed && self.here.is_empty())
+            }
             ["#"] => {
                 let removed = self
                     .multi
@@ -654,7 +668,7 @@ impl Node {
                 if self.multi.as_ref().is_some_and(|m| m.is_empty()) {
                     self.multi = None;
                 }
-                removed
+                (removed, removed && self.multi.is_none())
             }
             [first, rest @ ..] => match self.children.get_mut(first) {
                 Some(child) => {
@@ -664,10 +678,26 @@ impl Node {
                     }
                     removed
                 }
-                None => false,
+                None => (false, false),
             },
-        };
-        removed
+        }
+    }
+
+    /// Every filter with a subscription under this node.
+    fn filters<'a>(&'a self, path: &mut Vec<&'a str>, out: &mut Vec<String>) {
+        if !self.here.is_empty() {
+            out.push(path.join("/"));
+        }
+        if self.multi.is_some() {
+            path.push("#");
+            out.push(path.join("/"));
+            path.pop();
+        }
+        for (level, child) in &self.children {
+            path.push(level);
+            child.filters(path, out);
+            path.pop();
+        }
     }
 
     fn collect<'a>(
@@ -714,11 +744,10 @@ const STACK_LEVELS: usize = 16;
 #[derive(Default)]
 struct Inner {
     root: Node,
-    /// How many subscriptions each filter has here (a shared group counts once, by the filter
-    /// inside it): this edge's routes, which other hosts address their messages by.
-    routes: HashMap<Box<str>, u32>,
-    /// Filters that became routes (`true`) or stopped being ones since last taken.
-    route_changes: HashMap<Box<str>, bool>,
+    /// Since last taken: filters that got their first subscription here (`true`) or lost
+    /// their last (a shared group's filter counts once per group): this edge's routes, which
+    /// other hosts address their messages by. The trie itself is the count.
+    route_log: Vec<(Box<str>, bool)>,
     sessions: HashMap<Arc<str>, Arc<SessionTx>>,
     /// Shared subscription groups, by key (`$share/{name}/{filter}`).
     groups: HashMap<Arc<str>, Group>,
@@ -728,21 +757,11 @@ struct Inner {
 
 impl Inner {
     fn route_added(&mut self, filter: &str) {
-        let n = self.routes.entry(filter.into()).or_insert(0);
-        *n += 1;
-        if *n == 1 {
-            self.route_changes.insert(filter.into(), true);
-        }
+        self.route_log.push((filter.into(), true));
     }
 
     fn route_removed(&mut self, filter: &str) {
-        if let Some(n) = self.routes.get_mut(filter) {
-            *n -= 1;
-            if *n == 0 {
-                self.routes.remove(filter);
-                self.route_changes.insert(filter.into(), false);
-            }
-        }
+        self.route_log.push((filter.into(), false));
     }
 
     fn insert(&mut self, filter: &str, client: Arc<str>, grant: Grant) {
@@ -754,8 +773,8 @@ impl Inner {
 
     fn remove(&mut self, filter: &str, client: &str) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
-        let removed = self.root.remove(&levels, client);
-        if removed {
+        let (removed, last) = self.root.remove(&levels, client);
+        if last {
             self.route_removed(filter);
         }
         removed
@@ -915,28 +934,37 @@ impl Router {
         left
     }
 
-    /// The routes that changed since last asked: (added, removed); `None` if none did.
+    /// The routes that changed since last asked, netted per filter: (added, removed), a
+    /// filter once per route it made or unmade (a plain subscription and a shared group may
+    /// make the same one); `None` if none changed.
     pub fn take_route_changes(&self) -> Option<(Vec<String>, Vec<String>)> {
-        if self.read().route_changes.is_empty() {
+        if self.read().route_log.is_empty() {
             return None;
         }
-        let mut inner = self.write();
+        let log = std::mem::take(&mut self.write().route_log);
+        let mut net: HashMap<Box<str>, i32> = HashMap::new();
+        for (filter, added) in log {
+            *net.entry(filter).or_default() += if added { 1 } else { -1 };
+        }
         let (mut added, mut removed) = (Vec::new(), Vec::new());
-        for (filter, present) in inner.route_changes.drain() {
-            if present {
-                added.push(filter.into());
-            } else {
-                removed.push(filter.into());
+        for (filter, n) in net {
+            let list = if n > 0 { &mut added } else { &mut removed };
+            for _ in 0..n.unsigned_abs() {
+                list.push(filter.to_string());
             }
         }
-        Some((added, removed))
+        (!added.is_empty() || !removed.is_empty()).then_some((added, removed))
     }
 
-    /// Every route, with the changes taken: for a worker that hears of this edge anew.
+    /// Every route (once per plain filter and once per shared group), with the changes
+    /// taken: for a worker that hears of this edge anew.
     pub fn all_routes(&self) -> Vec<String> {
         let mut inner = self.write();
-        inner.route_changes.clear();
-        inner.routes.keys().map(|f| f.to_string()).collect()
+        inner.route_log.clear();
+        let mut out = Vec::new();
+        inner.root.filters(&mut Vec::new(), &mut out);
+        out.extend(inner.groups.values().map(|g| g.filter.clone()));
+        out
     }
 
     /// Subscribes a session; a `$share/{name}/{filter}` filter makes it a member of that
@@ -1245,6 +1273,40 @@ mod tests {
             created_ms: 1,
             properties: None,
         })
+    }
+
+    #[test]
+    fn routes_change_with_a_filters_first_and_last_subscription() {
+        let router = Router::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let g = Grant::qos(Qos::AtLeastOnce);
+        router.subscribe(&a, "t/#", g);
+        router.subscribe(&b, "t/#", g);
+        router.subscribe(&a, "t/#", g);
+        assert_eq!(
+            router.take_route_changes(),
+            Some((vec!["t/#".into()], vec![]))
+        );
+        assert_eq!(router.take_route_changes(), None);
+        router.subscribe(&a, "$share/g/t/#", g);
+        router.unsubscribe("a", "t/#");
+        assert_eq!(
+            router.take_route_changes(),
+            Some((vec!["t/#".into()], vec![])),
+            "a shared group makes the route once more; a's leaving is not the filter's last"
+        );
+        let mut all = router.all_routes();
+        all.sort();
+        assert_eq!(all, ["t/#", "t/#"]);
+        router.unsubscribe("b", "t/#");
+        router.unsubscribe("a", "$share/g/t/#");
+        assert_eq!(
+            router.take_route_changes(),
+            Some((vec![], vec!["t/#".into(), "t/#".into()]))
+        );
+        router.subscribe(&a, "u", g);
+        router.unsubscribe("a", "u");
+        assert_eq!(router.take_route_changes(), None, "netted");
     }
 
     /// The deepest filter and topic `--max-topic-levels` allows are matched, listed and
