@@ -187,16 +187,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
 
     /// Sends messages that other workers store (host other than `own_host`) to `sink` as
-    /// they arrive, until `shutdown`. Stores that only one worker uses have nothing to follow.
+    /// they arrive, until `shutdown`. A store only one worker uses has nothing to follow and
+    /// returns at once.
     fn follow_other_hosts(
         &self,
         own_host: String,
         sink: tokio::sync::mpsc::Sender<Vec<Message>>,
         shutdown: tokio_util::sync::CancellationToken,
-    ) -> impl Future<Output = ()> + Send {
-        let _ = (own_host, sink, shutdown);
-        async {}
-    }
+    ) -> impl Future<Output = ()> + Send;
 
     /// Claims the client's session record for a connection on `host` (made if missing, its
     /// expiry cleared, `session_expiry` kept); returns whether a persistent session was
@@ -237,15 +235,10 @@ pub trait Store: Send + Sync + 'static {
         owner: &str,
         groups: Vec<String>,
         now_ms: i64,
-    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
-        let _ = (owner, now_ms);
-        async { Ok(groups) }
-    }
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
     /// Whether workers on other hosts share this store (a cluster can form on it).
-    fn shared_by_hosts(&self) -> bool {
-        false
-    }
+    fn shared_by_hosts(&self) -> bool;
 
     /// Sessions claimed on hosts other than `own_host` whose claim was written at or after
     /// `since_ms` (by the claiming worker's clock).
@@ -253,10 +246,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         since_ms: i64,
         own_host: &str,
-    ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send {
-        let _ = (since_ms, own_host);
-        async { Ok(Vec::new()) }
-    }
+    ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
 
     /// Clients whose sessions had expired at `now_ms` (at most 1,000 at a time).
     fn expired_sessions(

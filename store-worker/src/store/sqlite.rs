@@ -572,6 +572,38 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    /// One worker uses an embedded store: no other host's messages to follow.
+    async fn follow_other_hosts(
+        &self,
+        _own_host: String,
+        _sink: tokio::sync::mpsc::Sender<Vec<Message>>,
+        _shutdown: tokio_util::sync::CancellationToken,
+    ) {
+    }
+
+    /// One worker: every edge of it owns every group it has members of.
+    async fn own_groups(
+        &self,
+        _owner: &str,
+        groups: Vec<String>,
+        _now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(groups)
+    }
+
+    fn shared_by_hosts(&self) -> bool {
+        false
+    }
+
+    /// One worker: its own claims reach its edges at once; there are no others.
+    async fn claims_since(
+        &self,
+        _since_ms: i64,
+        _own_host: &str,
+    ) -> Result<Vec<wharf_shared::Claim>, StoreError> {
+        Ok(Vec::new())
+    }
+
     async fn load_auth(
         &self,
         _users: bool,
