@@ -58,20 +58,19 @@ impl Lease {
         // The expired lease a worker sends first, `as_of_ms` 0: a new worker connection,
         // which did not follow anything for this edge before. After an earlier one, a gap
         // (what the last worker had not pushed yet is asked for again).
-        if as_of_ms == 0 {
-            let previous = self.as_of_unix_ms.load(Ordering::Acquire);
-            if previous != 0 {
-                self.gap_from_ms.store(previous, Ordering::Release);
-                self.gaps.fetch_add(1, Ordering::AcqRel);
-            }
+        let (previous, gap) = if as_of_ms == 0 {
+            (self.as_of_unix_ms.load(Ordering::Acquire), true)
         } else {
             let as_of_unix = wharf_shared::now_ms() - age as i64;
-            let previous = self.as_of_unix_ms.fetch_max(as_of_unix, Ordering::AcqRel);
             let lapsed = self.elapsed_ms() >= self.until_ms.load(Ordering::Relaxed);
-            if lapsed && previous != 0 {
-                self.gap_from_ms.store(previous, Ordering::Release);
-                self.gaps.fetch_add(1, Ordering::AcqRel);
-            }
+            (
+                self.as_of_unix_ms.fetch_max(as_of_unix, Ordering::AcqRel),
+                lapsed,
+            )
+        };
+        if gap && previous != 0 {
+            self.gap_from_ms.store(previous, Ordering::Release);
+            self.gaps.fetch_add(1, Ordering::AcqRel);
         }
         let until = (self.elapsed_ms() + LEASE.as_millis() as u64).saturating_sub(age);
         self.until_ms.fetch_max(until, Ordering::Relaxed);

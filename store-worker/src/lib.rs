@@ -247,9 +247,6 @@ async fn run<S: Store>(
 /// How often the claims of other hosts are read: a connection on this host whose session
 /// another host claimed ends within about this long.
 const CLAIMS_EVERY: Duration = Duration::from_millis(200);
-/// How much earlier than the previous read a read of claims starts: a claim is written with
-/// the claiming worker's clock, and may land this much late (clock skew, a slow write).
-const CLAIMS_LATE_MS: i64 = 2_000;
 
 /// Sends this worker's edges the sessions other hosts claimed, then a lease: everything
 /// claimed before the read started has been sent. An edge that hears nothing for a while
@@ -263,7 +260,9 @@ async fn follow_claims<S: Store>(
 ) {
     let mut every = tokio::time::interval(CLAIMS_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut since = server::now_ms() - CLAIMS_LATE_MS;
+    // Each read starts `LATE_MS` before the previous one: a claim is written with the
+    // claiming worker's clock, and may land this much late (clock skew, a slow write).
+    let mut since = server::now_ms() - wharf_shared::LATE_MS;
     // Claims sent already, with when they were read (sent again, they would be harmless).
     let mut sent: std::collections::HashMap<wharf_shared::Claim, i64> = Default::default();
     let mut failing = false;
@@ -295,8 +294,8 @@ async fn follow_claims<S: Store>(
                         .broadcast(wharf_shared::WorkerFrame::Lease { as_of_ms })
                         .await;
                 }
-                since = started_ms - CLAIMS_LATE_MS;
-                sent.retain(|_, read| *read >= since - CLAIMS_LATE_MS);
+                since = started_ms - wharf_shared::LATE_MS;
+                sent.retain(|_, read| *read >= since - wharf_shared::LATE_MS);
             }
             Err(e) => {
                 if !failing {

@@ -183,6 +183,8 @@ struct ViewInner {
     trie: RouteTrie,
     /// Each host's routes (to apply changes and tombstones once).
     routes: HashMap<Arc<str>, HashSet<String>>,
+    /// How many routes `routes` holds.
+    count: usize,
     /// Each host's last heartbeat (Unix ms, its clock).
     alive: HashMap<Arc<str>, i64>,
     /// When the read that produced this view began (`None`: never read).
@@ -228,12 +230,13 @@ impl RouteView {
         hosts
     }
 
-    /// Applies routes read by a read that began at `started`; `whole`: they are all there is.
+    /// Applies routes read by a read that began at `started` (`whole`: they are all there
+    /// is), and the heartbeats if they were read.
     fn apply(
         &self,
         started: Instant,
         docs: Vec<RouteDoc>,
-        alive: HashMap<String, i64>,
+        alive: Option<HashMap<String, i64>>,
         whole: bool,
     ) {
         let mut inner = self.write();
@@ -241,6 +244,7 @@ impl RouteView {
         if whole {
             inner.trie = RouteTrie::default();
             inner.routes.clear();
+            inner.count = 0;
         }
         for doc in docs {
             let host: Arc<str> = match inner.routes.get_key_value(doc.host.as_str()) {
@@ -251,19 +255,23 @@ impl RouteView {
             if doc.removed {
                 if filters.remove(&doc.filter) {
                     inner.trie.remove(&doc.filter, &host);
+                    inner.count -= 1;
                 }
             } else if filters.insert(doc.filter.clone()) {
                 inner.trie.insert(&doc.filter, &host);
+                inner.count += 1;
             }
         }
         inner.routes.retain(|_, f| !f.is_empty());
-        inner.alive = alive.into_iter().map(|(h, t)| (h.into(), t)).collect();
+        if let Some(alive) = alive {
+            inner.alive = alive.into_iter().map(|(h, t)| (h.into(), t)).collect();
+        }
         inner.read_at = Some(started);
     }
 
     /// How many routes the view holds (all hosts).
     pub fn len(&self) -> usize {
-        self.read().routes.values().map(HashSet::len).sum()
+        self.read().count
     }
 
     pub fn is_empty(&self) -> bool {
@@ -552,7 +560,6 @@ pub async fn follow<S: RouteStore>(
     let mut last_purge = Instant::now();
     let mut adopted = false;
     let mut failing = false;
-    let mut alive: Option<HashMap<String, i64>> = None;
     let mut rounds = 0u32;
     loop {
         tokio::select! {
@@ -579,12 +586,15 @@ pub async fn follow<S: RouteStore>(
                 adopted = true;
             }
             // Heartbeats change once a second and matter at ten: read every fifth round.
-            if alive.is_none() || rounds % 5 == 0 {
-                alive = Some(store.heartbeats().await?);
-            }
+            let alive = match rounds % 5 {
+                0 => Some(store.heartbeats().await?),
+                _ => None,
+            };
             rounds = rounds.wrapping_add(1);
-            let alive = alive.clone().unwrap_or_default();
-            if last_purge.elapsed() >= RELOAD_AFTER {
+            if let Some(alive) = alive
+                .as_ref()
+                .filter(|_| last_purge.elapsed() >= RELOAD_AFTER)
+            {
                 let dead: Vec<String> = alive
                     .iter()
                     .filter(|(h, t)| **h != host && **t < started_ms - FORGET_DEAD_MS)
@@ -672,17 +682,12 @@ mod tests {
                 route("b", "t", false),
                 route("dead", "t", false),
             ],
-            alive.clone(),
+            Some(alive.clone()),
             true,
         );
         assert_eq!(view.address("t", "a"), ["b"], "not itself, not a dead host");
         assert!(view.address("u", "a").is_empty());
-        view.apply(
-            Instant::now(),
-            vec![route("b", "t", true)],
-            alive.clone(),
-            false,
-        );
+        view.apply(Instant::now(), vec![route("b", "t", true)], None, false);
         assert!(
             view.address("t", "a").is_empty(),
             "a tombstone removes the route"
@@ -690,7 +695,7 @@ mod tests {
         view.apply(
             Instant::now() - Duration::from_millis(ROUTE_FRESH_MS as u64 + 1),
             vec![],
-            alive,
+            Some(alive),
             false,
         );
         assert_eq!(
