@@ -135,11 +135,21 @@ impl Admin {
             ("GET", "/api/v1/retained", _) => self.retained(&request).await,
             ("DELETE", "/api/v1/retained", _) => self.clear_retained(&request).await,
             ("POST", "/api/v1/publish", _) => self.publish(&request).await,
+            ("GET", "/api/v1/bridges", _) => self.bridges(),
             (_, "/console" | "/api/v1/overview" | "/api/v1/clients" | "/api/v1/sessions", _)
-            | (_, "/api/v1/retained" | "/api/v1/publish", _)
+            | (_, "/api/v1/retained" | "/api/v1/publish" | "/api/v1/bridges", _)
             | (_, _, Some(_)) => error(405, "method not allowed here"),
             _ => error(404, "no such endpoint"),
         }
+    }
+
+    /// Each bridge's state on this host (`standby` where another host runs it).
+    fn bridges(&self) -> HttpResponse {
+        let bridges: Vec<Value> = self.broker.bridges.iter().map(|b| b.status()).collect();
+        reply(
+            200,
+            json!({ "host": self.broker.config.host, "bridges": bridges }),
+        )
     }
 
     fn overview(&self) -> HttpResponse {

@@ -27,6 +27,8 @@ pub struct Broker {
     /// When a session fetch last completed ([`crate::ids::monotonic_ms`]): a queue of waiting
     /// fetches gives up only once none has for a while.
     pub session_fetch_done_ms: AtomicU64,
+    /// The configured bridges, with their live state.
+    pub bridges: Vec<Arc<crate::bridge::Bridge>>,
     next_connection_id: AtomicU64,
 }
 
@@ -71,9 +73,15 @@ impl HotMetrics {
 
 impl Broker {
     pub fn new(config: EdgeConfig, link: Link, auth: Arc<crate::auth::Auth>) -> Self {
+        let bridges = config
+            .bridges
+            .iter()
+            .map(|b| Arc::new(crate::bridge::Bridge::new(b.clone())))
+            .collect();
         Broker {
             auth,
             config,
+            bridges,
             router: Router::default(),
             registry: Registry::default(),
             link,

@@ -195,6 +195,10 @@ pub struct Args {
     /// (prefer the environment variable to the flag) [etcd: adminPassword].
     #[arg(long, env = "WHARF_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
+    /// Bridges to other brokers: a JSON file's path, or the JSON list itself (see
+    /// docs/bridge.md) [etcd: bridges].
+    #[arg(long, env = "WHARF_BRIDGES")]
+    pub bridges: Option<String>,
     #[command(flatten)]
     pub etcd: wharf_ops::config::EtcdArgs,
 }
@@ -497,6 +501,15 @@ pub fn load(
         )?,
         auth,
         publisher_identity,
+        bridges: layers.pick(
+            "bridges",
+            "bridges",
+            match &args.bridges {
+                Some(v) => crate::bridge::config::load("bridges", v)?,
+                None => Vec::new(),
+            },
+            crate::bridge::config::load,
+        )?,
     };
     config.validate()?;
     Ok(config)

@@ -27,6 +27,8 @@ pub struct EdgeConfig {
     /// `--publisher-identity`: the User Property keys under which every message carries its
     /// publisher's identity; `None` (the default) adds nothing.
     pub publisher_identity: Option<IdentityKeys>,
+    /// Bridges to other brokers (`bridges`).
+    pub bridges: Vec<crate::bridge::BridgeConfig>,
 }
 
 /// The User Property keys of a publisher's identity (see [`EdgeConfig::publisher_identity`]).

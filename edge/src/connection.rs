@@ -222,6 +222,15 @@ impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     }
 }
 
+/// The in-process stream of the edge's own bridge ([`crate::bridge`]).
+impl Transport for tokio::io::DuplexStream {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut Self>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut Self>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+}
+
 /// WebSocket (over TCP or TLS): one protocol state for both directions, as for TLS.
 impl<S> Transport for crate::websocket::WsStream<S>
 where
@@ -1183,7 +1192,8 @@ impl Connection {
             return Ok(());
         }
         let limit = self.broker.config.limits.max_publish_rate;
-        if limit > 0 && !self.within_publish_rate(limit) {
+        let bridge = self.out.auth.principal().is_some_and(|p| p.bridge);
+        if limit > 0 && !bridge && !self.within_publish_rate(limit) {
             return self.publish_over_rate(p.qos, p.pkid, batch).await;
         }
         let out = &mut self.out;

@@ -358,6 +358,13 @@ async fn run(
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     tokio::spawn(crate::groups::fetch_loop(broker.clone(), shutdown.clone()));
     tokio::spawn(report_routes(broker.clone(), shutdown.clone()));
+    for bridge in &broker.bridges {
+        tokio::spawn(crate::bridge::run(
+            broker.clone(),
+            bridge.clone(),
+            shutdown.clone(),
+        ));
+    }
     tokio::spawn(crate::auth::follow_store(
         broker.auth.clone(),
         broker.link.clone(),

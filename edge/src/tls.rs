@@ -57,6 +57,9 @@ pub struct TlsSettings {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerIdentity {
     pub names: Vec<String>,
+    /// The edge's own bridge, over an in-process stream: no credentials are checked and no
+    /// rule applies to it (its topics are the operator's configuration). No socket can say so.
+    pub bridge: bool,
 }
 
 impl PeerIdentity {
@@ -80,7 +83,10 @@ impl PeerIdentity {
                 }
             }
         }
-        PeerIdentity { names }
+        PeerIdentity {
+            names,
+            bridge: false,
+        }
     }
 
     pub fn allows(&self, client_id: &str) -> bool {
@@ -98,6 +104,51 @@ fn read_certs(key: &str, path: &PathBuf) -> Result<Vec<CertificateDer<'static>>,
         return Err(ConfigError::new(key, shown, "no certificate in the file"));
     }
     Ok(certs)
+}
+
+/// The TLS configuration of a bridge towards a remote broker: its certificate must chain to
+/// `ca`; `cert` and `key` are the bridge's own, where the remote asks for one. `key` names
+/// the setting in errors (e.g. `bridges[0].tls`).
+pub fn client_config(
+    key: &str,
+    ca: &PathBuf,
+    cert: Option<&PathBuf>,
+    private_key: Option<&PathBuf>,
+) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    let ca_key = format!("{key}.ca");
+    for c in read_certs(&ca_key, ca)? {
+        roots
+            .add(c)
+            .map_err(|e| ConfigError::new(&ca_key, ca.display().to_string(), e.to_string()))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| ConfigError::new(key, "", e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (cert, private_key) {
+        (Some(cert), Some(private_key)) => {
+            let certs = read_certs(&format!("{key}.cert"), cert)?;
+            let shown = private_key.display().to_string();
+            let pk = PrivateKeyDer::from_pem_file(private_key).map_err(|e| {
+                ConfigError::new(
+                    format!("{key}.key"),
+                    &shown,
+                    format!("cannot read a PEM private key: {e}"),
+                )
+            })?;
+            builder.with_client_auth_cert(certs, pk).map_err(|e| {
+                ConfigError::new(
+                    format!("{key}.key"),
+                    shown,
+                    format!("does not go with the certificate: {e}"),
+                )
+            })?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 /// Builds the rustls configuration; any problem names the key and file.

@@ -21,6 +21,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod mock_worker;
 pub mod mongo;
+pub mod mosquitto;
 pub mod process;
 pub mod raw;
 pub mod raw5;
@@ -62,6 +63,7 @@ pub fn edge_config(worker_socket: &Path, host: &str) -> EdgeConfig {
         shutdown_grace: Duration::from_secs(5),
         auth: Default::default(),
         publisher_identity: None,
+        bridges: Vec::new(),
     }
 }
 

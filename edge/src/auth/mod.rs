@@ -248,10 +248,11 @@ impl Policy {
     }
 
     fn superuser(&self, principal: Option<&Principal>) -> bool {
-        !self.superusers.is_empty()
-            && principal
-                .and_then(|p| p.username.as_deref())
-                .is_some_and(|u| self.superusers.contains(u))
+        principal.is_some_and(|p| p.bridge)
+            || !self.superusers.is_empty()
+                && principal
+                    .and_then(|p| p.username.as_deref())
+                    .is_some_and(|u| self.superusers.contains(u))
     }
 
     pub fn is_stale(&self) -> bool {
@@ -306,6 +307,19 @@ pub struct Principal {
     /// reload that removes the user or changes its password ends the connection
     /// ([`Auth::still_admits`]).
     pub login_hash: Option<password::Hash>,
+    /// The edge's own bridge (see [`crate::tls::PeerIdentity::bridge`]): every rule allows it.
+    pub bridge: bool,
+}
+
+impl Principal {
+    pub fn bridge() -> Principal {
+        Principal {
+            username: None,
+            identity: None,
+            login_hash: None,
+            bridge: true,
+        }
+    }
 }
 
 /// A CONNECT's credentials.
@@ -444,6 +458,7 @@ impl Auth {
                     username: Some(name.clone()),
                     identity: identity.clone(),
                     login_hash: None,
+                    bridge: false,
                 }));
             }
         }
@@ -452,6 +467,7 @@ impl Auth {
                 username: username.map(Arc::from),
                 identity: identity.clone(),
                 login_hash: None,
+                bridge: false,
             })
         };
         // A password login keeps the hash it was checked against.

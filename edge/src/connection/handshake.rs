@@ -94,14 +94,16 @@ where
         refuse_connect(writer, &connect, Refusal::BadAuthenticationMethod).await;
         return Ok(None);
     }
+    let bridge = identity.is_some_and(|i| i.bridge);
     let client_id = match assign_client_id(&connect) {
-        Some(id) => id,
-        None => {
+        // `$bridge/...` names the sessions of the edge's own bridges.
+        Some(id) if bridge || !id.starts_with(crate::bridge::SESSION_PREFIX) => id,
+        _ => {
             refuse_connect(writer, &connect, Refusal::ClientIdentifier).await;
             return Ok(None);
         }
     };
-    if let Some(identity) = identity {
+    if let Some(identity) = identity.filter(|_| !bridge) {
         let required = broker.config.tls.as_ref().is_some_and(|t| t.cert_identity);
         if required && !identity.allows(&client_id) {
             tracing::warn!(client_id = %client_id, certificate = ?identity.names, "client id not in the client certificate");
@@ -114,11 +116,15 @@ where
         password: connect.password.as_deref(),
         certificate: identity.map(|i| i.names.as_slice()),
     };
-    let principal = match broker.auth.authenticate(credentials).await {
-        Ok(principal) => principal,
-        Err(refusal) => {
-            refuse_connect(writer, &connect, refusal).await;
-            return Ok(None);
+    let principal = if bridge {
+        Some(crate::auth::Principal::bridge())
+    } else {
+        match broker.auth.authenticate(credentials).await {
+            Ok(principal) => principal,
+            Err(refusal) => {
+                refuse_connect(writer, &connect, refusal).await;
+                return Ok(None);
+            }
         }
     };
     let auth = SessionAuth::new(broker.auth.policy(), principal);

@@ -59,7 +59,7 @@ pub fn decode(
 }
 
 /// The fixed header's length and the remaining length, once both are in `buf`.
-fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+pub(super) fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
     let mut remaining = 0usize;
     for i in 0..4 {
         let Some(&byte) = buf.get(1 + i) else {
@@ -284,7 +284,7 @@ fn boxed(p: Properties) -> Option<Box<Properties>> {
 /// Reads a property block: each property at most once (the User Property any number of times),
 /// each given to `take`, which returns false for one that `packet` may not carry. User
 /// Properties that `take` leaves are read and dropped.
-fn each_property(
+pub(super) fn each_property(
     r: &mut Reader<'_>,
     packet: &str,
     mut take: impl FnMut(u8, &mut Reader<'_>) -> Result<bool, DecodeError>,
@@ -327,7 +327,18 @@ fn nonzero_pkid(r: &mut Reader<'_>) -> Result<u16, DecodeError> {
     }
 }
 
-fn publish(byte1: u8, r: &mut Reader<'_>, v5: bool) -> Result<PublishIn, DecodeError> {
+pub(super) fn publish(byte1: u8, r: &mut Reader<'_>, v5: bool) -> Result<PublishIn, DecodeError> {
+    publish_from(byte1, r, v5, false)
+}
+
+/// A PUBLISH; `from_server` allows the Subscription Identifiers a server adds (read and
+/// dropped: the bridge, the only client here, sets none).
+pub(super) fn publish_from(
+    byte1: u8,
+    r: &mut Reader<'_>,
+    v5: bool,
+    from_server: bool,
+) -> Result<PublishIn, DecodeError> {
     let qos = Qos::from_u8((byte1 >> 1) & 0b11).unwrap_or(Qos::AtMostOnce);
     let topic = r.string()?;
     let pkid = if qos == Qos::AtMostOnce {
@@ -341,6 +352,10 @@ fn publish(byte1: u8, r: &mut Reader<'_>, v5: bool) -> Result<PublishIn, DecodeE
         each_property(&mut r.properties()?, "PUBLISH", |pid, r| match pid {
             id::TOPIC_ALIAS => {
                 topic_alias = Some(r.u16()?);
+                Ok(true)
+            }
+            id::SUBSCRIPTION_IDENTIFIER if from_server => {
+                r.variable_int()?;
                 Ok(true)
             }
             id::SUBSCRIPTION_IDENTIFIER => Err(DecodeError::Protocol(
@@ -373,7 +388,7 @@ fn informational(r: &mut Reader<'_>, packet: &str) -> Result<(), DecodeError> {
     })
 }
 
-fn ack(r: &mut Reader<'_>, v5: bool) -> Result<Ack, DecodeError> {
+pub(super) fn ack(r: &mut Reader<'_>, v5: bool) -> Result<Ack, DecodeError> {
     let pkid = nonzero_pkid(r)?;
     let mut reason = 0;
     if v5 && !r.is_empty() {

@@ -6,6 +6,7 @@
 //! fields exist) stays in these modules: the session sees one set of packets. Pure functions
 //! over buffers, no I/O, no session state.
 
+pub mod client;
 pub mod decode;
 pub mod encode;
 #[doc(hidden)]

@@ -20,6 +20,7 @@ pub mod id {
     pub const REQUEST_PROBLEM_INFORMATION: u8 = 0x17;
     pub const WILL_DELAY_INTERVAL: u8 = 0x18;
     pub const REQUEST_RESPONSE_INFORMATION: u8 = 0x19;
+    pub const RESPONSE_INFORMATION: u8 = 0x1A;
     pub const SERVER_REFERENCE: u8 = 0x1C;
     pub const REASON_STRING: u8 = 0x1F;
     pub const RECEIVE_MAXIMUM: u8 = 0x21;
