@@ -70,11 +70,19 @@ async fn wait_for_state(host: &BrokerHost, state: &str, within: Duration) -> ser
     }
 }
 
+/// Whether every acknowledged message of `acked`'s publishers has arrived (others' ignored).
 fn complete(acked: &HashMap<String, Vec<u32>>) -> impl Fn(&[(String, u32)]) -> bool + '_ {
-    let total: usize = acked.values().map(Vec::len).sum();
+    let wanted: std::collections::HashSet<(&str, u32)> = acked
+        .iter()
+        .flat_map(|(publisher, seqs)| seqs.iter().map(move |&seq| (publisher.as_str(), seq)))
+        .collect();
     move |got| {
-        let set: std::collections::HashSet<&(String, u32)> = got.iter().collect();
-        set.len() >= total
+        let arrived: std::collections::HashSet<(&str, u32)> = got
+            .iter()
+            .map(|(publisher, seq)| (publisher.as_str(), *seq))
+            .filter(|m| wanted.contains(m))
+            .collect();
+        arrived.len() >= wanted.len()
     }
 }
 
@@ -496,5 +504,155 @@ async fn a_client_cannot_take_a_bridges_session() {
             rumqttc::mqttbytes::v4::ConnectReturnCode::BadClientId
         ),
         other => panic!("expected CONNACK 2, got {other:?}"),
+    }
+}
+
+/// TLS with a client certificate, as AWS IoT Core requires: a remote Wharf that requires
+/// client certificates takes the bridge's; a remote whose certificate does not chain to the
+/// bridge's CA is refused with a clear error and nothing is marked forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bridge_over_mutual_tls_forwards_and_a_wrong_ca_is_refused() {
+    use wharf_tests::certs::{Pki, TestCa, Validity};
+    wharf_tests::init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let pki = Pki::new();
+    let client = pki.ca.issue(
+        pki.dir.path(),
+        "bridge",
+        "site-7",
+        &["site-7"],
+        false,
+        Validity::Current,
+    );
+    let other_ca = TestCa::new("Another CA").write(pki.dir.path(), "other-ca");
+    let tls_port = wharf_tests::process::free_port();
+    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let path = |p: &std::path::Path| p.display().to_string();
+    let remote = BrokerHost::start_with_args(
+        dir.path(),
+        "remote",
+        None,
+        &[],
+        &[
+            "--tls-listen",
+            &tls_addr.to_string(),
+            "--server-cert",
+            &path(&pki.server.cert),
+            "--server-key",
+            &path(&pki.server.key),
+            "--cacert",
+            &path(&pki.ca_path),
+            "--client-certs",
+            "required",
+        ],
+    )
+    .await;
+    let consumer = Subscriber::start(
+        remote.addr,
+        "consumer",
+        true,
+        "fleet/#",
+        1,
+        Pace::FULL_SPEED,
+    )
+    .await;
+    let tls = |ca: &str| {
+        format!(
+            r#", "tls": {{"ca": "{ca}", "cert": "{}", "key": "{}", "serverName": "localhost"}}"#,
+            path(&client.cert),
+            path(&client.key)
+        )
+    };
+    let good = bridges(
+        tls_addr,
+        "5.0",
+        &tls(&path(&pki.ca_path)),
+        r#""out": [{"filter": "fleet/#"}]"#,
+    );
+    let host = start_host(dir.path(), "h1", None, &good).await;
+    wait_for_state(&host, "connected", Duration::from_secs(20)).await;
+    let mut acked = HashMap::new();
+    acked.insert(
+        "t".to_string(),
+        publish(host.addr, "t", "fleet/t", 0, 300).await,
+    );
+    consumer
+        .wait_for(Duration::from_secs(10), complete(&acked))
+        .await;
+    assert_every_acknowledged_arrived("consumer behind mutual TLS", &consumer, &acked);
+
+    let wrong = bridges(
+        tls_addr,
+        "5.0",
+        &tls(&path(&other_ca)),
+        r#""out": [{"filter": "fleet/#"}]"#,
+    );
+    let refused = start_host(dir.path(), "h2", None, &wrong).await;
+    publish(refused.addr, "u", "fleet/u", 0, 50).await;
+    let s = wait_for_state(&refused, "failed", Duration::from_secs(20)).await;
+    let error = s["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("TLS") && error.contains("certificate"),
+        "{s}"
+    );
+    assert_eq!(s["forwarded"], 0, "{s}");
+}
+
+/// A remote restarted without its persistence has forgotten the bridge's session: the bridge
+/// subscribes again on every connection, so what comes in keeps coming, and what was owed
+/// meanwhile is forwarded (acknowledged by the remote).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remote_restarted_without_persistence_is_subscribed_again() {
+    wharf_tests::init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let mut remote = Mosquitto::start(&dir.path().join("remote"), false, "").await;
+    let config = bridges(
+        remote.addr,
+        "5.0",
+        "",
+        r#""out": [{"filter": "fleet/#"}], "in": [{"filter": "cmd/#"}]"#,
+    );
+    let host = start_host(dir.path(), "h1", None, &config).await;
+    wait_for_state(&host, "connected", Duration::from_secs(20)).await;
+    let app = Subscriber::start(host.addr, "app", false, "cmd/#", 1, Pace::FULL_SPEED).await;
+    remote.stop().await;
+    let owed = publish(host.addr, "a", "fleet/a", 0, 500).await;
+    assert_eq!(owed.len(), 500);
+    remote.restart().await;
+    let consumer = Subscriber::start(
+        remote.addr,
+        "consumer",
+        true,
+        "fleet/#",
+        1,
+        Pace::FULL_SPEED,
+    )
+    .await;
+    wait_for_state(&host, "connected", Duration::from_secs(30)).await;
+    let mut after = HashMap::new();
+    after.insert(
+        "b".to_string(),
+        publish(host.addr, "b", "fleet/b", 0, 300).await,
+    );
+    consumer
+        .wait_for(Duration::from_secs(10), complete(&after))
+        .await;
+    assert_every_acknowledged_arrived("consumer after the remote's restart", &consumer, &after);
+    let mut commands = HashMap::new();
+    commands.insert(
+        "c".to_string(),
+        publish(remote.addr, "c", "cmd/c", 0, 300).await,
+    );
+    app.wait_for(Duration::from_secs(10), complete(&commands))
+        .await;
+    assert_every_acknowledged_arrived("app after the remote's restart", &app, &commands);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&host).await;
+        if s["forwarded"].as_u64() >= Some(800) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
