@@ -7,6 +7,10 @@
 //     A page connects with MQTT.js (client id "browser-device"); the console, opened with the
 //     admin credentials, must list it, show its session, and publish a message it receives.
 //
+//   node check.mjs console-bridge WS_URL OPS_URL PASSWORD FORWARDED
+//     The console's bridge table shows the bridge "cloud" connected, with at least FORWARDED
+//     messages forwarded.
+//
 // Prints "ok" on success; anything else is a failure (with the reason on stderr).
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
@@ -123,6 +127,19 @@ try {
     const cells = await retained.locator("td").allTextContents();
     if (cells[3] !== "wharf-admin") throw new Error("retained row " + JSON.stringify(cells));
     if (errors.length) throw new Error("page errors: " + errors.join("; "));
+  } else if (mode === "console-bridge") {
+    // A bridge's row: connected, with what it forwarded counted.
+    const [opsUrl, password, forwarded] = rest;
+    const context = await browser.newContext({ httpCredentials: { username: "admin", password } });
+    const page = await context.newPage();
+    page.on("console", (m) => console.error("[console]", m.text()));
+    await page.goto(opsUrl + "/console");
+    const row = page.locator("#bridges tbody tr", { hasText: "cloud" });
+    await row.waitFor({ timeout: patience });
+    await page.waitForFunction((want) => {
+      const cells = [...document.querySelectorAll("#bridges tbody tr td")].map((td) => td.textContent);
+      return cells[0] === "cloud" && cells[2] === "connected" && Number(cells[3]) >= want;
+    }, Number(forwarded), { timeout: patience });
   } else {
     throw new Error("unknown mode " + mode);
   }

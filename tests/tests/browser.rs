@@ -87,3 +87,45 @@ async fn the_console_works_from_a_url_with_credentials() {
     let ops = format!("http://{}", host.edge_ops);
     check(&["console-credentials-url", &ws_url, &ops, PASSWORD]).await;
 }
+
+/// The console's bridge table: a bridge to Mosquitto, connected, counting what it forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_a_bridge() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let remote =
+        wharf_tests::mosquitto::Mosquitto::start(&dir.path().join("remote"), false, "").await;
+    let ws = format!("127.0.0.1:{}", free_port());
+    let bridges = format!(
+        r#"[{{"name": "cloud", "address": "{}", "out": [{{"filter": "fleet/#"}}]}}]"#,
+        remote.addr
+    );
+    let host = BrokerHost::start_with_args(
+        dir.path(),
+        "h1",
+        None,
+        &[],
+        &[
+            "--ws-listen",
+            &ws,
+            "--admin-password",
+            PASSWORD,
+            "--bridges",
+            &bridges,
+        ],
+    )
+    .await;
+    let acked = wharf_tests::fleet::Publisher::new("d", "fleet/d", 1)
+        .run(host.addr, 0, 10)
+        .await;
+    assert_eq!(acked.len(), 10);
+    let ops = format!("http://{}", host.edge_ops);
+    check(&[
+        "console-bridge",
+        &format!("ws://{ws}/mqtt"),
+        &ops,
+        PASSWORD,
+        "10",
+    ])
+    .await;
+}
