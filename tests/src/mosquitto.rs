@@ -87,6 +87,14 @@ impl Mosquitto {
         panic!("mosquitto did not listen on {addr} (see its log)");
     }
 
+    /// SIGKILL, as a crash or a power cut would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM (Mosquitto writes its persistence file), and waits for it to exit.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -104,8 +104,13 @@ fn assert_every_acknowledged_arrived(
 }
 
 /// Out to Mosquitto: the remote stopped for a while under load and restarted with its
-/// persistence, and the edge SIGKILLed while the backlog drains. Every message Wharf
+/// persistence, the edge SIGKILLed while the remote is away and again while the backlog
+/// drains. Every message Wharf
 /// acknowledged reaches the consumer on the remote, in order per publisher.
+///
+/// Mosquitto's own bridge (a local Mosquitto with persistence, `cleansession false`, QoS 1)
+/// goes through the same faults at the same moments, to the same remote: what it lost is
+/// printed (`mosquitto bridge lost ...`), not asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_message_reaches_mosquitto_across_its_outage_and_a_kill() {
     wharf_tests::init_tracing();
@@ -118,6 +123,13 @@ async fn every_acknowledged_message_reaches_mosquitto_across_its_outage_and_a_ki
         r#""out": [{"filter": "fleet/#", "remotePrefix": "site-1/"}]"#,
     );
     let mut host = start_host(dir.path(), "h1", None, &config).await;
+    let mosquitto_bridge = format!(
+        "connection cloud\naddress {}\ntopic fleet/# out 1 \"\" site-2/\n\
+         cleansession false\nclientid mosquitto-bridge\nbridge_protocol_version mqttv311\n\
+         restart_timeout 1 5\n",
+        remote.addr
+    );
+    let mut peer = Mosquitto::start(&dir.path().join("peer"), true, &mosquitto_bridge).await;
     let mut consumer = Subscriber::start(
         remote.addr,
         "cloud-consumer",
@@ -127,16 +139,31 @@ async fn every_acknowledged_message_reaches_mosquitto_across_its_outage_and_a_ki
         Pace::FULL_SPEED,
     )
     .await;
+    let mut peer_consumer = Subscriber::start(
+        remote.addr,
+        "peer-consumer",
+        false,
+        "site-2/fleet/#",
+        1,
+        Pace::FULL_SPEED,
+    )
+    .await;
     wait_for_state(&host, "connected", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Live, then under load while the remote goes away.
     let mut acked = HashMap::new();
-    acked.insert(
-        "d1".to_string(),
-        publish(host.addr, "d1", "fleet/d1", 0, 3_000).await,
+    let mut peer_acked = HashMap::new();
+    let (w, m) = tokio::join!(
+        publish(host.addr, "d1", "fleet/d1", 0, 3_000),
+        publish(peer.addr, "d1", "fleet/d1", 0, 3_000)
     );
-    let addr = host.addr;
+    acked.insert("d1".to_string(), w);
+    peer_acked.insert("d1".to_string(), m);
+    let (addr, peer_addr) = (host.addr, peer.addr);
     let loaded = tokio::spawn(async move { publish(addr, "d2", "fleet/d2", 0, 20_000).await });
+    let peer_loaded =
+        tokio::spawn(async move { publish(peer_addr, "d2", "fleet/d2", 0, 20_000).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     remote.stop().await;
     tokio::time::sleep(outage()).await;
@@ -147,28 +174,60 @@ async fn every_acknowledged_message_reaches_mosquitto_across_its_outage_and_a_ki
         "Wharf acknowledges while the remote is away"
     );
     acked.insert("d2".to_string(), during);
+    peer_acked.insert("d2".to_string(), peer_loaded.await.expect("publisher"));
     let failed = status(&host).await;
     assert_eq!(failed["state"], "failed", "{failed}");
+    // The local broker crashes while the remote is away, with the backlog it holds.
+    host.kill_edge();
+    peer.kill();
+    host.start_edge().await;
+    peer.restart().await;
 
     remote.restart().await;
     consumer
         .connect(remote.addr, false, None, Pace::FULL_SPEED)
         .await;
-    // Killed while the backlog drains: what the remote had not acknowledged stays owed.
-    let before = consumer.count();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while consumer.count() < before + 500 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    peer_consumer
+        .connect(remote.addr, false, None, Pace::FULL_SPEED)
+        .await;
+    // Killed again while the backlog drains (each once its consumer has 500 more): what the
+    // remote had not acknowledged stays owed.
+    for (wharf, sub) in [(true, &consumer), (false, &peer_consumer)] {
+        let before = sub.count();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while sub.count() < before + 500 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if wharf {
+            host.kill_edge();
+            host.start_edge().await;
+        } else {
+            peer.kill();
+            peer.restart().await;
+        }
     }
-    host.kill_edge();
-    host.start_edge().await;
-    acked.insert(
-        "d3".to_string(),
-        publish(host.addr, "d3", "fleet/d3", 0, 2_000).await,
+    let (w, m) = tokio::join!(
+        publish(host.addr, "d3", "fleet/d3", 0, 2_000),
+        publish(peer.addr, "d3", "fleet/d3", 0, 2_000)
     );
+    acked.insert("d3".to_string(), w);
+    peer_acked.insert("d3".to_string(), m);
     consumer
         .wait_for(Duration::from_secs(30), complete(&acked))
         .await;
+    peer_consumer
+        .wait_for(Duration::from_secs(10), complete(&peer_acked))
+        .await;
+    let peer_verdicts = check(&peer_consumer.snapshot(), &peer_acked);
+    let lost: usize = peer_verdicts.values().map(|v| v.missing.len()).sum();
+    let total: usize = peer_acked.values().map(Vec::len).sum();
+    eprintln!(
+        "mosquitto bridge lost {lost} of {total} acknowledged messages ({:?})",
+        peer_verdicts
+            .iter()
+            .map(|(p, v)| (p.clone(), v.missing.len(), v.out_of_order, v.duplicates))
+            .collect::<Vec<_>>()
+    );
     assert_every_acknowledged_arrived("consumer on Mosquitto", &consumer, &acked);
     let s = wait_for_state(&host, "connected", Duration::from_secs(20)).await;
     assert_eq!(s["outInFlight"], 0, "{s}");
