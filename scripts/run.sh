@@ -13,7 +13,8 @@ socket="$data/worker.sock"
 mkdir -p "$data"
 
 set -m # children in their own process groups: Ctrl-C reaches this script only
-./target/release/store-worker --socket "$socket" --data-dir "$data" \
+# Two malloc arenas keep freed memory from piling up under a flood (deploy/systemd).
+MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}" ./target/release/store-worker --socket "$socket" --data-dir "$data" \
   --metrics-listen "${WHARF_WORKER_METRICS_LISTEN:-127.0.0.1:9642}" &
 worker=$!
 WHARF_METRICS_LISTEN="${WHARF_METRICS_LISTEN:-127.0.0.1:9641}" \

@@ -43,6 +43,11 @@ pub struct Args {
     /// the cost of each command going to every host with such a device [etcd: routeAggregate].
     #[arg(long, env = "WHARF_ROUTE_AGGREGATE", default_value = "")]
     pub route_aggregate: String,
+    /// Bytes of messages accepted from the edges and not yet written, at most; past it the
+    /// worker stops reading its edges, which push back on their clients (a number, or with
+    /// KiB, MiB or GiB; at least 1 MiB) [etcd: maxQueuedBytes].
+    #[arg(long, env = "WHARF_MAX_QUEUED_BYTES", default_value = "64MiB")]
+    pub max_queued_bytes: String,
     /// Directory of the embedded store [etcd: dataDir].
     #[arg(long, env = "WHARF_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -277,6 +282,43 @@ pub fn load(
         aggregates("routeAggregate", &args.route_aggregate)?,
         aggregates,
     )?;
+    config.max_queued_bytes = layers.pick(
+        "max_queued_bytes",
+        "maxQueuedBytes",
+        byte_size("maxQueuedBytes", &args.max_queued_bytes)?,
+        byte_size,
+    )?;
     let metrics = layers.value_opt("metrics_listen", "workerMetricsListen", args.metrics_listen)?;
     Ok((config, metrics))
+}
+
+/// A size in bytes: a number, or one with KiB, MiB or GiB; at least 1 MiB.
+fn byte_size(key: &str, value: &str) -> Result<usize, ConfigError> {
+    let v = value.trim();
+    let (number, unit) = match v.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => v.split_at(i),
+        None => (v, ""),
+    };
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(ConfigError::new(
+                key,
+                value,
+                "expected bytes, or a number with KiB, MiB or GiB",
+            ))
+        }
+    };
+    let bytes = number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| ConfigError::new(key, value, "not a size"))?;
+    if !((1 << 20)..=(1usize << 40)).contains(&bytes) {
+        return Err(ConfigError::new(key, value, "must be from 1 MiB to 1 TiB"));
+    }
+    Ok(bytes)
 }

@@ -65,7 +65,13 @@ pub struct WorkerConfig {
     pub auth_collections: store::mongo::AuthCollections,
     /// Filters that stand for the topic names they match in this host's routes.
     pub route_aggregate: Vec<String>,
+    /// Bytes of messages accepted from the edges and not yet written, at most (see
+    /// [`pipeline::ByteBudget`]).
+    pub max_queued_bytes: usize,
 }
+
+/// The default of [`WorkerConfig::max_queued_bytes`].
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 << 20;
 
 impl WorkerConfig {
     pub fn new(socket: PathBuf, host: String, backend: Backend) -> Self {
@@ -80,6 +86,7 @@ impl WorkerConfig {
             shutdown_grace: Duration::from_secs(10),
             auth_collections: Default::default(),
             route_aggregate: Vec::new(),
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }
@@ -180,7 +187,7 @@ async fn run<S: Store>(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let (persist, persist_rx) = pipeline::persist_queue(16_384);
+    let (persist, persist_rx) = pipeline::persist_queue(16_384, config.max_queued_bytes);
     let (record, record_rx) = pipeline::record_queue(16_384);
     let edges = Arc::new(fanout::Edges::default());
     tracker.spawn(pipeline::persister(

@@ -38,7 +38,24 @@ pub enum Job {
     Barrier(oneshot::Sender<()>),
 }
 
+/// What a queued message costs beyond its topic and payload (ids, client id, host, the
+/// `Vec` slot), for the byte budget.
+const MESSAGE_OVERHEAD: usize = 160;
+
 impl Job {
+    /// The bytes the job holds while queued, for [`ByteBudget`].
+    fn bytes(&self) -> usize {
+        let message = |m: &Message| {
+            MESSAGE_OVERHEAD + m.topic.len() + m.payload.len() + m.client_id.len() + m.host.len()
+        };
+        match self {
+            Job::StoreMany(messages) => messages.iter().map(message).sum(),
+            Job::Qos2 { message: m, .. } => message(m),
+            Job::Release { client_id, .. } | Job::Clear { client_id } => 64 + client_id.len(),
+            Job::Barrier(_) => 0,
+        }
+    }
+
     /// The creation time of the job's oldest message.
     fn oldest(&self) -> Option<i64> {
         match self {
@@ -157,41 +174,111 @@ impl Unwritten {
     }
 }
 
+/// The bytes of messages accepted and not yet written (`--max-queued-bytes`). A job waits
+/// while the budget is spent, so the connection reader that queues it stops reading its edge:
+/// the edge's link fills and its sessions stop reading their clients (TCP pushes back on the
+/// publishers) instead of the worker growing. One job larger than the whole budget still
+/// goes, alone.
+pub struct ByteBudget {
+    limit: usize,
+    used: std::sync::atomic::AtomicUsize,
+    freed: Notify,
+}
+
+impl ByteBudget {
+    pub fn new(limit: usize) -> ByteBudget {
+        ByteBudget {
+            limit: limit.max(1),
+            used: Default::default(),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Waits until `n` bytes fit (at once when nothing is queued), and takes them.
+    async fn take(&self, n: usize) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let mut waited = false;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let used = self.used.load(Acquire);
+            if used == 0 || used + n <= self.limit {
+                if self
+                    .used
+                    .compare_exchange(used, used + n, AcqRel, Acquire)
+                    .is_ok()
+                {
+                    metrics::gauge!("wharf_worker_queued_bytes").set((used + n) as f64);
+                    return;
+                }
+                continue;
+            }
+            if !waited {
+                waited = true;
+                metrics::counter!("wharf_worker_queued_bytes_waits_total").increment(1);
+            }
+            freed.await;
+        }
+    }
+
+    fn give(&self, n: usize) {
+        let before = self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        metrics::gauge!("wharf_worker_queued_bytes").set(before.saturating_sub(n) as f64);
+        self.freed.notify_waiters();
+    }
+}
+
 /// The persister's queue, which knows how far the store is complete (see [`Unwritten`]).
 #[derive(Clone)]
 pub struct PersistQueue {
     queue: BatchQueue<PersistJob>,
     unwritten: Arc<Unwritten>,
+    budget: Arc<ByteBudget>,
 }
 
 pub struct PersistRx {
     rx: BatchRx<PersistJob>,
     unwritten: Arc<Unwritten>,
+    budget: Arc<ByteBudget>,
 }
 
-/// The persister's queue: a job with a reply is waited for, and so is a barrier.
-pub fn persist_queue(capacity: usize) -> (PersistQueue, PersistRx) {
+/// The persister's queue: a job with a reply is waited for, and so is a barrier. At most
+/// `capacity` jobs and `max_bytes` bytes of messages wait in it.
+pub fn persist_queue(capacity: usize, max_bytes: usize) -> (PersistQueue, PersistRx) {
     let (queue, rx) = BatchQueue::new(capacity, |job: &PersistJob| {
         job.reply.is_some() || matches!(job.job, Job::Barrier(_))
     });
     let unwritten = Arc::new(Unwritten::default());
+    let budget = Arc::new(ByteBudget::new(max_bytes));
     (
         PersistQueue {
             queue,
             unwritten: unwritten.clone(),
+            budget: budget.clone(),
         },
-        PersistRx { rx, unwritten },
+        PersistRx {
+            rx,
+            unwritten,
+            budget,
+        },
     )
 }
 
 impl PersistQueue {
-    /// Queues a job; waits while the queue is full. `Err`: the persister is gone.
+    /// Queues a job; waits while the queue is full or its bytes do not fit the budget.
+    /// `Err`: the persister is gone.
     pub async fn send(&self, job: PersistJob) -> Result<(), ()> {
+        let bytes = job.job.bytes();
+        self.budget.take(bytes).await;
         let oldest = job.job.oldest();
         if let Some(t) = oldest {
             self.unwritten.add(t);
         }
         let sent = self.queue.send(job).await;
+        if sent.is_err() {
+            self.budget.give(bytes);
+        }
         if let (Err(_), Some(t)) = (&sent, oldest) {
             self.unwritten.remove(t);
         }
@@ -418,11 +505,13 @@ pub async fn persister<S: Store>(
     let PersistRx {
         rx: mut jobs,
         unwritten,
+        budget,
     } = jobs;
     let mut batch = Vec::with_capacity(max_batch);
     let mut accepted = Vec::with_capacity(max_batch);
     while jobs.next_batch(&mut batch, max_batch).await {
         accepted.extend(batch.iter().filter_map(|j| j.job.oldest()));
+        let batch_bytes: usize = batch.iter().map(|j| j.job.bytes()).sum();
         let started = Instant::now();
         let is_barrier = |j: &PersistJob| matches!(j.job, Job::Barrier(_));
         let mut barriers = Vec::new();
@@ -467,6 +556,7 @@ pub async fn persister<S: Store>(
         for t in accepted.drain(..) {
             unwritten.remove(t);
         }
+        budget.give(batch_bytes);
         metrics::histogram!("wharf_worker_persist_seconds").record(started.elapsed().as_secs_f64());
         let (stored, replies) = match result {
             Ok((messages, replies)) => (Some(messages), replies),
@@ -615,5 +705,28 @@ mod tests {
             records,
             vec![("crashed".to_owned(), 8), ("new".to_owned(), 5)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_holds_the_next_job_until_bytes_are_given_back() {
+        let budget = Arc::new(ByteBudget::new(100));
+        budget.take(60).await;
+        budget.take(40).await;
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.take(10).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "taken past the budget");
+        budget.give(60);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("taken once bytes came back")
+            .expect("task");
+        budget.give(50);
+        // One job larger than the whole budget goes, alone.
+        tokio::time::timeout(Duration::from_secs(1), budget.take(1_000))
+            .await
+            .expect("a large job when nothing is queued");
     }
 }

@@ -398,6 +398,7 @@ fn client_of(request: &Request) -> &str {
         | Request::Subscribe { client_id, .. }
         | Request::Unsubscribe { client_id, .. }
         | Request::CatchUp { client_id, .. }
+        | Request::Owed { client_id, .. }
         | Request::Disconnect { client_id, .. }
         | Request::TrackQos2Out { client_id, .. }
         | Request::ForgetQos2Out { client_id, .. } => client_id,
@@ -601,6 +602,7 @@ async fn handle<S: Store>(
                 .record(started.elapsed().as_secs_f64());
             Reply::Messages { messages, next }
         }
+        Request::Owed { client_id, limit } => owed(shared, &client_id, limit).await?,
         Request::LoadAuth { users, rules } => {
             let (users, rules) = store.load_auth(users, rules).await?;
             Reply::Auth { users, rules }
@@ -634,6 +636,38 @@ async fn retained_written<S: Store>(
         messages,
         next: None,
     })
+}
+
+/// What the client's session is owed, counted page by page up to `limit`; the first page's
+/// first message is the oldest (pages come in creation order).
+async fn owed<S: Store>(
+    shared: &Shared<S>,
+    client_id: &str,
+    limit: u32,
+) -> Result<Reply, StoreError> {
+    let store = &*shared.store;
+    let pending = shared.record.pending_for(client_id);
+    let (mut after, mut count, mut oldest_ms) = (None, 0u64, None);
+    loop {
+        let page = crate::pipeline::retry(shared.retry_limit, "owed", || {
+            store::undelivered_before(store, client_id, after, None, None, &pending)
+        })
+        .await?;
+        if oldest_ms.is_none() {
+            oldest_ms = page.messages.first().map(|m| m.created_ms);
+        }
+        count += page.messages.len() as u64;
+        match page.next {
+            Some(next) if count < u64::from(limit) => after = Some(next),
+            next => {
+                return Ok(Reply::Owed {
+                    count,
+                    oldest_ms,
+                    complete: next.is_none(),
+                })
+            }
+        }
+    }
 }
 
 /// A page of what the client still needs from the store, after `after` (from its oldest

@@ -177,6 +177,19 @@ async fn every_acknowledged_message_reaches_mosquitto_across_its_outage_and_a_ki
     peer_acked.insert("d2".to_string(), peer_loaded.await.expect("publisher"));
     let failed = status(&host).await;
     assert_eq!(failed["state"], "failed", "{failed}");
+    // The backlog as the store counts it, and its oldest message's age.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(&host).await;
+        if s["backlog"].as_u64() >= Some(10_000) && s["oldestOwedAgeMs"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no backlog shown: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // The local broker crashes while the remote is away, with the backlog it holds.
     host.kill_edge();
     peer.kill();
@@ -231,6 +244,15 @@ async fn every_acknowledged_message_reaches_mosquitto_across_its_outage_and_a_ki
     assert_every_acknowledged_arrived("consumer on Mosquitto", &consumer, &acked);
     let s = wait_for_state(&host, "connected", Duration::from_secs(20)).await;
     assert_eq!(s["outInFlight"], 0, "{s}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(&host).await;
+        if s["backlog"] == 0 && s["backlogComplete"] == true && s["oldestOwedAgeMs"].is_null() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "backlog left: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// In from Mosquitto: what the remote's session holds for the bridge is taken into Wharf's

@@ -85,7 +85,19 @@ pub struct Bridge {
     oldest_in_flight_ms: AtomicI64,
     connected_since_ms: AtomicI64,
     connects: AtomicU64,
+    /// Messages the local session is owed in the store (at most [`BACKLOG_COUNTED`]), read
+    /// every [`BACKLOG_EVERY`] by the host that runs the bridge; `u64::MAX` until read.
+    backlog: AtomicU64,
+    /// Whether `backlog` is all of it (else: at least that many).
+    backlog_complete: std::sync::atomic::AtomicBool,
+    /// Unix ms when the oldest owed message was created; 0: none owed.
+    oldest_owed_ms: AtomicI64,
 }
+
+/// How often the bridge's backlog is read from the store.
+pub const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+/// Owed messages counted at most, each time (a page of the catch-up at a time).
+pub const BACKLOG_COUNTED: u32 = 10_000;
 
 impl Bridge {
     pub fn new(config: BridgeConfig) -> Bridge {
@@ -101,6 +113,9 @@ impl Bridge {
             oldest_in_flight_ms: AtomicI64::new(0),
             connected_since_ms: AtomicI64::new(0),
             connects: AtomicU64::new(0),
+            backlog: AtomicU64::new(u64::MAX),
+            backlog_complete: std::sync::atomic::AtomicBool::new(false),
+            oldest_owed_ms: AtomicI64::new(0),
         }
     }
 
@@ -133,6 +148,8 @@ impl Bridge {
             Phase::Failed(e) => ("failed", Some(e)),
         };
         let oldest = self.oldest_in_flight_ms.load(Ordering::Relaxed);
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        let oldest_owed = self.oldest_owed_ms.load(Ordering::Relaxed);
         let since = self.connected_since_ms.load(Ordering::Relaxed);
         let c = &self.config;
         serde_json::json!({
@@ -153,6 +170,9 @@ impl Bridge {
             "outInFlight": self.out_in_flight.load(Ordering::Relaxed),
             "inInFlight": self.in_in_flight.load(Ordering::Relaxed),
             "oldestInFlightAgeMs": (oldest > 0).then(|| (crate::ids::now_ms() - oldest).max(0)),
+            "backlog": (backlog != u64::MAX).then_some(backlog),
+            "backlogComplete": self.backlog_complete.load(Ordering::Relaxed),
+            "oldestOwedAgeMs": (oldest_owed > 0).then(|| (crate::ids::now_ms() - oldest_owed).max(0)),
             "out": c.out.iter().map(|t| serde_json::json!({
                 "filter": t.local_filter(), "qos": t.qos.as_u8(), "remotePrefix": t.remote_prefix,
             })).collect::<Vec<_>>(),
@@ -163,8 +183,52 @@ impl Bridge {
     }
 }
 
+/// Reads the bridge's backlog from the store while this host runs it (not on standby).
+async fn watch_backlog(broker: Arc<Broker>, bridge: Arc<Bridge>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(BACKLOG_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if matches!(bridge.phase(), Phase::Standby | Phase::Starting) {
+            continue;
+        }
+        let request = Request::Owed {
+            client_id: bridge.session(),
+            limit: BACKLOG_COUNTED,
+        };
+        let Ok(rx) = broker.link.request(request, Policy::FailFast).await else {
+            continue;
+        };
+        if let Ok(Ok(Ok(Reply::Owed {
+            count,
+            oldest_ms,
+            complete,
+        }))) = tokio::time::timeout(BACKLOG_EVERY, rx).await
+        {
+            bridge.backlog.store(count, Ordering::Relaxed);
+            bridge.backlog_complete.store(complete, Ordering::Relaxed);
+            bridge
+                .oldest_owed_ms
+                .store(oldest_ms.unwrap_or(0), Ordering::Relaxed);
+            let name = bridge.config.name.clone();
+            metrics::gauge!("wharf_bridge_backlog_messages", "bridge" => name.clone())
+                .set(count as f64);
+            let age = oldest_ms.map_or(0.0, |t| (crate::ids::now_ms() - t).max(0) as f64 / 1000.0);
+            metrics::gauge!("wharf_bridge_oldest_owed_seconds", "bridge" => name).set(age);
+        }
+    }
+}
+
 /// Runs one bridge until `shutdown`: ownership, connection, pump, backoff, again.
 pub async fn run(broker: Arc<Broker>, bridge: Arc<Bridge>, shutdown: CancellationToken) {
+    tokio::spawn(watch_backlog(
+        broker.clone(),
+        bridge.clone(),
+        shutdown.clone(),
+    ));
     let owner = Owner::new(&broker, &bridge);
     let mut backoff = MIN_BACKOFF;
     // Whether the local session and its subscriptions exist (see `pump::register`).

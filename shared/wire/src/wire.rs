@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -343,6 +343,9 @@ pub enum Request {
     /// Clears the retained message of `topic`, without publishing anything (the admin API).
     /// Reply `Done`.
     ClearRetained { topic: String },
+    /// How many messages the client's session is owed in the store, counting up to `limit`,
+    /// and when the oldest was created: reply [`Reply::Owed`]. (A bridge's backlog.)
+    Owed { client_id: String, limit: u32 },
 }
 
 /// A user document as stored: the edge checks the password against it.
@@ -441,6 +444,13 @@ pub enum Reply {
     /// Of the groups asked for, those the edge owns now.
     Groups {
         owned: Vec<String>,
+    },
+    /// Messages owed to a session (`complete`: all of them; else at least `count`), and the
+    /// oldest one's creation time (Unix ms).
+    Owed {
+        count: u64,
+        oldest_ms: Option<i64>,
+        complete: bool,
     },
     Messages {
         messages: Vec<Message>,
