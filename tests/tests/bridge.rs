@@ -54,20 +54,41 @@ async fn status(host: &BrokerHost) -> serde_json::Value {
     body["bridges"][0].clone()
 }
 
-async fn wait_for_state(host: &BrokerHost, state: &str, within: Duration) -> serde_json::Value {
+/// Waits until the bridge's status satisfies `done` (`what` names it in the failure).
+async fn wait_for_status(
+    host: &BrokerHost,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let s = status(host).await;
-        if s["state"] == state {
+        if done(&s) {
             return s;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "bridge on {} not {state} within {within:?}: {s}",
+            "bridge on {}: not {what} within {within:?}: {s}",
             host.name
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn wait_for_state(host: &BrokerHost, state: &str, within: Duration) -> serde_json::Value {
+    wait_for_status(host, state, within, |s| s["state"] == state).await
+}
+
+async fn wait_for_forwarded(host: &BrokerHost, n: u64) {
+    // Counted when the remote's PUBACK arrives, which may follow its delivery.
+    wait_for_status(
+        host,
+        &format!("{n} forwarded"),
+        Duration::from_secs(10),
+        |s| s["forwarded"].as_u64() >= Some(n),
+    )
+    .await;
 }
 
 /// Whether every acknowledged message of `acked`'s publishers has arrived (others' ignored).
@@ -178,18 +199,10 @@ async fn every_acknowledged_message_reaches_mosquitto_across_its_outage_and_a_ki
     let failed = status(&host).await;
     assert_eq!(failed["state"], "failed", "{failed}");
     // The backlog as the store counts it, and its oldest message's age.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = status(&host).await;
-        if s["backlog"].as_u64() >= Some(10_000) && s["oldestOwedAgeMs"].as_u64() > Some(0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no backlog shown: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_status(&host, "showing a backlog", Duration::from_secs(15), |s| {
+        s["backlog"].as_u64() >= Some(10_000) && s["oldestOwedAgeMs"].as_u64() > Some(0)
+    })
+    .await;
     // The local broker crashes while the remote is away, with the backlog it holds.
     host.kill_edge();
     peer.kill();
@@ -244,15 +257,10 @@ async fn every_acknowledged_message_reaches_mosquitto_across_its_outage_and_a_ki
     assert_every_acknowledged_arrived("consumer on Mosquitto", &consumer, &acked);
     let s = wait_for_state(&host, "connected", Duration::from_secs(20)).await;
     assert_eq!(s["outInFlight"], 0, "{s}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = status(&host).await;
-        if s["backlog"] == 0 && s["backlogComplete"] == true && s["oldestOwedAgeMs"].is_null() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "backlog left: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_status(&host, "without a backlog", Duration::from_secs(15), |s| {
+        s["backlog"] == 0 && s["backlogComplete"] == true && s["oldestOwedAgeMs"].is_null()
+    })
+    .await;
 }
 
 /// In from Mosquitto: what the remote's session holds for the bridge is taken into Wharf's
@@ -476,16 +484,7 @@ async fn a_remote_that_refuses_gets_nothing_marked_forwarded() {
     for seq in &acked["d"] {
         assert!(got.contains(format!("d:{seq}").as_str()), "d:{seq} missing");
     }
-    // Counted when the remote's PUBACK arrives, which may follow its delivery.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = status(&host).await;
-        if s["forwarded"].as_u64() >= Some(500) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{s}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_forwarded(&host, 500).await;
 }
 
 /// A bad bridge setting stops the edge with exit code 64, naming the setting.
@@ -727,13 +726,5 @@ async fn a_remote_restarted_without_persistence_is_subscribed_again() {
     app.wait_for(Duration::from_secs(10), complete(&commands))
         .await;
     assert_every_acknowledged_arrived("app after the remote's restart", &app, &commands);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status(&host).await;
-        if s["forwarded"].as_u64() >= Some(800) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{s}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_forwarded(&host, 800).await;
 }

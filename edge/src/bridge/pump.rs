@@ -373,6 +373,14 @@ struct Pump {
     subscribed: [bool; 2],
 }
 
+/// A server's DISCONNECT, in words.
+fn disconnected(what: &str, reason: u8, reason_string: Option<String>) -> String {
+    match reason_string {
+        Some(r) => format!("{what} ({reason:#04x}: {r})"),
+        None => format!("{what} ({reason:#04x})"),
+    }
+}
+
 fn next_id<V>(next: &mut u16, used: &HashMap<u16, V>) -> u16 {
     loop {
         *next = next.wrapping_add(1);
@@ -577,9 +585,10 @@ impl Pump {
                     reason,
                     reason_string,
                 } => {
-                    return Err(format!(
-                        "the remote disconnected ({reason:#04x}{})",
-                        reason_string.map(|r| format!(": {r}")).unwrap_or_default()
+                    return Err(disconnected(
+                        "the remote disconnected",
+                        reason,
+                        reason_string,
                     ))
                 }
                 FromServer::ConnAck(_) => return Err("a second CONNACK from the remote".into()),
@@ -603,9 +612,10 @@ impl Pump {
                     reason,
                     reason_string,
                 } => {
-                    return Err(format!(
-                        "the local session was ended ({reason:#04x}{})",
-                        reason_string.map(|r| format!(": {r}")).unwrap_or_default()
+                    return Err(disconnected(
+                        "the local session was ended",
+                        reason,
+                        reason_string,
                     ))
                 }
                 FromServer::ConnAck(_) => return Err("a second local CONNACK".into()),

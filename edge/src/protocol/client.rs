@@ -3,7 +3,7 @@
 //! half ([`super::decode`]). PUBLISH and its acknowledgements have one format both ways and
 //! reuse [`super::encode::publish`] and [`super::encode::puback`].
 
-use super::decode::{ack, each_property, fixed_header, publish_from};
+use super::decode::{ack, each_property, publish_from, whole_packet};
 use super::properties::{id, put_binary, put_string, put_variable_int, Reader};
 use super::{Ack, DecodeError, PublishIn, Version};
 use bytes::{Buf, BufMut, BytesMut};
@@ -151,19 +151,9 @@ pub fn decode(
     version: Version,
     max_packet_size: usize,
 ) -> Result<Option<FromServer>, DecodeError> {
-    let Some((header_len, remaining)) = fixed_header(buf)? else {
+    let Some((header_len, size)) = whole_packet(buf, max_packet_size)? else {
         return Ok(None);
     };
-    let size = header_len + remaining;
-    if size > max_packet_size {
-        return Err(DecodeError::TooLarge {
-            size,
-            max: max_packet_size,
-        });
-    }
-    if buf.len() < size {
-        return Ok(None);
-    }
     let byte1 = buf[0];
     let v5 = version.is_v5();
     let mut r = Reader::new(&buf[header_len..size]);

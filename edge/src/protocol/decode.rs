@@ -27,19 +27,9 @@ pub fn decode(
     if version.is_none() && buf.first().is_some_and(|&b| b != 0x10) {
         return Err(DecodeError::Protocol("first packet is not CONNECT".into()));
     }
-    let Some((header_len, remaining)) = fixed_header(buf)? else {
+    let Some((header_len, size)) = whole_packet(buf, max_packet_size)? else {
         return Ok(None);
     };
-    let size = header_len + remaining;
-    if size > max_packet_size {
-        return Err(DecodeError::TooLarge {
-            size,
-            max: max_packet_size,
-        });
-    }
-    if buf.len() < size {
-        return Ok(None);
-    }
     let byte1 = buf[0];
     let body = &buf[header_len..size];
     let packet = match version {
@@ -59,7 +49,26 @@ pub fn decode(
 }
 
 /// The fixed header's length and the remaining length, once both are in `buf`.
-pub(super) fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+/// The header length and whole size of the packet at the front of `buf` once all of it has
+/// arrived; the size limit (header included) is checked as soon as the length field is read.
+pub(super) fn whole_packet(
+    buf: &[u8],
+    max_packet_size: usize,
+) -> Result<Option<(usize, usize)>, DecodeError> {
+    let Some((header_len, remaining)) = fixed_header(buf)? else {
+        return Ok(None);
+    };
+    let size = header_len + remaining;
+    if size > max_packet_size {
+        return Err(DecodeError::TooLarge {
+            size,
+            max: max_packet_size,
+        });
+    }
+    Ok((buf.len() >= size).then_some((header_len, size)))
+}
+
+fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
     let mut remaining = 0usize;
     for i in 0..4 {
         let Some(&byte) = buf.get(1 + i) else {
