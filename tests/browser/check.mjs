@@ -138,7 +138,7 @@ try {
     await row.waitFor({ timeout: patience });
     await page.waitForFunction((want) => {
       const cells = [...document.querySelectorAll("#bridges tbody tr td")].map((td) => td.textContent);
-      return cells[0] === "cloud" && cells[2] === "connected" && Number(cells[3]) >= want;
+      return cells[0] === "cloud" && cells[2] === "connected" && parseInt(cells[3], 10) >= want;
     }, Number(forwarded), { timeout: patience });
   } else {
     throw new Error("unknown mode " + mode);

@@ -728,3 +728,67 @@ async fn a_remote_restarted_without_persistence_is_subscribed_again() {
     assert_every_acknowledged_arrived("app after the remote's restart", &app, &commands);
     wait_for_forwarded(&host, 800).await;
 }
+
+/// Another Wharf as the remote, over MQTT 5.0: the remote SIGKILLed (edge and worker) under
+/// load and started again on its own store, the local edge SIGKILLed mid-drain. Every message
+/// the local Wharf acknowledged reaches the remote's persistent consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_message_reaches_a_remote_wharf_across_kills_of_both() {
+    wharf_tests::init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let mut remote = BrokerHost::start(dir.path(), "remote", None).await;
+    let config = bridges(
+        remote.addr,
+        "5.0",
+        "",
+        r#""out": [{"filter": "fleet/#", "remotePrefix": "site-1/"}]"#,
+    );
+    let mut host = start_host(dir.path(), "h1", None, &config).await;
+    let mut consumer = Subscriber::start(
+        remote.addr,
+        "cloud-consumer",
+        false,
+        "site-1/fleet/#",
+        1,
+        Pace::FULL_SPEED,
+    )
+    .await;
+    wait_for_state(&host, "connected", Duration::from_secs(20)).await;
+    let mut acked = HashMap::new();
+    acked.insert(
+        "d1".to_string(),
+        publish(host.addr, "d1", "fleet/d1", 0, 2_000).await,
+    );
+    let addr = host.addr;
+    let loaded = tokio::spawn(async move { publish(addr, "d2", "fleet/d2", 0, 10_000).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    remote.kill();
+    tokio::time::sleep(outage()).await;
+    let during = loaded.await.expect("publisher");
+    assert_eq!(
+        during.len(),
+        10_000,
+        "Wharf acknowledges while the remote is away"
+    );
+    acked.insert("d2".to_string(), during);
+    remote.start_worker().await;
+    remote.start_edge().await;
+    consumer
+        .connect(remote.addr, false, None, Pace::FULL_SPEED)
+        .await;
+    let before = consumer.count();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while consumer.count() < before + 500 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    host.kill_edge();
+    host.start_edge().await;
+    acked.insert(
+        "d3".to_string(),
+        publish(host.addr, "d3", "fleet/d3", 0, 1_000).await,
+    );
+    consumer
+        .wait_for(Duration::from_secs(30), complete(&acked))
+        .await;
+    assert_every_acknowledged_arrived("consumer on the remote Wharf", &consumer, &acked);
+}
