@@ -44,6 +44,8 @@ put metricsListen "${WHARF_METRICS_LISTEN:-}"
 # Empty: the admin API and console stay off.
 put adminUser "${WHARF_ADMIN_USER:-admin}"
 put adminPassword "${WHARF_ADMIN_PASSWORD:-}"
+# Bridges to other brokers: a JSON file's path or the JSON list (docs/bridge.md); empty: none.
+put bridges "${WHARF_BRIDGES:-}"
 # Both.
 put host "${WHARF_HOST:-}"
 put workerSocket "${WHARF_WORKER_SOCKET:-/run/wharf/worker.sock}"
@@ -57,4 +59,5 @@ put dataDir "${WHARF_DATA_DIR:-}"
 put socketMode "${WHARF_SOCKET_MODE:-600}"
 put socketGroup "${WHARF_SOCKET_GROUP:-}"
 put retryLimit "${WHARF_RETRY_LIMIT:-10}"
+put maxQueuedBytes "${WHARF_MAX_QUEUED_BYTES:-64MiB}"
 put workerMetricsListen "${WHARF_WORKER_METRICS_LISTEN:-}"

@@ -211,6 +211,32 @@ async fn bad_configuration_exits_64_naming_key_and_value_with_no_port_bound() {
     assert!(stderr.contains("serverKey"), "{stderr}");
     std::net::TcpListener::bind(local(port)).expect("the listen port was never bound");
 
+    // A bridge setting from etcd: checked like a flag's, the field named.
+    etcd.put(
+        PREFIX,
+        &[
+            ("tls", "false"),
+            (
+                "bridges",
+                r#"[{"name": "x", "address": "h:1", "out": [{"filter": "a", "qos": 7}]}]"#,
+            ),
+        ],
+    )
+    .await;
+    let (code, stderr) = refused(Command::new(bin("edge")).args(["--etcd", &etcd.url()])).await;
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("bridges[0].out[0].qos"), "{stderr}");
+    std::net::TcpListener::bind(local(port)).expect("the listen port was never bound");
+    etcd.put(PREFIX, &[("bridges", "")]).await;
+
+    // The worker's byte budget from etcd.
+    etcd.put(PREFIX, &[("maxQueuedBytes", "lots")]).await;
+    let (code, stderr) =
+        refused(Command::new(bin("store-worker")).args(["--etcd", &etcd.url()])).await;
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("maxQueuedBytes"), "{stderr}");
+    etcd.put(PREFIX, &[("maxQueuedBytes", "64MiB")]).await;
+
     // The worker too: a bad socket mode from etcd.
     etcd.put(PREFIX, &[("socketMode", "999")]).await;
     let (code, stderr) =
