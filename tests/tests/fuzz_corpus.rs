@@ -35,3 +35,16 @@ fn publish_round_trip_corpus() {
 fn frame_decode_corpus() {
     replay("frame_decode", wharf_shared::codec::fuzzing::decode_frames);
 }
+
+/// The server packets a bridge reads: its own seeds, and every client-packet input too.
+#[test]
+fn server_decode_corpus() {
+    replay(
+        "server_decode",
+        wharf_edge::protocol::fuzzing::decode_server_bytes,
+    );
+    replay(
+        "mqtt_decode",
+        wharf_edge::protocol::fuzzing::decode_server_bytes,
+    );
+}

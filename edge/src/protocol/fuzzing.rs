@@ -41,6 +41,15 @@ pub fn decode_bytes(data: &[u8]) {
     }
 }
 
+/// Decodes every packet in `data` as a server's packets to a client (the bridge's half), as
+/// 3.1.1 and as 5.0: a hostile remote broker gets an error, never a panic.
+pub fn decode_server_bytes(data: &[u8]) {
+    for version in [Version::V3_1_1, Version::V5] {
+        let mut buf = BytesMut::from(data);
+        while let Ok(Some(_)) = super::client::decode(&mut buf, version, 64 * 1024) {}
+    }
+}
+
 /// A PUBLISH built from `data` encodes and decodes back to the same fields, in 3.1.1 and,
 /// with properties made from the same bytes, in 5.0.
 pub fn publish_round_trip(data: &[u8]) {
