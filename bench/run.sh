@@ -6,6 +6,7 @@
 #   bench/run.sh                 # everything
 #   RUNS=5 SCENARIOS="qos0 qos1" bench/run.sh
 #   RUNS=3 DURATION=10 SCENARIOS="qos1x8to1 qos1x8to8" bench/run.sh   # several publishers
+#   WARM=1 RUNS=3 DURATION=10 SCENARIOS="fleet8x8 fleet200x1 fleet4x1" BROKERS="wharf mosquitto" bench/run.sh
 #   WARM=1 RUNS=5 DURATION=30 SCENARIOS="qos0 qos1x8to8" bench/run.sh   # sustained, warm
 #   BACKEND=mongo BROKERS=wharf WARM=1 RUNS=5 SCENARIOS="catchup1 qos1x8to1" bench/run.sh
 #   WHARF_EDGE_ARGS="--max-queued 1000000" WARM=1 RUNS=6 DURATION=2 SCENARIOS=qos0 bench/run.sh
@@ -131,6 +132,10 @@ for broker in $BROKERS; do
         # A 100 us pacing tick: two messages at a time, not bursts of 20 every millisecond.
         lat0) load "$broker" lat0 --qos 0 --rate 20000 --tick-us 100 ;;
         lat1) load "$broker" lat1 --qos 1 --rate 20000 --tick-us 100 ;;
+        # Fleet rates, below saturation (issue 35): broker CPU per message is the figure.
+        fleet8x8) load "$broker" fleet8x8 --qos 1 --publishers 8 --subscribers 8 --rate 1000 ;;
+        fleet200x1) load "$broker" fleet200x1 --qos 1 --publishers 200 --rate 50 --topic-per-publisher ;;
+        fleet4x1) load "$broker" fleet4x1 --qos 1 --publishers 4 --rate 250 --topic-per-publisher ;;
         fanin) load "$broker" fanin --qos 1 --publishers 1000 --rate 20 --topic-per-publisher ;;
         fanout) load "$broker" fanout --qos 0 --subscribers 1000 --rate 20 ;;
         idle) "$bench" idle --broker "127.0.0.1:$port" --label "$broker" --connections "$IDLE_CONNECTIONS" --pids "$pids" | tee -a "$out" ;;
