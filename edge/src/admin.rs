@@ -18,6 +18,9 @@ use wharf_shared::{Message, Qos, Reply, Request};
 /// The console: one page of HTML and JavaScript, shipped in the binary.
 const CONSOLE: &str = include_str!("admin/console.html");
 
+/// Owed messages counted per session in `GET /api/v1/behind` (each a catch-up query).
+pub const BEHIND_COUNTED: u32 = 1_000;
+
 /// Who may use the API.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminSettings {
@@ -136,10 +139,60 @@ impl Admin {
             ("DELETE", "/api/v1/retained", _) => self.clear_retained(&request).await,
             ("POST", "/api/v1/publish", _) => self.publish(&request).await,
             ("GET", "/api/v1/bridges", _) => self.bridges(),
+            ("GET", "/api/v1/behind", _) => self.behind(&request).await,
             (_, "/console" | "/api/v1/overview" | "/api/v1/clients" | "/api/v1/sessions", _)
             | (_, "/api/v1/retained" | "/api/v1/publish" | "/api/v1/bridges", _)
+            | (_, "/api/v1/behind", _)
             | (_, _, Some(_)) => error(405, "method not allowed here"),
             _ => error(404, "no such endpoint"),
+        }
+    }
+
+    /// Stored sessions, online and offline, whatever their host, with what each is owed: a
+    /// page in client id order (`after`: the last id of the previous page; `search`: a client
+    /// id prefix; `limit` up to 200, default 50). Each session's owed messages are counted
+    /// up to [`BEHIND_COUNTED`] (`owedComplete` false beyond); `connectedHere` says whether its
+    /// client is connected to this edge.
+    async fn behind(&self, request: &HttpRequest) -> HttpResponse {
+        let limit = request
+            .param("limit")
+            .and_then(|l| l.parse::<u32>().ok())
+            .unwrap_or(50)
+            .clamp(1, 200);
+        let request = Request::Sessions {
+            after: request
+                .param("after")
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned),
+            prefix: request.param("search").unwrap_or("").to_owned(),
+            limit,
+            owed_limit: BEHIND_COUNTED,
+        };
+        match self.ask(request).await {
+            Ok(Reply::Sessions { sessions }) => {
+                let now = wharf_shared::now_ms();
+                let next = (sessions.len() == limit as usize)
+                    .then(|| sessions.last().map(|s| s.client_id.clone()))
+                    .flatten();
+                let rows: Vec<Value> = sessions
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "clientId": s.client_id,
+                            "host": s.host,
+                            "connectedHere": self.broker.router.session(&s.client_id).is_some(),
+                            "expiresAt": s.expires_ms,
+                            "updatedAt": s.updated_ms,
+                            "owed": s.owed,
+                            "owedComplete": s.owed_complete,
+                            "oldestOwedAgeMs": s.oldest_owed_ms.map(|t| (now - t).max(0)),
+                        })
+                    })
+                    .collect();
+                reply(200, json!({ "sessions": rows, "next": next }))
+            }
+            Ok(other) => error(502, format!("unexpected reply {other:?}")),
+            Err(response) => response,
         }
     }
 

@@ -407,6 +407,7 @@ fn client_of(request: &Request) -> &str {
         Request::ReleaseQos2 { client_id, .. } => client_id,
         Request::LoadAuth { .. }
         | Request::OwnGroups { .. }
+        | Request::Sessions { .. }
         | Request::Retained { .. }
         | Request::ClearRetained { .. } => "",
     }
@@ -603,6 +604,28 @@ async fn handle<S: Store>(
             Reply::Messages { messages, next }
         }
         Request::Owed { client_id, limit } => owed(shared, &client_id, limit).await?,
+        Request::Sessions {
+            after,
+            prefix,
+            limit: page,
+            owed_limit,
+        } => {
+            let mut sessions = crate::pipeline::retry(limit, "sessions", || {
+                store.sessions_page(after.clone(), prefix.clone(), page.min(500) as usize)
+            })
+            .await?;
+            for s in &mut sessions {
+                if let Reply::Owed {
+                    count,
+                    oldest_ms,
+                    complete,
+                } = owed(shared, &s.client_id, owed_limit).await?
+                {
+                    (s.owed, s.oldest_owed_ms, s.owed_complete) = (count, oldest_ms, complete);
+                }
+            }
+            Reply::Sessions { sessions }
+        }
         Request::LoadAuth { users, rules } => {
             let (users, rules) = store.load_auth(users, rules).await?;
             Reply::Auth { users, rules }

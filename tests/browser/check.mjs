@@ -7,6 +7,8 @@
 //     A page connects with MQTT.js (client id "browser-device"); the console, opened with the
 //     admin credentials, must list it, show its session, and publish a message it receives.
 //
+//   node check.mjs console-behind WS_URL OPS_URL PASSWORD CLIENT OWED
+//     The console's "who is behind" table, searched for CLIENT, shows OWED messages owed.
 //   node check.mjs console-bridge WS_URL OPS_URL PASSWORD FORWARDED
 //     The console's bridge table shows the bridge "cloud" connected, with at least FORWARDED
 //     messages forwarded.
@@ -127,6 +129,19 @@ try {
     const cells = await retained.locator("td").allTextContents();
     if (cells[3] !== "wharf-admin") throw new Error("retained row " + JSON.stringify(cells));
     if (errors.length) throw new Error("page errors: " + errors.join("; "));
+  } else if (mode === "console-behind") {
+    // Who is behind: the stored session CLIENT, away, shows OWED messages owed.
+    const [opsUrl, password, client, owed] = rest;
+    const context = await browser.newContext({ httpCredentials: { username: "admin", password } });
+    const page = await context.newPage();
+    page.on("console", (m) => console.error("[console]", m.text()));
+    await page.goto(opsUrl + "/console");
+    await page.fill("#behind-search", client);
+    await page.click("#behind-load");
+    const row = page.locator(`#behind tr[data-behind-id="${client}"]`);
+    await row.waitFor({ timeout: patience });
+    const cells = await row.locator("td").allTextContents();
+    if (cells[3] !== owed || cells[4] === "–") throw new Error("behind row " + JSON.stringify(cells));
   } else if (mode === "console-bridge") {
     // A bridge's row: connected, with what it forwarded counted.
     const [opsUrl, password, forwarded] = rest;

@@ -343,12 +343,13 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
             reason: "the mock worker keeps no users".into(),
             retryable: false,
         },
-        Request::Retained { .. } | Request::ClearRetained { .. } | Request::Owed { .. } => {
-            Reply::Failed {
-                reason: "the mock worker keeps no retained messages or backlogs".into(),
-                retryable: false,
-            }
-        }
+        Request::Retained { .. }
+        | Request::ClearRetained { .. }
+        | Request::Owed { .. }
+        | Request::Sessions { .. } => Reply::Failed {
+            reason: "the mock worker keeps no retained messages or backlogs".into(),
+            retryable: false,
+        },
         Request::Connect { client_id, .. } => {
             let present = store.subscriptions.contains_key(&client_id);
             let subscriptions = store

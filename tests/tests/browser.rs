@@ -129,3 +129,36 @@ async fn the_console_shows_a_bridge() {
     ])
     .await;
 }
+
+/// The console's "who is behind": a persistent device gone away owing 7 messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_who_is_behind() {
+    let dir = TempDir::new().expect("temp dir");
+    let (host, ws_url) = host(dir.path()).await;
+    let mut device = wharf_tests::fleet::Subscriber::start(
+        host.addr,
+        "late-device",
+        false,
+        "late/#",
+        1,
+        wharf_tests::fleet::Pace::FULL_SPEED,
+    )
+    .await;
+    device.drop_connection();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acked = wharf_tests::fleet::Publisher::new("late-publisher", "late/t", 1)
+        .run(host.addr, 0, 7)
+        .await;
+    assert_eq!(acked.len(), 7);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ops = format!("http://{}", host.edge_ops);
+    check(&[
+        "console-behind",
+        &ws_url,
+        &ops,
+        PASSWORD,
+        "late-device",
+        "7",
+    ])
+    .await;
+}

@@ -346,6 +346,31 @@ pub enum Request {
     /// How many messages the client's session is owed in the store, counting up to `limit`,
     /// and when the oldest was created: reply [`Reply::Owed`]. (A bridge's backlog.)
     Owed { client_id: String, limit: u32 },
+    /// Stored sessions in client id order after `after` whose ids start with `prefix`, at
+    /// most `limit`, each with what it is owed (counted up to `owed_limit`): reply
+    /// [`Reply::Sessions`]. (The admin API's "who is behind".)
+    Sessions {
+        after: Option<String>,
+        prefix: String,
+        limit: u32,
+        owed_limit: u32,
+    },
+}
+
+/// A stored session as the admin API lists it.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct SessionSummary {
+    pub client_id: String,
+    /// The host that last claimed it.
+    pub host: String,
+    /// When it was last claimed or released (Unix ms).
+    pub updated_ms: i64,
+    /// When it expires while its client is away; `None` while connected or never.
+    pub expires_ms: Option<i64>,
+    /// Messages owed (at most the request's `owed_limit`; `owed_complete` false beyond).
+    pub owed: u64,
+    pub owed_complete: bool,
+    pub oldest_owed_ms: Option<i64>,
 }
 
 /// A user document as stored: the edge checks the password against it.
@@ -444,6 +469,9 @@ pub enum Reply {
     /// Of the groups asked for, those the edge owns now.
     Groups {
         owned: Vec<String>,
+    },
+    Sessions {
+        sessions: Vec<SessionSummary>,
     },
     /// Messages owed to a session (`complete`: all of them; else at least `count`), and the
     /// oldest one's creation time (Unix ms).

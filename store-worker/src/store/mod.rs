@@ -262,6 +262,16 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Stored client sessions (not groups' or bridges' ownership records) in client id order
+    /// after `after`, whose ids start with `prefix`, at most `limit`; their owed counts are
+    /// left at 0 for the caller.
+    fn sessions_page(
+        &self,
+        after: Option<String>,
+        prefix: String,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<wharf_shared::SessionSummary>, StoreError>> + Send;
+
     /// Which of `ids` have a delivery record for the client.
     fn delivered_among(
         &self,

@@ -1551,6 +1551,46 @@ impl Store for MongoStore {
         }
     }
 
+    async fn sessions_page(
+        &self,
+        after: Option<String>,
+        prefix: String,
+        limit: usize,
+    ) -> Result<Vec<wharf_shared::SessionSummary>, StoreError> {
+        // A range on `_id` (an index scan), not a regex: `prefix` .. `prefix` + U+10FFFF.
+        let mut id = doc! { "$gte": &prefix, "$lt": format!("{prefix}\u{10FFFF}") };
+        if let Some(after) = after {
+            id.insert("$gt", after);
+        }
+        // Client sessions have a host; groups' and bridges' ownership records do not.
+        let docs = all(self
+            .sessions
+            .find(doc! { "_id": id, "host": { "$exists": true } })
+            .projection(doc! { "_id": 1, "host": 1, "updated": 1, "expiresAt": 1 })
+            .sort(doc! { "_id": 1 })
+            .limit(limit as i64))
+        .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(wharf_shared::SessionSummary {
+                    client_id: d.get_str("_id").ok()?.to_owned(),
+                    host: d.get_str("host").unwrap_or_default().to_owned(),
+                    updated_ms: d
+                        .get_datetime("updated")
+                        .map_or(0, |t| t.timestamp_millis()),
+                    expires_ms: d
+                        .get_datetime("expiresAt")
+                        .ok()
+                        .map(|t| t.timestamp_millis()),
+                    owed: 0,
+                    owed_complete: true,
+                    oldest_owed_ms: None,
+                })
+            })
+            .collect())
+    }
+
     async fn delivered_among(
         &self,
         client_id: &str,

@@ -1085,6 +1085,38 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn sessions_page(
+        &self,
+        after: Option<String>,
+        prefix: String,
+        limit: usize,
+    ) -> Result<Vec<wharf_shared::SessionSummary>, StoreError> {
+        self.with(move |c| {
+            // Prefix matching by range (`>= prefix`, `< prefix + U+10FFFF`), on the primary key.
+            let from = after.unwrap_or_default();
+            let upper = format!("{prefix}\u{10FFFF}");
+            let mut stmt = c.prepare_cached(
+                "SELECT client_id, host, updated, expires FROM session
+                 WHERE client_id > ?1 AND client_id >= ?2 AND client_id < ?3
+                 ORDER BY client_id LIMIT ?4",
+            )?;
+            let rows =
+                stmt.query_map(rusqlite::params![from, prefix, upper, limit as i64], |r| {
+                    Ok(wharf_shared::SessionSummary {
+                        client_id: r.get(0)?,
+                        host: r.get(1)?,
+                        updated_ms: r.get(2)?,
+                        expires_ms: r.get(3)?,
+                        owed: 0,
+                        owed_complete: true,
+                        oldest_owed_ms: None,
+                    })
+                })?;
+            rows.collect()
+        })
+        .await
+    }
+
     async fn delivered_among(
         &self,
         client_id: &str,
