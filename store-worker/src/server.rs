@@ -165,6 +165,7 @@ async fn connection<S: Store>(
             tx
         })
         .collect();
+    let counting = Arc::new(tokio::sync::Semaphore::new(2));
 
     loop {
         let frame = tokio::select! {
@@ -193,6 +194,17 @@ async fn connection<S: Store>(
                     })
                     .await
                     .is_ok(),
+                Route::Aside(request) => {
+                    let (shared, out, host) = (shared.clone(), out_tx.clone(), edge_host.clone());
+                    let counting = counting.clone();
+                    tracker.spawn(async move {
+                        // At most two at once per edge: admin pages and backlogs are rare.
+                        let _turn = counting.acquire().await;
+                        let reply = answer(handle(&shared, request, &host).await);
+                        let _ = out.send(WorkerFrame::Reply { id, reply }).await;
+                    });
+                    true
+                }
                 Route::Lane(request) => {
                     if let Some(client_id) = clean_session_of(&request) {
                         // A clean session's QoS 2 packet ids are forgotten in order with the
@@ -269,6 +281,10 @@ async fn write_frames(
 enum Route {
     Persister(Job),
     Lane(Request),
+    /// Read-only counts for the admin API and the bridges' backlogs (`Owed`, `Sessions`):
+    /// answered in a task of their own, so that a long count never delays what waits on a
+    /// lane (a group's or bridge's ownership renewal, a client's CONNECT).
+    Aside(Request),
 }
 
 fn route(request: Request) -> Route {
@@ -278,8 +294,17 @@ fn route(request: Request) -> Route {
         Request::ReleaseQos2 { client_id, pkid } => {
             Route::Persister(Job::Release { client_id, pkid })
         }
+        aside @ (Request::Owed { .. } | Request::Sessions { .. }) => Route::Aside(aside),
         other => Route::Lane(other),
     }
+}
+
+/// A request's outcome as its reply.
+fn answer(result: Result<Reply, StoreError>) -> Reply {
+    result.unwrap_or_else(|e| Reply::Failed {
+        reason: e.to_string(),
+        retryable: e.retryable(),
+    })
 }
 
 /// The client of a connect that starts clean. (A disconnect that ends the session clears
@@ -426,13 +451,7 @@ async fn lane<S: Store>(
     edge_host: Arc<str>,
 ) {
     while let Some((id, request)) = requests.recv().await {
-        let reply = match handle(&shared, request, &edge_host).await {
-            Ok(reply) => reply,
-            Err(e) => Reply::Failed {
-                reason: e.to_string(),
-                retryable: e.retryable(),
-            },
-        };
+        let reply = answer(handle(&shared, request, &edge_host).await);
         if out.send(WorkerFrame::Reply { id, reply }).await.is_err() {
             return;
         }
@@ -603,7 +622,18 @@ async fn handle<S: Store>(
                 .record(started.elapsed().as_secs_f64());
             Reply::Messages { messages, next }
         }
-        Request::Owed { client_id, limit } => owed(shared, &client_id, limit).await?,
+        Request::Owed { client_id, limit } => {
+            let Owed {
+                count,
+                oldest_ms,
+                complete,
+            } = owed(shared, &client_id, limit).await?;
+            Reply::Owed {
+                count,
+                oldest_ms,
+                complete,
+            }
+        }
         Request::Sessions {
             after,
             prefix,
@@ -615,14 +645,8 @@ async fn handle<S: Store>(
             })
             .await?;
             for s in &mut sessions {
-                if let Reply::Owed {
-                    count,
-                    oldest_ms,
-                    complete,
-                } = owed(shared, &s.client_id, owed_limit).await?
-                {
-                    (s.owed, s.oldest_owed_ms, s.owed_complete) = (count, oldest_ms, complete);
-                }
+                let o = owed(shared, &s.client_id, owed_limit).await?;
+                (s.owed, s.oldest_owed_ms, s.owed_complete) = (o.count, o.oldest_ms, o.complete);
             }
             Reply::Sessions { sessions }
         }
@@ -661,13 +685,20 @@ async fn retained_written<S: Store>(
     })
 }
 
+/// What a session is owed: at most the count asked for (`complete`: all of it).
+struct Owed {
+    count: u64,
+    oldest_ms: Option<i64>,
+    complete: bool,
+}
+
 /// What the client's session is owed, counted page by page up to `limit`; the first page's
 /// first message is the oldest (pages come in creation order).
 async fn owed<S: Store>(
     shared: &Shared<S>,
     client_id: &str,
     limit: u32,
-) -> Result<Reply, StoreError> {
+) -> Result<Owed, StoreError> {
     let store = &*shared.store;
     let pending = shared.record.pending_for(client_id);
     let (mut after, mut count, mut oldest_ms) = (None, 0u64, None);
@@ -683,7 +714,7 @@ async fn owed<S: Store>(
         match page.next {
             Some(next) if count < u64::from(limit) => after = Some(next),
             next => {
-                return Ok(Reply::Owed {
+                return Ok(Owed {
                     count,
                     oldest_ms,
                     complete: next.is_none(),

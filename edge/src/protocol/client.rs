@@ -3,7 +3,7 @@
 //! half ([`super::decode`]). PUBLISH and its acknowledgements have one format both ways and
 //! reuse [`super::encode::publish`] and [`super::encode::puback`].
 
-use super::decode::{ack, each_property, publish_from, whole_packet};
+use super::decode::{ack, all_read, each_property, publish_from, whole_packet};
 use super::properties::{id, put_binary, put_string, put_variable_int, Reader};
 use super::{Ack, DecodeError, PublishIn, Version};
 use bytes::{Buf, BufMut, BytesMut};
@@ -212,13 +212,7 @@ pub fn decode(
         }
         other => return Err(DecodeError::UnexpectedPacket(other)),
     };
-    if !r.is_empty() {
-        return Err(DecodeError::Malformed(format!(
-            "{} bytes after the fields of packet type {}",
-            r.remaining(),
-            byte1 >> 4
-        )));
-    }
+    all_read(&r, byte1)?;
     buf.advance(size);
     Ok(Some(packet))
 }

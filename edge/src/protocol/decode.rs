@@ -126,14 +126,20 @@ fn packet(byte1: u8, body: &[u8], version: Version) -> Result<Inbound, DecodeErr
         15 => auth(&mut r)?,
         other => return Err(DecodeError::UnexpectedPacket(other)),
     };
-    if !r.is_empty() {
-        return Err(DecodeError::Malformed(format!(
-            "{} bytes after the fields of packet type {}",
-            r.remaining(),
-            byte1 >> 4
-        )));
-    }
+    all_read(&r, byte1)?;
     Ok(packet)
+}
+
+/// A packet's fields must use all of its bytes.
+pub(super) fn all_read(r: &Reader<'_>, byte1: u8) -> Result<(), DecodeError> {
+    if r.is_empty() {
+        return Ok(());
+    }
+    Err(DecodeError::Malformed(format!(
+        "{} bytes after the fields of packet type {}",
+        r.remaining(),
+        byte1 >> 4
+    )))
 }
 
 /// A CONNECT of any version: the protocol name and level first (an unknown level is reported
