@@ -21,6 +21,9 @@ const CONSOLE: &str = include_str!("admin/console.html");
 /// Owed messages counted per session in `GET /api/v1/behind` (each a catch-up query).
 pub const BEHIND_COUNTED: u32 = 1_000;
 
+/// Subscriptions listed for one message in `GET /api/v1/messages/{id}`.
+pub const TRACED_RECIPIENTS: u32 = 1_000;
+
 /// Who may use the API.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminSettings {
@@ -125,6 +128,12 @@ impl Admin {
             return refused;
         }
         let path = request.path.trim_end_matches('/');
+        if let Some(id) = path.strip_prefix("/api/v1/messages/") {
+            return match request.method.as_str() {
+                "GET" => self.trace(id).await,
+                _ => error(405, "method not allowed here"),
+            };
+        }
         let client = path.strip_prefix("/api/v1/clients/");
         match (request.method.as_str(), path, client) {
             ("GET", "/console" | "", _) => {
@@ -140,9 +149,10 @@ impl Admin {
             ("POST", "/api/v1/publish", _) => self.publish(&request).await,
             ("GET", "/api/v1/bridges", _) => self.bridges(),
             ("GET", "/api/v1/behind", _) => self.behind(&request).await,
+            ("GET", "/api/v1/messages", _) => self.find(&request).await,
             (_, "/console" | "/api/v1/overview" | "/api/v1/clients" | "/api/v1/sessions", _)
             | (_, "/api/v1/retained" | "/api/v1/publish" | "/api/v1/bridges", _)
-            | (_, "/api/v1/behind", _)
+            | (_, "/api/v1/behind" | "/api/v1/messages", _)
             | (_, _, Some(_)) => error(405, "method not allowed here"),
             _ => error(404, "no such endpoint"),
         }
@@ -190,6 +200,126 @@ impl Admin {
                     })
                     .collect();
                 reply(200, json!({ "sessions": rows, "next": next }))
+            }
+            Ok(other) => error(502, format!("unexpected reply {other:?}")),
+            Err(response) => response,
+        }
+    }
+
+    /// Stored messages on exactly `topic` created at or after `since` (Unix ms, default an
+    /// hour ago), oldest first, a page of `limit` (up to 500, default 50); `after` (the
+    /// previous page's `next`) continues. Payloads are cut to 200 bytes here; a message's own
+    /// page has all of it.
+    async fn find(&self, request: &HttpRequest) -> HttpResponse {
+        let Some(topic) = request.param("topic").filter(|t| !t.is_empty()) else {
+            return error(400, "which topic: ?topic=...");
+        };
+        if !wharf_shared::topic::valid_topic_name(topic) {
+            return error(400, format!("{topic:?} is not a topic name"));
+        }
+        let after = match request.param("after").filter(|a| !a.is_empty()) {
+            Some(after) => match cursor_of(after) {
+                Some(cursor) => cursor,
+                None => return error(400, "\"after\" is a page's \"next\""),
+            },
+            None => match request.param("since").filter(|s| !s.is_empty()) {
+                Some(since) => match since.parse::<i64>() {
+                    Ok(ms) => wharf_shared::Cursor::since(ms),
+                    Err(_) => return error(400, "\"since\" is a time in Unix milliseconds"),
+                },
+                None => wharf_shared::Cursor::since(wharf_shared::now_ms() - 3_600_000),
+            },
+        };
+        let limit = request
+            .param("limit")
+            .and_then(|l| l.parse::<u32>().ok())
+            .unwrap_or(50)
+            .clamp(1, 500);
+        let request = Request::Find {
+            topic: topic.to_owned(),
+            after,
+            limit,
+        };
+        match self.ask(request).await {
+            Ok(Reply::Messages { messages, next }) => {
+                let rows: Vec<Value> = messages
+                    .iter()
+                    .map(|m| {
+                        let mut row = message_json(m, 200);
+                        row["id"] = m.id.to_hex().into();
+                        row
+                    })
+                    .collect();
+                let next = next.map(|c| format!("{}-{}", c.created_ms, c.id.to_hex()));
+                reply(200, json!({ "messages": rows, "next": next }))
+            }
+            Ok(other) => error(502, format!("unexpected reply {other:?}")),
+            Err(response) => response,
+        }
+    }
+
+    /// Where the message `id` went: the message as stored and every stored subscription its
+    /// topic matches (up to [`TRACED_RECIPIENTS`]), each `delivered` (with when and by which
+    /// host), `owed`, `subscribedAfter`, `ownMessage` (No Local) or `expired`.
+    async fn trace(&self, id: &str) -> HttpResponse {
+        let Some(id) = wharf_shared::MessageId::from_hex(id) else {
+            return error(400, "a message id is 24 hexadecimal digits");
+        };
+        let request = Request::Trace {
+            id,
+            limit: TRACED_RECIPIENTS,
+        };
+        match self.ask(request).await {
+            Ok(Reply::Trace { message: None, .. }) => error(
+                404,
+                format!(
+                    "message {} is not in the store (never stored, or past its TTL)",
+                    id.to_hex()
+                ),
+            ),
+            Ok(Reply::Trace {
+                message: Some(message),
+                recipients,
+                complete,
+            }) => {
+                let mut body = message_json(&message, usize::MAX);
+                body["id"] = message.id.to_hex().into();
+                body["retain"] = message.retain.into();
+                body["expiresAt"] = message.expires_ms().into();
+                let count = |f: fn(&wharf_shared::Fate) -> bool| {
+                    recipients.iter().filter(|r| f(&r.fate)).count()
+                };
+                body["delivered"] =
+                    count(|f| matches!(f, wharf_shared::Fate::Delivered { .. })).into();
+                body["owed"] = count(|f| matches!(f, wharf_shared::Fate::Owed)).into();
+                body["complete"] = complete.into();
+                body["recipients"] = recipients
+                    .iter()
+                    .map(|r| {
+                        let (fate, at, host) = match &r.fate {
+                            wharf_shared::Fate::Delivered { at_ms, host } => {
+                                ("delivered", *at_ms, host.clone())
+                            }
+                            wharf_shared::Fate::Owed => ("owed", None, None),
+                            wharf_shared::Fate::SubscribedAfter => ("subscribedAfter", None, None),
+                            wharf_shared::Fate::OwnMessage => ("ownMessage", None, None),
+                            wharf_shared::Fate::Expired => ("expired", None, None),
+                        };
+                        json!({
+                            "clientId": r.client_id,
+                            "group": wharf_shared::topic::shared(&r.filter).is_some(),
+                            "filter": r.filter,
+                            "qos": r.qos.as_u8(),
+                            "subscribedAt": r.subscribed_ms,
+                            "fate": fate,
+                            "deliveredAt": at,
+                            "deliveredBy": host,
+                            "connectedHere": self.broker.router.session(&r.client_id).is_some(),
+                        })
+                    })
+                    .collect::<Vec<Value>>()
+                    .into();
+                reply(200, body)
             }
             Ok(other) => error(502, format!("unexpected reply {other:?}")),
             Err(response) => response,
@@ -355,7 +485,7 @@ impl Admin {
                 let retained: Vec<Value> = messages
                     .iter()
                     .filter(|m| !m.expired(now))
-                    .map(message_json)
+                    .map(|m| message_json(m, usize::MAX))
                     .collect();
                 reply(200, json!({ "retained": retained }))
             }
@@ -432,14 +562,28 @@ impl Admin {
     }
 }
 
-fn message_json(m: &Message) -> Value {
+/// A message as the API shows it, with at most `most` bytes of its payload (`truncated` when
+/// cut; `size` is the whole payload's).
+fn message_json(m: &Message, most: usize) -> Value {
+    let shown = &m.payload[..m.payload.len().min(most)];
     json!({
         "topic": m.topic,
-        "payload": std::str::from_utf8(&m.payload).ok(),
-        "payloadBase64": base64::engine::general_purpose::STANDARD.encode(&m.payload),
+        "payload": std::str::from_utf8(shown).ok(),
+        "payloadBase64": base64::engine::general_purpose::STANDARD.encode(shown),
+        "size": m.payload.len(),
+        "truncated": shown.len() < m.payload.len(),
         "qos": m.qos.as_u8(),
         "clientId": m.client_id,
         "host": m.host,
         "createdAt": m.created_ms,
+    })
+}
+
+/// A page's `next` (`<created ms>-<id hex>`) as a cursor.
+fn cursor_of(text: &str) -> Option<wharf_shared::Cursor> {
+    let (ms, id) = text.split_once('-')?;
+    Some(wharf_shared::Cursor {
+        created_ms: ms.parse().ok()?,
+        id: wharf_shared::MessageId::from_hex(id)?,
     })
 }

@@ -281,7 +281,8 @@ async fn write_frames(
 enum Route {
     Persister(Job),
     Lane(Request),
-    /// Read-only counts for the admin API and the bridges' backlogs (`Owed`, `Sessions`):
+    /// Read-only counts and lookups for the admin API and the bridges' backlogs (`Owed`,
+    /// `Sessions`, `Trace`, `Find`):
     /// answered in a task of their own, so that a long count never delays what waits on a
     /// lane (a group's or bridge's ownership renewal, a client's CONNECT).
     Aside(Request),
@@ -294,7 +295,10 @@ fn route(request: Request) -> Route {
         Request::ReleaseQos2 { client_id, pkid } => {
             Route::Persister(Job::Release { client_id, pkid })
         }
-        aside @ (Request::Owed { .. } | Request::Sessions { .. }) => Route::Aside(aside),
+        aside @ (Request::Owed { .. }
+        | Request::Sessions { .. }
+        | Request::Trace { .. }
+        | Request::Find { .. }) => Route::Aside(aside),
         other => Route::Lane(other),
     }
 }
@@ -433,6 +437,8 @@ fn client_of(request: &Request) -> &str {
         Request::LoadAuth { .. }
         | Request::OwnGroups { .. }
         | Request::Sessions { .. }
+        | Request::Trace { .. }
+        | Request::Find { .. }
         | Request::Retained { .. }
         | Request::ClearRetained { .. } => "",
     }
@@ -649,6 +655,34 @@ async fn handle<S: Store>(
                 (s.owed, s.oldest_owed_ms, s.owed_complete) = (o.count, o.oldest_ms, o.complete);
             }
             Reply::Sessions { sessions }
+        }
+        // What the edges handed over before the question is in the store first.
+        Request::Trace { id, limit: most } => {
+            shared.persist.written().await;
+            let (message, recipients, complete) = crate::pipeline::retry(limit, "trace", || {
+                store::trace::trace(store, id, most.min(10_000) as usize)
+            })
+            .await?;
+            Reply::Trace {
+                message,
+                recipients,
+                complete,
+            }
+        }
+        Request::Find {
+            topic,
+            after,
+            limit: most,
+        } => {
+            shared.persist.written().await;
+            let most = most.clamp(1, 1_000) as usize;
+            let messages = crate::pipeline::retry(limit, "find", || {
+                store.messages_on(store::TopicScope::Exact(topic.clone()), after, None, most)
+            })
+            .await?
+            .unwrap_or_default();
+            let next = wharf_shared::Cursor::after_full_page(&messages, most);
+            Reply::Messages { messages, next }
         }
         Request::LoadAuth { users, rules } => {
             let (users, rules) = store.load_auth(users, rules).await?;

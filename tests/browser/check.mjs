@@ -12,6 +12,9 @@
 //   node check.mjs console-bridge WS_URL OPS_URL PASSWORD FORWARDED
 //     The console's bridge table shows the bridge "cloud" connected, with at least FORWARDED
 //     messages forwarded.
+//   node check.mjs console-trace WS_URL OPS_URL PASSWORD TOPIC CLIENT
+//     The console's "where a message went": the one message on TOPIC is found and traced,
+//     CLIENT owing it.
 //
 // Prints "ok" on success; anything else is a failure (with the reason on stderr).
 import { chromium } from "playwright-core";
@@ -142,6 +145,24 @@ try {
     await row.waitFor({ timeout: patience });
     const cells = await row.locator("td").allTextContents();
     if (cells[3] !== owed || cells[4] === "–") throw new Error("behind row " + JSON.stringify(cells));
+  } else if (mode === "console-trace") {
+    const [opsUrl, password, topic, client] = rest;
+    const context = await browser.newContext({ httpCredentials: { username: "admin", password } });
+    const page = await context.newPage();
+    page.on("console", (m) => console.error("[console]", m.text()));
+    await page.goto(opsUrl + "/console");
+    await page.fill("#find-topic", topic);
+    await page.click("#find-load");
+    const found = page.locator("#found tbody tr");
+    await found.first().waitFor({ timeout: patience });
+    if ((await found.count()) !== 1) throw new Error("found " + (await found.count()) + " messages");
+    await found.first().click();
+    const row = page.locator(`#trace-table tr[data-trace-client="${client}"]`);
+    await row.waitFor({ timeout: patience });
+    const cells = await row.locator("td").allTextContents();
+    if (!cells[3].startsWith("owed")) throw new Error("trace row " + JSON.stringify(cells));
+    const summary = await page.locator("#trace-summary").textContent();
+    if (!summary.includes("1 owed")) throw new Error("summary " + summary);
   } else if (mode === "console-bridge") {
     // A bridge's row: connected, with what it forwarded counted.
     const [opsUrl, password, forwarded] = rest;

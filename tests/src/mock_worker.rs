@@ -346,7 +346,9 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
         Request::Retained { .. }
         | Request::ClearRetained { .. }
         | Request::Owed { .. }
-        | Request::Sessions { .. } => Reply::Failed {
+        | Request::Sessions { .. }
+        | Request::Trace { .. }
+        | Request::Find { .. } => Reply::Failed {
             reason: "the mock worker keeps no retained messages or backlogs".into(),
             retryable: false,
         },

@@ -162,3 +162,36 @@ async fn the_console_shows_who_is_behind() {
     ])
     .await;
 }
+
+/// The console's "where a message went": a message found by its topic, traced to the
+/// persistent device that is away and owes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_traces_a_message() {
+    let dir = TempDir::new().expect("temp dir");
+    let (host, ws_url) = host(dir.path()).await;
+    let mut device = wharf_tests::fleet::Subscriber::start(
+        host.addr,
+        "away-device",
+        false,
+        "traced/#",
+        1,
+        wharf_tests::fleet::Pace::FULL_SPEED,
+    )
+    .await;
+    device.drop_connection();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acked = wharf_tests::fleet::Publisher::new("traced-publisher", "traced/t", 1)
+        .run(host.addr, 0, 1)
+        .await;
+    assert_eq!(acked.len(), 1);
+    let ops = format!("http://{}", host.edge_ops);
+    check(&[
+        "console-trace",
+        &ws_url,
+        &ops,
+        PASSWORD,
+        "traced/t",
+        "away-device",
+    ])
+    .await;
+}

@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -35,6 +35,20 @@ impl MessageId {
     /// The 24-character lowercase hex form MongoDB shows.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The id from its 24-character hex form (either case); `None` for anything else.
+    pub fn from_hex(hex: &str) -> Option<MessageId> {
+        let bytes = hex.as_bytes();
+        if bytes.len() != 24 || !bytes.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        let mut id = [0u8; 12];
+        for (i, pair) in bytes.chunks_exact(2).enumerate() {
+            let digits = std::str::from_utf8(pair).ok()?;
+            id[i] = u8::from_str_radix(digits, 16).ok()?;
+        }
+        Some(MessageId(id))
     }
 }
 
@@ -355,6 +369,48 @@ pub enum Request {
         limit: u32,
         owed_limit: u32,
     },
+    /// Where the message `id` went: the message as stored and each stored subscription its
+    /// topic matches (at most `limit`), with its delivery record or why it has none: reply
+    /// [`Reply::Trace`]. (The admin API's "where a message went".)
+    Trace { id: MessageId, limit: u32 },
+    /// Messages stored on exactly `topic` after `after`, oldest first, at most `limit`: reply
+    /// [`Reply::Messages`]. (The admin API's message search.)
+    Find {
+        topic: String,
+        after: Cursor,
+        limit: u32,
+    },
+}
+
+/// A stored subscription a message's topic matches, and what became of the message for it.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub struct Recipient {
+    /// The subscribing client, or for a shared subscription group its `$share/...` filter
+    /// (the group is owed a message once, whichever member takes it).
+    pub client_id: String,
+    pub filter: String,
+    pub qos: Qos,
+    pub subscribed_ms: i64,
+    pub fate: Fate,
+}
+
+/// What became of a message for one subscription.
+#[derive(Encode, Decode, Clone, PartialEq, Eq, Debug)]
+pub enum Fate {
+    /// A delivery record exists: written at `at_ms` by the worker of `host` (either unknown
+    /// for records the store keeps in blocks without them).
+    Delivered {
+        at_ms: Option<i64>,
+        host: Option<String>,
+    },
+    /// No record: the session's next catch-up brings it.
+    Owed,
+    /// The subscription was made after the message: never owed.
+    SubscribedAfter,
+    /// The subscriber published it and asked not to get its own messages (No Local).
+    OwnMessage,
+    /// The message's expiry passed before it was delivered.
+    Expired,
 }
 
 /// A stored session as the admin API lists it.
@@ -486,6 +542,14 @@ pub enum Reply {
         /// the last message read, so paging moves forward and ends.
         next: Option<Cursor>,
     },
+    /// Where a message went ([`Request::Trace`]); `message` `None`: the store does not hold
+    /// it (never stored, or past its TTL). `complete` false: more subscriptions match than
+    /// were asked for.
+    Trace {
+        message: Option<Message>,
+        recipients: Vec<Recipient>,
+        complete: bool,
+    },
     /// The users and rules the store keeps.
     Auth {
         users: Vec<StoredUser>,
@@ -513,6 +577,26 @@ mod tests {
             host: "h".into(),
             created_ms,
             properties: None,
+        }
+    }
+
+    #[test]
+    fn a_message_id_reads_back_from_its_hex_form() {
+        let id = MessageId([
+            0x5d, 0x9b, 0x88, 0x93, 0x57, 0x96, 0xf9, 0x16, 0xe5, 0x6c, 0x0c, 0xb4,
+        ]);
+        assert_eq!(id.to_hex(), "5d9b88935796f916e56c0cb4");
+        assert_eq!(MessageId::from_hex("5d9b88935796f916e56c0cb4"), Some(id));
+        assert_eq!(MessageId::from_hex("5D9B88935796F916E56C0CB4"), Some(id));
+        for bad in [
+            "",
+            "5d9b",
+            "5d9b88935796f916e56c0cb",
+            "5d9b88935796f916e56c0cbx",
+            "+d9b88935796f916e56c0cb4",
+            "é9b88935796f916e56c0cb",
+        ] {
+            assert_eq!(MessageId::from_hex(bad), None, "{bad:?}");
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod mongo;
 pub mod sqlite;
+pub mod trace;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -35,6 +36,15 @@ impl StoreError {
     pub fn retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
+}
+
+/// A client's delivery record of one message: when it was written and by which host's
+/// worker, either unknown where the store does not keep it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeliveryRecord {
+    pub client_id: String,
+    pub at_ms: Option<i64>,
+    pub host: Option<String>,
 }
 
 /// A subscription as stored, with the time it was made.
@@ -271,6 +281,30 @@ pub trait Store: Send + Sync + 'static {
         prefix: String,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<wharf_shared::SessionSummary>, StoreError>> + Send;
+
+    /// The stored message with this id, if the store still holds it (the admin API's
+    /// "where a message went"; not on any delivery path).
+    fn message_by_id(
+        &self,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Option<Message>, StoreError>> + Send;
+
+    /// At most `limit` stored subscriptions, with their clients, whose filter is one of
+    /// `filters` or, with `shared`, any shared subscription's (`$share/...`); read through the
+    /// subscriptions' filter index.
+    fn subscribers(
+        &self,
+        filters: Vec<String>,
+        shared: bool,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(String, StoredSubscription)>, StoreError>> + Send;
+
+    /// The delivery records of message `id` for any of `clients`, one per client.
+    fn deliveries_of(
+        &self,
+        id: MessageId,
+        clients: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<DeliveryRecord>, StoreError>> + Send;
 
     /// Which of `ids` have a delivery record for the client.
     fn delivered_among(

@@ -12,8 +12,8 @@
 //! Indexes are made at start-up with fixed names; a TTL that differs is changed with collMod.
 
 use super::{
-    Deliveries, Owner, Store, StoreError, StoredSubscription, TopicScope, WriteBatch,
-    MESSAGE_TTL_SECS, PREFIX_CANDIDATES, PUBLISHED_TTL_SECS,
+    Deliveries, DeliveryRecord, Owner, Store, StoreError, StoredSubscription, TopicScope,
+    WriteBatch, MESSAGE_TTL_SECS, PREFIX_CANDIDATES, PUBLISHED_TTL_SECS,
 };
 use crate::routes::{RouteDoc, RouteStore, RouteView, EVERY_HOST};
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -358,6 +358,24 @@ fn properties_of(d: &Document) -> Option<Box<Properties>> {
             .unwrap_or_default(),
     };
     (!props.is_empty()).then(|| Box::new(props))
+}
+
+/// A `subscription` document as a subscription (`None`: not in the shape Wharf writes).
+fn subscription_of(d: &Document) -> Option<StoredSubscription> {
+    Some(StoredSubscription {
+        filter: d.get_str("topic").ok()?.to_owned(),
+        qos: Qos::from_u8(d.get_i32("qos").ok()? as u8)?,
+        created_ms: d.get_datetime("created").ok()?.timestamp_millis(),
+        options: SubscriptionOptions {
+            no_local: d.get_bool("noLocal").unwrap_or(false),
+            retain_as_published: d.get_bool("retainAsPublished").unwrap_or(false),
+            identifier: d
+                .get_i64("subscriptionId")
+                .ok()
+                .or_else(|| d.get_i32("subscriptionId").ok().map(i64::from))
+                .map(|v| v as u32),
+        },
+    })
 }
 
 fn message_of(d: &Document, id_field: &str) -> Option<Message> {
@@ -1074,25 +1092,7 @@ impl Store for MongoStore {
             .find(doc! { "clientId": client_id })
             .sort(doc! { "topic": 1 }))
         .await?;
-        Ok(docs
-            .iter()
-            .filter_map(|d| {
-                Some(StoredSubscription {
-                    filter: d.get_str("topic").ok()?.to_owned(),
-                    qos: Qos::from_u8(d.get_i32("qos").ok()? as u8)?,
-                    created_ms: d.get_datetime("created").ok()?.timestamp_millis(),
-                    options: SubscriptionOptions {
-                        no_local: d.get_bool("noLocal").unwrap_or(false),
-                        retain_as_published: d.get_bool("retainAsPublished").unwrap_or(false),
-                        identifier: d
-                            .get_i64("subscriptionId")
-                            .ok()
-                            .or_else(|| d.get_i32("subscriptionId").ok().map(i64::from))
-                            .map(|v| v as u32),
-                    },
-                })
-            })
-            .collect())
+        Ok(docs.iter().filter_map(subscription_of).collect())
     }
 
     async fn upsert_subscriptions(
@@ -1589,6 +1589,67 @@ impl Store for MongoStore {
                 })
             })
             .collect())
+    }
+
+    async fn message_by_id(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        let found = self
+            .messages
+            .find_one(doc! { "_id": oid(&id) })
+            .await
+            .map_err(classify)?;
+        Ok(found.as_ref().and_then(|d| message_of(d, "_id")))
+    }
+
+    async fn subscribers(
+        &self,
+        filters: Vec<String>,
+        shared: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, StoredSubscription)>, StoreError> {
+        let mut alternatives = vec![doc! { "topic": { "$in": filters } }];
+        if shared {
+            alternatives.push(doc! { "topic": { "$gte": "$share/", "$lt": "$share0" } });
+        }
+        let docs = all(self
+            .subscriptions
+            .find(doc! { "$or": alternatives })
+            .limit(limit as i64))
+        .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| Some((d.get_str("clientId").ok()?.to_owned(), subscription_of(d)?)))
+            .collect())
+    }
+
+    async fn deliveries_of(
+        &self,
+        id: MessageId,
+        clients: Vec<String>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        if clients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let docs = all(self
+            .published
+            .find(doc! { "clientId": { "$in": clients }, "messageId": oid(&id) })
+            .projection(doc! { "clientId": 1, "created": 1, "host": 1, "_id": 0 }))
+        .await?;
+        let mut out: Vec<DeliveryRecord> = Vec::new();
+        for d in &docs {
+            let Ok(client) = d.get_str("clientId") else {
+                continue;
+            };
+            // A record written twice (a notice re-sent) is shown once, the first.
+            if out.iter().any(|r| r.client_id == client) {
+                continue;
+            }
+            out.push(DeliveryRecord {
+                client_id: client.to_owned(),
+                at_ms: d.get_datetime("created").ok().map(|t| t.timestamp_millis()),
+                host: d.get_str("host").ok().map(str::to_owned),
+            });
+        }
+        Ok(out)
     }
 
     async fn delivered_among(

@@ -5,8 +5,8 @@
 //! commit). Expired rows are purged every minute with the same TTLs as the MongoDB indexes.
 
 use super::{
-    Deliveries, Owner, Store, StoreError, StoredSubscription, TopicScope, WriteBatch,
-    MESSAGE_TTL_SECS, PREFIX_CANDIDATES,
+    Deliveries, DeliveryRecord, Owner, Store, StoreError, StoredSubscription, TopicScope,
+    WriteBatch, MESSAGE_TTL_SECS, PREFIX_CANDIDATES,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
@@ -82,7 +82,7 @@ CREATE TABLE IF NOT EXISTS published_message (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS delivery_block (
     seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL, first BLOB NOT NULL, last BLOB NOT NULL,
-    ids BLOB NOT NULL
+    ids BLOB NOT NULL, created INTEGER
 );
 CREATE INDEX IF NOT EXISTS delivery_block_span ON delivery_block (client_id, first, last);
 CREATE INDEX IF NOT EXISTS delivery_block_last ON delivery_block (last);
@@ -108,7 +108,7 @@ CREATE TABLE IF NOT EXISTS retained (
 
 /// Columns added since a table was first made: (table, column, declaration). A file from
 /// before gets them when it is opened.
-const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 8] = [
     ("subscription", "options", "INTEGER NOT NULL DEFAULT 0"),
     ("subscription", "identifier", "INTEGER"),
     ("session", "expires", "INTEGER"),
@@ -116,6 +116,7 @@ const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
     ("session", "claims", "INTEGER NOT NULL DEFAULT 0"),
     ("session", "session_expiry", "INTEGER"),
     ("retained", "properties", "BLOB"),
+    ("delivery_block", "created", "INTEGER"),
 ];
 
 /// Subscription option bits in `subscription.options`.
@@ -380,18 +381,26 @@ fn insert_record_blocks(
     tx: &rusqlite::Transaction<'_>,
     client_id: &str,
     mut ids: Vec<MessageId>,
+    created_ms: i64,
 ) -> rusqlite::Result<()> {
     ids.sort_unstable();
     ids.dedup();
     let mut insert = tx.prepare_cached(
-        "INSERT INTO delivery_block (client_id, first, last, ids) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO delivery_block (client_id, first, last, ids, created)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for block in spans(&ids, RECORD_BLOCK_IDS, |first, id| {
         id.timestamp_secs() - first.timestamp_secs() <= RECORD_BLOCK_SPAN_SECS
     }) {
         let (first, last) = (&block[0], &block[block.len() - 1]);
         let data: Vec<u8> = block.iter().flat_map(|id| id.0).collect();
-        insert.execute(params![client_id, &first.0[..], &last.0[..], data])?;
+        insert.execute(params![
+            client_id,
+            &first.0[..],
+            &last.0[..],
+            data,
+            created_ms
+        ])?;
     }
     Ok(())
 }
@@ -422,13 +431,28 @@ fn spans<'a, T>(
 fn insert_deliveries(tx: &rusqlite::Transaction<'_>, d: &Deliveries) -> rusqlite::Result<()> {
     if d.records.len() >= RECORD_BLOCK_MIN {
         let ids = d.records.iter().map(|r| r.message_id).collect();
-        return insert_record_blocks(tx, &d.client_id, ids);
+        return insert_record_blocks(tx, &d.client_id, ids, d.created_ms);
     }
     let mut insert = tx.prepare_cached(RECORD_DELIVERY)?;
     for r in &d.records {
         insert.execute(params![&r.message_id.0[..], d.client_id, d.created_ms])?;
     }
     Ok(())
+}
+
+/// A subscription from the columns `topic, qos, created, options, identifier` at `at`.
+fn subscription_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<StoredSubscription> {
+    let options: i64 = r.get(at + 3)?;
+    Ok(StoredSubscription {
+        filter: r.get(at)?,
+        qos: qos_of(r.get(at + 1)?),
+        created_ms: r.get(at + 2)?,
+        options: SubscriptionOptions {
+            no_local: options & NO_LOCAL != 0,
+            retain_as_published: options & RETAIN_AS_PUBLISHED != 0,
+            identifier: r.get::<_, Option<u32>>(at + 4)?,
+        },
+    })
 }
 
 fn decode_block(data: &[u8]) -> rusqlite::Result<Vec<Message>> {
@@ -744,19 +768,7 @@ impl Store for SqliteStore {
                 "SELECT topic, qos, created, options, identifier FROM subscription
                  WHERE client_id = ?1 ORDER BY topic",
             )?;
-            let rows = stmt.query_map([client_id], |r| {
-                let options: i64 = r.get(3)?;
-                Ok(StoredSubscription {
-                    filter: r.get(0)?,
-                    qos: qos_of(r.get(1)?),
-                    created_ms: r.get(2)?,
-                    options: SubscriptionOptions {
-                        no_local: options & NO_LOCAL != 0,
-                        retain_as_published: options & RETAIN_AS_PUBLISHED != 0,
-                        identifier: r.get::<_, Option<u32>>(4)?,
-                    },
-                })
-            })?;
+            let rows = stmt.query_map([client_id], |r| subscription_row(r, 0))?;
             rows.collect()
         })
         .await
@@ -1113,6 +1125,112 @@ impl Store for SqliteStore {
                     })
                 })?;
             rows.collect()
+        })
+        .await
+    }
+
+    async fn message_by_id(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        // Ids carry their second: the message lies in a block whose oldest message is at most
+        // a block's span before that second began.
+        let from = i64::from(id.timestamp_secs()) * 1000;
+        self.with(move |c| {
+            let mut heads = c.prepare_cached(
+                "SELECT data FROM message_block WHERE oldest >= ?1 AND oldest <= ?2 ORDER BY oldest",
+            )?;
+            let mut rows = heads.query(params![from - BLOCK_SPAN_MS, from + 999])?;
+            while let Some(row) = rows.next()? {
+                let data: Vec<u8> = row.get(0)?;
+                if let Some(m) = decode_block(&data)?.into_iter().find(|m| m.id == id) {
+                    return Ok(Some(m));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn subscribers(
+        &self,
+        filters: Vec<String>,
+        shared: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, StoredSubscription)>, StoreError> {
+        self.with(move |c| {
+            let mut exact = c.prepare_cached(
+                "SELECT client_id, topic, qos, created, options, identifier FROM subscription
+                 WHERE topic = ?1 ORDER BY client_id LIMIT ?2",
+            )?;
+            let mut out = Vec::new();
+            let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, String>(0)?, subscription_row(r, 1)?));
+            for filter in filters {
+                let left = limit.saturating_sub(out.len());
+                if left == 0 {
+                    return Ok(out);
+                }
+                for found in exact.query_map(params![filter, left as i64], row)? {
+                    out.push(found?);
+                }
+            }
+            if shared {
+                let left = limit.saturating_sub(out.len());
+                let mut groups = c.prepare_cached(
+                    "SELECT client_id, topic, qos, created, options, identifier FROM subscription
+                     WHERE topic >= '$share/' AND topic < '$share0' ORDER BY topic LIMIT ?1",
+                )?;
+                for found in groups.query_map([left as i64], row)? {
+                    out.push(found?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn deliveries_of(
+        &self,
+        id: MessageId,
+        clients: Vec<String>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let mut out = Vec::new();
+            let mut row = tx.prepare_cached(
+                "SELECT created FROM published_message WHERE message_id = ?1 AND client_id = ?2",
+            )?;
+            let from = id.timestamp_secs().saturating_sub(RECORD_BLOCK_SPAN_SECS);
+            let mut block = tx.prepare_cached(
+                "SELECT ids, created FROM delivery_block
+                 WHERE client_id = ?1 AND first >= ?2 AND first <= ?3 AND last >= ?3",
+            )?;
+            for client in clients {
+                if let Some(at) = row
+                    .query_row(params![&id.0[..], client], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    out.push(DeliveryRecord {
+                        client_id: client,
+                        at_ms: Some(at),
+                        host: None,
+                    });
+                    continue;
+                }
+                let mut blocks =
+                    block.query(params![client, &from.to_be_bytes()[..], &id.0[..]])?;
+                while let Some(b) = blocks.next()? {
+                    let ids = b.get_ref(0)?.as_blob()?;
+                    if ids.chunks_exact(12).any(|chunk| chunk == id.0) {
+                        out.push(DeliveryRecord {
+                            client_id: client.clone(),
+                            at_ms: b.get::<_, Option<i64>>(1)?,
+                            host: None,
+                        });
+                        break;
+                    }
+                }
+            }
+            drop((row, block));
+            tx.commit()?;
+            Ok(out)
         })
         .await
     }
@@ -1764,6 +1882,71 @@ mod tests {
             created_ms,
             properties: None,
         }
+    }
+
+    /// A message is found by its id alone (its second, then its block), among blocks of
+    /// neighbouring seconds; a delivery record is found with its time in a row and in a block.
+    #[tokio::test]
+    async fn a_message_and_its_delivery_records_are_found_by_id() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let start = 1_700_000_000_000;
+        // 3,000 messages over 6 s, in writes of 100 (many blocks per second).
+        let messages: Vec<Message> = (0..3_000u32)
+            .map(|n| at(n, start + i64::from(n) * 2, Qos::AtLeastOnce))
+            .collect();
+        for chunk in messages.chunks(100) {
+            let write = WriteBatch {
+                messages: chunk.to_vec(),
+                ..Default::default()
+            };
+            store.write(Arc::new(write)).await.expect("write");
+        }
+        for m in messages.iter().step_by(97).chain(messages.last()) {
+            let found = store.message_by_id(m.id).await.expect("read");
+            assert_eq!(found.as_ref().map(|f| f.id), Some(m.id));
+            assert_eq!(found.map(|f| f.payload), Some(m.payload.clone()));
+        }
+        let mut missing = messages[5].id;
+        missing.0[11] ^= 0xff;
+        missing.0[10] ^= 0xff;
+        assert_eq!(store.message_by_id(missing).await.expect("read"), None);
+
+        let id = messages[40].id;
+        // "a" holds it in a block of 20 records, "b" in a row of its own, "c" not at all.
+        let block: Vec<MessageId> = messages[30..50].iter().map(|m| m.id).collect();
+        let records = vec![
+            notice("a", &block, start + 500),
+            notice("b", &[id], start + 600),
+        ];
+        store
+            .record_delivered(Arc::new(records))
+            .await
+            .expect("record");
+        let mut found = store
+            .deliveries_of(id, vec!["a".into(), "b".into(), "c".into()])
+            .await
+            .expect("deliveries");
+        found.sort();
+        assert_eq!(
+            found,
+            ["a", "b"]
+                .iter()
+                .zip([start + 500, start + 600])
+                .map(|(c, at)| DeliveryRecord {
+                    client_id: c.to_string(),
+                    at_ms: Some(at),
+                    host: None,
+                })
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            store
+                .deliveries_of(messages[60].id, vec!["a".into(), "b".into()])
+                .await
+                .expect("deliveries"),
+            vec![]
+        );
     }
 
     /// A session's catch-up through the topic index returns exactly what reading every
