@@ -1,18 +1,25 @@
 //! The admin HTTP API and the console, served on the ops address beside `/metrics` when an
-//! admin password is configured. Every request needs the credentials (HTTP Basic, or
-//! `Authorization: Bearer <password>`). JSON in and out; docs/configuration.md, "Admin API and console", has examples.
+//! admin password is configured. Every API request needs the credentials: HTTP Basic,
+//! `Authorization: Bearer <password>`, or the cookie of a console login (`POST
+//! /api/v1/login`; it lapses after `--admin-session-idle` unused and 12 hours after the
+//! login, and `POST /api/v1/logout` ends it). The console's page itself holds no data and is
+//! served to anyone; it shows its own login form. JSON in and out; docs/configuration.md,
+//! "Admin API and console", has examples.
 //!
 //! What it shows is this edge's: its connected clients (from the router's queues, which carry
 //! the address, protocol and counts) and its parked sessions. Retained messages are the
 //! store's, so they are the cluster's.
 
+mod history;
+
 use crate::broker::Broker;
 use crate::router::Grant;
 use base64::Engine;
 use serde_json::{json, Value};
-use std::sync::Arc;
-use std::time::Instant;
-use wharf_ops::http::{Api, HttpRequest, HttpResponse};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wharf_ops::http::{Api, HttpRequest, HttpResponse, PrometheusHandle};
 use wharf_shared::{Message, Qos, Reply, Request};
 
 /// The console: one page of HTML and JavaScript, shipped in the binary.
@@ -24,19 +31,42 @@ pub const BEHIND_COUNTED: u32 = 1_000;
 /// Subscriptions listed for one message in `GET /api/v1/messages/{id}`.
 pub const TRACED_RECIPIENTS: u32 = 1_000;
 
-/// Who may use the API.
+/// Who may use the API, and the console's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminSettings {
     pub user: String,
     pub password: String,
+    /// Between the charts' points (360 kept).
+    pub history_step: Duration,
+    /// How long a console login lasts unused.
+    pub session_idle: Duration,
 }
 
-/// The API as the ops endpoint calls it.
-pub fn api(broker: Arc<Broker>, settings: AdminSettings) -> Api {
+/// The console login's cookie.
+const COOKIE: &str = "wharf_console";
+/// A console login ends this long after it was made, however much it is used.
+const SESSION_MOST: Duration = Duration::from_secs(12 * 3600);
+/// Console logins kept at once; a new one beyond it ends the oldest.
+const SESSIONS_KEPT: usize = 64;
+/// Failed logins allowed per minute (all sources together); more are refused with 429
+/// without checking the password.
+const FAILED_LOGINS_PER_MINUTE: u32 = 10;
+
+/// The API as the ops endpoint calls it. With `metrics` (the exporter this edge records
+/// into), the console's charts are sampled.
+pub fn api(broker: Arc<Broker>, settings: AdminSettings, metrics: Option<PrometheusHandle>) -> Api {
+    let history = history::History::new(settings.history_step);
+    if let Some(metrics) = metrics {
+        history.start(Arc::downgrade(&broker), metrics);
+    }
     let admin = Arc::new(Admin {
         broker,
         credentials: digest(format!("{}:{}", settings.user, settings.password).as_bytes()),
         password: digest(settings.password.as_bytes()),
+        user: settings.user,
+        session_idle: settings.session_idle,
+        logins: Mutex::new(Logins::default()),
+        history,
     });
     Arc::new(move |request| {
         let admin = admin.clone();
@@ -50,6 +80,31 @@ struct Admin {
     /// so that the comparison's time says nothing about the secret.
     credentials: ring::digest::Digest,
     password: ring::digest::Digest,
+    user: String,
+    session_idle: Duration,
+    logins: Mutex<Logins>,
+    history: Arc<history::History>,
+}
+
+/// Console logins by the SHA-256 of their cookie (the cookie itself is not kept), and the
+/// failed attempts of the current minute.
+#[derive(Default)]
+struct Logins {
+    sessions: HashMap<Vec<u8>, Login>,
+    failed: u32,
+    failed_since: Option<Instant>,
+}
+
+struct Login {
+    made: Instant,
+    used: Instant,
+}
+
+/// How a request proved who it is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    Credentials,
+    Cookie,
 }
 
 fn digest(bytes: &[u8]) -> ring::digest::Digest {
@@ -99,6 +154,108 @@ fn error(status: u16, why: impl std::fmt::Display) -> HttpResponse {
 }
 
 impl Admin {
+    /// Whether the request carries the credentials or a live console login's cookie.
+    fn proof(&self, request: &HttpRequest) -> Option<Proof> {
+        if self.authorized(request.authorization.as_deref()) {
+            return Some(Proof::Credentials);
+        }
+        let cookie = request.cookie(COOKIE)?;
+        let key = digest(cookie.as_bytes()).as_ref().to_vec();
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let live = logins.sessions.get(&key).is_some_and(|l| {
+            now.duration_since(l.used) < self.session_idle
+                && now.duration_since(l.made) < SESSION_MOST
+        });
+        if !live {
+            logins.sessions.remove(&key);
+            return None;
+        }
+        if let Some(login) = logins.sessions.get_mut(&key) {
+            login.used = now;
+        }
+        Some(Proof::Cookie)
+    }
+
+    /// `POST /api/v1/login` with `{"user": ..., "password": ...}`: a cookie for the console.
+    fn login(&self, request: &HttpRequest) -> HttpResponse {
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let now = Instant::now();
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        if logins
+            .failed_since
+            .is_none_or(|since| now.duration_since(since) >= Duration::from_secs(60))
+        {
+            logins.failed = 0;
+            logins.failed_since = Some(now);
+        }
+        if logins.failed >= FAILED_LOGINS_PER_MINUTE {
+            metrics::counter!("wharf_edge_admin_logins_total", "outcome" => "throttled")
+                .increment(1);
+            return error(429, "too many failed logins: try again in a minute");
+        }
+        let user = body["user"].as_str().unwrap_or("");
+        let password = body["password"].as_str().unwrap_or("");
+        let given = digest(format!("{user}:{password}").as_bytes());
+        if !same(&given, &self.credentials) {
+            logins.failed += 1;
+            metrics::counter!("wharf_edge_admin_logins_total", "outcome" => "refused").increment(1);
+            tracing::warn!(user, "console login refused");
+            return error(401, "wrong user name or password");
+        }
+        let mut token = [0u8; 32];
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut token).is_err() {
+            return error(500, "no random source for a login");
+        }
+        let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        if logins.sessions.len() >= SESSIONS_KEPT {
+            let oldest = logins
+                .sessions
+                .iter()
+                .min_by_key(|(_, l)| l.used)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                logins.sessions.remove(&oldest);
+            }
+        }
+        logins.sessions.insert(
+            digest(token.as_bytes()).as_ref().to_vec(),
+            Login {
+                made: now,
+                used: now,
+            },
+        );
+        metrics::counter!("wharf_edge_admin_logins_total", "outcome" => "accepted").increment(1);
+        tracing::info!(user, "console login");
+        let mut response = reply(200, json!({ "user": self.user }));
+        response.headers.push((
+            "Set-Cookie",
+            format!(
+                "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+                SESSION_MOST.as_secs()
+            ),
+        ));
+        response
+    }
+
+    /// `POST /api/v1/logout`: the login of this cookie ends.
+    fn logout(&self, request: &HttpRequest) -> HttpResponse {
+        if let Some(cookie) = request.cookie(COOKIE) {
+            let key = digest(cookie.as_bytes()).as_ref().to_vec();
+            self.logins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sessions
+                .remove(&key);
+        }
+        let mut response = reply(200, json!({ "loggedOut": true }));
+        response.headers.push((
+            "Set-Cookie",
+            format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        ));
+        response
+    }
+
     fn authorized(&self, header: Option<&str>) -> bool {
         let Some(header) = header else {
             return false;
@@ -115,19 +272,48 @@ impl Admin {
     }
 
     async fn handle(&self, request: HttpRequest) -> HttpResponse {
-        if !self.authorized(request.authorization.as_deref()) {
+        let path = request.path.trim_end_matches('/');
+        // The page (no data in it) and the login need no proof; a login is checked as any
+        // state-changing request is against cross-site use.
+        match (request.method.as_str(), path) {
+            ("GET", "/console" | "") => {
+                let mut page = HttpResponse::new(200, "text/html; charset=utf-8", CONSOLE);
+                page.headers.push((
+                    "Content-Security-Policy",
+                    "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'".to_owned(),
+                ));
+                page.headers.push(("X-Frame-Options", "DENY".to_owned()));
+                return page;
+            }
+            ("POST", "/api/v1/login") => {
+                return match cross_site(&request) {
+                    Some(refused) => refused,
+                    None => self.login(&request),
+                };
+            }
+            ("POST", "/api/v1/logout") => {
+                return match cross_site(&request) {
+                    Some(refused) => refused,
+                    None => self.logout(&request),
+                };
+            }
+            _ => {}
+        }
+        if self.proof(&request).is_none() {
             metrics::counter!("wharf_edge_admin_unauthorized_total").increment(1);
+            // A Bearer challenge, not Basic: a browser would answer Basic with its own
+            // password dialog over the console's login form. Basic credentials sent
+            // unasked (curl -u) are still accepted.
             let mut response = error(401, "credentials required");
             response
                 .headers
-                .push(("WWW-Authenticate", "Basic realm=\"wharf\"".to_owned()));
+                .push(("WWW-Authenticate", "Bearer realm=\"wharf\"".to_owned()));
             return response;
         }
         if let Some(refused) = cross_site(&request) {
             metrics::counter!("wharf_edge_admin_cross_site_refused_total").increment(1);
             return refused;
         }
-        let path = request.path.trim_end_matches('/');
         if let Some(id) = path.strip_prefix("/api/v1/messages/") {
             return match request.method.as_str() {
                 "GET" => self.trace(id).await,
@@ -136,10 +322,8 @@ impl Admin {
         }
         let client = path.strip_prefix("/api/v1/clients/");
         match (request.method.as_str(), path, client) {
-            ("GET", "/console" | "", _) => {
-                HttpResponse::new(200, "text/html; charset=utf-8", CONSOLE)
-            }
             ("GET", "/api/v1/overview", _) => self.overview(),
+            ("GET", "/api/v1/history", _) => reply(200, self.history.json()),
             ("GET", "/api/v1/clients", _) => self.clients(&request),
             ("GET", _, Some(id)) => self.client(id),
             ("DELETE", _, Some(id)) => self.disconnect(id),
@@ -151,6 +335,7 @@ impl Admin {
             ("GET", "/api/v1/behind", _) => self.behind(&request).await,
             ("GET", "/api/v1/messages", _) => self.find(&request).await,
             (_, "/console" | "/api/v1/overview" | "/api/v1/clients" | "/api/v1/sessions", _)
+            | (_, "/api/v1/history" | "/api/v1/login" | "/api/v1/logout", _)
             | (_, "/api/v1/retained" | "/api/v1/publish" | "/api/v1/bridges", _)
             | (_, "/api/v1/behind" | "/api/v1/messages", _)
             | (_, _, Some(_)) => error(405, "method not allowed here"),

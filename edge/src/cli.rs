@@ -195,6 +195,14 @@ pub struct Args {
     /// (prefer the environment variable to the flag) [etcd: adminPassword].
     #[arg(long, env = "WHARF_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
+    /// Seconds between the console's chart points; 360 are kept (10: the last hour)
+    /// [etcd: adminHistoryStep].
+    #[arg(long, env = "WHARF_ADMIN_HISTORY_STEP", default_value_t = 10)]
+    pub admin_history_step: u64,
+    /// Seconds a console login lasts without being used (it ends 12 hours after the login
+    /// whatever its use) [etcd: adminSessionIdle].
+    #[arg(long, env = "WHARF_ADMIN_SESSION_IDLE", default_value_t = 1800)]
+    pub admin_session_idle: u64,
     /// Bridges to other brokers: a JSON file's path, or the JSON list itself (see
     /// docs/bridge.md) [etcd: bridges].
     #[arg(long, env = "WHARF_BRIDGES")]
@@ -566,7 +574,38 @@ pub fn admin_settings(
             "the admin API is served on metricsListen: set it too",
         ));
     }
-    Ok(Some(crate::admin::AdminSettings { user, password }))
+    let history_step = layers.pick(
+        "admin_history_step",
+        "adminHistoryStep",
+        Duration::from_secs(args.admin_history_step),
+        parse_secs,
+    )?;
+    if !(1..=60).contains(&history_step.as_secs()) {
+        return Err(ConfigError::new(
+            "adminHistoryStep",
+            history_step.as_secs().to_string(),
+            "must be 1 to 60 seconds",
+        ));
+    }
+    let session_idle = layers.pick(
+        "admin_session_idle",
+        "adminSessionIdle",
+        Duration::from_secs(args.admin_session_idle),
+        parse_secs,
+    )?;
+    if !(1..=43_200).contains(&session_idle.as_secs()) {
+        return Err(ConfigError::new(
+            "adminSessionIdle",
+            session_idle.as_secs().to_string(),
+            "must be 1 to 43200 seconds",
+        ));
+    }
+    Ok(Some(crate::admin::AdminSettings {
+        user,
+        password,
+        history_step,
+        session_idle,
+    }))
 }
 
 /// Keys whose change takes effect at once: the TLS material and policy.

@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
             if admin.is_some() && !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "the admin API is served over plain HTTP on a network address: put it behind TLS (a reverse proxy) or keep metricsListen on loopback");
             }
-            let api = admin.map(|settings| edge.admin_api(settings));
+            let api = admin.map(|settings| edge.admin_api(settings, Some(metrics.clone())));
             let served = wharf_ops::http::serve_on(
                 addr,
                 metrics,

@@ -148,8 +148,12 @@ impl Edge {
     }
 
     /// The admin API and console for the ops endpoint (see [`crate::admin`]).
-    pub fn admin_api(&self, settings: crate::admin::AdminSettings) -> wharf_ops::http::Api {
-        crate::admin::api(self.broker.clone(), settings)
+    pub fn admin_api(
+        &self,
+        settings: crate::admin::AdminSettings,
+        metrics: Option<wharf_ops::http::PrometheusHandle>,
+    ) -> wharf_ops::http::Api {
+        crate::admin::api(self.broker.clone(), settings, metrics)
     }
 
     /// The readiness probe for the ops endpoint.

@@ -4,14 +4,17 @@
 //     A page connects with MQTT.js over WebSocket, subscribes, and must receive what
 //     mosquitto_pub publishes over TCP.
 //   node check.mjs console  WS_URL OPS_URL PASSWORD [SCREENSHOT]
-//     A page connects with MQTT.js (client id "browser-device"); the console, opened with the
-//     admin credentials, must list it, show its session, and publish a message it receives.
+//     A page connects with MQTT.js (client id "browser-device"); the console, logged in through
+//     its form, must list it, show its session, and publish a message it receives.
 //
 //   node check.mjs console-behind WS_URL OPS_URL PASSWORD CLIENT OWED
 //     The console's "who is behind" table, searched for CLIENT, shows OWED messages owed.
 //   node check.mjs console-bridge WS_URL OPS_URL PASSWORD FORWARDED
 //     The console's bridge table shows the bridge "cloud" connected, with at least FORWARDED
 //     messages forwarded.
+//   node check.mjs console-login WS_URL OPS_URL PASSWORD IDLE
+//     The console's own login form, its cookie, reload, logout, a login lapsing after IDLE
+//     seconds unused, and the charts filling.
 //   node check.mjs console-trace WS_URL OPS_URL PASSWORD TOPIC CLIENT
 //     The console's "where a message went": the one message on TOPIC is found and traced,
 //     CLIENT owing it.
@@ -53,6 +56,23 @@ async function devicePage(context, clientId, filter) {
   return page;
 }
 
+// The console in a new context, logged in through its own form (no browser dialog).
+async function openConsole(opsUrl, password, contextOptions = {}) {
+  const context = await browser.newContext(contextOptions);
+  const page = await context.newPage();
+  page.on("console", (m) => console.error("[console]", m.text()));
+  await page.goto(opsUrl + "/console");
+  await login(page, password);
+  return page;
+}
+
+async function login(page, password) {
+  await page.locator("#login").waitFor({ timeout: patience });
+  await page.fill("#login-password", password);
+  await page.click('#login-form button[type="submit"]');
+  await page.locator("#main").waitFor({ timeout: patience });
+}
+
 async function received(page, payload) {
   await page.waitForFunction((p) => window.received.some(([, m]) => m === p), payload, { timeout: patience });
 }
@@ -70,13 +90,7 @@ try {
   } else if (mode === "console") {
     const [opsUrl, password, screenshot] = rest;
     const device = await devicePage(await browser.newContext(), "browser-device", "console/#");
-    const context = await browser.newContext({
-      httpCredentials: { username: "admin", password },
-      viewport: { width: 1400, height: 900 },
-    });
-    const page = await context.newPage();
-    page.on("console", (m) => console.error("[console]", m.text()));
-    await page.goto(opsUrl + "/console");
+    const page = await openConsole(opsUrl, password, { viewport: { width: 1400, height: 900 } });
     const row = page.locator('tr[data-client-id="browser-device"]');
     await row.waitFor({ timeout: patience });
     const cells = await row.locator("td").allTextContents();
@@ -113,6 +127,7 @@ try {
     withCredentials.username = "admin";
     withCredentials.password = password;
     await page.goto(withCredentials.href);
+    await login(page, password);
     await page.locator('tr[data-client-id="url-device"]').waitFor({ timeout: patience });
     await page.fill("#p-topic", "url/test");
     await page.fill("#p-payload", "from a credentials URL");
@@ -135,10 +150,7 @@ try {
   } else if (mode === "console-behind") {
     // Who is behind: the stored session CLIENT, away, shows OWED messages owed.
     const [opsUrl, password, client, owed] = rest;
-    const context = await browser.newContext({ httpCredentials: { username: "admin", password } });
-    const page = await context.newPage();
-    page.on("console", (m) => console.error("[console]", m.text()));
-    await page.goto(opsUrl + "/console");
+    const page = await openConsole(opsUrl, password);
     await page.fill("#behind-search", client);
     await page.click("#behind-load");
     const row = page.locator(`#behind tr[data-behind-id="${client}"]`);
@@ -147,10 +159,7 @@ try {
     if (cells[3] !== owed || cells[4] === "–") throw new Error("behind row " + JSON.stringify(cells));
   } else if (mode === "console-trace") {
     const [opsUrl, password, topic, client] = rest;
-    const context = await browser.newContext({ httpCredentials: { username: "admin", password } });
-    const page = await context.newPage();
-    page.on("console", (m) => console.error("[console]", m.text()));
-    await page.goto(opsUrl + "/console");
+    const page = await openConsole(opsUrl, password);
     await page.fill("#find-topic", topic);
     await page.click("#find-load");
     const found = page.locator("#found tbody tr");
@@ -163,13 +172,54 @@ try {
     if (!cells[3].startsWith("owed")) throw new Error("trace row " + JSON.stringify(cells));
     const summary = await page.locator("#trace-summary").textContent();
     if (!summary.includes("1 owed")) throw new Error("summary " + summary);
+  } else if (mode === "console-login") {
+    // Its own login form: a wrong password is refused, the right one shows the console, the
+    // login survives a reload, logout ends it, and an unused login lapses (the edge runs with
+    // --admin-session-idle IDLE seconds). The charts fill (--admin-history-step 1).
+    const [opsUrl, password, idle] = rest;
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    let dialogs = 0;
+    page.on("dialog", (d) => { dialogs += 1; d.dismiss(); });
+    page.on("console", (m) => console.error("[console]", m.text()));
+    const unauthenticated = await page.goto(opsUrl + "/console");
+    if (unauthenticated.status() !== 200) throw new Error("console page " + unauthenticated.status());
+    await page.locator("#login").waitFor({ timeout: patience });
+    if (await page.locator("#main").isVisible()) throw new Error("data shown before a login");
+    await page.fill("#login-password", "not-the-password");
+    await page.click('#login-form button[type="submit"]');
+    await page.locator("#login-result", { hasText: "wrong" }).waitFor({ timeout: patience });
+    await login(page, password);
+    const cookies = await context.cookies();
+    const cookie = cookies.find((c) => c.name === "wharf_console");
+    if (!cookie || !cookie.httpOnly || cookie.sameSite !== "Strict") throw new Error("cookie " + JSON.stringify(cookies));
+    // Charts: a point a second.
+    await page.waitForFunction(() => {
+      const chart = document.querySelector('.chart[data-series="connections"]');
+      return chart && Number(chart.dataset.points) >= 2;
+    }, null, { timeout: patience });
+    // A reload keeps the login.
+    await page.reload();
+    await page.locator("#main").waitFor({ timeout: patience });
+    // Logout ends it: the same cookie no longer opens the API.
+    await page.click("#logout");
+    await page.locator("#login").waitFor({ timeout: patience });
+    const after = await page.evaluate(async () => (await fetch("/api/v1/overview")).status);
+    if (after !== 401) throw new Error("after logout the API answered " + after);
+    // An unused login lapses: the console goes back to its login form by itself.
+    await login(page, password);
+    const idleContext = await browser.newContext();
+    await idleContext.addCookies(await context.cookies());
+    await page.close();
+    await new Promise((r) => setTimeout(r, (Number(idle) + 1) * 1000));
+    const idlePage = await idleContext.newPage();
+    await idlePage.goto(opsUrl + "/console");
+    await idlePage.locator("#login").waitFor({ timeout: patience });
+    if (dialogs) throw new Error(dialogs + " browser dialogs");
   } else if (mode === "console-bridge") {
     // A bridge's row: connected, with what it forwarded counted.
     const [opsUrl, password, forwarded] = rest;
-    const context = await browser.newContext({ httpCredentials: { username: "admin", password } });
-    const page = await context.newPage();
-    page.on("console", (m) => console.error("[console]", m.text()));
-    await page.goto(opsUrl + "/console");
+    const page = await openConsole(opsUrl, password);
     const row = page.locator("#bridges tbody tr", { hasText: "cloud" });
     await row.waitFor({ timeout: patience });
     await page.waitForFunction((want) => {

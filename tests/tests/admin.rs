@@ -80,10 +80,89 @@ async fn the_admin_api_needs_credentials() {
         let HttpResponse { status, head, .. } =
             http(host.edge_ops, "GET", "/api/v1/clients", headers, "").await;
         assert_eq!(status, 401, "{headers:?}");
-        assert!(head.contains("WWW-Authenticate: Basic"), "{head}");
+        // A challenge a browser does not answer with its own password dialog.
+        assert!(head.contains("WWW-Authenticate: Bearer"), "{head}");
+        assert!(!head.contains("Basic"), "{head}");
+        // The console's page holds no data: it is served, with its login form.
         let console = http(host.edge_ops, "GET", "/console", headers, "").await;
-        assert_eq!(console.status, 401, "the console too");
+        assert_eq!(console.status, 200, "the console's page");
+        assert!(console.body.contains("id=\"login-form\""));
+        assert!(
+            console.head.contains("Content-Security-Policy"),
+            "{}",
+            console.head
+        );
     }
+    // A login: refused with the wrong password, a cookie with the right one, which then
+    // opens the API until logout.
+    let json = "Content-Type: application/json";
+    let wrong = http(
+        host.edge_ops,
+        "POST",
+        "/api/v1/login",
+        &[json],
+        r#"{"user": "admin", "password": "wrong"}"#,
+    )
+    .await;
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    assert!(!wrong.head.contains("Set-Cookie"), "{}", wrong.head);
+    let body = format!(r#"{{"user": "admin", "password": "{PASSWORD}"}}"#);
+    let as_form = http(
+        host.edge_ops,
+        "POST",
+        "/api/v1/login",
+        &["Content-Type: application/x-www-form-urlencoded"],
+        &body,
+    )
+    .await;
+    assert_eq!(as_form.status, 415, "a cross-site form cannot log in");
+    let good = http(host.edge_ops, "POST", "/api/v1/login", &[json], &body).await;
+    assert_eq!(good.status, 200, "{}", good.body);
+    let set = good
+        .head
+        .lines()
+        .find_map(|l| l.strip_prefix("Set-Cookie: "))
+        .expect("a cookie");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = format!("Cookie: {}", set.split(';').next().expect("pair"));
+    let with_cookie = http(host.edge_ops, "GET", "/api/v1/clients", &[&cookie], "").await;
+    assert_eq!(with_cookie.status, 200, "{}", with_cookie.body);
+    let forged = http(
+        host.edge_ops,
+        "GET",
+        "/api/v1/clients",
+        &["Cookie: wharf_console=00112233"],
+        "",
+    )
+    .await;
+    assert_eq!(forged.status, 401);
+    let out = http(
+        host.edge_ops,
+        "POST",
+        "/api/v1/logout",
+        &[&cookie, json],
+        "{}",
+    )
+    .await;
+    assert_eq!(out.status, 200);
+    let after = http(host.edge_ops, "GET", "/api/v1/clients", &[&cookie], "").await;
+    assert_eq!(after.status, 401, "the login ended");
+    // Failed logins are throttled: after ten in a minute, even the right password waits.
+    for _ in 0..10 {
+        http(
+            host.edge_ops,
+            "POST",
+            "/api/v1/login",
+            &[json],
+            r#"{"user": "admin", "password": "guess"}"#,
+        )
+        .await;
+    }
+    let throttled = http(host.edge_ops, "POST", "/api/v1/login", &[json], &body).await;
+    assert_eq!(throttled.status, 429, "{}", throttled.body);
     let bearer = format!("Authorization: Bearer {PASSWORD}");
     let ok = http(host.edge_ops, "GET", "/api/v1/clients", &[&bearer], "").await;
     assert_eq!(ok.status, 200, "{ok:?}");

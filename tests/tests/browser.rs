@@ -1,6 +1,6 @@
 //! A real browser: headless Chromium (Debian's `chromium`) driven by Playwright
 //! (`tests/browser`, from the npm registry). MQTT.js in a page talks to Wharf over
-//! WebSocket; the console is opened with the admin credentials. `scripts/install-deps.sh`
+//! WebSocket; the console is opened through its own login form. `scripts/install-deps.sh`
 //! installs Chromium and the npm packages.
 
 use std::path::{Path, PathBuf};
@@ -17,6 +17,10 @@ fn browser_dir() -> PathBuf {
 }
 
 async fn host(dir: &Path) -> (BrokerHost, String) {
+    host_with(dir, &[]).await
+}
+
+async fn host_with(dir: &Path, extra: &[&str]) -> (BrokerHost, String) {
     init_tracing();
     let ws = format!("127.0.0.1:{}", free_port());
     let host = BrokerHost::start_with_args(
@@ -24,7 +28,18 @@ async fn host(dir: &Path) -> (BrokerHost, String) {
         "h1",
         None,
         &[],
-        &["--ws-listen", &ws, "--admin-password", PASSWORD],
+        &[
+            "--ws-listen",
+            &ws,
+            "--admin-password",
+            PASSWORD,
+            "--admin-history-step",
+            "1",
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<&str>>(),
     )
     .await;
     (host, format!("ws://{ws}/mqtt"))
@@ -194,4 +209,15 @@ async fn the_console_traces_a_message() {
         "away-device",
     ])
     .await;
+}
+
+/// The console's own login: no browser dialog, a wrong password refused, an HttpOnly
+/// SameSite=Strict cookie that survives a reload, logout, a login lapsing unused; and its
+/// charts filling a point a step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_has_its_own_login_and_charts() {
+    let dir = TempDir::new().expect("temp dir");
+    let (host, ws_url) = host_with(dir.path(), &["--admin-session-idle", "3"]).await;
+    let ops = format!("http://{}", host.edge_ops);
+    check(&["console-login", &ws_url, &ops, PASSWORD, "3"]).await;
 }

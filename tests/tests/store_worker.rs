@@ -180,10 +180,15 @@ async fn first_subscription_gets_retained_not_history(kind: Kind) {
 /// there: a new subscriber then gets none, and nothing was published by the clearing.
 async fn the_admin_api_lists_and_clears_retained_messages(kind: Kind) {
     let s = Stack::new(kind).await;
-    let api = s.edge.as_ref().expect("edge").admin_api(AdminSettings {
-        user: "admin".into(),
-        password: "console-secret-1".into(),
-    });
+    let api = s.edge.as_ref().expect("edge").admin_api(
+        AdminSettings {
+            user: "admin".into(),
+            password: "console-secret-1".into(),
+            history_step: Duration::from_secs(10),
+            session_idle: Duration::from_secs(1800),
+        },
+        None,
+    );
     let call = |method: &str, path: &str, query: &[(&str, &str)]| {
         api(HttpRequest {
             method: method.into(),

@@ -2,7 +2,8 @@
 //! `/metrics` (Prometheus text format), `/healthz` (the process is serving) and `/readyz`
 //! (its dependencies are up: the worker link for the edge, the store for the worker).
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+pub use metrics_exporter_prometheus::PrometheusHandle;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct HttpRequest {
     pub origin: Option<String>,
     pub host: Option<String>,
     pub content_type: Option<String>,
+    /// The `Cookie` header (the console's login).
+    pub cookie: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -56,6 +59,14 @@ impl HttpRequest {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of cookie `name`, if the request carries it.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.cookie.as_deref()?.split(';').find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
     }
 }
 
@@ -123,7 +134,7 @@ pub async fn serve(
 /// What a request's head says, or why it cannot be served.
 enum Head {
     Complete {
-        request: HttpRequest,
+        request: Box<HttpRequest>,
         head_len: usize,
         body_len: usize,
     },
@@ -177,11 +188,13 @@ fn parse_head(bytes: &[u8]) -> Head {
                 request.host = value();
             } else if h.name.eq_ignore_ascii_case("content-type") {
                 request.content_type = value();
+            } else if h.name.eq_ignore_ascii_case("cookie") {
+                request.cookie = value();
             }
         }
     }
     Head::Complete {
-        request,
+        request: Box::new(request),
         head_len,
         body_len,
     }
@@ -236,7 +249,7 @@ async fn respond(
                     }
                 }
                 request.body = buf[head_len..head_len + body_len].to_vec();
-                break route(request, metrics, ready, api).await;
+                break route(*request, metrics, ready, api).await;
             }
         }
         let mut chunk = [0u8; 1024];
