@@ -324,6 +324,7 @@ impl Admin {
         match (request.method.as_str(), path, client) {
             ("GET", "/api/v1/overview", _) => self.overview(),
             ("GET", "/api/v1/history", _) => reply(200, self.history.json()),
+            ("GET", "/api/v1/cluster", _) => self.cluster().await,
             ("GET", "/api/v1/clients", _) => self.clients(&request),
             ("GET", _, Some(id)) => self.client(id),
             ("DELETE", _, Some(id)) => self.disconnect(id),
@@ -336,6 +337,7 @@ impl Admin {
             ("GET", "/api/v1/messages", _) => self.find(&request).await,
             (_, "/console" | "/api/v1/overview" | "/api/v1/clients" | "/api/v1/sessions", _)
             | (_, "/api/v1/history" | "/api/v1/login" | "/api/v1/logout", _)
+            | (_, "/api/v1/cluster", _)
             | (_, "/api/v1/retained" | "/api/v1/publish" | "/api/v1/bridges", _)
             | (_, "/api/v1/behind" | "/api/v1/messages", _)
             | (_, _, Some(_)) => error(405, "method not allowed here"),
@@ -509,6 +511,53 @@ impl Admin {
             Ok(other) => error(502, format!("unexpected reply {other:?}")),
             Err(response) => response,
         }
+    }
+
+    /// Every host of the cluster as it last reported itself through the store (every 5 s):
+    /// its edge (connections, parked sessions, rates, listeners), its worker (bytes queued for
+    /// the store, the oldest unwritten message) and what it owns (shared groups, bridges).
+    /// A host whose report is older than three periods is `reporting: false` (gone, or cut
+    /// off from its worker or the store).
+    async fn cluster(&self) -> HttpResponse {
+        let hosts = match self.ask(Request::Cluster).await {
+            Ok(Reply::Cluster { hosts }) => hosts,
+            Ok(other) => return error(502, format!("unexpected reply {other:?}")),
+            Err(response) => return response,
+        };
+        let now = wharf_shared::now_ms();
+        let mut rows: Vec<Value> = hosts
+            .iter()
+            .map(|h| {
+                let age = (now - h.written_ms).max(0);
+                let bridges: Vec<Value> = h
+                    .bridges
+                    .iter()
+                    .map(|(name, state)| json!({ "name": name, "state": state }))
+                    .collect();
+                json!({
+                    "host": h.host,
+                    "here": h.host == self.broker.config.host,
+                    "reporting": age < 3 * wharf_shared::STATUS_EVERY_MS,
+                    "reportAgeMs": age,
+                    "version": h.version,
+                    "startedAt": h.started_ms,
+                    "connections": h.connections,
+                    "parkedSessions": h.parked_sessions,
+                    "messagesInPerSec": h.messages_in_per_sec,
+                    "messagesOutPerSec": h.messages_out_per_sec,
+                    "listeners": h.listeners,
+                    "groups": h.groups,
+                    "bridges": bridges,
+                    "workerQueuedBytes": h.worker_queued_bytes,
+                    "workerOldestUnwrittenAgeMs": h.worker_oldest_unwritten_ms.map(|t| (now - t).max(0)),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
+        reply(
+            200,
+            json!({ "host": self.broker.config.host, "hosts": rows }),
+        )
     }
 
     /// Each bridge's state on this host (`standby` where another host runs it).

@@ -43,6 +43,10 @@ pub struct HotMetrics {
     received: [metrics::Counter; 3],
     sent: [metrics::Counter; 3],
     pub persist_seconds: metrics::Histogram,
+    /// Messages received and sent since start, for the cluster view's rates (the exporter's
+    /// counters cannot be read back, and there may be no exporter).
+    pub received_total: std::sync::atomic::AtomicU64,
+    pub sent_total: std::sync::atomic::AtomicU64,
 }
 
 impl HotMetrics {
@@ -59,15 +63,23 @@ impl HotMetrics {
                 |q| metrics::counter!("wharf_edge_messages_sent_total", "qos" => qos_label(q)),
             ),
             persist_seconds: metrics::histogram!("wharf_edge_persist_seconds"),
+            received_total: Default::default(),
+            sent_total: Default::default(),
         }
     }
 
-    pub fn received(&self, qos: Qos) -> &metrics::Counter {
-        &self.received[qos.as_u8() as usize]
+    /// Counts a message received from a client.
+    pub fn received(&self, qos: Qos) {
+        self.received[qos.as_u8() as usize].increment(1);
+        self.received_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub fn sent(&self, qos: Qos) -> &metrics::Counter {
-        &self.sent[qos.as_u8() as usize]
+    /// Counts a message sent to a client.
+    pub fn sent(&self, qos: Qos) {
+        self.sent[qos.as_u8() as usize].increment(1);
+        self.sent_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -1185,7 +1185,7 @@ impl Connection {
                 why: "invalid topic name in PUBLISH",
             });
         }
-        self.broker.metrics.received(p.qos).increment(1);
+        self.broker.metrics.received(p.qos);
         if p.qos == Qos::ExactlyOnce && self.out.state.has_inbound_qos2(p.pkid) {
             // A re-sent QoS 2 PUBLISH that was already stored and routed.
             encode::pubrec(&mut self.out.write_buf, self.version, p.pkid, 0);

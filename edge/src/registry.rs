@@ -253,6 +253,14 @@ impl Registry {
             .collect()
     }
 
+    /// How many sessions are parked.
+    pub fn parked_count(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|entry| matches!(entry, Entry::Parked { .. }))
+            .count()
+    }
+
     /// Forgets parked sessions whose expiry has passed; returns how many.
     pub fn expire_parked(&self, now: Instant) -> usize {
         let mut inner = self.lock();

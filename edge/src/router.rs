@@ -854,6 +854,11 @@ impl Router {
             .collect()
     }
 
+    /// How many sessions are connected.
+    pub fn session_count(&self) -> usize {
+        self.read().sessions.len()
+    }
+
     /// The connected session of `client`.
     pub fn session(&self, client: &str) -> Option<Arc<SessionTx>> {
         self.read().sessions.get(client).cloned()
@@ -1155,6 +1160,16 @@ impl Router {
     /// The keys of the groups with members on this edge.
     pub fn group_keys(&self) -> Vec<String> {
         self.read().groups.keys().map(|k| k.to_string()).collect()
+    }
+
+    /// The keys of the groups this edge delivers now (owns, where hosts share the store).
+    pub fn owned_groups(&self) -> Vec<String> {
+        self.read()
+            .groups
+            .iter()
+            .filter(|(_, g)| g.owned())
+            .map(|(k, _)| k.to_string())
+            .collect()
     }
 
     /// Whether a group new on this edge waits to hear whether it is this edge's.

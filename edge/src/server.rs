@@ -247,6 +247,69 @@ async fn route_from_other_hosts(
     }
 }
 
+/// Sends this edge's state to the worker every [`wharf_shared::STATUS_EVERY_MS`], for the
+/// cluster view (the store keeps each host's last one).
+async fn report_status(broker: Arc<Broker>, shutdown: CancellationToken) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let step = std::time::Duration::from_millis(wharf_shared::STATUS_EVERY_MS as u64);
+    let mut every = tokio::time::interval(step);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started_ms = crate::ids::now_ms();
+    let listeners: Vec<String> = broker
+        .config
+        .listener_addresses()
+        .map(|(kind, addr)| format!("{} {addr}", kind.name()))
+        .collect();
+    let mut last: Option<(std::time::Instant, u64, u64)> = None;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = std::time::Instant::now();
+        let (received, sent) = (
+            broker.metrics.received_total.load(Relaxed),
+            broker.metrics.sent_total.load(Relaxed),
+        );
+        let (rate_in, rate_out) = match last {
+            Some((at, r, s)) => {
+                let seconds = now.duration_since(at).as_secs_f64().max(0.001);
+                ((received - r) as f64 / seconds, (sent - s) as f64 / seconds)
+            }
+            None => (0.0, 0.0),
+        };
+        last = Some((now, received, sent));
+        if !broker.link.is_up() {
+            continue;
+        }
+        let status = wharf_shared::HostStatus {
+            host: broker.config.host.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_ms,
+            reported_ms: crate::ids::now_ms(),
+            connections: broker.router.session_count() as u64,
+            parked_sessions: broker.registry.parked_count() as u64,
+            messages_in_per_sec: (rate_in * 10.0).round() / 10.0,
+            messages_out_per_sec: (rate_out * 10.0).round() / 10.0,
+            listeners: listeners.clone(),
+            groups: broker.router.owned_groups(),
+            bridges: broker
+                .bridges
+                .iter()
+                .map(|b| {
+                    let state = b.status()["state"].as_str().unwrap_or("").to_owned();
+                    (b.config.name.clone(), state)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        broker
+            .link
+            .notify(wharf_shared::Notice::Status(Box::new(status)))
+            .await;
+    }
+}
+
 /// Tells the worker this edge's routes (the filters its sessions subscribe to) where hosts
 /// share the store: the whole set once per link connection, then what changed, every 50 ms.
 async fn report_routes(broker: Arc<Broker>, shutdown: CancellationToken) {
@@ -362,6 +425,7 @@ async fn run(
     tokio::spawn(route_from_other_hosts(broker.clone(), deliveries));
     tokio::spawn(crate::groups::fetch_loop(broker.clone(), shutdown.clone()));
     tokio::spawn(report_routes(broker.clone(), shutdown.clone()));
+    tokio::spawn(report_status(broker.clone(), shutdown.clone()));
     for bridge in &broker.bridges {
         tokio::spawn(crate::bridge::run(
             broker.clone(),

@@ -300,6 +300,11 @@ impl PersistQueue {
     pub fn oldest_unwritten(&self) -> Option<i64> {
         self.unwritten.oldest()
     }
+
+    /// Bytes of messages queued and not yet written (what the byte budget holds).
+    pub fn queued_bytes(&self) -> usize {
+        self.budget.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Delivery records the recorder has accepted and not yet written (or given up on), by

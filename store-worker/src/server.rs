@@ -237,6 +237,20 @@ async fn connection<S: Store>(
                 };
                 shared.record.send(deliveries).await.is_ok()
             }
+            EdgeFrame::Notice(Notice::Status(mut status)) => {
+                // Written aside, best effort: a lost report is replaced in seconds.
+                status.host = edge_host.to_string();
+                status.worker_queued_bytes = shared.persist.queued_bytes() as u64;
+                status.worker_oldest_unwritten_ms = shared.persist.oldest_unwritten();
+                status.written_ms = now_ms();
+                let store = shared.store.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.put_host_status(*status).await {
+                        tracing::debug!(error = %e, "host status not written");
+                    }
+                });
+                true
+            }
             EdgeFrame::Notice(Notice::Routes {
                 added,
                 removed,
@@ -298,6 +312,7 @@ fn route(request: Request) -> Route {
         aside @ (Request::Owed { .. }
         | Request::Sessions { .. }
         | Request::Trace { .. }
+        | Request::Cluster
         | Request::Find { .. }) => Route::Aside(aside),
         other => Route::Lane(other),
     }
@@ -438,6 +453,7 @@ fn client_of(request: &Request) -> &str {
         | Request::OwnGroups { .. }
         | Request::Sessions { .. }
         | Request::Trace { .. }
+        | Request::Cluster
         | Request::Find { .. }
         | Request::Retained { .. }
         | Request::ClearRetained { .. } => "",
@@ -669,6 +685,9 @@ async fn handle<S: Store>(
                 complete,
             }
         }
+        Request::Cluster => Reply::Cluster {
+            hosts: crate::pipeline::retry(limit, "cluster", || store.host_statuses()).await?,
+        },
         Request::Find {
             topic,
             after,

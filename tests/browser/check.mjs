@@ -14,7 +14,7 @@
 //     messages forwarded.
 //   node check.mjs console-login WS_URL OPS_URL PASSWORD IDLE
 //     The console's own login form, its cookie, reload, logout, a login lapsing after IDLE
-//     seconds unused, and the charts filling.
+//     seconds unused, the charts filling, and the cluster table listing this host.
 //   node check.mjs console-trace WS_URL OPS_URL PASSWORD TOPIC CLIENT
 //     The console's "where a message went": the one message on TOPIC is found and traced,
 //     CLIENT owing it.
@@ -198,6 +198,8 @@ try {
       const chart = document.querySelector('.chart[data-series="connections"]');
       return chart && Number(chart.dataset.points) >= 2;
     }, null, { timeout: patience });
+    // The cluster table lists this host, reporting.
+    await page.locator('#cluster tr[data-host="h1"] td.ok').waitFor({ timeout: patience });
     // A reload keeps the login.
     await page.reload();
     await page.locator("#main").waitFor({ timeout: patience });

@@ -267,6 +267,7 @@ fn notice(store: &Mutex<MockStore>, notice: Notice) {
             }
             store.routes.extend(added);
         }
+        Notice::Status(_) => {}
     }
 }
 
@@ -348,6 +349,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
         | Request::Owed { .. }
         | Request::Sessions { .. }
         | Request::Trace { .. }
+        | Request::Cluster
         | Request::Find { .. } => Reply::Failed {
             reason: "the mock worker keeps no retained messages or backlogs".into(),
             retryable: false,

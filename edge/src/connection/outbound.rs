@@ -626,7 +626,7 @@ impl Outbound {
         };
         let out = publish_out(d, pkid, dup, topic, alias);
         encode::publish(&mut self.write_buf, self.version, &out);
-        self.broker.metrics.sent(d.qos).increment(1);
+        self.broker.metrics.sent(d.qos);
     }
 
     /// The `publishedMessage` record of a delivery: for this client, or for the shared

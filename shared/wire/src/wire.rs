@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 13;
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -373,6 +373,8 @@ pub enum Request {
     /// topic matches (at most `limit`), with its delivery record or why it has none: reply
     /// [`Reply::Trace`]. (The admin API's "where a message went".)
     Trace { id: MessageId, limit: u32 },
+    /// Every host's last [`HostStatus`] in the store: reply [`Reply::Cluster`].
+    Cluster,
     /// Messages stored on exactly `topic` after `after`, oldest first, at most `limit`: reply
     /// [`Reply::Messages`]. (The admin API's message search.)
     Find {
@@ -380,6 +382,34 @@ pub enum Request {
         after: Cursor,
         limit: u32,
     },
+}
+
+/// One host's state as its edge reports it every few seconds ([`Notice::Status`]), with what
+/// its worker adds: the admin API's cluster view.
+#[derive(Encode, Decode, Clone, PartialEq, Debug, Default)]
+pub struct HostStatus {
+    pub host: String,
+    pub version: String,
+    /// When the edge started and when it made this report (Unix ms, its clock).
+    pub started_ms: i64,
+    pub reported_ms: i64,
+    pub connections: u64,
+    pub parked_sessions: u64,
+    /// Over the last report's interval.
+    pub messages_in_per_sec: f64,
+    pub messages_out_per_sec: f64,
+    /// `kind address`, as the edge listens.
+    pub listeners: Vec<String>,
+    /// The shared subscription groups this edge owns (delivers) now.
+    pub groups: Vec<String>,
+    /// Each configured bridge's name and state here (`connected`, `standby`, ...).
+    pub bridges: Vec<(String, String)>,
+    /// Filled by the worker: bytes of messages queued for the store, and the oldest queued
+    /// message's creation time.
+    pub worker_queued_bytes: u64,
+    pub worker_oldest_unwritten_ms: Option<i64>,
+    /// When the store received the report (Unix ms, the writing worker's clock).
+    pub written_ms: i64,
 }
 
 /// A stored subscription a message's topic matches, and what became of the message for it.
@@ -471,7 +501,14 @@ pub enum Notice {
         removed: Vec<String>,
         whole: bool,
     },
+    /// This edge's state, every few seconds, for the cluster view: the worker keeps the last
+    /// one of each host in the store.
+    Status(Box<HostStatus>),
 }
+
+/// How often an edge sends [`Notice::Status`]; a host whose last one is older than three of
+/// these is shown as not reporting.
+pub const STATUS_EVERY_MS: i64 = 5_000;
 
 /// How long after a worker read the routes it may still address messages by that reading
 /// (later it addresses them to every host): with [`LATE_MS`], how long a new route can go
@@ -549,6 +586,9 @@ pub enum Reply {
         message: Option<Message>,
         recipients: Vec<Recipient>,
         complete: bool,
+    },
+    Cluster {
+        hosts: Vec<HostStatus>,
     },
     /// The users and rules the store keeps.
     Auth {

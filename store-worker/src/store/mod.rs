@@ -306,6 +306,17 @@ pub trait Store: Send + Sync + 'static {
         clients: Vec<String>,
     ) -> impl Future<Output = Result<Vec<DeliveryRecord>, StoreError>> + Send;
 
+    /// Keeps `status` as its host's last report (the cluster view), stamped `written_ms`.
+    fn put_host_status(
+        &self,
+        status: wharf_shared::HostStatus,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every host's last report, as kept by [`Store::put_host_status`].
+    fn host_statuses(
+        &self,
+    ) -> impl Future<Output = Result<Vec<wharf_shared::HostStatus>, StoreError>> + Send;
+
     /// Which of `ids` have a delivery record for the client.
     fn delivered_among(
         &self,

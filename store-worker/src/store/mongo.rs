@@ -825,7 +825,7 @@ impl RouteStore for MongoStore {
     }
 
     async fn heartbeats(&self) -> Result<HashMap<String, i64>, StoreError> {
-        let docs = all(self.hosts.find(doc! {})).await?;
+        let docs = all(self.hosts.find(doc! {}).projection(doc! { "alive": 1 })).await?;
         Ok(docs
             .iter()
             .filter_map(|d| {
@@ -1586,6 +1586,94 @@ impl Store for MongoStore {
                     owed: 0,
                     owed_complete: true,
                     oldest_owed_ms: None,
+                })
+            })
+            .collect())
+    }
+
+    async fn put_host_status(&self, status: wharf_shared::HostStatus) -> Result<(), StoreError> {
+        let s = &status;
+        let bridges: Vec<Document> = s
+            .bridges
+            .iter()
+            .map(|(name, state)| doc! { "name": name, "state": state })
+            .collect();
+        let report = doc! {
+            "version": &s.version,
+            "started": DateTime::from_millis(s.started_ms),
+            "reported": DateTime::from_millis(s.reported_ms),
+            "connections": s.connections as i64,
+            "parkedSessions": s.parked_sessions as i64,
+            "messagesInPerSec": s.messages_in_per_sec,
+            "messagesOutPerSec": s.messages_out_per_sec,
+            "listeners": &s.listeners,
+            "groups": &s.groups,
+            "bridges": bridges,
+            "workerQueuedBytes": s.worker_queued_bytes as i64,
+            "workerOldestUnwritten": s.worker_oldest_unwritten_ms.map(DateTime::from_millis),
+        };
+        self.hosts
+            .update_one(
+                doc! { "_id": &s.host },
+                doc! { "$set": { "status": report, "statusWritten": DateTime::now() } },
+            )
+            .upsert(true)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn host_statuses(&self) -> Result<Vec<wharf_shared::HostStatus>, StoreError> {
+        let docs = all(self.hosts.find(doc! { "status": { "$exists": true } })).await?;
+        let ms = |d: &Document, k: &str| d.get_datetime(k).ok().map(|t| t.timestamp_millis());
+        let count = |d: &Document, k: &str| {
+            d.get_i64(k)
+                .ok()
+                .or_else(|| d.get_i32(k).ok().map(i64::from))
+                .unwrap_or(0)
+                .max(0) as u64
+        };
+        let strings = |d: &Document, k: &str| -> Vec<String> {
+            d.get_array(k)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                let r = d.get_document("status").ok()?;
+                Some(wharf_shared::HostStatus {
+                    host: d.get_str("_id").ok()?.to_owned(),
+                    version: r.get_str("version").unwrap_or("").to_owned(),
+                    started_ms: ms(r, "started").unwrap_or(0),
+                    reported_ms: ms(r, "reported").unwrap_or(0),
+                    connections: count(r, "connections"),
+                    parked_sessions: count(r, "parkedSessions"),
+                    messages_in_per_sec: r.get_f64("messagesInPerSec").unwrap_or(0.0),
+                    messages_out_per_sec: r.get_f64("messagesOutPerSec").unwrap_or(0.0),
+                    listeners: strings(r, "listeners"),
+                    groups: strings(r, "groups"),
+                    bridges: r
+                        .get_array("bridges")
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|b| {
+                                    let b = b.as_document()?;
+                                    Some((
+                                        b.get_str("name").ok()?.to_owned(),
+                                        b.get_str("state").ok()?.to_owned(),
+                                    ))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    worker_queued_bytes: count(r, "workerQueuedBytes"),
+                    worker_oldest_unwritten_ms: ms(r, "workerOldestUnwritten"),
+                    written_ms: ms(d, "statusWritten").unwrap_or(0),
                 })
             })
             .collect())

@@ -464,6 +464,9 @@ fn decode_block(data: &[u8]) -> rusqlite::Result<Vec<Message>> {
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// The hosts' last reports: one host uses this store, and its edge reports again within
+    /// seconds of a restart, so they are not written to the file.
+    statuses: Arc<Mutex<std::collections::HashMap<String, wharf_shared::HostStatus>>>,
 }
 
 fn failed(e: rusqlite::Error) -> StoreError {
@@ -537,6 +540,7 @@ impl SqliteStore {
         migrate(&mut conn).map_err(failed)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            statuses: Default::default(),
         })
     }
 
@@ -1127,6 +1131,17 @@ impl Store for SqliteStore {
             rows.collect()
         })
         .await
+    }
+
+    async fn put_host_status(&self, status: wharf_shared::HostStatus) -> Result<(), StoreError> {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        statuses.insert(status.host.clone(), status);
+        Ok(())
+    }
+
+    async fn host_statuses(&self) -> Result<Vec<wharf_shared::HostStatus>, StoreError> {
+        let statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(statuses.values().cloned().collect())
     }
 
     async fn message_by_id(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
