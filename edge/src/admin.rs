@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wharf_ops::http::{Api, HttpRequest, HttpResponse, PrometheusHandle};
-use wharf_shared::{Message, Qos, Reply, Request};
+use wharf_shared::{Message, Qos, Reply, Request, StoredRule, StoredUser};
 
 /// The console: one page of HTML and JavaScript, shipped in the binary.
 const CONSOLE: &str = include_str!("admin/console.html");
@@ -299,7 +299,7 @@ impl Admin {
             }
             _ => {}
         }
-        if self.proof(&request).is_none() {
+        let Some(proof) = self.proof(&request) else {
             metrics::counter!("wharf_edge_admin_unauthorized_total").increment(1);
             // A Bearer challenge, not Basic: a browser would answer Basic with its own
             // password dialog over the console's login form. Basic credentials sent
@@ -309,7 +309,7 @@ impl Admin {
                 .headers
                 .push(("WWW-Authenticate", "Bearer realm=\"wharf\"".to_owned()));
             return response;
-        }
+        };
         if let Some(refused) = cross_site(&request) {
             metrics::counter!("wharf_edge_admin_cross_site_refused_total").increment(1);
             return refused;
@@ -320,11 +320,22 @@ impl Admin {
                 _ => error(405, "method not allowed here"),
             };
         }
+        if let Some(name) = path.strip_prefix("/api/v1/users/") {
+            return match request.method.as_str() {
+                "PUT" => self.put_user(name, &request, proof).await,
+                "DELETE" => self.delete_user(name, &request, proof).await,
+                _ => error(405, "method not allowed here"),
+            };
+        }
         let client = path.strip_prefix("/api/v1/clients/");
         match (request.method.as_str(), path, client) {
             ("GET", "/api/v1/overview", _) => self.overview(),
             ("GET", "/api/v1/history", _) => reply(200, self.history.json()),
             ("GET", "/api/v1/cluster", _) => self.cluster().await,
+            ("GET", "/api/v1/users", _) => self.users().await,
+            ("GET", "/api/v1/rules", _) => self.rules().await,
+            ("POST", "/api/v1/rules", _) => self.add_rule(&request, proof).await,
+            ("DELETE", "/api/v1/rules", _) => self.remove_rule(&request, proof).await,
             ("GET", "/api/v1/clients", _) => self.clients(&request),
             ("GET", _, Some(id)) => self.client(id),
             ("DELETE", _, Some(id)) => self.disconnect(id),
@@ -337,7 +348,7 @@ impl Admin {
             ("GET", "/api/v1/messages", _) => self.find(&request).await,
             (_, "/console" | "/api/v1/overview" | "/api/v1/clients" | "/api/v1/sessions", _)
             | (_, "/api/v1/history" | "/api/v1/login" | "/api/v1/logout", _)
-            | (_, "/api/v1/cluster", _)
+            | (_, "/api/v1/cluster" | "/api/v1/users" | "/api/v1/rules", _)
             | (_, "/api/v1/retained" | "/api/v1/publish" | "/api/v1/bridges", _)
             | (_, "/api/v1/behind" | "/api/v1/messages", _)
             | (_, _, Some(_)) => error(405, "method not allowed here"),
@@ -558,6 +569,236 @@ impl Admin {
             200,
             json!({ "host": self.broker.config.host, "hosts": rows }),
         )
+    }
+
+    /// Who made a change, for the store's document and the log: the admin user, how it
+    /// proved it, and from where.
+    fn who(&self, request: &HttpRequest, proof: Proof) -> String {
+        let how = match proof {
+            Proof::Credentials => "credentials",
+            Proof::Cookie => "console login",
+        };
+        let from = request
+            .peer
+            .map_or_else(|| "?".to_owned(), |p| p.ip().to_string());
+        format!(
+            "{} ({how}, from {from}, via {})",
+            self.user, self.broker.config.host
+        )
+    }
+
+    /// The users or rules in the store can be changed here only when this edge reads them
+    /// from the store (`--store-users`, `--store-acl`; MongoDB).
+    fn store_auth(&self, users: bool) -> Result<(), HttpResponse> {
+        let settings = self.broker.auth.settings();
+        let on = if users {
+            settings.store_users
+        } else {
+            settings.store_rules
+        };
+        if on {
+            Ok(())
+        } else {
+            Err(error(
+                409,
+                if users {
+                    "this edge does not read users from the store (MongoDB backend, --store-users true)"
+                } else {
+                    "this edge does not read rules from the store (MongoDB backend, --store-acl true)"
+                },
+            ))
+        }
+    }
+
+    async fn load_auth(
+        &self,
+        users: bool,
+    ) -> Result<(Vec<StoredUser>, Vec<StoredRule>), HttpResponse> {
+        self.store_auth(users)?;
+        match self
+            .ask(Request::LoadAuth {
+                users,
+                rules: !users,
+            })
+            .await?
+        {
+            Reply::Auth { users, rules } => Ok((users, rules)),
+            other => Err(error(502, format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The users in the store: names, whether superusers, and their hashes' kinds (never
+    /// the hashes).
+    async fn users(&self) -> HttpResponse {
+        let (mut users, _) = match self.load_auth(true).await {
+            Ok(found) => found,
+            Err(response) => return response,
+        };
+        users.sort_by(|a, b| a.username.cmp(&b.username));
+        let rows: Vec<Value> = users
+            .iter()
+            .map(|u| {
+                json!({
+                    "username": u.username,
+                    "superuser": u.superuser,
+                    "hash": hash_kind(&u.password_hash),
+                })
+            })
+            .collect();
+        reply(200, json!({ "users": rows }))
+    }
+
+    /// `PUT /api/v1/users/{name}` with `{"password", "superuser"}`: adds the user or replaces
+    /// its password and flag, stored as an argon2id hash. Effective on every edge at its next
+    /// read of the store (every 2 s).
+    async fn put_user(&self, name: &str, request: &HttpRequest, proof: Proof) -> HttpResponse {
+        if let Err(response) = self.store_auth(true) {
+            return response;
+        }
+        if name.is_empty() || name.chars().any(char::is_control) || name.len() > 256 {
+            return error(
+                400,
+                "a user name is 1 to 256 characters, none of them control characters",
+            );
+        }
+        let body: Value = match serde_json::from_slice(&request.body) {
+            Ok(v) => v,
+            Err(e) => return error(400, format!("JSON body expected: {e}")),
+        };
+        let Some(password) = body["password"].as_str() else {
+            return error(400, "\"password\" (a string) is required");
+        };
+        if password.len() < 8 {
+            return error(400, "a password has at least 8 characters");
+        }
+        let superuser = match &body["superuser"] {
+            Value::Null => false,
+            Value::Bool(b) => *b,
+            _ => return error(400, "\"superuser\" is true or false"),
+        };
+        let password = password.to_owned();
+        let hash = match tokio::task::spawn_blocking(move || {
+            crate::auth::password::Hash::new_argon2id(password.as_bytes())
+        })
+        .await
+        {
+            Ok(Ok(hash)) => hash.to_string(),
+            Ok(Err(e)) => return error(500, e),
+            Err(e) => return error(500, e),
+        };
+        let user = StoredUser {
+            username: name.to_owned(),
+            password_hash: hash,
+            salt: None,
+            superuser,
+        };
+        let by = self.who(request, proof);
+        match self
+            .ask(Request::PutUser {
+                user,
+                by: by.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(user = %name, superuser, %by, "user set through the admin API");
+                metrics::counter!("wharf_edge_admin_changes_total", "what" => "user").increment(1);
+                reply(200, json!({ "username": name, "superuser": superuser }))
+            }
+            Err(response) => response,
+        }
+    }
+
+    async fn delete_user(&self, name: &str, request: &HttpRequest, proof: Proof) -> HttpResponse {
+        if let Err(response) = self.store_auth(true) {
+            return response;
+        }
+        let by = self.who(request, proof);
+        let ask = Request::DeleteUser {
+            username: name.to_owned(),
+            by: by.clone(),
+        };
+        match self.ask(ask).await {
+            Ok(_) => {
+                tracing::info!(user = %name, %by, "user removed through the admin API");
+                metrics::counter!("wharf_edge_admin_changes_total", "what" => "user").increment(1);
+                reply(200, json!({ "removed": name }))
+            }
+            Err(response) => response,
+        }
+    }
+
+    /// The rules in the store, as read (EMQX's shape).
+    async fn rules(&self) -> HttpResponse {
+        let (_, rules) = match self.load_auth(false).await {
+            Ok(found) => found,
+            Err(response) => return response,
+        };
+        let rows: Vec<Value> = rules.iter().map(rule_json).collect();
+        reply(200, json!({ "rules": rows }))
+    }
+
+    /// `POST /api/v1/rules` with `{"username"?, "clientid"?, "permission", "action",
+    /// "topics"}`: checked as every edge will read it (a rule that would make the store's set
+    /// unusable is refused with the reason), then added.
+    async fn add_rule(&self, request: &HttpRequest, proof: Proof) -> HttpResponse {
+        if let Err(response) = self.store_auth(false) {
+            return response;
+        }
+        let rule = match rule_of_body(&request.body) {
+            Ok(rule) => rule,
+            Err(why) => return error(400, why),
+        };
+        let added = rule.clone();
+        if let Err(e) = self
+            .broker
+            .auth
+            .check_store_change(move |store| store.rules.push(added))
+        {
+            return error(400, format!("refused: {e}"));
+        }
+        let by = self.who(request, proof);
+        match self
+            .ask(Request::PutRule {
+                rule: rule.clone(),
+                by: by.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(?rule, %by, "rule added through the admin API");
+                metrics::counter!("wharf_edge_admin_changes_total", "what" => "rule").increment(1);
+                reply(200, json!({ "added": rule_json(&rule) }))
+            }
+            Err(response) => response,
+        }
+    }
+
+    /// `DELETE /api/v1/rules` with the rule's fields as `GET` lists them: removes the rules
+    /// with exactly those fields.
+    async fn remove_rule(&self, request: &HttpRequest, proof: Proof) -> HttpResponse {
+        if let Err(response) = self.store_auth(false) {
+            return response;
+        }
+        let rule = match rule_of_body(&request.body) {
+            Ok(rule) => rule,
+            Err(why) => return error(400, why),
+        };
+        let by = self.who(request, proof);
+        match self
+            .ask(Request::DeleteRule {
+                rule: rule.clone(),
+                by: by.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(?rule, %by, "rule removed through the admin API");
+                metrics::counter!("wharf_edge_admin_changes_total", "what" => "rule").increment(1);
+                reply(200, json!({ "removed": rule_json(&rule) }))
+            }
+            Err(response) => response,
+        }
     }
 
     /// Each bridge's state on this host (`standby` where another host runs it).
@@ -811,6 +1052,79 @@ fn message_json(m: &Message, most: usize) -> Value {
         "host": m.host,
         "createdAt": m.created_ms,
     })
+}
+
+/// A rule as the API shows it (EMQX's field names).
+fn rule_json(r: &StoredRule) -> Value {
+    json!({
+        "username": r.username,
+        "clientid": r.client_id,
+        "permission": r.permission,
+        "action": r.action,
+        "topics": r.topics,
+    })
+}
+
+/// A rule from a request's JSON body: `permission` allow/deny, `action`
+/// publish/subscribe/all, `topics` a non-empty list of strings, `username` and `clientid`
+/// strings when given; no other fields.
+fn rule_of_body(body: &[u8]) -> Result<StoredRule, String> {
+    let body: Value =
+        serde_json::from_slice(body).map_err(|e| format!("JSON body expected: {e}"))?;
+    let Some(fields) = body.as_object() else {
+        return Err("a rule is a JSON object".into());
+    };
+    if let Some(unknown) = fields.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "username" | "clientid" | "permission" | "action" | "topics"
+        )
+    }) {
+        return Err(format!("unknown field {unknown:?}"));
+    }
+    let optional = |name: &str| match &body[name] {
+        Value::Null => Ok(None),
+        Value::String(s) if !s.is_empty() => Ok(Some(s.clone())),
+        _ => Err(format!("\"{name}\" is a non-empty string when given")),
+    };
+    let permission = body["permission"].as_str().unwrap_or("");
+    if !matches!(permission, "allow" | "deny") {
+        return Err("\"permission\" is \"allow\" or \"deny\"".into());
+    }
+    let action = body["action"].as_str().unwrap_or("");
+    if !matches!(action, "publish" | "subscribe" | "all") {
+        return Err("\"action\" is \"publish\", \"subscribe\" or \"all\"".into());
+    }
+    let topics: Option<Vec<String>> = body["topics"]
+        .as_array()
+        .map(|t| t.iter().map(|t| t.as_str().map(str::to_owned)).collect())
+        .unwrap_or(None);
+    let topics = match topics {
+        Some(t) if !t.is_empty() && t.iter().all(|t| !t.is_empty()) => t,
+        _ => return Err("\"topics\" is a non-empty list of non-empty strings".into()),
+    };
+    Ok(StoredRule {
+        username: optional("username")?,
+        client_id: optional("clientid")?,
+        permission: permission.to_owned(),
+        action: action.to_owned(),
+        topics,
+    })
+}
+
+/// The kind of a stored password hash, for the user list.
+fn hash_kind(hash: &str) -> &'static str {
+    if hash.starts_with("$argon2") {
+        "argon2"
+    } else if hash.starts_with("$2") {
+        "bcrypt"
+    } else if hash.starts_with("$7$") {
+        "pbkdf2-sha512"
+    } else if hash.starts_with("$6$") {
+        "sha512 (salted)"
+    } else {
+        "digest"
+    }
 }
 
 /// A page's `next` (`<created ms>-<id hex>`) as a cursor.

@@ -454,6 +454,10 @@ fn client_of(request: &Request) -> &str {
         | Request::Sessions { .. }
         | Request::Trace { .. }
         | Request::Cluster
+        | Request::PutUser { .. }
+        | Request::DeleteUser { .. }
+        | Request::PutRule { .. }
+        | Request::DeleteRule { .. }
         | Request::Find { .. }
         | Request::Retained { .. }
         | Request::ClearRetained { .. } => "",
@@ -684,6 +688,49 @@ async fn handle<S: Store>(
                 recipients,
                 complete,
             }
+        }
+        Request::PutUser { user, by } => {
+            let name = user.username.clone();
+            crate::pipeline::retry(limit, "put user", || {
+                store.put_user(user.clone(), by.clone())
+            })
+            .await?;
+            tracing::info!(user = %name, %by, "user added or changed in the store");
+            Reply::Done
+        }
+        Request::DeleteUser { username, by } => {
+            let found = crate::pipeline::retry(limit, "delete user", || {
+                store.delete_user(username.clone(), by.clone())
+            })
+            .await?;
+            if !found {
+                return Err(StoreError::Failed(format!(
+                    "no user {username:?} in the store"
+                )));
+            }
+            tracing::info!(user = %username, %by, "user removed from the store");
+            Reply::Done
+        }
+        Request::PutRule { rule, by } => {
+            crate::pipeline::retry(limit, "put rule", || {
+                store.put_rule(rule.clone(), by.clone())
+            })
+            .await?;
+            tracing::info!(?rule, %by, "rule added to the store");
+            Reply::Done
+        }
+        Request::DeleteRule { rule, by } => {
+            let removed = crate::pipeline::retry(limit, "delete rule", || {
+                store.delete_rule(rule.clone(), by.clone())
+            })
+            .await?;
+            if removed == 0 {
+                return Err(StoreError::Failed(
+                    "no rule with exactly these fields".into(),
+                ));
+            }
+            tracing::info!(?rule, removed, %by, "rule removed from the store");
+            Reply::Done
         }
         Request::Cluster => Reply::Cluster {
             hosts: crate::pipeline::retry(limit, "cluster", || store.host_statuses()).await?,

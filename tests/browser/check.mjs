@@ -15,6 +15,8 @@
 //   node check.mjs console-login WS_URL OPS_URL PASSWORD IDLE
 //     The console's own login form, its cookie, reload, logout, a login lapsing after IDLE
 //     seconds unused, the charts filling, and the cluster table listing this host.
+//   node check.mjs console-auth WS_URL OPS_URL PASSWORD
+//     Users and rules in MongoDB added and removed from the console (two hosts listed).
 //   node check.mjs console-trace WS_URL OPS_URL PASSWORD TOPIC CLIENT
 //     The console's "where a message went": the one message on TOPIC is found and traced,
 //     CLIENT owing it.
@@ -218,6 +220,32 @@ try {
     await idlePage.goto(opsUrl + "/console");
     await idlePage.locator("#login").waitFor({ timeout: patience });
     if (dialogs) throw new Error(dialogs + " browser dialogs");
+  } else if (mode === "console-auth") {
+    // Users and rules in MongoDB from the console: a user added, listed, a rule added and
+    // removed, the user removed; the cluster table lists both hosts.
+    const [opsUrl, password] = rest;
+    const page = await openConsole(opsUrl, password);
+    await page.locator('#cluster tr[data-host="h1"]').waitFor({ timeout: patience });
+    await page.locator('#cluster tr[data-host="h2"]').waitFor({ timeout: patience });
+    await page.click("#auth-load");
+    await page.fill("#u-name", "browser-user");
+    await page.fill("#u-password", "browser-user-pw");
+    await page.click('#user-form button[type="submit"]');
+    const user = page.locator('#users tr[data-user="browser-user"]');
+    await user.waitFor({ timeout: patience });
+    await page.fill("#r-user", "browser-user");
+    await page.selectOption("#r-action", "subscribe");
+    await page.fill("#r-topics", "cmd/${username}");
+    await page.click('#rule-form button[type="submit"]');
+    const rule = page.locator('#rules tr[data-rule="cmd/${username}"]');
+    await rule.waitFor({ timeout: patience });
+    await page.fill("#r-topics", "bad/#/filter");
+    await page.click('#rule-form button[type="submit"]');
+    await page.locator("#r-result.bad", { hasText: "refused" }).waitFor({ timeout: patience });
+    await rule.locator("button").click();
+    await rule.waitFor({ state: "detached", timeout: patience });
+    await user.locator("button").click();
+    await user.waitFor({ state: "detached", timeout: patience });
   } else if (mode === "console-bridge") {
     // A bridge's row: connected, with what it forwarded counted.
     const [opsUrl, password, forwarded] = rest;

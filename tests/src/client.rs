@@ -20,6 +20,8 @@ pub struct Options {
     pub keep_alive: Duration,
     pub will: Option<LastWill>,
     pub inflight: u16,
+    /// User name and password.
+    pub credentials: Option<(String, String)>,
 }
 
 impl Default for Options {
@@ -30,6 +32,7 @@ impl Default for Options {
             keep_alive: Duration::from_secs(30),
             will: None,
             inflight: 100,
+            credentials: None,
         }
     }
 }
@@ -65,6 +68,9 @@ impl Client {
         options.set_inflight(o.inflight);
         if let Some(will) = o.will {
             options.set_last_will(will);
+        }
+        if let Some((user, password)) = o.credentials {
+            options.set_credentials(user, password);
         }
         if let Some(tls) = o.tls {
             options.set_transport(rumqttc::Transport::tls_with_config(

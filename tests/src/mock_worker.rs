@@ -350,6 +350,10 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
         | Request::Sessions { .. }
         | Request::Trace { .. }
         | Request::Cluster
+        | Request::PutUser { .. }
+        | Request::DeleteUser { .. }
+        | Request::PutRule { .. }
+        | Request::DeleteRule { .. }
         | Request::Find { .. } => Reply::Failed {
             reason: "the mock worker keeps no retained messages or backlogs".into(),
             retryable: false,

@@ -221,3 +221,24 @@ async fn the_console_has_its_own_login_and_charts() {
     let ops = format!("http://{}", host.edge_ops);
     check(&["console-login", &ws_url, &ops, PASSWORD, "3"]).await;
 }
+
+/// Users and rules in MongoDB from the console, on a two-host cluster (both in its cluster
+/// table); a malformed rule refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_edits_users_and_rules_in_mongodb() {
+    init_tracing();
+    let dir = TempDir::new().expect("temp dir");
+    let mongo = wharf_tests::mongo::Secantus::start(dir.path()).await;
+    let edge = [
+        "--admin-password",
+        PASSWORD,
+        "--store-users",
+        "true",
+        "--store-acl",
+        "true",
+    ];
+    let h1 = BrokerHost::start_with_args(dir.path(), "h1", Some(mongo.uri()), &[], &edge).await;
+    let _h2 = BrokerHost::start_with_args(dir.path(), "h2", Some(mongo.uri()), &[], &edge).await;
+    let ops = format!("http://{}", h1.edge_ops);
+    check(&["console-auth", "-", &ops, PASSWORD]).await;
+}

@@ -184,7 +184,7 @@ fn read_file<T, E: std::fmt::Display>(
 }
 
 /// The users and rules last read from the store.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StoreAuth {
     pub users: Vec<wharf_shared::StoredUser>,
     pub rules: Vec<wharf_shared::StoredRule>,
@@ -431,6 +431,31 @@ impl Auth {
         *self.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot);
         self.swap(policy);
         Ok(())
+    }
+
+    /// Whether the users and rules last read from the store still make a policy with
+    /// `change` applied: the admin API checks a change so before it writes it, so that one
+    /// bad rule never makes the whole set refused.
+    pub fn check_store_change(
+        &self,
+        change: impl FnOnce(&mut StoreAuth),
+    ) -> Result<(), ConfigError> {
+        let mut snapshot = self
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .cloned()
+            .unwrap_or_default();
+        change(&mut snapshot);
+        let settings = self.settings();
+        if settings.store_rules {
+            // A set the edges cannot read is not an error to `Policy::load` (it keeps the
+            // rules in force): asked here directly.
+            Acl::from_documents(&snapshot.rules)
+                .map_err(|e| ConfigError::new("rules", "(the store's)", e))?;
+        }
+        Policy::load(&settings, Some(&snapshot), None).map(|_| ())
     }
 
     fn digest(&self, password: &[u8]) -> [u8; 32] {

@@ -49,6 +49,8 @@ pub struct HttpRequest {
     pub content_type: Option<String>,
     /// The `Cookie` header (the console's login).
     pub cookie: Option<String>,
+    /// The connection's other end (who made a change, in the admin API's log).
+    pub peer: Option<std::net::SocketAddr>,
     pub body: Vec<u8>,
 }
 
@@ -249,6 +251,7 @@ async fn respond(
                     }
                 }
                 request.body = buf[head_len..head_len + body_len].to_vec();
+                request.peer = stream.peer_addr().ok();
                 break route(*request, metrics, ready, api).await;
             }
         }

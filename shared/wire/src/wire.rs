@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 14;
+pub const PROTOCOL_VERSION: u32 = 15;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -375,6 +375,15 @@ pub enum Request {
     Trace { id: MessageId, limit: u32 },
     /// Every host's last [`HostStatus`] in the store: reply [`Reply::Cluster`].
     Cluster,
+    /// Adds or replaces a user in the store's users collection (`by`: who asked, kept on
+    /// the document): reply `Done`. (The admin API; MongoDB only.)
+    PutUser { user: StoredUser, by: String },
+    /// Removes a user: reply `Done`, or `Failed` when there is none of that name.
+    DeleteUser { username: String, by: String },
+    /// Adds a rule to the store's authorization collection: reply `Done`.
+    PutRule { rule: StoredRule, by: String },
+    /// Removes the rules with exactly these fields: reply `Done`, or `Failed` when none has.
+    DeleteRule { rule: StoredRule, by: String },
     /// Messages stored on exactly `topic` after `after`, oldest first, at most `limit`: reply
     /// [`Reply::Messages`]. (The admin API's message search.)
     Find {

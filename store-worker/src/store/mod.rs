@@ -306,6 +306,34 @@ pub trait Store: Send + Sync + 'static {
         clients: Vec<String>,
     ) -> impl Future<Output = Result<Vec<DeliveryRecord>, StoreError>> + Send;
 
+    /// Adds or replaces the user of `user.username` (`by`: who asked, kept with it).
+    fn put_user(
+        &self,
+        user: StoredUser,
+        by: String,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the user `username`; `Ok(false)` when there was none.
+    fn delete_user(
+        &self,
+        username: String,
+        by: String,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Adds an authorization rule (`by`: who asked, kept with it).
+    fn put_rule(
+        &self,
+        rule: StoredRule,
+        by: String,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the rules with exactly `rule`'s fields; how many it removed.
+    fn delete_rule(
+        &self,
+        rule: StoredRule,
+        by: String,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Keeps `status` as its host's last report (the cluster view), stamped `written_ms`.
     fn put_host_status(
         &self,

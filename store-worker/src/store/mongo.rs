@@ -133,6 +133,19 @@ fn rule_of(doc: &Document) -> StoredRule {
     }
 }
 
+/// A filter document's plain equalities (fields not starting with `$` whose values are not
+/// operator documents): what a document must hold for the filter to select it.
+fn plain_fields(filter: &Document) -> Document {
+    filter
+        .iter()
+        .filter(|(k, v)| {
+            !k.starts_with('$')
+                && !matches!(v, Bson::Document(d) if d.keys().any(|k| k.starts_with('$')))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 fn truthy(doc: &Document, field: &str) -> bool {
     match doc.get(field) {
         Some(Bson::Boolean(b)) => *b,
@@ -1589,6 +1602,103 @@ impl Store for MongoStore {
                 })
             })
             .collect())
+    }
+
+    async fn put_user(&self, user: StoredUser, by: String) -> Result<(), StoreError> {
+        let a = &*self.auth;
+        // The collection's filter's plain fields go on the document too, so that a user added
+        // here is one the filter selects (an upsert copies the query's equalities).
+        let mut query = plain_fields(&a.users_filter);
+        query.insert(&a.username_field, &user.username);
+        let mut set = Document::new();
+        set.insert(&a.password_hash_field, &user.password_hash);
+        set.insert(&a.superuser_field, user.superuser);
+        set.insert("updatedBy", &by);
+        set.insert("updated", DateTime::now());
+        let mut unset = Document::new();
+        match &user.salt {
+            Some(salt) => {
+                set.insert(&a.salt_field, salt);
+            }
+            None => {
+                unset.insert(&a.salt_field, "");
+            }
+        }
+        let mut update = doc! { "$set": set };
+        if !unset.is_empty() {
+            update.insert("$unset", unset);
+        }
+        self.db
+            .collection::<Document>(&a.users)
+            .update_one(query, update)
+            .upsert(true)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn delete_user(&self, username: String, _by: String) -> Result<bool, StoreError> {
+        let a = &*self.auth;
+        let mut query = a.users_filter.clone();
+        query.insert(&a.username_field, &username);
+        let deleted = self
+            .db
+            .collection::<Document>(&a.users)
+            .delete_many(query)
+            .await
+            .map_err(classify)?;
+        Ok(deleted.deleted_count > 0)
+    }
+
+    async fn put_rule(&self, rule: StoredRule, by: String) -> Result<(), StoreError> {
+        let a = &*self.auth;
+        let mut document = plain_fields(&a.rules_filter);
+        if let Some(username) = &rule.username {
+            document.insert("username", username);
+        }
+        if let Some(client_id) = &rule.client_id {
+            document.insert("clientid", client_id);
+        }
+        document.insert("permission", &rule.permission);
+        document.insert("action", &rule.action);
+        document.insert("topics", &rule.topics);
+        document.insert("createdBy", &by);
+        document.insert("created", DateTime::now());
+        self.db
+            .collection::<Document>(&a.rules)
+            .insert_one(document)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn delete_rule(&self, rule: StoredRule, _by: String) -> Result<u64, StoreError> {
+        let a = &*self.auth;
+        let mut query = a.rules_filter.clone();
+        // `null` also matches a missing field; EMQX 4 documents name one topic as `topic`.
+        query.insert(
+            "username",
+            rule.username.as_deref().map_or(Bson::Null, Bson::from),
+        );
+        query.insert(
+            "clientid",
+            rule.client_id.as_deref().map_or(Bson::Null, Bson::from),
+        );
+        query.insert("permission", &rule.permission);
+        query.insert("action", &rule.action);
+        let mut topics = vec![doc! { "topics": &rule.topics }];
+        if let [one] = rule.topics.as_slice() {
+            topics.push(doc! { "topics": { "$exists": false }, "topic": one });
+            topics.push(doc! { "topics": one });
+        }
+        query.insert("$or", topics);
+        let deleted = self
+            .db
+            .collection::<Document>(&a.rules)
+            .delete_many(query)
+            .await
+            .map_err(classify)?;
+        Ok(deleted.deleted_count)
     }
 
     async fn put_host_status(&self, status: wharf_shared::HostStatus) -> Result<(), StoreError> {

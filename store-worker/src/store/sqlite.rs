@@ -461,6 +461,11 @@ fn decode_block(data: &[u8]) -> rusqlite::Result<Vec<Message>> {
     })
 }
 
+/// Why the embedded store refuses to keep users and rules (a password and a rule file do
+/// that on one machine).
+const STORE_AUTH_MONGODB: &str =
+    "users and rules are kept in the store with the MongoDB backend only (here: a password file and a rule file)";
+
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -1131,6 +1136,22 @@ impl Store for SqliteStore {
             rows.collect()
         })
         .await
+    }
+
+    async fn put_user(&self, _: StoredUser, _: String) -> Result<(), StoreError> {
+        Err(StoreError::Failed(STORE_AUTH_MONGODB.into()))
+    }
+
+    async fn delete_user(&self, _: String, _: String) -> Result<bool, StoreError> {
+        Err(StoreError::Failed(STORE_AUTH_MONGODB.into()))
+    }
+
+    async fn put_rule(&self, _: StoredRule, _: String) -> Result<(), StoreError> {
+        Err(StoreError::Failed(STORE_AUTH_MONGODB.into()))
+    }
+
+    async fn delete_rule(&self, _: StoredRule, _: String) -> Result<u64, StoreError> {
+        Err(StoreError::Failed(STORE_AUTH_MONGODB.into()))
     }
 
     async fn put_host_status(&self, status: wharf_shared::HostStatus) -> Result<(), StoreError> {
