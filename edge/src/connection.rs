@@ -1809,6 +1809,63 @@ mod tests {
     use std::time::Duration;
     use tokio::net::{TcpListener, TcpStream};
 
+    /// What every idle connection costs beside its socket: the connection task's future
+    /// (the largest state it can suspend in: the run loop with `Connection` inside it), and
+    /// the session's queue in the router. Turning one of the boxed steps back into a plain
+    /// `.await` (1,992 bytes instead of 488), or a field added to `Connection`, shows here
+    /// first. The bounds leave about a quarter for other compilers' layouts; raise one only
+    /// with a reason and a run of `bench/idle-subscribed.sh` (the 2 KiB target).
+    #[tokio::test]
+    async fn an_idle_connection_costs_what_it_did() {
+        let config = crate::EdgeConfig {
+            listen: None,
+            tls: None,
+            web: Default::default(),
+            proxy: Default::default(),
+            worker_socket: std::env::temp_dir().join("wharf-size-guard-no-worker.sock"),
+            host: "size-guard".into(),
+            limits: crate::Limits::default(),
+            shutdown_grace: Duration::from_secs(1),
+            auth: Default::default(),
+            publisher_identity: None,
+            bridges: Vec::new(),
+        };
+        let shutdown = CancellationToken::new();
+        let (deliveries, _rx) = tokio::sync::mpsc::channel(1);
+        let (link, _task) = crate::link::Link::spawn(
+            crate::link::LinkConfig {
+                socket: config.worker_socket.clone(),
+                host: config.host.clone(),
+                instance: "size-guard".into(),
+                max_held: 16,
+            },
+            deliveries,
+            shutdown.clone(),
+        );
+        let auth = Arc::new(
+            crate::auth::Auth::load(Default::default(), Duration::from_secs(1)).expect("auth"),
+        );
+        let broker = Arc::new(Broker::new(config, link, auth));
+        let (stream, _other) = tokio::io::duplex(64);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let task = serve(broker, stream, peer, None, shutdown.clone(), ());
+        let sizes = [
+            ("the connection task", std::mem::size_of_val(&task), 640),
+            ("Connection", std::mem::size_of::<Connection>(), 384),
+            ("SessionTx", std::mem::size_of::<SessionTx>(), 288),
+            (
+                "SessionState",
+                std::mem::size_of::<crate::session::SessionState>(),
+                160,
+            ),
+        ];
+        shutdown.cancel();
+        for (what, size, bound) in sizes {
+            eprintln!("{what}: {size} bytes (bound {bound})");
+            assert!(size <= bound, "{what} grew to {size} bytes (bound {bound})");
+        }
+    }
+
     async fn read_some<R: Reader>(
         reader: &mut R,
         buf: &mut BytesMut,
