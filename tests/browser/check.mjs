@@ -21,6 +21,8 @@
 //     The console's "where a message went": the one message on TOPIC is found and traced,
 //     CLIENT owing it.
 //
+// WHARF_CONSOLE_SHOTS=dir keeps the views' screenshots there (docs/console-*.png).
+//
 // Prints "ok" on success; anything else is a failure (with the reason on stderr).
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
@@ -75,6 +77,12 @@ async function login(page, password) {
   await page.locator("#main").waitFor({ timeout: patience });
 }
 
+// With WHARF_CONSOLE_SHOTS=dir, a view's screenshot (docs/console-*.png).
+async function shot(locator, name) {
+  const dir = process.env.WHARF_CONSOLE_SHOTS;
+  if (dir) await locator.screenshot({ path: path.join(dir, name) });
+}
+
 async function received(page, payload) {
   await page.waitForFunction((p) => window.received.some(([, m]) => m === p), payload, { timeout: patience });
 }
@@ -113,7 +121,7 @@ try {
     // Live counts: the connections figure shows the device.
     await page.waitForFunction(() => Number(document.getElementById("s-connections").textContent) >= 1, null, { timeout: patience });
     if (screenshot) {
-      await page.waitForTimeout(2500); // a second sample, for the rates
+      await page.waitForTimeout(8000); // samples for the rates and the charts
       await page.screenshot({ path: screenshot, fullPage: true });
     }
   } else if (mode === "console-credentials-url") {
@@ -174,6 +182,7 @@ try {
     if (!cells[3].startsWith("owed")) throw new Error("trace row " + JSON.stringify(cells));
     const summary = await page.locator("#trace-summary").textContent();
     if (!summary.includes("1 owed")) throw new Error("summary " + summary);
+    await shot(page.locator("section", { has: page.locator("#trace") }), "console-trace.png");
   } else if (mode === "console-login") {
     // Its own login form: a wrong password is refused, the right one shows the console, the
     // login survives a reload, logout ends it, and an unused login lapses (the edge runs with
@@ -188,6 +197,7 @@ try {
     if (unauthenticated.status() !== 200) throw new Error("console page " + unauthenticated.status());
     await page.locator("#login").waitFor({ timeout: patience });
     if (await page.locator("#main").isVisible()) throw new Error("data shown before a login");
+    await shot(page.locator("#login"), "console-login.png");
     await page.fill("#login-password", "not-the-password");
     await page.click('#login-form button[type="submit"]');
     await page.locator("#login-result", { hasText: "wrong" }).waitFor({ timeout: patience });
@@ -242,6 +252,8 @@ try {
     await page.fill("#r-topics", "bad/#/filter");
     await page.click('#rule-form button[type="submit"]');
     await page.locator("#r-result.bad", { hasText: "refused" }).waitFor({ timeout: patience });
+    await shot(page.locator("section", { has: page.locator("#users") }), "console-users.png");
+    await shot(page.locator("section", { has: page.locator("#cluster") }), "console-cluster.png");
     await rule.locator("button").click();
     await rule.waitFor({ state: "detached", timeout: patience });
     await user.locator("button").click();

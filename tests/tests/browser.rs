@@ -87,10 +87,24 @@ async fn the_console_shows_a_connected_client() {
     let ops = format!("http://{}", host.edge_ops);
     let screenshot = std::env::var("WHARF_CONSOLE_SCREENSHOT").unwrap_or_default();
     let mut args = vec!["console", &ws_url, &ops, PASSWORD];
+    let mut traffic = None;
     if !screenshot.is_empty() {
         args.push(&screenshot);
+        // Something for the rates and the charts to show.
+        let addr = host.addr;
+        traffic = Some(tokio::spawn(async move {
+            for round in 0u32.. {
+                let publisher =
+                    wharf_tests::fleet::Publisher::new("screenshot-sensor", "sensors/t", 1);
+                publisher.run(addr, round * 200, round * 200 + 200).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }));
     }
     check(&args).await;
+    if let Some(traffic) = traffic {
+        traffic.abort();
+    }
 }
 
 /// The console opened from a URL that carries the credentials (`http://admin:PW@host/console`)

@@ -108,7 +108,7 @@ impl History {
             let values: Vec<Value> = order
                 .iter()
                 .map(|&i| {
-                    let v = rings.samples[i][k];
+                    let v = f64::from(rings.samples[i][k]);
                     if v.is_finite() {
                         json!((v * 100.0).round() / 100.0)
                     } else {
