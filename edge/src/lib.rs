@@ -9,8 +9,9 @@
 //! - [`connection`]: one task per client: CONNECT phase, the `select!` loop, teardown.
 //! - [`session`]: protocol state of a session (inflight window, packet ids, QoS 2), version
 //!   independent.
-//! - [`protocol`]: packets as the session sees them, for MQTT 3.1, 3.1.1 and 5.0: decoding,
-//!   encoding, and every difference between the versions.
+//! - [`protocol`] (the `wharf-mqtt` crate, `shared/mqtt`): packets as the session sees them,
+//!   for MQTT 3.1, 3.1.1 and 5.0: decoding, encoding, and every difference between the
+//!   versions.
 //! - [`router`]: subscription trie, shared subscription groups and per-session bounded queues
 //!   (the local fast path).
 //! - [`groups`]: fetches what shared subscription groups are owed from the store.
@@ -39,7 +40,6 @@ pub mod ids;
 pub mod keepalive;
 pub mod lease;
 pub mod link;
-pub mod protocol;
 pub mod proxy;
 pub mod registry;
 pub mod router;
@@ -49,6 +49,7 @@ pub mod small_map;
 pub mod tls;
 pub mod transit;
 pub mod websocket;
+pub use wharf_mqtt as protocol;
 pub use wharf_shared::topic;
 
 pub use config::{EdgeConfig, Limits};

@@ -1,5 +1,5 @@
 //! PUBLISH encode -> decode round trip.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    wharf_edge::protocol::fuzzing::publish_round_trip(data);
+    wharf_mqtt::fuzzing::publish_round_trip(data);
 });

@@ -268,7 +268,7 @@ fn connack(r: &mut Reader<'_>, v5: bool) -> Result<ConnAck, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{decode as server_decode, encode, Inbound};
+    use crate::{decode as server_decode, encode, Inbound};
 
     #[test]
     fn a_connect_reads_back_as_the_server_sees_it() {

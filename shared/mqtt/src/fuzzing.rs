@@ -64,7 +64,7 @@ pub fn publish_round_trip(data: &[u8]) {
     let Ok(topic) = std::str::from_utf8(topic) else {
         return;
     };
-    if !crate::topic::valid_topic_name(topic) || topic.len() > u16::MAX as usize {
+    if !wharf_shared::topic::valid_topic_name(topic) || topic.len() > u16::MAX as usize {
         return;
     }
     let qos = match flags % 3 {

@@ -278,7 +278,7 @@ fn message_property(r: &mut Reader<'_>, pid: u8, p: &mut Properties) -> Result<b
         id::CONTENT_TYPE => p.content_type = Some(r.string()?),
         id::RESPONSE_TOPIC => {
             let topic = r.string()?;
-            if !crate::topic::valid_topic_name(&topic) {
+            if !wharf_shared::topic::valid_topic_name(&topic) {
                 return Err(DecodeError::Protocol(
                     "Response Topic is not a topic name".into(),
                 ));
