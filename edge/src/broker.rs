@@ -28,7 +28,7 @@ pub struct Broker {
     /// fetches gives up only once none has for a while.
     pub session_fetch_done_ms: AtomicU64,
     /// The configured bridges, with their live state.
-    pub bridges: Vec<Arc<crate::bridge::Bridge>>,
+    pub bridges: Vec<Arc<crate::bridge::state::Bridge>>,
     next_connection_id: AtomicU64,
 }
 
@@ -88,7 +88,7 @@ impl Broker {
         let bridges = config
             .bridges
             .iter()
-            .map(|b| Arc::new(crate::bridge::Bridge::new(b.clone())))
+            .map(|b| Arc::new(crate::bridge::state::Bridge::new(b.clone())))
             .collect();
         Broker {
             auth,

@@ -28,7 +28,7 @@ pub struct EdgeConfig {
     /// publisher's identity; `None` (the default) adds nothing.
     pub publisher_identity: Option<IdentityKeys>,
     /// Bridges to other brokers (`bridges`).
-    pub bridges: Vec<crate::bridge::BridgeConfig>,
+    pub bridges: Vec<crate::bridge::config::BridgeConfig>,
 }
 
 /// The User Property keys of a publisher's identity (see [`EdgeConfig::publisher_identity`]).

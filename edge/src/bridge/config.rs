@@ -16,6 +16,9 @@ use std::path::PathBuf;
 use wharf_ops::config::ConfigError;
 use wharf_shared::Qos;
 
+/// Client ids under this prefix are the bridges' local sessions; no client may use them.
+pub const SESSION_PREFIX: &str = "$bridge/";
+
 /// One bridge to a remote broker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BridgeConfig {

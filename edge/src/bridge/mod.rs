@@ -30,19 +30,19 @@
 
 pub mod config;
 mod pump;
+pub mod state;
 
-pub use config::BridgeConfig;
+pub use config::{BridgeConfig, SESSION_PREFIX};
+pub use state::{Bridge, Phase, BACKLOG_COUNTED, BACKLOG_EVERY};
 
 use crate::broker::Broker;
 use crate::link::Policy;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use wharf_shared::{Reply, Request};
 
-/// Client ids under this prefix are the bridges' local sessions; no client may use them.
-pub const SESSION_PREFIX: &str = "$bridge/";
 /// How often the ownership lease is renewed.
 const OWN_EVERY: Duration = Duration::from_secs(1);
 /// How long a renewal holds, from when it was asked (less than the store's
@@ -54,134 +54,6 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A connection that lasted this long starts the next one's backoff afresh.
 const STABLE: Duration = Duration::from_secs(10);
-
-/// What a bridge is doing, for the admin API, the console and the metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Phase {
-    Starting,
-    /// Another host of the cluster runs this bridge.
-    Standby,
-    Connecting,
-    Connected,
-    /// The last attempt failed; the next one follows after a backoff.
-    Failed(String),
-}
-
-/// One configured bridge and its live state.
-pub struct Bridge {
-    pub config: BridgeConfig,
-    phase: Mutex<Phase>,
-    /// Messages the remote acknowledged (out) / Wharf stored (in), since this process started.
-    forwarded: AtomicU64,
-    received: AtomicU64,
-    /// Messages that cannot cross at all (larger than the other side accepts, or matching no
-    /// pattern), acknowledged and counted.
-    dropped: AtomicU64,
-    /// Echoes of forwarded messages not published (3.1.1 remotes).
-    echoes: AtomicU64,
-    out_in_flight: AtomicU64,
-    in_in_flight: AtomicU64,
-    /// Unix ms when the oldest message still unacknowledged by the remote was sent; 0: none.
-    oldest_in_flight_ms: AtomicI64,
-    connected_since_ms: AtomicI64,
-    connects: AtomicU64,
-    /// Messages the local session is owed in the store (at most [`BACKLOG_COUNTED`]), read
-    /// every [`BACKLOG_EVERY`] by the host that runs the bridge; `u64::MAX` until read.
-    backlog: AtomicU64,
-    /// Whether `backlog` is all of it (else: at least that many).
-    backlog_complete: std::sync::atomic::AtomicBool,
-    /// Unix ms when the oldest owed message was created; 0: none owed.
-    oldest_owed_ms: AtomicI64,
-}
-
-/// How often the bridge's backlog is read from the store.
-pub const BACKLOG_EVERY: Duration = Duration::from_secs(5);
-/// Owed messages counted at most, each time (a page of the catch-up at a time).
-pub const BACKLOG_COUNTED: u32 = 10_000;
-
-impl Bridge {
-    pub fn new(config: BridgeConfig) -> Bridge {
-        Bridge {
-            config,
-            phase: Mutex::new(Phase::Starting),
-            forwarded: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            echoes: AtomicU64::new(0),
-            out_in_flight: AtomicU64::new(0),
-            in_in_flight: AtomicU64::new(0),
-            oldest_in_flight_ms: AtomicI64::new(0),
-            connected_since_ms: AtomicI64::new(0),
-            connects: AtomicU64::new(0),
-            backlog: AtomicU64::new(u64::MAX),
-            backlog_complete: std::sync::atomic::AtomicBool::new(false),
-            oldest_owed_ms: AtomicI64::new(0),
-        }
-    }
-
-    /// The local session's client id.
-    pub fn session(&self) -> String {
-        format!("{SESSION_PREFIX}{}", self.config.name)
-    }
-
-    pub fn phase(&self) -> Phase {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn set_phase(&self, phase: Phase) {
-        let label = |p: &Phase| match p {
-            Phase::Connected => 1.0,
-            _ => 0.0,
-        };
-        metrics::gauge!("wharf_bridge_connected", "bridge" => self.config.name.clone())
-            .set(label(&phase));
-        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
-    }
-
-    /// The status as the admin API serves it.
-    pub fn status(&self) -> serde_json::Value {
-        let (state, error) = match self.phase() {
-            Phase::Starting => ("starting", None),
-            Phase::Standby => ("standby", None),
-            Phase::Connecting => ("connecting", None),
-            Phase::Connected => ("connected", None),
-            Phase::Failed(e) => ("failed", Some(e)),
-        };
-        let oldest = self.oldest_in_flight_ms.load(Ordering::Relaxed);
-        let backlog = self.backlog.load(Ordering::Relaxed);
-        let oldest_owed = self.oldest_owed_ms.load(Ordering::Relaxed);
-        let since = self.connected_since_ms.load(Ordering::Relaxed);
-        let c = &self.config;
-        serde_json::json!({
-            "name": c.name,
-            "remote": c.address,
-            "protocol": c.version.label(),
-            "tls": c.tls.is_some(),
-            "clientId": c.client_id,
-            "session": self.session(),
-            "state": state,
-            "error": error,
-            "connectedSinceMs": (since > 0 && state == "connected").then_some(since),
-            "connects": self.connects.load(Ordering::Relaxed),
-            "forwarded": self.forwarded.load(Ordering::Relaxed),
-            "received": self.received.load(Ordering::Relaxed),
-            "dropped": self.dropped.load(Ordering::Relaxed),
-            "echoesSkipped": self.echoes.load(Ordering::Relaxed),
-            "outInFlight": self.out_in_flight.load(Ordering::Relaxed),
-            "inInFlight": self.in_in_flight.load(Ordering::Relaxed),
-            "oldestInFlightAgeMs": (oldest > 0).then(|| (crate::ids::now_ms() - oldest).max(0)),
-            "backlog": (backlog != u64::MAX).then_some(backlog),
-            "backlogComplete": self.backlog_complete.load(Ordering::Relaxed),
-            "oldestOwedAgeMs": (oldest_owed > 0).then(|| (crate::ids::now_ms() - oldest_owed).max(0)),
-            "out": c.out.iter().map(|t| serde_json::json!({
-                "filter": t.local_filter(), "qos": t.qos.as_u8(), "remotePrefix": t.remote_prefix,
-            })).collect::<Vec<_>>(),
-            "in": c.inbound.iter().map(|t| serde_json::json!({
-                "filter": t.remote_filter(), "qos": t.qos.as_u8(), "localPrefix": t.local_prefix,
-            })).collect::<Vec<_>>(),
-        })
-    }
-}
 
 /// Reads the bridge's backlog from the store while this host runs it (not on standby).
 async fn watch_backlog(broker: Arc<Broker>, bridge: Arc<Bridge>, shutdown: CancellationToken) {

@@ -97,7 +97,7 @@ where
     let bridge = identity.is_some_and(|i| i.bridge);
     let client_id = match assign_client_id(&connect) {
         // `$bridge/...` names the sessions of the edge's own bridges.
-        Some(id) if bridge || !id.starts_with(crate::bridge::SESSION_PREFIX) => id,
+        Some(id) if bridge || !id.starts_with(crate::bridge::config::SESSION_PREFIX) => id,
         _ => {
             refuse_connect(writer, &connect, Refusal::ClientIdentifier).await;
             return Ok(None);
