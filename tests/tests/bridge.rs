@@ -458,25 +458,24 @@ async fn a_remote_that_refuses_gets_nothing_marked_forwarded() {
         r#", "username": "site", "password": "right-password""#,
         r#""out": [{"filter": "fleet/#"}]"#,
     );
-    // A consumer on the remote needs the password too: it subscribes through a
-    // mosquitto_sub with the right one, counting what arrives.
-    let sub = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &remote.addr.port().to_string()])
-        .args([
-            "-u",
-            "site",
-            "-P",
-            "right-password",
-            "-t",
-            "fleet/#",
-            "-q",
-            "1",
-        ])
-        .args(["-C", "500", "-W", "60", "-i", "refusal-consumer"])
-        .stdout(std::process::Stdio::piped())
+    // A consumer on the remote needs the password too: a mosquitto_sub with the right one,
+    // counting what arrives. Its session is persistent and subscribed before the bridge
+    // starts (`-E`: exit once subscribed), so that nothing the bridge forwards can come
+    // before its subscription, however slow the machine.
+    let consumer = |extra: &[&str]| {
+        let mut c = tokio::process::Command::new("mosquitto_sub");
+        c.args(["-h", "127.0.0.1", "-p", &remote.addr.port().to_string()])
+            .args(["-u", "site", "-P", "right-password", "-t", "fleet/#"])
+            .args(["-q", "1", "-c", "-i", "refusal-consumer"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped());
+        c
+    };
+    let subscribed = consumer(&["-E"]).status().await.expect("mosquitto_sub -E");
+    assert!(subscribed.success(), "the consumer could not subscribe");
+    let sub = consumer(&["-C", "500", "-W", "60"])
         .spawn()
         .expect("mosquitto_sub");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let host = start_host(dir.path(), "h1", None, &right).await;
     let out = sub.wait_with_output().await.expect("mosquitto_sub output");
     let text = String::from_utf8_lossy(&out.stdout);
