@@ -28,6 +28,9 @@ const CONSOLE: &str = include_str!("admin/console.html");
 /// Owed messages counted per session in `GET /api/v1/behind` (each a catch-up query).
 pub const BEHIND_COUNTED: u32 = 1_000;
 
+/// Sessions counted (in id order) for `GET /api/v1/behind?sort=owed`: each a catch-up count.
+pub const BEHIND_RANKED: u32 = 10_000;
+
 /// Subscriptions listed for one message in `GET /api/v1/messages/{id}`.
 pub const TRACED_RECIPIENTS: u32 = 1_000;
 
@@ -360,48 +363,71 @@ impl Admin {
     /// page in client id order (`after`: the last id of the previous page; `search`: a client
     /// id prefix; `limit` up to 200, default 50). Each session's owed messages are counted
     /// up to [`BEHIND_COUNTED`] (`owedComplete` false beyond); `connectedHere` says whether its
-    /// client is connected to this edge.
+    /// client is connected to this edge. With `sort=owed`: instead the `limit` most owed of
+    /// the first [`BEHIND_RANKED`] sessions (in id order, of the prefix), most first, those
+    /// owed nothing left out; `ranked` says how many were counted and whether that was all.
     async fn behind(&self, request: &HttpRequest) -> HttpResponse {
         let limit = request
             .param("limit")
             .and_then(|l| l.parse::<u32>().ok())
             .unwrap_or(50)
             .clamp(1, 200);
-        let request = Request::Sessions {
-            after: request
-                .param("after")
-                .filter(|a| !a.is_empty())
-                .map(str::to_owned),
-            prefix: request.param("search").unwrap_or("").to_owned(),
-            limit,
-            owed_limit: BEHIND_COUNTED,
-        };
-        match self.ask(request).await {
-            Ok(Reply::Sessions { sessions }) => {
-                let now = wharf_shared::now_ms();
-                let next = (sessions.len() == limit as usize)
-                    .then(|| sessions.last().map(|s| s.client_id.clone()))
-                    .flatten();
-                let rows: Vec<Value> = sessions
-                    .iter()
-                    .map(|s| {
-                        json!({
-                            "clientId": s.client_id,
-                            "host": s.host,
-                            "connectedHere": self.broker.router.session(&s.client_id).is_some(),
-                            "expiresAt": s.expires_ms,
-                            "updatedAt": s.updated_ms,
-                            "owed": s.owed,
-                            "owedComplete": s.owed_complete,
-                            "oldestOwedAgeMs": s.oldest_owed_ms.map(|t| (now - t).max(0)),
-                        })
-                    })
-                    .collect();
-                reply(200, json!({ "sessions": rows, "next": next }))
+        let prefix = request.param("search").unwrap_or("").to_owned();
+        let by_owed = request.param("sort") == Some("owed");
+        let ask = if by_owed {
+            Request::MostOwed {
+                prefix,
+                scan: BEHIND_RANKED,
+                top: limit,
+                owed_limit: BEHIND_COUNTED,
             }
-            Ok(other) => error(502, format!("unexpected reply {other:?}")),
-            Err(response) => response,
-        }
+        } else {
+            Request::Sessions {
+                after: request
+                    .param("after")
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_owned),
+                prefix,
+                limit,
+                owed_limit: BEHIND_COUNTED,
+            }
+        };
+        let (sessions, ranked) = match self.ask(ask).await {
+            Ok(Reply::Sessions { sessions }) => (sessions, None),
+            Ok(Reply::Ranked {
+                sessions,
+                scanned,
+                complete,
+            }) => (
+                sessions,
+                Some(json!({ "scanned": scanned, "complete": complete })),
+            ),
+            Ok(other) => return error(502, format!("unexpected reply {other:?}")),
+            Err(response) => return response,
+        };
+        let now = wharf_shared::now_ms();
+        let next = (!by_owed && sessions.len() == limit as usize)
+            .then(|| sessions.last().map(|s| s.client_id.clone()))
+            .flatten();
+        let rows: Vec<Value> = sessions
+            .iter()
+            .map(|s| {
+                json!({
+                    "clientId": s.client_id,
+                    "host": s.host,
+                    "connectedHere": self.broker.router.session(&s.client_id).is_some(),
+                    "expiresAt": s.expires_ms,
+                    "updatedAt": s.updated_ms,
+                    "owed": s.owed,
+                    "owedComplete": s.owed_complete,
+                    "oldestOwedAgeMs": s.oldest_owed_ms.map(|t| (now - t).max(0)),
+                })
+            })
+            .collect();
+        reply(
+            200,
+            json!({ "sessions": rows, "next": next, "ranked": ranked }),
+        )
     }
 
     /// Stored messages on exactly `topic` created at or after `since` (Unix ms, default an

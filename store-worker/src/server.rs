@@ -311,6 +311,7 @@ fn route(request: Request) -> Route {
         }
         aside @ (Request::Owed { .. }
         | Request::Sessions { .. }
+        | Request::MostOwed { .. }
         | Request::Trace { .. }
         | Request::Cluster
         | Request::Find { .. }) => Route::Aside(aside),
@@ -452,6 +453,7 @@ fn client_of(request: &Request) -> &str {
         Request::LoadAuth { .. }
         | Request::OwnGroups { .. }
         | Request::Sessions { .. }
+        | Request::MostOwed { .. }
         | Request::Trace { .. }
         | Request::Cluster
         | Request::PutUser { .. }
@@ -749,6 +751,54 @@ async fn handle<S: Store>(
             .unwrap_or_default();
             let next = wharf_shared::Cursor::after_full_page(&messages, most);
             Reply::Messages { messages, next }
+        }
+        Request::MostOwed {
+            prefix,
+            scan,
+            top,
+            owed_limit,
+        } => {
+            const PAGE: usize = 500;
+            let scan = u64::from(scan.min(20_000));
+            let (mut after, mut scanned, mut complete) = (None, 0u64, false);
+            let mut ranked: Vec<wharf_shared::SessionSummary> = Vec::new();
+            'pages: while scanned < scan {
+                let page = crate::pipeline::retry(limit, "sessions", || {
+                    store.sessions_page(after.clone(), prefix.clone(), PAGE)
+                })
+                .await?;
+                let last_page = page.len() < PAGE;
+                for mut s in page {
+                    if scanned == scan {
+                        break 'pages;
+                    }
+                    let o = owed(shared, &s.client_id, owed_limit).await?;
+                    (s.owed, s.oldest_owed_ms, s.owed_complete) =
+                        (o.count, o.oldest_ms, o.complete);
+                    scanned += 1;
+                    after = Some(s.client_id.clone());
+                    if s.owed > 0 {
+                        ranked.push(s);
+                    }
+                }
+                if last_page {
+                    complete = true;
+                    break;
+                }
+            }
+            // Most owed first; of those owed as many, the one waiting longest.
+            ranked.sort_by(|a, b| {
+                b.owed
+                    .cmp(&a.owed)
+                    .then(a.oldest_owed_ms.cmp(&b.oldest_owed_ms))
+                    .then(a.client_id.cmp(&b.client_id))
+            });
+            ranked.truncate(top as usize);
+            Reply::Ranked {
+                sessions: ranked,
+                scanned,
+                complete,
+            }
         }
         Request::LoadAuth { users, rules } => {
             let (users, rules) = store.load_auth(users, rules).await?;

@@ -350,6 +350,7 @@ fn answer(store: &Mutex<MockStore>, request: Request, edge_host: &str) -> Reply 
         | Request::Sessions { .. }
         | Request::Trace { .. }
         | Request::Cluster
+        | Request::MostOwed { .. }
         | Request::PutUser { .. }
         | Request::DeleteUser { .. }
         | Request::PutRule { .. }

@@ -89,6 +89,22 @@ async fn check(writer: &BrokerHost, reader: &BrokerHost) {
         .collect();
     assert_eq!(rest, ["dev-c"], "{second}");
     assert!(second["next"].is_null(), "{second}");
+    // Ranked by what they are owed, across all of them: most first, the one owed nothing
+    // left out.
+    let ranked = behind(reader, "search=dev-&sort=owed").await;
+    let order: Vec<&str> = ranked["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .filter_map(|s| s["clientId"].as_str())
+        .collect();
+    assert_eq!(order, ["dev-b", "dev-a"], "{ranked}");
+    assert_eq!(ranked["ranked"]["scanned"], 3, "{ranked}");
+    assert_eq!(ranked["ranked"]["complete"], true, "{ranked}");
+    assert!(ranked["next"].is_null(), "{ranked}");
+    let top = behind(reader, "search=dev-&sort=owed&limit=1").await;
+    assert_eq!(top["sessions"][0]["clientId"], "dev-b", "{top}");
+    assert_eq!(top["sessions"].as_array().map(Vec::len), Some(1), "{top}");
     // A prefix that matches nothing.
     let none = behind(reader, "search=nobody").await;
     assert_eq!(none["sessions"].as_array().map(Vec::len), Some(0), "{none}");

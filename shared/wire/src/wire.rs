@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 15;
+pub const PROTOCOL_VERSION: u32 = 16;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -369,6 +369,16 @@ pub enum Request {
         limit: u32,
         owed_limit: u32,
     },
+    /// Of the stored sessions whose ids start with `prefix` (at most `scan` of them, in id
+    /// order), the `top` most owed, most first, each counted up to `owed_limit`; sessions owed
+    /// nothing are left out: reply [`Reply::Ranked`]. (The admin API's "who is behind" by
+    /// owed.)
+    MostOwed {
+        prefix: String,
+        scan: u32,
+        top: u32,
+        owed_limit: u32,
+    },
     /// Where the message `id` went: the message as stored and each stored subscription its
     /// topic matches (at most `limit`), with its delivery record or why it has none: reply
     /// [`Reply::Trace`]. (The admin API's "where a message went".)
@@ -598,6 +608,13 @@ pub enum Reply {
     },
     Cluster {
         hosts: Vec<HostStatus>,
+    },
+    /// [`Request::MostOwed`]'s answer: `scanned` sessions were counted, `complete` when that
+    /// was all of them.
+    Ranked {
+        sessions: Vec<SessionSummary>,
+        scanned: u64,
+        complete: bool,
     },
     /// The users and rules the store keeps.
     Auth {
