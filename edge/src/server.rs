@@ -296,10 +296,7 @@ async fn report_status(broker: Arc<Broker>, shutdown: CancellationToken) {
             bridges: broker
                 .bridges
                 .iter()
-                .map(|b| {
-                    let state = b.status()["state"].as_str().unwrap_or("").to_owned();
-                    (b.config.name.clone(), state)
-                })
+                .map(|b| (b.config.name.clone(), b.phase().label().to_owned()))
                 .collect(),
             ..Default::default()
         };

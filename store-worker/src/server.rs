@@ -673,8 +673,7 @@ async fn handle<S: Store>(
             })
             .await?;
             for s in &mut sessions {
-                let o = owed(shared, &s.client_id, owed_limit).await?;
-                (s.owed, s.oldest_owed_ms, s.owed_complete) = (o.count, o.oldest_ms, o.complete);
+                count_owed(shared, s, owed_limit).await?;
             }
             Reply::Sessions { sessions }
         }
@@ -772,9 +771,7 @@ async fn handle<S: Store>(
                     if scanned == scan {
                         break 'pages;
                     }
-                    let o = owed(shared, &s.client_id, owed_limit).await?;
-                    (s.owed, s.oldest_owed_ms, s.owed_complete) =
-                        (o.count, o.oldest_ms, o.complete);
+                    count_owed(shared, &mut s, owed_limit).await?;
                     scanned += 1;
                     after = Some(s.client_id.clone());
                     if s.owed > 0 {
@@ -833,6 +830,17 @@ async fn retained_written<S: Store>(
         messages,
         next: None,
     })
+}
+
+/// Fills in a listed session's owed count (up to `limit`) and oldest owed message.
+async fn count_owed<S: Store>(
+    shared: &Shared<S>,
+    s: &mut wharf_shared::SessionSummary,
+    limit: u32,
+) -> Result<(), StoreError> {
+    let o = owed(shared, &s.client_id, limit).await?;
+    (s.owed, s.oldest_owed_ms, s.owed_complete) = (o.count, o.oldest_ms, o.complete);
+    Ok(())
 }
 
 /// What a session is owed: at most the count asked for (`complete`: all of it).

@@ -147,11 +147,7 @@ fn sample(broker: &Broker, text: &str, before: Totals, now: Totals, step: Durati
     };
     let sessions = broker.router.sessions();
     let queued: usize = sessions.iter().map(|(_, tx)| tx.queued()).sum();
-    let backlog: u64 = broker
-        .bridges
-        .iter()
-        .filter_map(|b| b.status()["backlog"].as_u64())
-        .sum();
+    let backlog: u64 = broker.bridges.iter().filter_map(|b| b.backlog()).sum();
     [
         rate(before.received, now.received),
         rate(before.sent, now.sent),

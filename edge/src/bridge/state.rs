@@ -19,6 +19,19 @@ pub enum Phase {
     Failed(String),
 }
 
+impl Phase {
+    /// The state's name, as the admin API and the cluster view show it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Standby => "standby",
+            Phase::Connecting => "connecting",
+            Phase::Connected => "connected",
+            Phase::Failed(_) => "failed",
+        }
+    }
+}
+
 /// One configured bridge and its live state.
 pub struct Bridge {
     pub config: BridgeConfig,
@@ -90,17 +103,22 @@ impl Bridge {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
     }
 
+    /// The messages its local session is owed in the store, once read (at most
+    /// [`BACKLOG_COUNTED`]).
+    pub fn backlog(&self) -> Option<u64> {
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        (backlog != u64::MAX).then_some(backlog)
+    }
+
     /// The status as the admin API serves it.
     pub fn status(&self) -> serde_json::Value {
-        let (state, error) = match self.phase() {
-            Phase::Starting => ("starting", None),
-            Phase::Standby => ("standby", None),
-            Phase::Connecting => ("connecting", None),
-            Phase::Connected => ("connected", None),
-            Phase::Failed(e) => ("failed", Some(e)),
+        let phase = self.phase();
+        let state = phase.label();
+        let error = match phase {
+            Phase::Failed(e) => Some(e),
+            _ => None,
         };
         let oldest = self.oldest_in_flight_ms.load(Ordering::Relaxed);
-        let backlog = self.backlog.load(Ordering::Relaxed);
         let oldest_owed = self.oldest_owed_ms.load(Ordering::Relaxed);
         let since = self.connected_since_ms.load(Ordering::Relaxed);
         let c = &self.config;
@@ -122,7 +140,7 @@ impl Bridge {
             "outInFlight": self.out_in_flight.load(Ordering::Relaxed),
             "inInFlight": self.in_in_flight.load(Ordering::Relaxed),
             "oldestInFlightAgeMs": (oldest > 0).then(|| (crate::ids::now_ms() - oldest).max(0)),
-            "backlog": (backlog != u64::MAX).then_some(backlog),
+            "backlog": self.backlog(),
             "backlogComplete": self.backlog_complete.load(Ordering::Relaxed),
             "oldestOwedAgeMs": (oldest_owed > 0).then(|| (crate::ids::now_ms() - oldest_owed).max(0)),
             "out": c.out.iter().map(|t| serde_json::json!({
