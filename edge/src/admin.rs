@@ -28,9 +28,6 @@ const CONSOLE: &str = include_str!("admin/console.html");
 /// Owed messages counted per session in `GET /api/v1/behind` (each a catch-up query).
 pub const BEHIND_COUNTED: u32 = 1_000;
 
-/// Sessions counted (in id order) for `GET /api/v1/behind?sort=owed`: each a catch-up count.
-pub const BEHIND_RANKED: u32 = 10_000;
-
 /// Subscriptions listed for one message in `GET /api/v1/messages/{id}`.
 pub const TRACED_RECIPIENTS: u32 = 1_000;
 
@@ -364,8 +361,9 @@ impl Admin {
     /// id prefix; `limit` up to 200, default 50). Each session's owed messages are counted
     /// up to [`BEHIND_COUNTED`] (`owedComplete` false beyond); `connectedHere` says whether its
     /// client is connected to this edge. With `sort=owed`: instead the `limit` most owed of
-    /// the first [`BEHIND_RANKED`] sessions (in id order, of the prefix), most first, those
-    /// owed nothing left out; `ranked` says how many were counted and whether that was all.
+    /// all the prefix's sessions, most first, those owed nothing left out, counted by the
+    /// worker's sweep; `ranked` says how many were counted, whether that was all, whether the
+    /// sweep is still `counting` (then the ranking so far: ask again) and when it started.
     async fn behind(&self, request: &HttpRequest) -> HttpResponse {
         let limit = request
             .param("limit")
@@ -377,7 +375,7 @@ impl Admin {
         let ask = if by_owed {
             Request::MostOwed {
                 prefix,
-                scan: BEHIND_RANKED,
+                scan: u32::MAX,
                 top: limit,
                 owed_limit: BEHIND_COUNTED,
             }
@@ -398,9 +396,16 @@ impl Admin {
                 sessions,
                 scanned,
                 complete,
+                counting,
+                as_of_ms,
             }) => (
                 sessions,
-                Some(json!({ "scanned": scanned, "complete": complete })),
+                Some(json!({
+                    "scanned": scanned,
+                    "complete": complete,
+                    "counting": counting,
+                    "asOf": as_of_ms,
+                })),
             ),
             Ok(other) => return error(502, format!("unexpected reply {other:?}")),
             Err(response) => return response,

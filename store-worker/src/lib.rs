@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`cli`]: flags and environment layered over etcd keys.
 //! - [`server`]: the socket, per-edge connections, the lanes that run session requests.
+//! - [`cmd`]: one handler per kind of request.
 //! - [`pipeline`]: the batching tasks: group-committed persists, delivery records, retries.
 //! - [`fanout`]: the connected edges; messages between hosts (this worker's edges, the
 //!   store's feed of other workers' messages).
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod cmd;
 pub mod fanout;
 pub mod pipeline;
 pub mod routes;
@@ -237,6 +239,7 @@ async fn run<S: Store>(
         edges,
         routes,
         retry_limit: config.retry_limit,
+        rankings: Default::default(),
     });
     server::serve(shared, listener, shutdown, tracker.clone()).await;
     let _ = std::fs::remove_file(&config.socket);
@@ -343,7 +346,8 @@ async fn expire_sessions<S: Store>(store: Arc<S>, shutdown: CancellationToken) {
                 if !store.drop_expired_session(&client_id, now).await? {
                     return Ok(false);
                 }
-                server::clear_session_state(&*store, Duration::from_secs(10), &client_id).await?;
+                cmd::session::clear_session_state(&*store, Duration::from_secs(10), &client_id)
+                    .await?;
                 let clear = store::WriteBatch {
                     relaxed: true,
                     clear_qos2: vec![client_id.clone()],

@@ -654,4 +654,141 @@ on_both_backends!(
     a_lagging_subscriber_gets_every_qos1_message_in_order,
     catch_up_sees_every_persist_sent_before_it,
     subscribe_sees_a_retained_message_persisted_before_it,
+    the_most_owed_are_ranked_across_the_whole_fleet,
 );
+
+/// Sends every request without waiting, then collects a reply to each (in any order).
+async fn pipelined(link: &mut RawLink, requests: Vec<wharf_shared::Request>) {
+    use futures::{SinkExt, StreamExt};
+    use wharf_shared::{EdgeFrame, Reply, WorkerFrame};
+    let n = requests.len();
+    for (id, request) in requests.into_iter().enumerate() {
+        let id = 100_000 + id as u64;
+        link.feed(EdgeFrame::Request { id, request })
+            .await
+            .expect("request");
+    }
+    link.flush().await.expect("flush");
+    let mut replies = 0;
+    while replies < n {
+        let frame = tokio::time::timeout(wharf_tests::PATIENCE, link.next())
+            .await
+            .expect("worker answers")
+            .expect("frame")
+            .expect("decodes");
+        match frame {
+            WorkerFrame::Reply { reply, .. } => {
+                assert!(!matches!(reply, Reply::Failed { .. }), "{reply:?}");
+                replies += 1;
+            }
+            WorkerFrame::Claims { .. } | WorkerFrame::Lease { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// "Who is behind", sorted by owed, ranks the whole fleet, not its first sessions by id: of
+/// 12,000 stored sessions, the two owed anything are the last and one of the first, and the
+/// ranking says it counted all 12,000 (asked again while the worker's sweep is counting).
+async fn the_most_owed_are_ranked_across_the_whole_fleet(kind: Kind) {
+    use futures::SinkExt;
+    use wharf_shared::{Reply, Request};
+    let stack = Stack::new(kind).await;
+    let mut link = raw_link(&stack).await;
+    let fleet: u32 = match kind {
+        Kind::Embedded => 12_000,
+        Kind::Mongo => 2_000,
+    };
+    let ids: Vec<String> = (0..fleet).map(|i| format!("fleet-{i:05}")).collect();
+    let connects = ids
+        .iter()
+        .map(|id| Request::Connect {
+            client_id: id.clone(),
+            clean_start: false,
+            session_expiry: 86_400,
+        })
+        .collect();
+    pipelined(&mut link, connects).await;
+    let subscribes = ids
+        .iter()
+        .map(|id| subscribe_request(id, &format!("cmd/{id}")))
+        .collect();
+    pipelined(&mut link, subscribes).await;
+    // After the subscriptions: 3 messages for the last device, 1 for the sixth.
+    let (last, sixth) = (&ids[ids.len() - 1], &ids[5]);
+    persist_many(
+        &mut link,
+        &format!("cmd/{last}"),
+        3,
+        wharf_shared::now_ms() + 1,
+        false,
+    )
+    .await;
+    link.flush().await.expect("flush");
+    for i in 0..3 {
+        assert_eq!(reply_to(&mut link, 1_000 + i).await, Reply::Persisted);
+    }
+    // (Another second, so that its message id is not the first one's.)
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    persist_many(
+        &mut link,
+        &format!("cmd/{sixth}"),
+        1,
+        wharf_shared::now_ms(),
+        false,
+    )
+    .await;
+    link.flush().await.expect("flush");
+    assert_eq!(reply_to(&mut link, 1_000).await, Reply::Persisted);
+
+    // Through the admin API, as the console asks.
+    let api = stack.edge.as_ref().expect("edge").admin_api(
+        AdminSettings {
+            user: "admin".into(),
+            password: "console-secret-1".into(),
+            history_step: Duration::from_secs(10),
+            session_idle: Duration::from_secs(1800),
+        },
+        None,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut asked = 0;
+    let page = loop {
+        asked += 1;
+        let response = api(HttpRequest {
+            method: "GET".into(),
+            path: "/api/v1/behind".into(),
+            query: [("search", "fleet-"), ("sort", "owed"), ("limit", "10")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            authorization: Some("Bearer console-secret-1".into()),
+            ..HttpRequest::default()
+        })
+        .await;
+        assert_eq!(response.status, 200);
+        let page: serde_json::Value = serde_json::from_slice(&response.body).expect("json");
+        if page["ranked"]["counting"] == false {
+            break page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep never ended: {page}"
+        );
+    };
+    let ranked: Vec<(&str, u64)> = page["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|s| {
+            (
+                s["clientId"].as_str().unwrap_or(""),
+                s["owed"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(ranked, [(last.as_str(), 3), (sixth.as_str(), 1)], "{page}");
+    assert_eq!(page["ranked"]["scanned"], fleet, "{page}");
+    assert_eq!(page["ranked"]["complete"], true, "{page}");
+    tracing::info!(asked, "ranked the fleet");
+}

@@ -9,7 +9,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 /// Version of the edge<->worker protocol; both sides refuse a peer with another one.
-pub const PROTOCOL_VERSION: u32 = 16;
+pub const PROTOCOL_VERSION: u32 = 17;
 
 /// Most messages the worker puts in one reply; the edge asks again after its `next` cursor.
 pub const MAX_MESSAGES_PER_REPLY: usize = 2000;
@@ -370,9 +370,10 @@ pub enum Request {
         owed_limit: u32,
     },
     /// Of the stored sessions whose ids start with `prefix` (at most `scan` of them, in id
-    /// order), the `top` most owed, most first, each counted up to `owed_limit`; sessions owed
-    /// nothing are left out: reply [`Reply::Ranked`]. (The admin API's "who is behind" by
-    /// owed.)
+    /// order; `u32::MAX`: all), the `top` most owed, most first, each counted up to
+    /// `owed_limit`; sessions owed nothing are left out: reply [`Reply::Ranked`]. Counted by a
+    /// sweep of the worker's own that later requests join. (The admin API's "who is behind"
+    /// by owed.)
     MostOwed {
         prefix: String,
         scan: u32,
@@ -610,11 +611,14 @@ pub enum Reply {
         hosts: Vec<HostStatus>,
     },
     /// [`Request::MostOwed`]'s answer: `scanned` sessions were counted, `complete` when that
-    /// was all of them.
+    /// was all of them; `counting` while the sweep goes on (ask again for the rest); the
+    /// sweep started at `as_of_ms`.
     Ranked {
         sessions: Vec<SessionSummary>,
         scanned: u64,
         complete: bool,
+        counting: bool,
+        as_of_ms: i64,
     },
     /// The users and rules the store keeps.
     Auth {
