@@ -979,25 +979,26 @@ impl Store for MongoStore {
             }
             Err(e) => return Err(classify(e)),
         };
-        // Retained values, in batch order; a re-sent (duplicate) message changes nothing.
+        // Retained values, in batch order; a re-sent (duplicate) message changes nothing, and
+        // neither does one older than the topic's current retained message (hosts' writes
+        // reach the store in any order): only a document created no later is replaced.
         for (i, m) in batch.iter().enumerate() {
             if !m.retain || !fresh.contains(&i) {
                 continue;
             }
+            let older = doc! { "_id": &m.topic, "created": { "$lte": DateTime::from_millis(m.created_ms) } };
             if m.payload.is_empty() {
-                self.retained
-                    .delete_one(doc! { "_id": &m.topic })
-                    .await
-                    .map_err(classify)?;
+                self.retained.delete_one(older).await.map_err(classify)?;
             } else {
                 let mut d = message_doc(m);
                 d.insert("messageId", oid(&m.id));
                 d.insert("_id", &m.topic);
-                self.retained
-                    .replace_one(doc! { "_id": &m.topic }, d)
-                    .upsert(true)
-                    .await
-                    .map_err(classify)?;
+                match self.retained.replace_one(older, d).upsert(true).await {
+                    Ok(_) => {}
+                    // The upsert's insert met the topic's newer retained message.
+                    Err(e) if only_duplicates(&e) => {}
+                    Err(e) => return Err(classify(e)),
+                }
             }
         }
         Ok(())
