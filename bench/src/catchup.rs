@@ -7,7 +7,7 @@ use clap::Args;
 use std::time::Instant;
 use wharf_shared::{Message, MessageId, Qos, Subscription};
 use wharf_store_worker::store::sqlite::SqliteStore;
-use wharf_store_worker::store::{undelivered, Store, WriteBatch};
+use wharf_store_worker::store::{undelivered, MessageStore, SubscriptionStore, WriteBatch};
 
 #[derive(Args, Debug)]
 pub struct CatchupArgs {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use wharf_shared::Message;
 use wharf_store_worker::store::sqlite::SqliteStore;
-use wharf_store_worker::store::{Store, WriteBatch};
+use wharf_store_worker::store::{MessageStore, WriteBatch};
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {

@@ -201,7 +201,7 @@ async fn inbound_qos2_state_survives_an_edge_restart() {
 /// second connection to the embedded store, as another process would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwaited_writes_survive_a_worker_crash() {
-    use wharf_store_worker::store::{sqlite::SqliteStore, Store};
+    use wharf_store_worker::store::{sqlite::SqliteStore, MessageStore};
     let (dir, mut host) = BrokerHost::single().await;
     let mut publisher = Raw::session(host.addr, "device", true).await;
     const N: usize = 200;

@@ -1,7 +1,9 @@
-//! Storage behind one trait, with two backends: MongoDB ([`mongo`]) for production and
-//! clusters, SQLite ([`sqlite`]) embedded for a single machine. The query logic that both
-//! share (which stored messages a client still needs) lives here, on top of a few primitive
-//! operations, so that both backends behave the same.
+//! Storage behind five narrow traits ([`MessageStore`], [`SubscriptionStore`],
+//! [`SessionStore`], [`ClusterStore`], [`AuthStore`]; [`Store`] is all of them), with two
+//! backends: MongoDB ([`mongo`]) for production and clusters, SQLite ([`sqlite`]) embedded for
+//! a single machine. `tests/tests/store_contract.rs` holds both to the same contract. The
+//! query logic that both share (which stored messages a client still needs) lives here, on
+//! top of those primitive operations, so that both backends behave the same.
 
 pub mod mongo;
 pub mod sqlite;
@@ -84,16 +86,9 @@ pub struct Deliveries {
     pub records: Vec<DeliveredRecord>,
 }
 
-/// The primitive operations a backend provides. Every write is durable when it returns `Ok`.
-pub trait Store: Send + Sync + 'static {
-    /// Whether the store answers (readiness).
-    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// The users and authorization rules kept in the store (`Failed` where it keeps none).
-    fn load_auth(
-        &self,
-        users: bool,
-        rules: bool,
-    ) -> impl Future<Output = Result<(Vec<StoredUser>, Vec<StoredRule>), StoreError>> + Send;
+/// Messages and what is kept about them: writes (with QoS 2 ids and retained values), delivery
+/// records, reads by time, by topic and by id.
+pub trait MessageStore: Send + Sync + 'static {
     /// Applies a batch durably (see [`WriteBatch`]).
     fn write(
         &self,
@@ -111,6 +106,64 @@ pub trait Store: Send + Sync + 'static {
         &self,
         batch: std::sync::Arc<Vec<Deliveries>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Removes the retained message of `topic`, if any.
+    fn clear_retained(&self, topic: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Retained messages whose topics may match (the caller filters exactly).
+    fn retained(
+        &self,
+        prefixes: Option<Vec<String>>,
+    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// Messages after `after` in (created, id) order, oldest first, at most `limit`, not
+    /// from `not_host`, on every topic (the caller matches its subscriptions: both stores read
+    /// by time alone). Backed by an index on `created`: its cost follows the new messages, not
+    /// the history.
+    fn messages_after(
+        &self,
+        after: Cursor,
+        not_host: Option<String>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// Messages on the topics of `scope` after `after` in (created, id) order, oldest first,
+    /// at most `limit`, not from `not_host`: read through the messages' topic index, so its
+    /// cost follows the messages of those topics, not all traffic. `None` where the scope is
+    /// a prefix holding more than [`PREFIX_CANDIDATES`] messages after `after`: the caller
+    /// reads by time ([`MessageStore::messages_after`]) instead.
+    fn messages_on(
+        &self,
+        scope: TopicScope,
+        after: Cursor,
+        not_host: Option<String>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Option<Vec<Message>>, StoreError>> + Send;
+    /// Stored QoS 2 messages by id (those still within their TTL). Only QoS 2 messages are
+    /// ever looked up by id (their packet-id records name them), so a store need not index
+    /// the others by id.
+    fn qos2_messages_by_id(
+        &self,
+        ids: Vec<MessageId>,
+    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// The stored message with this id, if the store still holds it (the admin API's
+    /// "where a message went"; not on any delivery path).
+    fn message_by_id(
+        &self,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Option<Message>, StoreError>> + Send;
+    /// The delivery records of message `id` for any of `clients`, one per client.
+    fn deliveries_of(
+        &self,
+        id: MessageId,
+        clients: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<DeliveryRecord>, StoreError>> + Send;
+    /// Which of `ids` have a delivery record for the client.
+    fn delivered_among(
+        &self,
+        client_id: &str,
+        ids: Vec<MessageId>,
+    ) -> impl Future<Output = Result<HashSet<MessageId>, StoreError>> + Send;
+}
+
+/// Subscriptions, per client and filter.
+pub trait SubscriptionStore: Send + Sync + 'static {
     fn subscriptions(
         &self,
         client_id: &str,
@@ -139,35 +192,19 @@ pub trait Store: Send + Sync + 'static {
         client_id: &str,
         filters: Option<Vec<String>>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Removes the retained message of `topic`, if any.
-    fn clear_retained(&self, topic: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Retained messages whose topics may match (the caller filters exactly).
-    fn retained(
+    /// At most `limit` stored subscriptions, with their clients, whose filter is one of
+    /// `filters` or, with `shared`, any shared subscription's (`$share/...`); read through the
+    /// subscriptions' filter index.
+    fn subscribers(
         &self,
-        prefixes: Option<Vec<String>>,
-    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
-    /// Messages after `after` in (created, id) order, oldest first, at most `limit`, not
-    /// from `not_host`, on every topic (the caller matches its subscriptions: both stores read
-    /// by time alone). Backed by an index on `created`: its cost follows the new messages, not
-    /// the history.
-    fn messages_after(
-        &self,
-        after: Cursor,
-        not_host: Option<String>,
+        filters: Vec<String>,
+        shared: bool,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
-    /// Messages on the topics of `scope` after `after` in (created, id) order, oldest first,
-    /// at most `limit`, not from `not_host`: read through the messages' topic index, so its
-    /// cost follows the messages of those topics, not all traffic. `None` where the scope is
-    /// a prefix holding more than [`PREFIX_CANDIDATES`] messages after `after`: the caller
-    /// reads by time ([`Store::messages_after`]) instead.
-    fn messages_on(
-        &self,
-        scope: TopicScope,
-        after: Cursor,
-        not_host: Option<String>,
-        limit: usize,
-    ) -> impl Future<Output = Result<Option<Vec<Message>>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(String, StoredSubscription)>, StoreError>> + Send;
+}
+
+/// Session records (claims, expiry) and outbound QoS 2 deliveries under way.
+pub trait SessionStore: Send + Sync + 'static {
     /// Records a QoS 2 delivery under way to a persistent session (`released` carries the
     /// delivery record to write with it once PUBREC arrived).
     fn track_qos2_out(
@@ -188,24 +225,6 @@ pub trait Store: Send + Sync + 'static {
         &self,
         client_id: &str,
     ) -> impl Future<Output = Result<Vec<(u16, MessageId, bool)>, StoreError>> + Send;
-    /// Stored QoS 2 messages by id (those still within their TTL). Only QoS 2 messages are
-    /// ever looked up by id (their packet-id records name them), so a store need not index
-    /// the others by id.
-    fn qos2_messages_by_id(
-        &self,
-        ids: Vec<MessageId>,
-    ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
-
-    /// Sends messages that other workers store (host other than `own_host`) to `sink` as
-    /// they arrive, until `shutdown`. A store only one worker uses has nothing to follow and
-    /// returns at once.
-    fn follow_other_hosts(
-        &self,
-        own_host: String,
-        sink: tokio::sync::mpsc::Sender<Vec<Message>>,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) -> impl Future<Output = ()> + Send;
-
     /// Claims the client's session record for a connection on `host` (made if missing, its
     /// expiry cleared, `session_expiry` kept); returns whether a persistent session was
     /// held already (MQTT's Session Present, also for a session without subscriptions) and
@@ -217,7 +236,6 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         session_expiry: u32,
     ) -> impl Future<Output = Result<(bool, Generation), StoreError>> + Send;
-
     /// Forgets the client's session record, if it is `owner`'s claim (`None`: whoever's);
     /// returns whether it did.
     fn drop_session(
@@ -225,9 +243,8 @@ pub trait Store: Send + Sync + 'static {
         client_id: &str,
         owner: Option<&Owner<'_>>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
     /// The client disconnected: its session expires at `expires_ms` (`None`: never) unless it
-    /// comes back first ([`Store::claim_session`] clears it). Nothing changes if the record
+    /// comes back first ([`SessionStore::claim_session`] clears it). Nothing changes if the record
     /// is no longer `owner`'s claim.
     fn close_session(
         &self,
@@ -235,7 +252,42 @@ pub trait Store: Send + Sync + 'static {
         expires_ms: Option<i64>,
         owner: &Owner<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Clients whose sessions had expired at `now_ms` (at most 1,000 at a time).
+    fn expired_sessions(
+        &self,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// Forgets the client's session record if it has still expired at `now_ms` (the client did
+    /// not come back meanwhile); returns whether it did, and the caller then drops the rest.
+    fn drop_expired_session(
+        &self,
+        client_id: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Stored client sessions (not groups' or bridges' ownership records) in client id order
+    /// after `after`, whose ids start with `prefix`, at most `limit`; their owed counts are
+    /// left at 0 for the caller.
+    fn sessions_page(
+        &self,
+        after: Option<String>,
+        prefix: String,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<wharf_shared::SessionSummary>, StoreError>> + Send;
+}
 
+/// What hosts sharing the store read from each other: messages, claims, groups' owners, status
+/// reports. A store one worker uses says so (`shared_by_hosts` false) and answers for one host:
+/// nothing to follow, no other host's claims, every group its edge's.
+pub trait ClusterStore: Send + Sync + 'static {
+    /// Sends messages that other workers store (host other than `own_host`) to `sink` as
+    /// they arrive, until `shutdown`. A store only one worker uses has nothing to follow and
+    /// returns at once.
+    fn follow_other_hosts(
+        &self,
+        own_host: String,
+        sink: tokio::sync::mpsc::Sender<Vec<Message>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = ()> + Send;
     /// Of `groups` (shared subscription group keys with members on the edge `owner`), those
     /// `owner` owns now: it keeps the ones it owned, and takes those whose owner has not
     /// renewed its claim for [`GROUP_LEASE_MS`]; those it owned and no longer asks for are
@@ -246,10 +298,8 @@ pub trait Store: Send + Sync + 'static {
         groups: Vec<String>,
         now_ms: i64,
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
-
     /// Whether workers on other hosts share this store (a cluster can form on it).
     fn shared_by_hosts(&self) -> bool;
-
     /// Sessions claimed on hosts other than `own_host` whose claim was written at or after
     /// `since_ms` (by the claiming worker's clock).
     fn claims_since(
@@ -257,100 +307,58 @@ pub trait Store: Send + Sync + 'static {
         since_ms: i64,
         own_host: &str,
     ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
-
-    /// Clients whose sessions had expired at `now_ms` (at most 1,000 at a time).
-    fn expired_sessions(
+    /// Keeps `status` as its host's last report (the cluster view), stamped `written_ms`.
+    fn put_host_status(
         &self,
-        now_ms: i64,
-    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
-
-    /// Forgets the client's session record if it has still expired at `now_ms` (the client did
-    /// not come back meanwhile); returns whether it did, and the caller then drops the rest.
-    fn drop_expired_session(
+        status: wharf_shared::HostStatus,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Every host's last report, as kept by [`ClusterStore::put_host_status`].
+    fn host_statuses(
         &self,
-        client_id: &str,
-        now_ms: i64,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<wharf_shared::HostStatus>, StoreError>> + Send;
+}
 
-    /// Stored client sessions (not groups' or bridges' ownership records) in client id order
-    /// after `after`, whose ids start with `prefix`, at most `limit`; their owed counts are
-    /// left at 0 for the caller.
-    fn sessions_page(
+/// Users and authorization rules kept in the store.
+pub trait AuthStore: Send + Sync + 'static {
+    /// The users and authorization rules kept in the store (`Failed` where it keeps none).
+    fn load_auth(
         &self,
-        after: Option<String>,
-        prefix: String,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<wharf_shared::SessionSummary>, StoreError>> + Send;
-
-    /// The stored message with this id, if the store still holds it (the admin API's
-    /// "where a message went"; not on any delivery path).
-    fn message_by_id(
-        &self,
-        id: MessageId,
-    ) -> impl Future<Output = Result<Option<Message>, StoreError>> + Send;
-
-    /// At most `limit` stored subscriptions, with their clients, whose filter is one of
-    /// `filters` or, with `shared`, any shared subscription's (`$share/...`); read through the
-    /// subscriptions' filter index.
-    fn subscribers(
-        &self,
-        filters: Vec<String>,
-        shared: bool,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<(String, StoredSubscription)>, StoreError>> + Send;
-
-    /// The delivery records of message `id` for any of `clients`, one per client.
-    fn deliveries_of(
-        &self,
-        id: MessageId,
-        clients: Vec<String>,
-    ) -> impl Future<Output = Result<Vec<DeliveryRecord>, StoreError>> + Send;
-
+        users: bool,
+        rules: bool,
+    ) -> impl Future<Output = Result<(Vec<StoredUser>, Vec<StoredRule>), StoreError>> + Send;
     /// Adds or replaces the user of `user.username` (`by`: who asked, kept with it).
     fn put_user(
         &self,
         user: StoredUser,
         by: String,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
     /// Removes the user `username`; `Ok(false)` when there was none.
     fn delete_user(
         &self,
         username: String,
         by: String,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
     /// Adds an authorization rule (`by`: who asked, kept with it).
     fn put_rule(
         &self,
         rule: StoredRule,
         by: String,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
     /// Removes the rules with exactly `rule`'s fields; how many it removed.
     fn delete_rule(
         &self,
         rule: StoredRule,
         by: String,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
 
-    /// Keeps `status` as its host's last report (the cluster view), stamped `written_ms`.
-    fn put_host_status(
-        &self,
-        status: wharf_shared::HostStatus,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Every host's last report, as kept by [`Store::put_host_status`].
-    fn host_statuses(
-        &self,
-    ) -> impl Future<Output = Result<Vec<wharf_shared::HostStatus>, StoreError>> + Send;
-
-    /// Which of `ids` have a delivery record for the client.
-    fn delivered_among(
-        &self,
-        client_id: &str,
-        ids: Vec<MessageId>,
-    ) -> impl Future<Output = Result<HashSet<MessageId>, StoreError>> + Send;
+/// Everything a backend provides, as the worker uses it. Every write is durable when it
+/// returns `Ok`; no method has a default, so a backend states each answer itself.
+pub trait Store:
+    MessageStore + SubscriptionStore + SessionStore + ClusterStore + AuthStore
+{
+    /// Whether the store answers (readiness).
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// How long a group's owner may go without renewing its claim (every second) before another

@@ -5,8 +5,9 @@
 //! commit). Expired rows are purged every minute with the same TTLs as the MongoDB indexes.
 
 use super::{
-    Deliveries, DeliveryRecord, Owner, Store, StoreError, StoredSubscription, TopicScope,
-    WriteBatch, MESSAGE_TTL_SECS, PREFIX_CANDIDATES,
+    AuthStore, ClusterStore, Deliveries, DeliveryRecord, MessageStore, Owner, SessionStore, Store,
+    StoreError, StoredSubscription, SubscriptionStore, TopicScope, WriteBatch, MESSAGE_TTL_SECS,
+    PREFIX_CANDIDATES,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
@@ -604,53 +605,7 @@ impl SqliteStore {
     }
 }
 
-impl Store for SqliteStore {
-    /// One worker uses an embedded store: no other host's messages to follow.
-    async fn follow_other_hosts(
-        &self,
-        _own_host: String,
-        _sink: tokio::sync::mpsc::Sender<Vec<Message>>,
-        _shutdown: tokio_util::sync::CancellationToken,
-    ) {
-    }
-
-    /// One worker: every edge of it owns every group it has members of.
-    async fn own_groups(
-        &self,
-        _owner: &str,
-        groups: Vec<String>,
-        _now_ms: i64,
-    ) -> Result<Vec<String>, StoreError> {
-        Ok(groups)
-    }
-
-    fn shared_by_hosts(&self) -> bool {
-        false
-    }
-
-    /// One worker: its own claims reach its edges at once; there are no others.
-    async fn claims_since(
-        &self,
-        _since_ms: i64,
-        _own_host: &str,
-    ) -> Result<Vec<wharf_shared::Claim>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    async fn load_auth(
-        &self,
-        _users: bool,
-        _rules: bool,
-    ) -> Result<(Vec<StoredUser>, Vec<StoredRule>), StoreError> {
-        Err(StoreError::Failed(
-            "users and rules in the store need the MongoDB backend (the embedded store keeps them in files: passwordFile, aclFile)".into(),
-        ))
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
-    }
-
+impl MessageStore for SqliteStore {
     async fn write(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
         self.with(move |c| {
             if batch.relaxed {
@@ -658,59 +613,6 @@ impl Store for SqliteStore {
             } else {
                 write_batch(c, &batch)
             }
-        })
-        .await
-    }
-
-    async fn track_qos2_out(
-        &self,
-        client_id: &str,
-        pkid: u16,
-        message_id: MessageId,
-        released: Option<Deliveries>,
-    ) -> Result<(), StoreError> {
-        let client_id = client_id.to_owned();
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT OR REPLACE INTO qos2_outbound (client_id, pkid, message_id, released, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![client_id, pkid, &message_id.0[..], released.is_some(), crate::server::now_ms()],
-            )?;
-            if let Some(d) = released {
-                insert_deliveries(&tx, &d)?;
-            }
-            tx.commit()
-        })
-        .await
-    }
-
-    async fn forget_qos2_out(&self, client_id: &str, pkid: Option<u16>) -> Result<(), StoreError> {
-        let client_id = client_id.to_owned();
-        self.with(move |c| {
-            match pkid {
-                Some(pkid) => c.execute(
-                    "DELETE FROM qos2_outbound WHERE client_id = ?1 AND pkid = ?2",
-                    params![client_id, pkid],
-                )?,
-                None => c.execute(
-                    "DELETE FROM qos2_outbound WHERE client_id = ?1",
-                    [client_id],
-                )?,
-            };
-            Ok(())
-        })
-        .await
-    }
-
-    async fn qos2_out(&self, client_id: &str) -> Result<Vec<(u16, MessageId, bool)>, StoreError> {
-        let client_id = client_id.to_owned();
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT pkid, message_id, released FROM qos2_outbound WHERE client_id = ?1 ORDER BY created",
-            )?;
-            let rows = stmt.query_map([client_id], |r| Ok((r.get(0)?, id_of(&r.get::<_, Vec<u8>>(1)?), r.get(2)?)))?;
-            rows.collect()
         })
         .await
     }
@@ -766,107 +668,6 @@ impl Store for SqliteStore {
                 }
                 tx.commit()
             })
-        })
-        .await
-    }
-
-    async fn subscriptions(&self, client_id: &str) -> Result<Vec<StoredSubscription>, StoreError> {
-        let client_id = client_id.to_owned();
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT topic, qos, created, options, identifier FROM subscription
-                 WHERE client_id = ?1 ORDER BY topic",
-            )?;
-            let rows = stmt.query_map([client_id], |r| subscription_row(r, 0))?;
-            rows.collect()
-        })
-        .await
-    }
-
-    async fn upsert_subscriptions(
-        &self,
-        client_id: &str,
-        subscriptions: Vec<Subscription>,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        let client_id = client_id.to_owned();
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            {
-                let mut upsert = tx.prepare_cached(
-                    "INSERT INTO subscription (client_id, topic, qos, created, options, identifier)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (client_id, topic) DO UPDATE SET qos = excluded.qos,
-                     options = excluded.options, identifier = excluded.identifier",
-                )?;
-                for s in &subscriptions {
-                    let o = s.options;
-                    let options = if o.no_local { NO_LOCAL } else { 0 }
-                        | if o.retain_as_published {
-                            RETAIN_AS_PUBLISHED
-                        } else {
-                            0
-                        };
-                    upsert.execute(params![
-                        client_id,
-                        s.filter,
-                        s.qos.as_u8(),
-                        now_ms,
-                        options,
-                        o.identifier
-                    ])?;
-                }
-            }
-            tx.commit()
-        })
-        .await
-    }
-
-    async fn shared_filters(&self, client_id: &str) -> Result<Vec<String>, StoreError> {
-        let client_id = client_id.to_owned();
-        self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT topic FROM subscription
-                 WHERE client_id = ?1 AND topic >= '$share/' AND topic < '$share0'",
-            )?;
-            let rows = stmt.query_map([client_id], |r| r.get(0))?;
-            rows.collect()
-        })
-        .await
-    }
-
-    async fn has_subscribers(&self, filter: &str) -> Result<bool, StoreError> {
-        let filter = filter.to_owned();
-        self.with(move |c| {
-            c.prepare_cached("SELECT 1 FROM subscription WHERE topic = ?1 LIMIT 1")?
-                .exists([filter])
-        })
-        .await
-    }
-
-    async fn remove_subscriptions(
-        &self,
-        client_id: &str,
-        filters: Option<Vec<String>>,
-    ) -> Result<(), StoreError> {
-        let client_id = client_id.to_owned();
-        self.with(move |c| {
-            match filters {
-                None => {
-                    c.execute("DELETE FROM subscription WHERE client_id = ?1", [client_id])?;
-                }
-                Some(filters) => {
-                    let tx = c.transaction()?;
-                    for f in filters {
-                        tx.execute(
-                            "DELETE FROM subscription WHERE client_id = ?1 AND topic = ?2",
-                            params![client_id, f],
-                        )?;
-                    }
-                    tx.commit()?;
-                }
-            }
-            Ok(())
         })
         .await
     }
@@ -990,6 +791,344 @@ impl Store for SqliteStore {
                     read_topic_rows(c, rows.into_iter().map(Ok), limit, keep).map(Some)
                 }
             }
+        })
+        .await
+    }
+
+    async fn message_by_id(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        // Ids carry their second: the message lies in a block whose oldest message is at most
+        // a block's span before that second began.
+        let from = i64::from(id.timestamp_secs()) * 1000;
+        self.with(move |c| {
+            let mut heads = c.prepare_cached(
+                "SELECT data FROM message_block WHERE oldest >= ?1 AND oldest <= ?2 ORDER BY oldest",
+            )?;
+            let mut rows = heads.query(params![from - BLOCK_SPAN_MS, from + 999])?;
+            while let Some(row) = rows.next()? {
+                let data: Vec<u8> = row.get(0)?;
+                if let Some(m) = decode_block(&data)?.into_iter().find(|m| m.id == id) {
+                    return Ok(Some(m));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn deliveries_of(
+        &self,
+        id: MessageId,
+        clients: Vec<String>,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let mut out = Vec::new();
+            let mut row = tx.prepare_cached(
+                "SELECT created FROM published_message WHERE message_id = ?1 AND client_id = ?2",
+            )?;
+            let from = id.timestamp_secs().saturating_sub(RECORD_BLOCK_SPAN_SECS);
+            let mut block = tx.prepare_cached(
+                "SELECT ids, created FROM delivery_block
+                 WHERE client_id = ?1 AND first >= ?2 AND first <= ?3 AND last >= ?3",
+            )?;
+            for client in clients {
+                if let Some(at) = row
+                    .query_row(params![&id.0[..], client], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    out.push(DeliveryRecord {
+                        client_id: client,
+                        at_ms: Some(at),
+                        host: None,
+                    });
+                    continue;
+                }
+                let mut blocks =
+                    block.query(params![client, &from.to_be_bytes()[..], &id.0[..]])?;
+                while let Some(b) = blocks.next()? {
+                    let ids = b.get_ref(0)?.as_blob()?;
+                    if ids.chunks_exact(12).any(|chunk| chunk == id.0) {
+                        out.push(DeliveryRecord {
+                            client_id: client.clone(),
+                            at_ms: b.get::<_, Option<i64>>(1)?,
+                            host: None,
+                        });
+                        break;
+                    }
+                }
+            }
+            drop((row, block));
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delivered_among(
+        &self,
+        client_id: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<HashSet<MessageId>, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let (Some(low), Some(high)) = (ids.iter().min(), ids.iter().max()) else {
+                return Ok(HashSet::new());
+            };
+            // One read transaction for the whole page: outside one, every lookup below would
+            // be a transaction of its own, taking and releasing the file's lock (two `fcntl`
+            // calls) and the WAL's read lock, which cost more than the lookup itself.
+            let tx = c.transaction()?;
+            // Blocks that can hold an id in [low, high] begin at most the span before low.
+            let from = low.timestamp_secs().saturating_sub(RECORD_BLOCK_SPAN_SECS);
+            let mut blocks = tx.prepare_cached(
+                "SELECT ids FROM delivery_block
+                 WHERE client_id = ?1 AND first >= ?2 AND first <= ?3 AND last >= ?4",
+            )?;
+            // Ids of the range with a record, from blocks and then from rows.
+            let mut recorded = HashSet::new();
+            let rows = blocks.query_map(
+                params![client_id, &from.to_be_bytes()[..], &high.0[..], &low.0[..]],
+                |r| r.get::<_, Vec<u8>>(0),
+            )?;
+            for data in rows {
+                recorded.extend(
+                    data?
+                        .chunks_exact(12)
+                        .map(id_of)
+                        .filter(|id| low <= id && id <= high),
+                );
+            }
+            // Row records (small notices) of every client in the page's range, in one pass
+            // while there are few of them (a stream read by a few sessions); past a bound (a
+            // fan-out's row per subscriber), one lookup per id that no block holds.
+            let bound = 4 * ids.len() + 64;
+            let mut scan = tx.prepare_cached(
+                "SELECT message_id, client_id = ?3 FROM published_message
+                 WHERE message_id >= ?1 AND message_id <= ?2 LIMIT ?4",
+            )?;
+            let mut rows = scan.query(params![&low.0[..], &high.0[..], client_id, bound])?;
+            let mut scanned = 0;
+            while let Some(row) = rows.next()? {
+                scanned += 1;
+                if row.get::<_, bool>(1)? {
+                    recorded.insert(id_of(row.get_ref(0)?.as_blob()?));
+                }
+            }
+            drop(rows);
+            let scanned_all = scanned < bound;
+            let mut lookup = tx.prepare_cached(
+                "SELECT 1 FROM published_message WHERE message_id = ?2 AND client_id = ?1",
+            )?;
+            let mut out = HashSet::new();
+            for id in ids {
+                if recorded.contains(&id)
+                    || !scanned_all
+                        && lookup
+                            .query_row(params![client_id, &id.0[..]], |_| Ok(()))
+                            .optional()?
+                            .is_some()
+                {
+                    out.insert(id);
+                }
+            }
+            drop((blocks, scan, lookup));
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl SubscriptionStore for SqliteStore {
+    async fn subscriptions(&self, client_id: &str) -> Result<Vec<StoredSubscription>, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT topic, qos, created, options, identifier FROM subscription
+                 WHERE client_id = ?1 ORDER BY topic",
+            )?;
+            let rows = stmt.query_map([client_id], |r| subscription_row(r, 0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn upsert_subscriptions(
+        &self,
+        client_id: &str,
+        subscriptions: Vec<Subscription>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO subscription (client_id, topic, qos, created, options, identifier)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (client_id, topic) DO UPDATE SET qos = excluded.qos,
+                     options = excluded.options, identifier = excluded.identifier",
+                )?;
+                for s in &subscriptions {
+                    let o = s.options;
+                    let options = if o.no_local { NO_LOCAL } else { 0 }
+                        | if o.retain_as_published {
+                            RETAIN_AS_PUBLISHED
+                        } else {
+                            0
+                        };
+                    upsert.execute(params![
+                        client_id,
+                        s.filter,
+                        s.qos.as_u8(),
+                        now_ms,
+                        options,
+                        o.identifier
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn shared_filters(&self, client_id: &str) -> Result<Vec<String>, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT topic FROM subscription
+                 WHERE client_id = ?1 AND topic >= '$share/' AND topic < '$share0'",
+            )?;
+            let rows = stmt.query_map([client_id], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn has_subscribers(&self, filter: &str) -> Result<bool, StoreError> {
+        let filter = filter.to_owned();
+        self.with(move |c| {
+            c.prepare_cached("SELECT 1 FROM subscription WHERE topic = ?1 LIMIT 1")?
+                .exists([filter])
+        })
+        .await
+    }
+
+    async fn remove_subscriptions(
+        &self,
+        client_id: &str,
+        filters: Option<Vec<String>>,
+    ) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            match filters {
+                None => {
+                    c.execute("DELETE FROM subscription WHERE client_id = ?1", [client_id])?;
+                }
+                Some(filters) => {
+                    let tx = c.transaction()?;
+                    for f in filters {
+                        tx.execute(
+                            "DELETE FROM subscription WHERE client_id = ?1 AND topic = ?2",
+                            params![client_id, f],
+                        )?;
+                    }
+                    tx.commit()?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn subscribers(
+        &self,
+        filters: Vec<String>,
+        shared: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, StoredSubscription)>, StoreError> {
+        self.with(move |c| {
+            let mut exact = c.prepare_cached(
+                "SELECT client_id, topic, qos, created, options, identifier FROM subscription
+                 WHERE topic = ?1 ORDER BY client_id LIMIT ?2",
+            )?;
+            let mut out = Vec::new();
+            let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, String>(0)?, subscription_row(r, 1)?));
+            for filter in filters {
+                let left = limit.saturating_sub(out.len());
+                if left == 0 {
+                    return Ok(out);
+                }
+                for found in exact.query_map(params![filter, left as i64], row)? {
+                    out.push(found?);
+                }
+            }
+            if shared {
+                let left = limit.saturating_sub(out.len());
+                let mut groups = c.prepare_cached(
+                    "SELECT client_id, topic, qos, created, options, identifier FROM subscription
+                     WHERE topic >= '$share/' AND topic < '$share0' ORDER BY topic LIMIT ?1",
+                )?;
+                for found in groups.query_map([left as i64], row)? {
+                    out.push(found?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl SessionStore for SqliteStore {
+    async fn track_qos2_out(
+        &self,
+        client_id: &str,
+        pkid: u16,
+        message_id: MessageId,
+        released: Option<Deliveries>,
+    ) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT OR REPLACE INTO qos2_outbound (client_id, pkid, message_id, released, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![client_id, pkid, &message_id.0[..], released.is_some(), crate::server::now_ms()],
+            )?;
+            if let Some(d) = released {
+                insert_deliveries(&tx, &d)?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn forget_qos2_out(&self, client_id: &str, pkid: Option<u16>) -> Result<(), StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            match pkid {
+                Some(pkid) => c.execute(
+                    "DELETE FROM qos2_outbound WHERE client_id = ?1 AND pkid = ?2",
+                    params![client_id, pkid],
+                )?,
+                None => c.execute(
+                    "DELETE FROM qos2_outbound WHERE client_id = ?1",
+                    [client_id],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn qos2_out(&self, client_id: &str) -> Result<Vec<(u16, MessageId, bool)>, StoreError> {
+        let client_id = client_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT pkid, message_id, released FROM qos2_outbound WHERE client_id = ?1 ORDER BY created",
+            )?;
+            let rows = stmt.query_map([client_id], |r| Ok((r.get(0)?, id_of(&r.get::<_, Vec<u8>>(1)?), r.get(2)?)))?;
+            rows.collect()
         })
         .await
     }
@@ -1137,6 +1276,63 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+impl ClusterStore for SqliteStore {
+    /// One worker uses an embedded store: no other host's messages to follow.
+    async fn follow_other_hosts(
+        &self,
+        _own_host: String,
+        _sink: tokio::sync::mpsc::Sender<Vec<Message>>,
+        _shutdown: tokio_util::sync::CancellationToken,
+    ) {
+    }
+
+    /// One worker: every edge of it owns every group it has members of.
+    async fn own_groups(
+        &self,
+        _owner: &str,
+        groups: Vec<String>,
+        _now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(groups)
+    }
+
+    fn shared_by_hosts(&self) -> bool {
+        false
+    }
+
+    /// One worker: its own claims reach its edges at once; there are no others.
+    async fn claims_since(
+        &self,
+        _since_ms: i64,
+        _own_host: &str,
+    ) -> Result<Vec<wharf_shared::Claim>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn put_host_status(&self, status: wharf_shared::HostStatus) -> Result<(), StoreError> {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        statuses.insert(status.host.clone(), status);
+        Ok(())
+    }
+
+    async fn host_statuses(&self) -> Result<Vec<wharf_shared::HostStatus>, StoreError> {
+        let statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(statuses.values().cloned().collect())
+    }
+}
+
+impl AuthStore for SqliteStore {
+    async fn load_auth(
+        &self,
+        _users: bool,
+        _rules: bool,
+    ) -> Result<(Vec<StoredUser>, Vec<StoredRule>), StoreError> {
+        Err(StoreError::Failed(
+            "users and rules in the store need the MongoDB backend (the embedded store keeps them in files: passwordFile, aclFile)".into(),
+        ))
+    }
 
     async fn put_user(&self, _: StoredUser, _: String) -> Result<(), StoreError> {
         Err(StoreError::Failed(STORE_AUTH_MONGODB.into()))
@@ -1153,196 +1349,11 @@ impl Store for SqliteStore {
     async fn delete_rule(&self, _: StoredRule, _: String) -> Result<u64, StoreError> {
         Err(StoreError::Failed(STORE_AUTH_MONGODB.into()))
     }
+}
 
-    async fn put_host_status(&self, status: wharf_shared::HostStatus) -> Result<(), StoreError> {
-        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
-        statuses.insert(status.host.clone(), status);
-        Ok(())
-    }
-
-    async fn host_statuses(&self) -> Result<Vec<wharf_shared::HostStatus>, StoreError> {
-        let statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(statuses.values().cloned().collect())
-    }
-
-    async fn message_by_id(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
-        // Ids carry their second: the message lies in a block whose oldest message is at most
-        // a block's span before that second began.
-        let from = i64::from(id.timestamp_secs()) * 1000;
-        self.with(move |c| {
-            let mut heads = c.prepare_cached(
-                "SELECT data FROM message_block WHERE oldest >= ?1 AND oldest <= ?2 ORDER BY oldest",
-            )?;
-            let mut rows = heads.query(params![from - BLOCK_SPAN_MS, from + 999])?;
-            while let Some(row) = rows.next()? {
-                let data: Vec<u8> = row.get(0)?;
-                if let Some(m) = decode_block(&data)?.into_iter().find(|m| m.id == id) {
-                    return Ok(Some(m));
-                }
-            }
-            Ok(None)
-        })
-        .await
-    }
-
-    async fn subscribers(
-        &self,
-        filters: Vec<String>,
-        shared: bool,
-        limit: usize,
-    ) -> Result<Vec<(String, StoredSubscription)>, StoreError> {
-        self.with(move |c| {
-            let mut exact = c.prepare_cached(
-                "SELECT client_id, topic, qos, created, options, identifier FROM subscription
-                 WHERE topic = ?1 ORDER BY client_id LIMIT ?2",
-            )?;
-            let mut out = Vec::new();
-            let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, String>(0)?, subscription_row(r, 1)?));
-            for filter in filters {
-                let left = limit.saturating_sub(out.len());
-                if left == 0 {
-                    return Ok(out);
-                }
-                for found in exact.query_map(params![filter, left as i64], row)? {
-                    out.push(found?);
-                }
-            }
-            if shared {
-                let left = limit.saturating_sub(out.len());
-                let mut groups = c.prepare_cached(
-                    "SELECT client_id, topic, qos, created, options, identifier FROM subscription
-                     WHERE topic >= '$share/' AND topic < '$share0' ORDER BY topic LIMIT ?1",
-                )?;
-                for found in groups.query_map([left as i64], row)? {
-                    out.push(found?);
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn deliveries_of(
-        &self,
-        id: MessageId,
-        clients: Vec<String>,
-    ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            let mut out = Vec::new();
-            let mut row = tx.prepare_cached(
-                "SELECT created FROM published_message WHERE message_id = ?1 AND client_id = ?2",
-            )?;
-            let from = id.timestamp_secs().saturating_sub(RECORD_BLOCK_SPAN_SECS);
-            let mut block = tx.prepare_cached(
-                "SELECT ids, created FROM delivery_block
-                 WHERE client_id = ?1 AND first >= ?2 AND first <= ?3 AND last >= ?3",
-            )?;
-            for client in clients {
-                if let Some(at) = row
-                    .query_row(params![&id.0[..], client], |r| r.get::<_, i64>(0))
-                    .optional()?
-                {
-                    out.push(DeliveryRecord {
-                        client_id: client,
-                        at_ms: Some(at),
-                        host: None,
-                    });
-                    continue;
-                }
-                let mut blocks =
-                    block.query(params![client, &from.to_be_bytes()[..], &id.0[..]])?;
-                while let Some(b) = blocks.next()? {
-                    let ids = b.get_ref(0)?.as_blob()?;
-                    if ids.chunks_exact(12).any(|chunk| chunk == id.0) {
-                        out.push(DeliveryRecord {
-                            client_id: client.clone(),
-                            at_ms: b.get::<_, Option<i64>>(1)?,
-                            host: None,
-                        });
-                        break;
-                    }
-                }
-            }
-            drop((row, block));
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn delivered_among(
-        &self,
-        client_id: &str,
-        ids: Vec<MessageId>,
-    ) -> Result<HashSet<MessageId>, StoreError> {
-        let client_id = client_id.to_owned();
-        self.with(move |c| {
-            let (Some(low), Some(high)) = (ids.iter().min(), ids.iter().max()) else {
-                return Ok(HashSet::new());
-            };
-            // One read transaction for the whole page: outside one, every lookup below would
-            // be a transaction of its own, taking and releasing the file's lock (two `fcntl`
-            // calls) and the WAL's read lock, which cost more than the lookup itself.
-            let tx = c.transaction()?;
-            // Blocks that can hold an id in [low, high] begin at most the span before low.
-            let from = low.timestamp_secs().saturating_sub(RECORD_BLOCK_SPAN_SECS);
-            let mut blocks = tx.prepare_cached(
-                "SELECT ids FROM delivery_block
-                 WHERE client_id = ?1 AND first >= ?2 AND first <= ?3 AND last >= ?4",
-            )?;
-            // Ids of the range with a record, from blocks and then from rows.
-            let mut recorded = HashSet::new();
-            let rows = blocks.query_map(
-                params![client_id, &from.to_be_bytes()[..], &high.0[..], &low.0[..]],
-                |r| r.get::<_, Vec<u8>>(0),
-            )?;
-            for data in rows {
-                recorded.extend(
-                    data?
-                        .chunks_exact(12)
-                        .map(id_of)
-                        .filter(|id| low <= id && id <= high),
-                );
-            }
-            // Row records (small notices) of every client in the page's range, in one pass
-            // while there are few of them (a stream read by a few sessions); past a bound (a
-            // fan-out's row per subscriber), one lookup per id that no block holds.
-            let bound = 4 * ids.len() + 64;
-            let mut scan = tx.prepare_cached(
-                "SELECT message_id, client_id = ?3 FROM published_message
-                 WHERE message_id >= ?1 AND message_id <= ?2 LIMIT ?4",
-            )?;
-            let mut rows = scan.query(params![&low.0[..], &high.0[..], client_id, bound])?;
-            let mut scanned = 0;
-            while let Some(row) = rows.next()? {
-                scanned += 1;
-                if row.get::<_, bool>(1)? {
-                    recorded.insert(id_of(row.get_ref(0)?.as_blob()?));
-                }
-            }
-            drop(rows);
-            let scanned_all = scanned < bound;
-            let mut lookup = tx.prepare_cached(
-                "SELECT 1 FROM published_message WHERE message_id = ?2 AND client_id = ?1",
-            )?;
-            let mut out = HashSet::new();
-            for id in ids {
-                if recorded.contains(&id)
-                    || !scanned_all
-                        && lookup
-                            .query_row(params![client_id, &id.0[..]], |_| Ok(()))
-                            .optional()?
-                            .is_some()
-                {
-                    out.insert(id);
-                }
-            }
-            drop((blocks, scan, lookup));
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 }
 
