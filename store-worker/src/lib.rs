@@ -7,7 +7,8 @@
 //! # Layout
 //! - [`cli`]: flags and environment layered over etcd keys.
 //! - [`server`]: the socket, per-edge connections, the lanes that run session requests.
-//! - [`cmd`]: one handler per kind of request.
+//! - [`cmd`]: one handler per kind of request; [`state`]: what they share; [`rankings`]: the
+//!   fleet's sessions ranked by what they are owed.
 //! - [`pipeline`]: the batching tasks: group-committed persists, delivery records, retries.
 //! - [`fanout`]: the connected edges; messages between hosts (this worker's edges, the
 //!   store's feed of other workers' messages).
@@ -19,11 +20,13 @@ pub mod cli;
 pub mod cmd;
 pub mod fanout;
 pub mod pipeline;
+pub mod rankings;
 pub mod routes;
 pub mod server;
+pub mod state;
 pub mod store;
 
-use server::Shared;
+use state::Shared;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

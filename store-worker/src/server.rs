@@ -7,6 +7,7 @@
 //! delivery records go to the shared batching tasks in [`crate::pipeline`].
 
 use crate::pipeline::{Job, PersistJob};
+pub use crate::state::Shared;
 use crate::store::{Deliveries, Store, StoreError};
 use futures::{SinkExt, StreamExt};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -61,33 +62,6 @@ pub async fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListen
     }
     std::fs::rename(&staging, path).map_err(io)?;
     Ok(listener)
-}
-
-/// What every connection shares.
-pub struct Shared<S> {
-    pub store: Arc<S>,
-    pub host: String,
-    pub instance: String,
-    pub persist: crate::pipeline::PersistQueue,
-    pub record: crate::pipeline::RecordQueue,
-    pub edges: Arc<crate::fanout::Edges>,
-    /// This host's routes, where hosts share the store.
-    pub routes: Option<Arc<crate::routes::RouteBook>>,
-    pub retry_limit: Duration,
-    /// The fleet's sessions ranked by what they are owed, as the admin API asks.
-    pub rankings: crate::cmd::behind::Rankings,
-}
-
-impl<S> Shared<S> {
-    /// Forgets the client's inbound QoS 2 packet ids, through the persister so that it
-    /// comes after the persists that used them; false when the persister is gone.
-    pub(crate) async fn forget_inbound_qos2(&self, client_id: String) -> bool {
-        let clear = PersistJob {
-            job: Job::Clear { client_id },
-            reply: None,
-        };
-        self.persist.send(clear).await.is_ok()
-    }
 }
 
 /// Accepts edges until `shutdown`; then stops reading and lets queued work finish.

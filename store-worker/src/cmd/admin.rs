@@ -2,8 +2,9 @@
 //! changes (users and rules, in the store); the shared groups' ownership; the auth snapshot.
 
 use crate::pipeline::retry;
-use crate::server::{now_ms, Shared};
+use crate::state::Shared;
 use crate::store::{self, Store, StoreError};
+use wharf_shared::now_ms;
 use wharf_shared::{Cursor, MessageId, Reply, StoredRule, StoredUser};
 
 /// `Trace`: where message `id` went, once what the edges handed over before is stored.

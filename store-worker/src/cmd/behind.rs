@@ -1,31 +1,16 @@
 //! What sessions are owed: one session (`Owed`), a page of sessions (`Sessions`), and the
 //! sessions most owed across the whole fleet (`MostOwed`).
 //!
-//! Ranking the fleet means counting every stored session (one catch-up count each), which
-//! takes seconds to minutes for tens of thousands. So a ranking is a [`Sweep`]: a task of its
-//! own that pages through the sessions in id order and keeps only the [`KEPT`] most owed. A
-//! request waits for it at most [`WAIT`]; if it is not done by then the reply is the ranking
-//! so far (`counting`), and the next request joins the same sweep instead of starting one. A
-//! sweep that outlasted the wait is reused for [`REUSE`] after it ends (a big fleet's ranking
-//! is not recounted on every refresh); one that ended within the wait is recounted on the
-//! next request, so a small fleet's ranking is always fresh. At most [`SWEEPS`] run at once.
+//! Ranking the fleet is a sweep ([`crate::rankings`]) counted here, in a task of its own.
 
 use crate::pipeline::retry;
-use crate::server::{now_ms, Shared};
+use crate::rankings::{Sweep, KEPT, WAIT};
+use crate::state::Shared;
 use crate::store::{self, Store, StoreError};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 use wharf_shared::{Reply, SessionSummary};
 
-/// Sessions a sweep keeps: the most a request may ask for (the admin API's page).
-pub const KEPT: usize = 200;
-/// How long a request waits for its sweep before answering with the ranking so far.
-pub const WAIT: Duration = Duration::from_secs(5);
-/// How long a finished sweep that outlasted [`WAIT`] is reused.
-pub const REUSE: Duration = Duration::from_secs(60);
-/// Sweeps running at once in a worker.
-pub const SWEEPS: usize = 2;
 /// Sessions read from the store at a time.
 const PAGE: usize = 500;
 
@@ -76,7 +61,11 @@ pub async fn most_owed<S: Store>(
     top: u32,
     owed_limit: u32,
 ) -> Result<Reply, StoreError> {
-    let sweep = shared.rankings.sweep(shared, prefix, scan, owed_limit)?;
+    let key = (prefix, scan, owed_limit);
+    let (sweep, new) = shared.rankings.sweep(key.clone())?;
+    if new {
+        tokio::spawn(count_all(shared.clone(), sweep.clone(), key));
+    }
     let mut done = sweep.done.subscribe();
     let _ = tokio::time::timeout(WAIT, done.wait_for(|d| *d)).await;
     let tally = sweep.tally.lock().expect("tally");
@@ -93,79 +82,6 @@ pub async fn most_owed<S: Store>(
         counting: tally.finished.is_none(),
         as_of_ms: sweep.started_ms,
     })
-}
-
-/// The sweeps of a worker, by what they rank.
-#[derive(Default)]
-pub struct Rankings {
-    sweeps: Mutex<HashMap<(String, u32, u32), Arc<Sweep>>>,
-}
-
-/// One count of a prefix's sessions, in a task of its own.
-pub struct Sweep {
-    started: Instant,
-    started_ms: i64,
-    tally: Mutex<Tally>,
-    done: tokio::sync::watch::Sender<bool>,
-}
-
-#[derive(Default)]
-struct Tally {
-    /// The most owed so far: at most 2 x [`KEPT`], cut back to [`KEPT`] when full.
-    ranked: Vec<SessionSummary>,
-    scanned: u64,
-    /// `scan` sessions were counted before the prefix's last.
-    capped: bool,
-    finished: Option<Instant>,
-    failed: Option<String>,
-}
-
-impl Rankings {
-    /// The sweep a request for this ranking joins: the running one, a slow one that ended
-    /// within [`REUSE`], or a new one.
-    fn sweep<S: Store>(
-        &self,
-        shared: &Arc<Shared<S>>,
-        prefix: String,
-        scan: u32,
-        owed_limit: u32,
-    ) -> Result<Arc<Sweep>, StoreError> {
-        let mut sweeps = self.sweeps.lock().expect("sweeps");
-        sweeps.retain(|_, s| s.reusable() || s.running());
-        let key = (prefix, scan, owed_limit);
-        if let Some(s) = sweeps.get(&key).filter(|s| s.running() || s.reusable()) {
-            return Ok(s.clone());
-        }
-        if sweeps.values().filter(|s| s.running()).count() >= SWEEPS {
-            return Err(StoreError::Failed(format!(
-                "{SWEEPS} rankings are being counted; ask again when they are done"
-            )));
-        }
-        let sweep = Arc::new(Sweep {
-            started: Instant::now(),
-            started_ms: now_ms(),
-            tally: Mutex::default(),
-            done: tokio::sync::watch::channel(false).0,
-        });
-        sweeps.insert(key.clone(), sweep.clone());
-        tokio::spawn(count_all(shared.clone(), sweep.clone(), key));
-        Ok(sweep)
-    }
-}
-
-impl Sweep {
-    fn running(&self) -> bool {
-        self.tally.lock().expect("tally").finished.is_none()
-    }
-
-    /// Finished, having outlasted [`WAIT`], less than [`REUSE`] ago.
-    fn reusable(&self) -> bool {
-        let tally = self.tally.lock().expect("tally");
-        tally.failed.is_none()
-            && tally
-                .finished
-                .is_some_and(|at| at.duration_since(self.started) > WAIT && at.elapsed() < REUSE)
-    }
 }
 
 /// Counts what every session of the prefix is owed, page by page, keeping the most owed.

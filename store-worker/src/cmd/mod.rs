@@ -18,7 +18,7 @@ pub mod qos2;
 pub mod retained;
 pub mod session;
 
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{Store, StoreError};
 use std::sync::Arc;
 use wharf_shared::{Reply, Request};

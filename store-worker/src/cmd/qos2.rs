@@ -2,8 +2,9 @@
 //! PUBCOMP, so that a returning session resends or releases them.
 
 use crate::pipeline::retry;
-use crate::server::{now_ms, Shared};
+use crate::state::Shared;
 use crate::store::{Deliveries, Store, StoreError};
+use wharf_shared::now_ms;
 use wharf_shared::{DeliveredRecord, MessageId, Reply};
 
 /// `TrackQos2Out`: packet `pkid` of the client carries `message_id`; once `released` (PUBREC

@@ -1,7 +1,7 @@
 //! Retained messages, read and cleared after what the edges handed over before the request.
 
 use crate::pipeline::retry;
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{self, Store, StoreError};
 use wharf_shared::Reply;
 

@@ -2,8 +2,9 @@
 //! catch-up; and what ending a session clears (also used by the expiry sweep).
 
 use crate::pipeline::retry;
-use crate::server::{now_ms, Shared};
+use crate::state::Shared;
 use crate::store::{self, Owner, Store, StoreError};
+use wharf_shared::now_ms;
 use wharf_shared::{Claim, Cursor, Generation, Message, Reply, WorkerFrame};
 
 /// `Connect`: the session is claimed for this connection. A clean start clears what was

@@ -1028,7 +1028,7 @@ impl MessageStore for MongoStore {
         // windows after it.
         let sort = doc! { "created": 1, "_id": 1 };
         let mut docs = self.rest_of_millisecond(&filter, after, limit).await?;
-        let open_after = crate::server::now_ms() + OPEN_AFTER_MS;
+        let open_after = wharf_shared::now_ms() + OPEN_AFTER_MS;
         use std::sync::atomic::Ordering::Relaxed;
         let density = f64::from_bits(self.density.load(Relaxed));
         let mut window = if density > 0.0 {
@@ -1622,7 +1622,7 @@ impl ClusterStore for MongoStore {
             own_host,
             sink,
             seen: HashMap::new(),
-            watermark_ms: crate::server::now_ms(),
+            watermark_ms: wharf_shared::now_ms(),
         };
         if !self.change_streams {
             tracing::info!("following messages addressed to this host by polling every 100 ms");

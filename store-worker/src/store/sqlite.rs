@@ -1093,7 +1093,7 @@ impl SessionStore for SqliteStore {
             tx.execute(
                 "INSERT OR REPLACE INTO qos2_outbound (client_id, pkid, message_id, released, created)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![client_id, pkid, &message_id.0[..], released.is_some(), crate::server::now_ms()],
+                params![client_id, pkid, &message_id.0[..], released.is_some(), wharf_shared::now_ms()],
             )?;
             if let Some(d) = released {
                 insert_deliveries(&tx, &d)?;
@@ -1438,7 +1438,7 @@ fn write_batch(c: &mut Connection, batch: &WriteBatch) -> rusqlite::Result<()> {
             "INSERT OR REPLACE INTO qos2_inflight (client_id, pkid, message_id, created)
              VALUES (?1, ?2, ?3, ?4)",
         )?;
-        let now = crate::server::now_ms();
+        let now = wharf_shared::now_ms();
         for (client, pkid, id) in &batch.record_qos2 {
             record.execute(params![client, pkid, &id.0[..], now])?;
         }
