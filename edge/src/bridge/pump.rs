@@ -159,7 +159,10 @@ pub async fn register(
     })
     .await
     .map_err(|_| "the local session did not subscribe in time".to_string())??;
-    if let Some(code) = subscribed.iter().find(|&&c| c >= 0x80) {
+    if let Some(code) = subscribed
+        .iter()
+        .find(|&&c| crate::protocol::outcome::failed(c))
+    {
         return Err(format!("the local subscription was refused ({code:#04x})"));
     }
     out.clear();
@@ -187,23 +190,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
 
 /// A CONNACK's refusal, in words.
 fn refusal(version: Version, code: u8, reason: Option<&str>) -> String {
-    let words = match (version.is_v5(), code) {
-        (false, 1) => "unacceptable protocol version",
-        (false, 2) => "client id rejected",
-        (false, 3) => "server unavailable",
-        (false, 4) => "bad user name or password",
-        (false, 5) => "not authorized",
-        (true, 0x84) => "unsupported protocol version",
-        (true, 0x85) => "client id not valid",
-        (true, 0x86) => "bad user name or password",
-        (true, 0x87) => "not authorized",
-        (true, 0x88) => "server unavailable",
-        (true, 0x89) => "server busy",
-        (true, 0x8A) => "banned",
-        (true, 0x8C) => "bad authentication method",
-        (true, 0x97) => "quota exceeded",
-        _ => "refused",
-    };
+    let words = crate::protocol::outcome::connack_refusal(version, code);
     match reason {
         Some(r) => format!("remote refused the connection: {words} ({code:#04x}: {r})"),
         None => format!("remote refused the connection: {words} ({code:#04x})"),
@@ -637,7 +624,7 @@ impl Pump {
             return Err(format!("{side} SUBACK does not answer the SUBSCRIBE"));
         }
         for (code, t) in codes.iter().zip(topics) {
-            if *code >= 0x80 {
+            if crate::protocol::outcome::failed(*code) {
                 return Err(format!(
                     "{side} broker refused the subscription to {} ({code:#04x})",
                     filter(t)
@@ -725,7 +712,7 @@ impl Pump {
         let Some((local, _)) = self.out_flight.remove(&pkid) else {
             return Ok(());
         };
-        if reason >= 0x80 {
+        if crate::protocol::outcome::failed(reason) {
             // Kept owed: the connection ends and the message is sent again.
             return Err(format!(
                 "the remote refused a forwarded message ({reason:#04x}); it stays owed"
@@ -806,7 +793,7 @@ impl Pump {
         let Some(remote) = self.in_flight.remove(&pkid) else {
             return Ok(());
         };
-        if reason >= 0x80 {
+        if crate::protocol::outcome::failed(reason) {
             return Err(format!(
                 "this broker did not take a message from the remote ({reason:#04x}); the remote keeps it"
             ));

@@ -3,6 +3,7 @@
 //! in the order the packets came); the store's replies completing them.
 
 use super::*;
+use crate::protocol::outcome::{self, PublishRefusal};
 
 impl Connection {
     /// Handles every complete packet in the read buffer; `Ok(false)` after DISCONNECT.
@@ -103,7 +104,7 @@ impl Connection {
             }
             Inbound::PubRec(ack) => {
                 self.check_ack(ack.pkid, Ack::PubRec)?;
-                if ack.reason >= 0x80 {
+                if outcome::failed(ack.reason) {
                     self.out.pubrec_refused(ack.pkid)
                 } else {
                     self.out.pubrec(ack.pkid)
@@ -126,12 +127,11 @@ impl Connection {
                 // Held and re-sent by the link, in order with the persists.
                 drop(self.broker.link.request(release, Policy::Hold).await?);
                 // 5.0: a PUBREL for an id this session does not hold is answered so.
-                let code = if known || !self.version.is_v5() {
-                    reason::SUCCESS
-                } else {
-                    reason::PACKET_IDENTIFIER_NOT_FOUND
-                };
-                self.ack_in_order(Ack::PubComp, pkid, code);
+                self.ack_in_order(
+                    Ack::PubComp,
+                    pkid,
+                    outcome::pubcomp_code(self.version, known),
+                );
             }
             Inbound::Subscribe {
                 pkid,
@@ -376,18 +376,18 @@ impl Connection {
     ) -> Result<(), SessionError> {
         metrics::counter!("wharf_edge_denied_total", "action" => "publish").increment(1);
         tracing::debug!(client_id = %self.out.state.client_id, topic, "publish not authorized");
-        let v5 = self.version.is_v5();
-        if !v5 && self.out.auth.publish_denied() == PublishDenied::Disconnect {
-            return Err(SessionError::Refused {
-                reason: reason::NOT_AUTHORIZED,
-                why: "publish not authorized",
-            });
-        }
-        // 3.1.1's PUBREL that follows a PUBREC is answered as for any id it does not hold.
-        let code = if v5 {
-            reason::NOT_AUTHORIZED
-        } else {
-            reason::SUCCESS
+        let refusal = PublishRefusal::NotAuthorized;
+        let code = match refusal.ack_code(self.version) {
+            Some(code) => code,
+            None if self.out.auth.publish_denied() == PublishDenied::Disconnect => {
+                return Err(SessionError::Refused {
+                    reason: refusal.reason(),
+                    why: "publish not authorized",
+                })
+            }
+            // Acknowledged unstored; 3.1.1's PUBREL that follows a PUBREC is answered as for
+            // any id it does not hold.
+            None => reason::SUCCESS,
         };
         self.answer_untaken(qos, pkid, code, batch).await
     }
@@ -431,14 +431,15 @@ impl Connection {
         batch: &mut Batch,
     ) -> Result<(), SessionError> {
         metrics::counter!("wharf_edge_publish_rate_exceeded_total").increment(1);
-        if qos != Qos::AtMostOnce && !self.version.is_v5() {
-            return Err(SessionError::Refused {
-                reason: reason::QUOTA_EXCEEDED,
+        let refusal = PublishRefusal::QuotaExceeded;
+        match refusal.ack_code(self.version) {
+            Some(code) => self.answer_untaken(qos, pkid, code, batch).await,
+            None if qos == Qos::AtMostOnce => Ok(()),
+            None => Err(SessionError::Refused {
+                reason: refusal.reason(),
                 why: "publish rate exceeded",
-            });
+            }),
         }
-        self.answer_untaken(qos, pkid, reason::QUOTA_EXCEEDED, batch)
-            .await
     }
 
     /// An inbound QoS 2 flow ended (PUBREL answered, or a refusing PUBREC sent).

@@ -2,6 +2,7 @@
 //! retained messages, and the reason code of each filter in the client's version.
 
 use super::*;
+use crate::protocol::outcome::{self, SubscribeRefusal};
 
 impl Connection {
     pub(super) async fn subscribe(
@@ -11,7 +12,7 @@ impl Connection {
         identifier: Option<u32>,
         read_epoch: u64,
     ) -> Result<(), SessionError> {
-        let v5 = self.version.is_v5();
+        let version = self.version;
         let since_ms = crate::ids::now_ms();
         let mut codes = Vec::with_capacity(filters.len());
         let mut accepted = Vec::new();
@@ -27,11 +28,7 @@ impl Connection {
                 topic::valid_filter(&f.filter)
             };
             if !valid {
-                codes.push(if v5 {
-                    reason::TOPIC_FILTER_INVALID
-                } else {
-                    0x80
-                });
+                codes.push(SubscribeRefusal::FilterInvalid.code(version));
                 continue;
             }
             // A shared subscription is checked on the filter inside it.
@@ -43,7 +40,7 @@ impl Connection {
             {
                 metrics::counter!("wharf_edge_denied_total", "action" => "subscribe").increment(1);
                 tracing::debug!(client_id = %out.state.client_id, filter = %f.filter, "subscription not authorized");
-                codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
+                codes.push(SubscribeRefusal::NotAuthorized.code(version));
                 continue;
             }
             if let Some((_, inner)) = shared {
@@ -144,11 +141,7 @@ impl Connection {
             self.broker
                 .router
                 .unsubscribe(&self.out.state.client_id, filter);
-            codes.push(if existed {
-                reason::SUCCESS
-            } else {
-                reason::NO_SUBSCRIPTION_EXISTED
-            });
+            codes.push(outcome::unsubscribe_code(existed));
         }
         let request = Request::Unsubscribe {
             client_id: String::from(&*self.out.state.client_id),
