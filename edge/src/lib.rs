@@ -26,29 +26,32 @@
 //! - [`admin`]: the admin HTTP API and the console page, on the ops address.
 //! - [`cli`]: flags and environment layered over etcd keys.
 //! - [`config`], [`ids`], [`broker`]: configuration, message ids, shared state.
+//!
+//! Only what the binary, the tests and the benchmarks use is `pub` (`server`, `config`, `cli`,
+//! `auth`, `tls`, `admin`, `protocol`); the rest is `pub(crate)`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod auth;
-pub mod bridge;
-pub mod broker;
+pub(crate) mod bridge;
+pub(crate) mod broker;
 pub mod cli;
 pub mod config;
-pub mod connection;
-pub mod groups;
-pub mod ids;
-pub mod keepalive;
-pub mod lease;
-pub mod link;
-pub mod proxy;
-pub mod registry;
-pub mod router;
+pub(crate) mod connection;
+pub(crate) mod groups;
+pub(crate) mod ids;
+pub(crate) mod keepalive;
+pub(crate) mod lease;
+pub(crate) mod link;
+pub(crate) mod proxy;
+pub(crate) mod registry;
+pub(crate) mod router;
 pub mod server;
-pub mod session;
-pub mod small_map;
+pub(crate) mod session;
+pub(crate) mod small_map;
 pub mod tls;
-pub mod transit;
-pub mod websocket;
+pub(crate) mod transit;
+pub(crate) mod websocket;
 pub use wharf_mqtt as protocol;
 pub use wharf_shared::topic;
 

@@ -23,8 +23,10 @@ enum Stage {
     Released,
 }
 
-/// The acknowledgements a client sends for the server's PUBLISHes.
+/// The acknowledgements a client sends for the server's PUBLISHes (named as MQTT names the
+/// packets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub enum Ack {
     PubAck,
     PubRec,

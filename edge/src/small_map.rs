@@ -14,6 +14,8 @@ const SPILL: usize = 8;
 
 pub enum SmallMap<K, V> {
     Few(Vec<(K, V)>),
+    // Boxed so that the map, held by every session, is the size of the `Vec`.
+    #[allow(clippy::box_collection)]
     Many(Box<HashMap<K, V>>),
 }
 

@@ -32,7 +32,6 @@ pub mod config;
 mod pump;
 pub mod state;
 
-pub use config::{BridgeConfig, SESSION_PREFIX};
 pub use state::{Bridge, Phase, BACKLOG_COUNTED, BACKLOG_EVERY};
 
 use crate::broker::Broker;
