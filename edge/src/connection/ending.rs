@@ -2,6 +2,7 @@
 //! session parked or ended in the store, its unfinished group deliveries given back.
 
 use super::*;
+use crate::protocol::rules;
 
 impl Connection {
     /// Gives the shared-subscription deliveries this connection did not complete back to their
@@ -58,23 +59,18 @@ impl Connection {
                 tracing::info!(%peer, client_id = %client_id, "session taken over by a new connection")
             }
         }
-        // A broker shutdown is not the client's failure: no will then. A DISCONNECT took the
-        // will away unless its reason asked for it (5.0 0x04).
-        let will = will.filter(|_| !matches!(end, End::Shutdown));
-        // Taken over (by a connection here or, through a claim, on another host): the session
-        // resumed, so a will still delayed is not owed (MQTT 5.0 3.1.3.2.2). One whose session
-        // ends with this connection (expiry 0) is not delayed: it is sent now.
-        let delayed = |w: &Will| w.delay_secs.min(self.session_expiry) > 0;
-        let will = will.filter(|w| !(matches!(end, End::TakenOver(_)) && delayed(w)));
+        // A DISCONNECT took the will away unless its reason asked for it (5.0 0x04). Taken
+        // over: by a connection here or, through a claim, on another host.
+        let ending = match &end {
+            End::Shutdown => rules::Ending::Shutdown,
+            End::TakenOver(handover) => rules::Ending::TakenOver {
+                keeps_session: handover.keeps_session,
+            },
+            End::Graceful | End::Error(_) => rules::Ending::Lost,
+        };
+        let (version, expiry) = (self.version, self.session_expiry);
+        let will = will.filter(|w| rules::will_owed(version, ending, expiry, w.delay_secs));
         let persistent = self.session_expiry > 0;
-        // 3.1/3.1.1 list no takeover among a will's causes: sent only when the session ends
-        // with it (either connection clean), as Mosquitto does. 5.0: as above.
-        let will = will.filter(|_| match &end {
-            End::TakenOver(handover) if !self.version.is_v5() => {
-                !(persistent && handover.keeps_session)
-            }
-            _ => true,
-        });
         let mut claim = None;
         // Whom the will is checked for again when it is sent (a reload may have revoked it).
         let principal = self.out.auth.principal().cloned();

@@ -244,14 +244,13 @@ async fn start_session<W: AsyncWrite + Unpin>(
     };
     let limits = &broker.config.limits;
     let version = connect.version;
-    // 3.1/3.1.1: a clean session ends with its connection, a persistent one lasts as long as
-    // the server keeps sessions. 5.0: as the client asks, within the server's maximum.
-    let asked = match version {
-        Version::V5 => connect.session_expiry,
-        _ if connect.clean_start => 0,
-        _ => u32::MAX,
-    };
-    let session_expiry = asked.min(limits.max_session_expiry);
+    let expiry = crate::protocol::rules::session_expiry(
+        version,
+        connect.clean_start,
+        connect.session_expiry,
+        limits.max_session_expiry,
+    );
+    let session_expiry = expiry.granted;
     let connect_started_ms = ids::now_ms();
     let mut undelivered = Vec::new();
     let mut next = None;
@@ -334,15 +333,10 @@ async fn start_session<W: AsyncWrite + Unpin>(
             }
         }
     };
-    // The server closes a client silent for 1.5 x its keepalive (MQTT 3.1.1, 3.1.2.10). The
-    // Server Keep Alive is the longest a 5.0 client may keep: one that asks for more, or for
-    // none, is told to use it (as Mosquitto's max_keepalive does).
-    let server_keep_alive = limits
-        .server_keep_alive
-        .filter(|max| version.is_v5() && (connect.keep_alive == 0 || connect.keep_alive > *max));
-    let keep_alive_secs = server_keep_alive.unwrap_or(connect.keep_alive);
-    let keep_alive =
-        (keep_alive_secs > 0).then(|| Duration::from_millis(keep_alive_secs as u64 * 1500));
+    let negotiated =
+        crate::protocol::rules::keep_alive(version, connect.keep_alive, limits.server_keep_alive);
+    let server_keep_alive = negotiated.told;
+    let keep_alive = negotiated.close_after_ms.map(Duration::from_millis);
     let client = crate::router::ClientInfo {
         peer,
         version,
@@ -355,7 +349,7 @@ async fn start_session<W: AsyncWrite + Unpin>(
     }
     let mut write_buf = BytesMut::new();
     let props = ConnackProperties {
-        session_expiry: (version.is_v5() && session_expiry != asked).then_some(session_expiry),
+        session_expiry: expiry.told.then_some(session_expiry),
         receive_maximum: (limits.receive_maximum < u16::MAX).then_some(limits.receive_maximum),
         max_packet_size: Some(limits.max_packet_size.min(u32::MAX as usize) as u32),
         assigned_client_id: connect.client_id.is_empty().then(|| client_id.to_string()),

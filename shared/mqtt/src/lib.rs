@@ -13,6 +13,7 @@ pub mod encode;
 pub mod fuzzing;
 pub mod outcome;
 mod properties;
+pub mod rules;
 #[cfg(test)]
 mod tests;
 
