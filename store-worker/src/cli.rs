@@ -7,7 +7,7 @@ use clap::{ArgMatches, Parser};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use wharf_ops::config::{parse_secs, ConfigError, ConfigSource, Layers};
+use wharf_ops::config::{parse_ms, parse_secs, ConfigError, ConfigSource, Layers};
 
 /// Wharf store-worker: persists what the edges receive, in MongoDB or an embedded store.
 #[derive(Parser, Debug)]
@@ -57,6 +57,12 @@ pub struct Args {
     /// Group (name or id) of the socket file; use with --socket-mode 660 [etcd: socketGroup].
     #[arg(long, env = "WHARF_SOCKET_GROUP")]
     pub socket_group: Option<String>,
+    /// Milliseconds a durable write waits for other publishes to share its commit, while
+    /// commits are frequent (within 4 x this of the last): fewer commits and fsyncs per
+    /// message at fleet rates, at most this much later acknowledgements; 0: never waits
+    /// [etcd: commitDelayMs].
+    #[arg(long, env = "WHARF_COMMIT_DELAY_MS", default_value_t = 1)]
+    pub commit_delay_ms: u64,
     /// Seconds an unavailable store is retried before a request fails [etcd: retryLimit].
     #[arg(long, env = "WHARF_RETRY_LIMIT", default_value_t = 10)]
     pub retry_limit: u64,
@@ -224,6 +230,12 @@ pub fn load(
         None => None,
     };
     config.socket_group = layers.pick_opt("socket_group", "socketGroup", group, group_id)?;
+    config.commit_delay = layers.pick(
+        "commit_delay_ms",
+        "commitDelayMs",
+        Duration::from_millis(args.commit_delay_ms),
+        parse_ms,
+    )?;
     config.retry_limit = layers.pick(
         "retry_limit",
         "retryLimit",

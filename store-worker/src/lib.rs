@@ -65,6 +65,8 @@ pub struct WorkerConfig {
     pub max_batch: usize,
     /// How long an unavailable store is retried before a request fails.
     pub retry_limit: Duration,
+    /// How long a durable write waits for company while commits are frequent (0: never).
+    pub commit_delay: Duration,
     pub shutdown_grace: Duration,
     /// MongoDB: where the users and authorization rules are kept.
     pub auth_collections: store::mongo::AuthCollections,
@@ -88,6 +90,7 @@ impl WorkerConfig {
             backend,
             max_batch: 1000,
             retry_limit: Duration::from_secs(10),
+            commit_delay: Duration::from_millis(1),
             shutdown_grace: Duration::from_secs(10),
             auth_collections: Default::default(),
             route_aggregate: Vec::new(),
@@ -201,6 +204,7 @@ async fn run<S: Store>(
         persist_rx,
         config.max_batch,
         config.retry_limit,
+        config.commit_delay,
     ));
     let (feed_tx, mut feed_rx) = tokio::sync::mpsc::channel::<Vec<wharf_shared::Message>>(1024);
     tokio::spawn({

@@ -128,9 +128,27 @@ impl<T> BatchQueue<T> {
 
 impl<T> BatchRx<T> {
     /// Fills `batch` (up to `max`) with the next items; `false` once every sender is gone.
-    async fn next_batch(&mut self, batch: &mut Vec<T>, max: usize) -> bool {
+    /// With `company`, a batch someone waits for gathers what else comes within that time.
+    async fn next_batch(
+        &mut self,
+        batch: &mut Vec<T>,
+        max: usize,
+        company: Option<Duration>,
+    ) -> bool {
         if self.rx.recv_many(batch, max).await == 0 {
             return false;
+        }
+        if let Some(delay) = company.filter(|_| batch.len() < max && batch.iter().any(self.waited))
+        {
+            let until = tokio::time::Instant::now() + delay;
+            while batch.len() < max {
+                let room = max - batch.len();
+                match tokio::time::timeout_at(until, self.rx.recv_many(batch, room)).await {
+                    Ok(n) if n > 0 => continue,
+                    _ => break,
+                }
+            }
+            return true;
         }
         if !batch.iter().any(self.waited) && batch.len() < max {
             tokio::select! {
@@ -500,12 +518,18 @@ where
     }
 }
 
+/// Writes what the edges hand over in group commits. A write someone waits for goes at once,
+/// unless commits are frequent (the last began within 4 x `commit_delay`): then it waits up
+/// to `commit_delay` for other jobs to share its commit (PostgreSQL's `commit_delay` with
+/// `commit_siblings`), so that at fleet rates one commit and one fsync carry several
+/// messages, while a quiet store adds no delay.
 pub async fn persister<S: Store>(
     store: Arc<S>,
     edges: Arc<crate::fanout::Edges>,
     jobs: PersistRx,
     max_batch: usize,
     limit: Duration,
+    commit_delay: Duration,
 ) {
     let PersistRx {
         rx: mut jobs,
@@ -514,7 +538,13 @@ pub async fn persister<S: Store>(
     } = jobs;
     let mut batch = Vec::with_capacity(max_batch);
     let mut accepted = Vec::with_capacity(max_batch);
-    while jobs.next_batch(&mut batch, max_batch).await {
+    let mut last_commit: Option<Instant> = None;
+    loop {
+        let busy = last_commit.is_some_and(|at| at.elapsed() < commit_delay * 4);
+        let company = (busy && !commit_delay.is_zero()).then_some(commit_delay);
+        if !jobs.next_batch(&mut batch, max_batch, company).await {
+            break;
+        }
         accepted.extend(batch.iter().filter_map(|j| j.job.oldest()));
         let batch_bytes: usize = batch.iter().map(|j| j.job.bytes()).sum();
         let started = Instant::now();
@@ -530,6 +560,9 @@ pub async fn persister<S: Store>(
             continue;
         }
         let reply_to: Vec<Option<ReplyTo>> = batch.iter_mut().map(|j| j.reply.take()).collect();
+        if reply_to.iter().any(Option::is_some) {
+            last_commit = Some(started);
+        }
         let keys: Vec<(String, u16)> = batch
             .iter()
             .filter_map(|j| match &j.job {
@@ -602,7 +635,7 @@ const RECORD_WRITES_AT_ONCE: usize = 4;
 pub async fn recorder<S: Store>(store: Arc<S>, queue: RecordRx, max_batch: usize, limit: Duration) {
     let RecordRx { mut rx, pending } = queue;
     let mut received = Vec::with_capacity(64);
-    while rx.next_batch(&mut received, 1024).await {
+    while rx.next_batch(&mut received, 1024, None).await {
         // Whole notices per write, about `max_batch` records each, up to
         // `RECORD_WRITES_AT_ONCE` writes at a time: records are independent of each other, and
         // a subscriber reading a backlog makes them as fast as the store can read messages.
@@ -664,6 +697,33 @@ mod tests {
             },
             reply: None,
         }
+    }
+
+    /// A batch someone waits for takes what comes within the company delay into the same
+    /// write, and only that; without the delay it goes at once.
+    #[tokio::test]
+    async fn a_waited_batch_gathers_company_for_the_delay_only() {
+        let (queue, mut rx) = BatchQueue::new(16, |n: &u32| *n % 2 == 1);
+        let delay = Some(Duration::from_millis(300));
+        let sender = {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                // 1 is waited for; 2 and 4 come within the delay, 6 after it.
+                let _ = queue.send(1).await;
+                for (n, after_ms) in [(2, 20), (4, 40), (6, 600)] {
+                    tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                    let _ = queue.send(n).await;
+                }
+            })
+        };
+        let mut batch = Vec::new();
+        assert!(rx.next_batch(&mut batch, 16, delay).await);
+        assert_eq!(batch, [1, 2, 4]);
+        sender.await.expect("sender");
+        batch.clear();
+        let _ = queue.send(3).await;
+        assert!(rx.next_batch(&mut batch, 16, None).await);
+        assert_eq!(batch, [6, 3], "without company: what is queued, at once");
     }
 
     #[test]

@@ -119,6 +119,11 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// Milliseconds as a whole number.
+pub fn parse_ms(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    parse::<u64>(key, value).map(Duration::from_millis)
+}
+
 /// Seconds as a whole number.
 pub fn parse_secs(key: &str, value: &str) -> Result<Duration, ConfigError> {
     parse::<u64>(key, value).map(Duration::from_secs)
