@@ -724,17 +724,18 @@ impl Admin {
             superuser,
         };
         let by = self.who(request, proof);
-        match self
-            .ask(Request::PutUser {
-                user,
-                by: by.clone(),
-            })
+        let done = json!({ "username": name, "superuser": superuser });
+        self.change("user", Request::PutUser { user, by }, done)
             .await
-        {
+    }
+
+    /// Makes a change to the store's users or rules, counted once made; logged by the worker,
+    /// with who asked (`by`).
+    async fn change(&self, what: &'static str, ask: Request, done: Value) -> HttpResponse {
+        match self.ask(ask).await {
             Ok(_) => {
-                tracing::info!(user = %name, superuser, %by, "user set through the admin API");
-                metrics::counter!("wharf_edge_admin_changes_total", "what" => "user").increment(1);
-                reply(200, json!({ "username": name, "superuser": superuser }))
+                metrics::counter!("wharf_edge_admin_changes_total", "what" => what).increment(1);
+                reply(200, done)
             }
             Err(response) => response,
         }
@@ -744,19 +745,11 @@ impl Admin {
         if let Err(response) = self.store_auth(true) {
             return response;
         }
-        let by = self.who(request, proof);
         let ask = Request::DeleteUser {
             username: name.to_owned(),
-            by: by.clone(),
+            by: self.who(request, proof),
         };
-        match self.ask(ask).await {
-            Ok(_) => {
-                tracing::info!(user = %name, %by, "user removed through the admin API");
-                metrics::counter!("wharf_edge_admin_changes_total", "what" => "user").increment(1);
-                reply(200, json!({ "removed": name }))
-            }
-            Err(response) => response,
-        }
+        self.change("user", ask, json!({ "removed": name })).await
     }
 
     /// The rules in the store, as read (EMQX's shape).
@@ -788,21 +781,10 @@ impl Admin {
         {
             return error(400, format!("refused: {e}"));
         }
+        let done = json!({ "added": rule_json(&rule) });
         let by = self.who(request, proof);
-        match self
-            .ask(Request::PutRule {
-                rule: rule.clone(),
-                by: by.clone(),
-            })
+        self.change("rule", Request::PutRule { rule, by }, done)
             .await
-        {
-            Ok(_) => {
-                tracing::info!(?rule, %by, "rule added through the admin API");
-                metrics::counter!("wharf_edge_admin_changes_total", "what" => "rule").increment(1);
-                reply(200, json!({ "added": rule_json(&rule) }))
-            }
-            Err(response) => response,
-        }
     }
 
     /// `DELETE /api/v1/rules` with the rule's fields as `GET` lists them: removes the rules
@@ -815,21 +797,10 @@ impl Admin {
             Ok(rule) => rule,
             Err(why) => return error(400, why),
         };
+        let done = json!({ "removed": rule_json(&rule) });
         let by = self.who(request, proof);
-        match self
-            .ask(Request::DeleteRule {
-                rule: rule.clone(),
-                by: by.clone(),
-            })
+        self.change("rule", Request::DeleteRule { rule, by }, done)
             .await
-        {
-            Ok(_) => {
-                tracing::info!(?rule, %by, "rule removed through the admin API");
-                metrics::counter!("wharf_edge_admin_changes_total", "what" => "rule").increment(1);
-                reply(200, json!({ "removed": rule_json(&rule) }))
-            }
-            Err(response) => response,
-        }
     }
 
     /// Each bridge's state on this host (`standby` where another host runs it).

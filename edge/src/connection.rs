@@ -9,9 +9,10 @@
 //!
 //! Here: the connection's types and its start ([`serve`]). Beside it in `connection/`:
 //! `handshake.rs` (CONNECT to CONNACK), `run.rs` (the loop), `inbound.rs` (what the client
-//! sends), `subscribe.rs`, `outbound.rs` (what the session sends, with the dedupe window),
+//! sends), `subscribe.rs`, `outbound.rs` (what the session sends), `dedupe.rs`,
 //! `ending.rs`, `transport.rs` (the byte streams) and `in_order.rs`.
 
+mod dedupe;
 mod ending;
 mod handshake;
 mod in_order;
