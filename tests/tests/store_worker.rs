@@ -178,17 +178,20 @@ async fn first_subscription_gets_retained_not_history(kind: Kind) {
 
 /// The admin API's retained messages come from the store (either backend) and are cleared
 /// there: a new subscriber then gets none, and nothing was published by the clearing.
+/// The stack's edge's admin API, its password `console-secret-1`.
+fn admin_api(stack: &Stack) -> wharf_ops::http::Api {
+    let settings = AdminSettings {
+        user: "admin".into(),
+        password: "console-secret-1".into(),
+        history_step: Duration::from_secs(10),
+        session_idle: Duration::from_secs(1800),
+    };
+    stack.edge.as_ref().expect("edge").admin_api(settings, None)
+}
+
 async fn the_admin_api_lists_and_clears_retained_messages(kind: Kind) {
     let s = Stack::new(kind).await;
-    let api = s.edge.as_ref().expect("edge").admin_api(
-        AdminSettings {
-            user: "admin".into(),
-            password: "console-secret-1".into(),
-            history_step: Duration::from_secs(10),
-            session_idle: Duration::from_secs(1800),
-        },
-        None,
-    );
+    let api = admin_api(&s);
     let call = |method: &str, path: &str, query: &[(&str, &str)]| {
         api(HttpRequest {
             method: method.into(),
@@ -742,15 +745,7 @@ async fn the_most_owed_are_ranked_across_the_whole_fleet(kind: Kind) {
     assert_eq!(reply_to(&mut link, 1_000).await, Reply::Persisted);
 
     // Through the admin API, as the console asks.
-    let api = stack.edge.as_ref().expect("edge").admin_api(
-        AdminSettings {
-            user: "admin".into(),
-            password: "console-secret-1".into(),
-            history_step: Duration::from_secs(10),
-            session_idle: Duration::from_secs(1800),
-        },
-        None,
-    );
+    let api = admin_api(&stack);
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let mut asked = 0;
     let page = loop {

@@ -1689,55 +1689,6 @@ mod tests {
         assert!(!store.drop_expired_session("c", 8).await.expect("drop"));
     }
 
-    /// Each claim is newer than the one before, also across a record made again; a
-    /// connection whose claim is not the newest any more changes nothing when it ends.
-    #[tokio::test]
-    async fn claims_are_ordered_and_only_the_newest_claim_ends_a_session() {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(dir.path()).expect("open");
-        let (present, first) = store.claim_session("c", "a", 10, 0).await.expect("claim");
-        assert!(!present);
-        let (present, second) = store.claim_session("c", "b", 11, 60).await.expect("claim");
-        assert!(!present, "a clean session's record is no session to resume");
-        assert!(second > first);
-        let (present, third) = store.claim_session("c", "b", 12, 60).await.expect("claim");
-        assert!(present);
-        assert!(third > second);
-        let stale = Owner {
-            host: "a",
-            generation: Some(first),
-        };
-        store
-            .close_session("c", Some(20), &stale)
-            .await
-            .expect("close");
-        assert!(store
-            .expired_sessions(30)
-            .await
-            .expect("expired")
-            .is_empty());
-        assert!(!store.drop_session("c", Some(&stale)).await.expect("drop"));
-        let older_on_b = Owner {
-            host: "b",
-            generation: Some(second),
-        };
-        assert!(!store
-            .drop_session("c", Some(&older_on_b))
-            .await
-            .expect("drop"));
-        let newest_on_b = Owner {
-            host: "b",
-            generation: None,
-        };
-        assert!(store
-            .drop_session("c", Some(&newest_on_b))
-            .await
-            .expect("drop"));
-        let (present, again) = store.claim_session("c", "a", 13, 0).await.expect("claim");
-        assert!(!present);
-        assert!(again > third, "{again:?} after {third:?}");
-    }
-
     fn delivery(client_id: &str, id: MessageId, created_ms: i64) -> Deliveries {
         Deliveries {
             client_id: client_id.into(),
@@ -1929,71 +1880,6 @@ mod tests {
             created_ms,
             properties: None,
         }
-    }
-
-    /// A message is found by its id alone (its second, then its block), among blocks of
-    /// neighbouring seconds; a delivery record is found with its time in a row and in a block.
-    #[tokio::test]
-    async fn a_message_and_its_delivery_records_are_found_by_id() {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(dir.path()).expect("open");
-        let start = 1_700_000_000_000;
-        // 3,000 messages over 6 s, in writes of 100 (many blocks per second).
-        let messages: Vec<Message> = (0..3_000u32)
-            .map(|n| at(n, start + i64::from(n) * 2, Qos::AtLeastOnce))
-            .collect();
-        for chunk in messages.chunks(100) {
-            let write = WriteBatch {
-                messages: chunk.to_vec(),
-                ..Default::default()
-            };
-            store.write(Arc::new(write)).await.expect("write");
-        }
-        for m in messages.iter().step_by(97).chain(messages.last()) {
-            let found = store.message_by_id(m.id).await.expect("read");
-            assert_eq!(found.as_ref().map(|f| f.id), Some(m.id));
-            assert_eq!(found.map(|f| f.payload), Some(m.payload.clone()));
-        }
-        let mut missing = messages[5].id;
-        missing.0[11] ^= 0xff;
-        missing.0[10] ^= 0xff;
-        assert_eq!(store.message_by_id(missing).await.expect("read"), None);
-
-        let id = messages[40].id;
-        // "a" holds it in a block of 20 records, "b" in a row of its own, "c" not at all.
-        let block: Vec<MessageId> = messages[30..50].iter().map(|m| m.id).collect();
-        let records = vec![
-            notice("a", &block, start + 500),
-            notice("b", &[id], start + 600),
-        ];
-        store
-            .record_delivered(Arc::new(records))
-            .await
-            .expect("record");
-        let mut found = store
-            .deliveries_of(id, vec!["a".into(), "b".into(), "c".into()])
-            .await
-            .expect("deliveries");
-        found.sort();
-        assert_eq!(
-            found,
-            ["a", "b"]
-                .iter()
-                .zip([start + 500, start + 600])
-                .map(|(c, at)| DeliveryRecord {
-                    client_id: c.to_string(),
-                    at_ms: Some(at),
-                    host: None,
-                })
-                .collect::<Vec<_>>()
-        );
-        assert_eq!(
-            store
-                .deliveries_of(messages[60].id, vec!["a".into(), "b".into()])
-                .await
-                .expect("deliveries"),
-            vec![]
-        );
     }
 
     /// A session's catch-up through the topic index returns exactly what reading every
@@ -2429,37 +2315,5 @@ mod tests {
             .await
             .expect("by id")
             .is_empty());
-    }
-
-    #[tokio::test]
-    async fn an_older_retained_message_does_not_replace_a_newer_one() {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(dir.path()).expect("open");
-        let retained = |n: u32, created: i64, payload: &[u8]| Message {
-            retain: true,
-            topic: "r".into(),
-            payload: payload.to_vec(),
-            ..at(n, created, Qos::AtLeastOnce)
-        };
-        for m in [
-            retained(1, 10, b"new"),
-            retained(2, 5, b"old"),
-            retained(3, 6, b""),
-        ] {
-            let write = WriteBatch {
-                messages: vec![m],
-                ..Default::default()
-            };
-            store.write(Arc::new(write)).await.expect("write");
-        }
-        let now = store.retained(None).await.expect("retained");
-        assert_eq!(now.len(), 1);
-        assert_eq!(now[0].payload, b"new");
-        let write = WriteBatch {
-            messages: vec![retained(4, 11, b"")],
-            ..Default::default()
-        };
-        store.write(Arc::new(write)).await.expect("write");
-        assert!(store.retained(None).await.expect("retained").is_empty());
     }
 }
