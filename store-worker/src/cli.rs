@@ -59,8 +59,8 @@ pub struct Args {
     pub socket_group: Option<String>,
     /// Milliseconds a durable write waits for other publishes to share its commit, while
     /// commits are frequent (within 4 x this of the last): fewer commits and fsyncs per
-    /// message at fleet rates, at most this much later acknowledgements; 0: never waits
-    /// [etcd: commitDelayMs].
+    /// message at fleet rates, at most this much later acknowledgements (and QoS 2 deliveries,
+    /// routed once stored); 0: never waits [etcd: commitDelayMs].
     #[arg(long, env = "WHARF_COMMIT_DELAY_MS", default_value_t = 1)]
     pub commit_delay_ms: u64,
     /// Seconds an unavailable store is retried before a request fails [etcd: retryLimit].
