@@ -1204,6 +1204,14 @@ impl Router {
         }
     }
 
+    /// Marks a group this edge owns to be fetched again whole (as a group new here is): what
+    /// a host stored without this host's address before it had read this host's route.
+    pub fn group_refetch(&self, key: &str) {
+        if let Some(group) = self.read().groups.get(key).filter(|g| g.owned()) {
+            group.fresh.store(true, Ordering::Release);
+        }
+    }
+
     /// Marks a group to be fetched again from `since` (a fetch failed).
     pub fn group_lag(&self, key: &str, since: i64) {
         if let Some(group) = self.read().groups.get(key) {
@@ -1539,6 +1547,41 @@ mod tests {
         router.group_fetch_ended(&key);
         // With no fetch under way nothing is remembered.
         assert!(router.read().groups[&key].done().is_empty());
+    }
+
+    /// A group's settle refetch: whole again, giving out what its first fetch could not have
+    /// had (stored later, without this host's address) and nothing a member already holds;
+    /// only on the edge that owns the group.
+    #[test]
+    fn a_group_refetch_gives_what_the_first_fetch_lacked_and_nothing_twice() {
+        let router = Router::default();
+        let (a, rx) = session(&router, "a", 8);
+        router.subscribe(&a, "$share/g/s/#", Grant::qos(Qos::AtLeastOnce));
+        let key: Arc<str> = "$share/g/s/#".into();
+        assert_eq!(router.group_fetches(), vec![(key.clone(), None)]);
+        let held = message("s/x", Qos::AtLeastOnce);
+        assert_eq!(router.give_fetched(&key, vec![(*held).clone()]), None);
+        router.group_fetch_ended(&key);
+        assert!(rx.try_pop().is_some());
+        assert!(
+            router.group_fetches().is_empty(),
+            "nothing due until refetched"
+        );
+        router.group_refetch(&key);
+        assert_eq!(router.group_fetches(), vec![(key.clone(), None)]);
+        let mut late = (*message("s/y", Qos::AtLeastOnce)).clone();
+        late.id = MessageId([1; 12]);
+        let late = Arc::new(late);
+        let fetched = vec![(*held).clone(), (*late).clone()];
+        assert_eq!(router.give_fetched(&key, fetched), None);
+        router.group_fetch_ended(&key);
+        let given: Vec<_> = std::iter::from_fn(|| rx.try_pop()).collect();
+        assert_eq!(given.len(), 1, "the unacknowledged one is not given twice");
+        assert_eq!(given[0].message.id, late.id);
+        // Another edge owns the group: no refetch here.
+        router.set_shared_store();
+        router.group_refetch(&key);
+        assert!(router.group_fetches().is_empty());
     }
 
     #[test]

@@ -165,7 +165,13 @@ impl BrokerHost {
             tokio::net::TcpStream::connect(addr).await.is_ok()
         })
         .await;
-        // The port answers: make sure it is our edge, not a process that took the port first.
+        // The ops endpoint is bound after the MQTT listener: tests ask it right away.
+        let ops = self.edge_ops;
+        wait_until("edge ops endpoint", || async move {
+            tokio::net::TcpStream::connect(ops).await.is_ok()
+        })
+        .await;
+        // The ports answer: make sure it is our edge, not a process that took a port first.
         let exited = self.edge.as_mut().and_then(|c| c.try_wait().ok().flatten());
         assert!(
             exited.is_none(),
