@@ -405,6 +405,9 @@ impl ConnectionRate {
     }
 }
 
+/// How long the edge waits at start for its bridges' local sessions before taking clients.
+const BRIDGES_SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn run(
     broker: Arc<Broker>,
     listeners: Listeners,
@@ -448,6 +451,21 @@ async fn run(
             .await
         }
     });
+    // A bridge new in the store owes nothing until its local session has subscribed: clients
+    // wait in the listen backlog until each bridge has (or stands by for another host).
+    let bridges_settled = async {
+        for bridge in &broker.bridges {
+            bridge.settled().await;
+        }
+    };
+    tokio::select! {
+        settled = tokio::time::timeout(BRIDGES_SETTLE_WITHIN, bridges_settled) => {
+            if settled.is_err() {
+                tracing::warn!(within = ?BRIDGES_SETTLE_WITHIN, "bridges not subscribed yet (is the store-worker up?): taking clients anyway; what they publish before a new bridge subscribes is not the bridge's");
+            }
+        }
+        _ = shutdown.cancelled() => {}
+    }
     let tracker = TaskTracker::new();
     let rate = Arc::new(std::sync::Mutex::new(ConnectionRate::new(
         broker.config.limits.max_connection_rate,

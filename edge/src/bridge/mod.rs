@@ -111,6 +111,7 @@ pub async fn run(broker: Arc<Broker>, bridge: Arc<Bridge>, shutdown: Cancellatio
         match owner.renew(&broker).await {
             Ok(true) => {}
             Ok(false) => {
+                bridge.settled.cancel();
                 if bridge.phase() != Phase::Standby {
                     tracing::info!(bridge = %bridge.config.name, "bridge runs on another host; standing by");
                 }
@@ -130,7 +131,10 @@ pub async fn run(broker: Arc<Broker>, bridge: Arc<Bridge>, shutdown: Cancellatio
         }
         bridge.set_phase(Phase::Connecting);
         if !registered {
-            match pump::register(&broker, &bridge, &shutdown).await {
+            let made = pump::register(&broker, &bridge, &shutdown).await;
+            // (Also when it failed: clients are not kept waiting for a local fault.)
+            bridge.settled.cancel();
+            match made {
                 Ok(()) => registered = true,
                 Err(e) => {
                     bridge.set_phase(Phase::Failed(e));

@@ -57,6 +57,10 @@ pub struct Bridge {
     pub(super) backlog_complete: std::sync::atomic::AtomicBool,
     /// Unix ms when the oldest owed message was created; 0: none owed.
     pub(super) oldest_owed_ms: AtomicI64,
+    /// Cancelled once this host has settled what the bridge is here: its local session
+    /// subscribed (it runs here) or another host's (it stands by). The edge takes clients
+    /// only after that, so that what they publish is owed to a bridge new in the store.
+    pub(super) settled: tokio_util::sync::CancellationToken,
 }
 
 /// How often the bridge's backlog is read from the store.
@@ -81,7 +85,13 @@ impl Bridge {
             backlog: AtomicU64::new(u64::MAX),
             backlog_complete: std::sync::atomic::AtomicBool::new(false),
             oldest_owed_ms: AtomicI64::new(0),
+            settled: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Waits until this host has settled what the bridge is here (see `settled`).
+    pub async fn settled(&self) {
+        self.settled.cancelled().await
     }
 
     /// The local session's client id.
