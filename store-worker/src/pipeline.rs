@@ -126,20 +126,24 @@ impl<T> BatchQueue<T> {
     }
 }
 
+/// How long a batch waits for company, and which items are worth it.
+type Company<T> = (Duration, fn(&T) -> bool);
+
 impl<T> BatchRx<T> {
     /// Fills `batch` (up to `max`) with the next items; `false` once every sender is gone.
-    /// With `company`, a batch someone waits for gathers what else comes within that time.
+    /// With `company` (a delay, and which items are worth it), a batch holding such an item
+    /// gathers what else comes within the delay.
     async fn next_batch(
         &mut self,
         batch: &mut Vec<T>,
         max: usize,
-        company: Option<Duration>,
+        company: Option<Company<T>>,
     ) -> bool {
         if self.rx.recv_many(batch, max).await == 0 {
             return false;
         }
-        if let Some(delay) = company.filter(|_| batch.len() < max && batch.iter().any(self.waited))
-        {
+        let company = company.filter(|(_, worth)| batch.len() < max && batch.iter().any(worth));
+        if let Some((delay, _)) = company {
             let until = tokio::time::Instant::now() + delay;
             while batch.len() < max {
                 let room = max - batch.len();
@@ -518,6 +522,11 @@ where
     }
 }
 
+/// Whether a job is worth waiting for company: a write someone waits for (not a barrier).
+fn wants_company(job: &PersistJob) -> bool {
+    job.reply.is_some()
+}
+
 /// Writes what the edges hand over in group commits. A write someone waits for goes at once,
 /// unless commits are frequent (the last began within 4 x `commit_delay`): then it waits up
 /// to `commit_delay` for other jobs to share its commit (PostgreSQL's `commit_delay` with
@@ -541,7 +550,8 @@ pub async fn persister<S: Store>(
     let mut last_commit: Option<Instant> = None;
     loop {
         let busy = last_commit.is_some_and(|at| at.elapsed() < commit_delay * 4);
-        let company = (busy && !commit_delay.is_zero()).then_some(commit_delay);
+        let company = (busy && !commit_delay.is_zero())
+            .then_some((commit_delay, wants_company as fn(&PersistJob) -> bool));
         if !jobs.next_batch(&mut batch, max_batch, company).await {
             break;
         }
@@ -700,11 +710,15 @@ mod tests {
     }
 
     /// A batch someone waits for takes what comes within the company delay into the same
-    /// write, and only that; without the delay it goes at once.
+    /// write, and only that; without the delay, or with only items not worth it (a
+    /// barrier's), it goes at once.
     #[tokio::test]
     async fn a_waited_batch_gathers_company_for_the_delay_only() {
         let (queue, mut rx) = BatchQueue::new(16, |n: &u32| *n % 2 == 1);
-        let delay = Some(Duration::from_millis(300));
+        let delay = Some((
+            Duration::from_millis(300),
+            (|n: &u32| *n == 1) as fn(&u32) -> bool,
+        ));
         let sender = {
             let queue = queue.clone();
             tokio::spawn(async move {
@@ -724,6 +738,18 @@ mod tests {
         let _ = queue.send(3).await;
         assert!(rx.next_batch(&mut batch, 16, None).await);
         assert_eq!(batch, [6, 3], "without company: what is queued, at once");
+        batch.clear();
+        let _ = queue.send(5).await;
+        let late = {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = queue.send(8).await;
+            })
+        };
+        assert!(rx.next_batch(&mut batch, 16, delay).await);
+        assert_eq!(batch, [5], "not worth company: at once");
+        late.await.expect("sender");
     }
 
     #[test]

@@ -60,6 +60,13 @@ async fn a_connect_on_another_host_ends_the_old_connection_and_takes_the_session
         .await
         .expect("the old connection is closed once the client connected elsewhere");
     eprintln!("old connection closed {took:?} after the new CONNACK");
+    // What h1 publishes before it has read h2's new route comes by the session's settle
+    // catch-up, after later messages (cluster_routes: nothing is missed that way); this test
+    // is about the session, in order: publish once the route has reached h1.
+    tokio::time::sleep(Duration::from_millis(
+        wharf_shared::ROUTE_FRESH_MS as u64 + 500,
+    ))
+    .await;
 
     publisher
         .publish_many_acked("cmd/dev-1", QoS::AtLeastOnce, series("after", 20))

@@ -74,6 +74,16 @@ fn message(n: u32, created_ms: i64, topic: &str, qos: Qos) -> Message {
     }
 }
 
+/// `n` QoS 1 messages one millisecond apart from `START`, over `topics` in turn.
+fn round_robin(n: u32, topics: &[&str]) -> Vec<Message> {
+    (0..n)
+        .map(|i| {
+            let topic = topics[i as usize % topics.len()];
+            message(i, START + i64::from(i), topic, Qos::AtLeastOnce)
+        })
+        .collect()
+}
+
 async fn write<S: Store>(store: &S, messages: Vec<Message>) {
     let batch = WriteBatch {
         messages,
@@ -167,17 +177,7 @@ async fn messages_are_read_back_in_creation_order_on_every_topic<S: Store>(store
 /// The topic index: an exact topic reads only that topic, a prefix the topic and those below
 /// it (not `a/10` for `a/1`), both in creation order and after the cursor.
 async fn a_topic_scope_reads_only_its_topics<S: Store>(store: &S) {
-    let topics = ["a/1", "a/1/x", "a/10", "b/1", "a/1/y/z"];
-    let all: Vec<Message> = (0..200u32)
-        .map(|n| {
-            message(
-                n,
-                START + i64::from(n),
-                topics[n as usize % 5],
-                Qos::AtLeastOnce,
-            )
-        })
-        .collect();
+    let all = round_robin(200, &["a/1", "a/1/x", "a/10", "b/1", "a/1/y/z"]);
     write(store, all.clone()).await;
     let read = |scope: TopicScope, after: Cursor| async move {
         store
@@ -209,17 +209,10 @@ async fn a_topic_scope_reads_only_its_topics<S: Store>(store: &S) {
 /// What a session is owed: messages on its filters made at or after each subscription, not
 /// delivered to it; paged to the end it matches reading everything and filtering by hand.
 async fn a_session_is_owed_what_it_subscribed_to_and_was_not_delivered<S: Store>(store: &S) {
-    let topics = ["dev/1/cmd", "dev/2/cmd", "fleet/1/t", "fleet/2/t", "other"];
-    let all: Vec<Message> = (0..1_500u32)
-        .map(|n| {
-            message(
-                n,
-                START + i64::from(n),
-                topics[n as usize % 5],
-                Qos::AtLeastOnce,
-            )
-        })
-        .collect();
+    let all = round_robin(
+        1_500,
+        &["dev/1/cmd", "dev/2/cmd", "fleet/1/t", "fleet/2/t", "other"],
+    );
     // Subscribed to `dev/1/cmd` from the start and to `fleet/+/t` from message 500 on.
     store
         .upsert_subscriptions(

@@ -483,8 +483,20 @@ async fn raw_link(stack: &Stack) -> RawLink {
 
 /// The next reply to request `id`; replies to others (persists) must be `Persisted`.
 async fn reply_to(link: &mut RawLink, id: u64) -> wharf_shared::Reply {
+    use wharf_shared::Reply;
+    loop {
+        match next_reply(link).await {
+            (i, reply) if i == id => return reply,
+            (_, reply) => assert_eq!(reply, Reply::Persisted),
+        }
+    }
+}
+
+/// The next reply from the worker: (request id, reply). Claims and leases, which a worker on
+/// a store shared by hosts pushes unasked, are skipped.
+async fn next_reply(link: &mut RawLink) -> (u64, wharf_shared::Reply) {
     use futures::StreamExt;
-    use wharf_shared::{Reply, WorkerFrame};
+    use wharf_shared::WorkerFrame;
     loop {
         let frame = tokio::time::timeout(wharf_tests::PATIENCE, link.next())
             .await
@@ -492,9 +504,7 @@ async fn reply_to(link: &mut RawLink, id: u64) -> wharf_shared::Reply {
             .expect("frame")
             .expect("decodes");
         match frame {
-            WorkerFrame::Reply { id: i, reply } if i == id => return reply,
-            WorkerFrame::Reply { reply, .. } => assert_eq!(reply, Reply::Persisted),
-            // A worker on a store shared by hosts pushes claims and leases unasked.
+            WorkerFrame::Reply { id, reply } => return (id, reply),
             WorkerFrame::Claims { .. } | WorkerFrame::Lease { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
@@ -662,8 +672,8 @@ on_both_backends!(
 
 /// Sends every request without waiting, then collects a reply to each (in any order).
 async fn pipelined(link: &mut RawLink, requests: Vec<wharf_shared::Request>) {
-    use futures::{SinkExt, StreamExt};
-    use wharf_shared::{EdgeFrame, Reply, WorkerFrame};
+    use futures::SinkExt;
+    use wharf_shared::{EdgeFrame, Reply};
     let n = requests.len();
     for (id, request) in requests.into_iter().enumerate() {
         let id = 100_000 + id as u64;
@@ -672,21 +682,9 @@ async fn pipelined(link: &mut RawLink, requests: Vec<wharf_shared::Request>) {
             .expect("request");
     }
     link.flush().await.expect("flush");
-    let mut replies = 0;
-    while replies < n {
-        let frame = tokio::time::timeout(wharf_tests::PATIENCE, link.next())
-            .await
-            .expect("worker answers")
-            .expect("frame")
-            .expect("decodes");
-        match frame {
-            WorkerFrame::Reply { reply, .. } => {
-                assert!(!matches!(reply, Reply::Failed { .. }), "{reply:?}");
-                replies += 1;
-            }
-            WorkerFrame::Claims { .. } | WorkerFrame::Lease { .. } => {}
-            other => panic!("unexpected {other:?}"),
-        }
+    for _ in 0..n {
+        let (_, reply) = next_reply(link).await;
+        assert!(!matches!(reply, Reply::Failed { .. }), "{reply:?}");
     }
 }
 
