@@ -1,7 +1,8 @@
 //! Shared subscription groups' stored messages: one task per edge fetches, for each group
 //! that has members here, what the group's own session in the store still owes (a group new on
-//! this edge: all of it; otherwise from the oldest message that no member could take or that a
-//! member gave back) and gives it to the members through the router.
+//! this edge: all of it, and all of it again `SETTLE_MS` later where hosts share the store;
+//! otherwise from the oldest message that no member could take or that a member gave back)
+//! and gives it to the members through the router.
 //!
 //! Where hosts share the store, one edge at a time delivers a group: every second this task
 //! tells the worker which groups have members here, and delivers those the store says this
@@ -10,9 +11,8 @@
 
 use crate::broker::Broker;
 use crate::link::Policy;
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use wharf_shared::{Cursor, Reply, Request};
 
@@ -24,10 +24,6 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 const OWN_EVERY_TICKS: u32 = 10;
 /// How long an answer that this edge owns a group holds, from when it was asked.
 const OWNERSHIP_HOLDS: Duration = Duration::from_secs(3);
-/// How long after a group's first fetch on this edge it fetches everything again: a host that
-/// published before it had read this host's new route for the group stored those messages
-/// without this host's address, so they came neither live nor in the first fetch.
-const SETTLE: Duration = Duration::from_millis(wharf_shared::SETTLE_MS as u64);
 
 pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(EVERY);
@@ -40,8 +36,6 @@ pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
         broker.config.host
     );
     let mut ticks = 0u32;
-    // Groups fetched whole here: when to fetch them again (`None`: done).
-    let mut settle: HashMap<Arc<str>, Option<Instant>> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -56,36 +50,12 @@ pub async fn fetch_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
                 tracing::debug!(error = %e, "group ownership not renewed; asking again");
             }
         }
-        if !settle.is_empty() {
-            let now = Instant::now();
-            for (key, at) in settle.iter_mut() {
-                if at.is_some_and(|at| at <= now) {
-                    broker.router.group_refetch(key);
-                    *at = None;
-                }
-            }
-            if ticks % OWN_EVERY_TICKS == 0 {
-                // A group that leaves this edge and comes back settles again.
-                let here: std::collections::HashSet<String> =
-                    broker.router.group_keys().into_iter().collect();
-                settle.retain(|key, _| here.contains(&**key));
-            }
-        }
         for (key, since) in broker.router.group_fetches() {
             let fetched = fetch(&broker, &key, since).await;
             broker.router.group_fetch_ended(&key);
-            match fetched {
-                Err(e) => {
-                    tracing::debug!(group = %key, error = %e, "group fetch failed; trying again");
-                    broker.router.group_lag(&key, since.unwrap_or(0));
-                }
-                // (Once: the fetch the settle marks is whole too.)
-                Ok(()) if since.is_none() && broker.lease.enforced() => {
-                    settle
-                        .entry(key)
-                        .or_insert_with(|| Some(Instant::now() + SETTLE));
-                }
-                Ok(()) => {}
+            if let Err(e) = fetched {
+                tracing::debug!(group = %key, error = %e, "group fetch failed; trying again");
+                broker.router.group_lag(&key, since.unwrap_or(0));
             }
         }
     }

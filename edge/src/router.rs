@@ -147,7 +147,20 @@ struct Group {
     owned_until: AtomicU64,
     /// Whether the store has been asked who owns the group since it was made here.
     asked: AtomicBool,
+    /// Where hosts share the store, a group is fetched whole once more [`SETTLE_MS`] after its
+    /// first whole fetch here: a host that published before it had read this host's new route
+    /// stored those messages without this host's address, so they came neither live nor in
+    /// that fetch. When that is due ([`crate::ids::monotonic_ms`]); [`UNSETTLED`] before the
+    /// first whole fetch, [`SETTLED`] after the second.
+    settle_at_ms: AtomicU64,
 }
+
+/// [`Group::settle_at_ms`] before the group's first whole fetch here.
+const UNSETTLED: u64 = 0;
+/// [`Group::settle_at_ms`] once the settle fetch has been handed out.
+const SETTLED: u64 = u64::MAX;
+/// How long after a group's first whole fetch it is fetched whole again.
+const SETTLE_MS: u64 = wharf_shared::SETTLE_MS as u64;
 
 impl Group {
     fn owned(&self) -> bool {
@@ -992,6 +1005,7 @@ impl Router {
                 done_while_fetching: Mutex::default(),
                 owned_until: AtomicU64::new(if shared_store { 0 } else { u64::MAX }),
                 asked: AtomicBool::new(false),
+                settle_at_ms: AtomicU64::new(UNSETTLED),
             });
             match group.members.iter_mut().find(|(c, _)| c == client) {
                 Some(member) => member.1 = grant,
@@ -1100,8 +1114,13 @@ impl Router {
     }
 
     /// The groups whose stored messages are to be fetched, and from when (`None`: all it
-    /// holds, for a group new on this edge); the markers are taken.
+    /// holds, for a group new on this edge or settling); the markers are taken.
     pub fn group_fetches(&self) -> Vec<(Arc<str>, Option<i64>)> {
+        self.group_fetches_at(crate::ids::monotonic_ms())
+    }
+
+    /// [`Router::group_fetches`] at `now_ms` ([`crate::ids::monotonic_ms`]).
+    fn group_fetches_at(&self, now_ms: u64) -> Vec<(Arc<str>, Option<i64>)> {
         let inner = self.read();
         let mut due = Vec::new();
         for (key, group) in &inner.groups {
@@ -1109,7 +1128,20 @@ impl Router {
                 // Its owner fetches; the markers wait for this edge's turn.
                 continue;
             }
-            let since = if group.fresh.swap(false, Ordering::AcqRel) {
+            let settle_at = group.settle_at_ms.load(Ordering::Acquire);
+            let settling = inner.shared_store
+                && !matches!(settle_at, UNSETTLED | SETTLED)
+                && settle_at <= now_ms;
+            let since = if group.fresh.swap(false, Ordering::AcqRel) | settling {
+                if inner.shared_store {
+                    if settle_at == UNSETTLED {
+                        group
+                            .settle_at_ms
+                            .store(now_ms + SETTLE_MS, Ordering::Release);
+                    } else if settling {
+                        group.settle_at_ms.store(SETTLED, Ordering::Release);
+                    }
+                }
                 group.lagging_since.store(NOT_LAGGING, Ordering::Release);
                 None
             } else {
@@ -1201,14 +1233,6 @@ impl Router {
             } else {
                 group.owned_until.store(0, Ordering::Release);
             }
-        }
-    }
-
-    /// Marks a group this edge owns to be fetched again whole (as a group new here is): what
-    /// a host stored without this host's address before it had read this host's route.
-    pub fn group_refetch(&self, key: &str) {
-        if let Some(group) = self.read().groups.get(key).filter(|g| g.owned()) {
-            group.fresh.store(true, Ordering::Release);
         }
     }
 
@@ -1549,39 +1573,42 @@ mod tests {
         assert!(router.read().groups[&key].done().is_empty());
     }
 
-    /// A group's settle refetch: whole again, giving out what its first fetch could not have
-    /// had (stored later, without this host's address) and nothing a member already holds;
-    /// only on the edge that owns the group.
+    /// Where hosts share the store, a group is fetched whole again `SETTLE_MS` after its first
+    /// whole fetch, once: what that fetch could not have had (stored later, without this
+    /// host's address) is given out, and nothing a member already holds.
     #[test]
-    fn a_group_refetch_gives_what_the_first_fetch_lacked_and_nothing_twice() {
+    fn a_group_settles_with_a_second_whole_fetch_giving_nothing_twice() {
         let router = Router::default();
+        router.set_shared_store();
         let (a, rx) = session(&router, "a", 8);
         router.subscribe(&a, "$share/g/s/#", Grant::qos(Qos::AtLeastOnce));
         let key: Arc<str> = "$share/g/s/#".into();
-        assert_eq!(router.group_fetches(), vec![(key.clone(), None)]);
+        assert!(router.group_fetches().is_empty(), "not owned yet");
+        let owned = HashSet::from([key.to_string()]);
+        router.own_groups(&[key.to_string()], &owned, u64::MAX);
+        let t = crate::ids::monotonic_ms();
+        assert_eq!(router.group_fetches_at(t), vec![(key.clone(), None)]);
         let held = message("s/x", Qos::AtLeastOnce);
         assert_eq!(router.give_fetched(&key, vec![(*held).clone()]), None);
         router.group_fetch_ended(&key);
         assert!(rx.try_pop().is_some());
-        assert!(
-            router.group_fetches().is_empty(),
-            "nothing due until refetched"
+        assert!(router.group_fetches_at(t + SETTLE_MS - 1).is_empty());
+        assert_eq!(
+            router.group_fetches_at(t + SETTLE_MS),
+            vec![(key.clone(), None)]
         );
-        router.group_refetch(&key);
-        assert_eq!(router.group_fetches(), vec![(key.clone(), None)]);
         let mut late = (*message("s/y", Qos::AtLeastOnce)).clone();
         late.id = MessageId([1; 12]);
-        let late = Arc::new(late);
-        let fetched = vec![(*held).clone(), (*late).clone()];
+        let fetched = vec![(*held).clone(), late.clone()];
         assert_eq!(router.give_fetched(&key, fetched), None);
         router.group_fetch_ended(&key);
         let given: Vec<_> = std::iter::from_fn(|| rx.try_pop()).collect();
         assert_eq!(given.len(), 1, "the unacknowledged one is not given twice");
         assert_eq!(given[0].message.id, late.id);
-        // Another edge owns the group: no refetch here.
-        router.set_shared_store();
-        router.group_refetch(&key);
-        assert!(router.group_fetches().is_empty());
+        assert!(
+            router.group_fetches_at(t + 10 * SETTLE_MS).is_empty(),
+            "settled once"
+        );
     }
 
     #[test]
